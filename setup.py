@@ -14,7 +14,6 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/mppproxy_plugin.py"]},
     include_package_data=True,
-    data_files=[("share/mppproxy/templates", [])],
     install_requires=[
         "twisted>=23.10",
         "pyopenssl>=23.0",

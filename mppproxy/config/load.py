@@ -1,0 +1,184 @@
+"""TOML (or a command's output) into ``ProxyConfig``, with every error named.
+
+One loader validates everything up front and reports ``file: key.path: what
+is wrong`` for each problem at once, never a traceback (STYLE.md,
+Configuration).  Unknown keys are errors, so a typo never silently falls back
+to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import subprocess
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from mppproxy.config.schema import ProxyConfig
+
+# A config command that hangs must not hang startup or a reload forever.
+CONFIG_COMMAND_TIMEOUT = 30.0
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` holds one line per
+    problem, each naming the source and the key."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the converted
+    value, or None after appending an error."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            errors.append(f"{source}: {key}: must be a table, not {type(value).__name__}")
+            return None
+        return _build(tp, value, key + ".", errors, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{source}: {key}: must be true or false, not {value!r}")
+            return None
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{source}: {key}: must be a whole number, not {value!r}")
+            return None
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{source}: {key}: must be a number, not {value!r}")
+            return None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{source}: {key}: must be a string, not {value!r}")
+            return None
+        return value
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(f"{source}: {key}: must be a list of strings, not {value!r}")
+            return None
+        return tuple(value)
+    raise TypeError(f"schema type {tp!r} for {key} has no loader")  # a bug in schema.py
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[str], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            errors.append(f"{source}: {prefix}{name}: unknown key")
+    kwargs: dict[str, Any] = {}
+    before = len(errors)
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{source}: {key}: is required")
+            continue
+        value = _convert(data[name], hints[name], key, errors, source)
+        if value is None:
+            continue
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            errors.append(f"{source}: {key}: {problem}")
+            continue
+        kwargs[name] = value
+    if len(errors) != before:
+        return None
+    return cls(**kwargs)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> ProxyConfig:
+    """Build and validate a ProxyConfig from parsed TOML-like data."""
+    errors: list[str] = []
+    config = _build(ProxyConfig, data, "", errors, source)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read the config file: {e}"]) from None
+    return parse_text(text, path)
+
+
+def read_command(command: str, timeout: float = CONFIG_COMMAND_TIMEOUT) -> dict[str, Any]:
+    """Run ``command`` (split like a shell would, no shell) and parse its
+    stdout as TOML, so many nodes can load one central config."""
+    source = f"config command {command!r}"
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise ConfigError([f"{source}: cannot split the command: {e}"]) from None
+    if not argv:
+        raise ConfigError([f"{source}: is empty"])
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError([f"{source}: could not run: {e}"]) from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip()[:500]
+        raise ConfigError([f"{source}: exited with status {proc.returncode}: {err}"])
+    try:
+        text = proc.stdout.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: output is not UTF-8: {e}"]) from None
+    return parse_text(text, source)
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides (command-line options) win over the file, table by table."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: Optional[str] = None, command: Optional[str] = None,
+         overrides: Optional[Mapping[str, Any]] = None) -> ProxyConfig:
+    """The one entry point: file or command, then overrides, then validation."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path and command:
+        raise ConfigError(["--config and --config-command: give one, not both"])
+    if path:
+        data, source = read_file(path), path
+    elif command:
+        data, source = read_command(command), f"config command {command!r}"
+    if overrides:
+        data = merge(data, overrides)
+    return from_mapping(data, source)

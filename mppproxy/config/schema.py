@@ -1,0 +1,211 @@
+"""The configuration as frozen, typed dataclasses.
+
+Defaults live here, each with the RFC or the reason it comes from.  The loader
+(``load.py``) fills these from TOML and validates every field through the
+``check`` functions named in the field metadata, so a bad value is reported
+as ``file: key.path: what is wrong`` before anything starts.  docs/
+configuration.md lists every key; tests/test_config.py checks the two agree.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+MODES = ("all-in-one", "edge", "archive", "policy", "scan")
+# Modes whose services this build can start.  The others are named in
+# DESIGN.md and arrive with their issues; asking for one is a config error
+# that says so, not a half-started process.
+IMPLEMENTED_MODES = ("all-in-one", "edge")
+
+
+def _choice(*allowed: str) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        if value not in allowed:
+            return f"must be one of {', '.join(repr(a) for a in allowed)}, not {value!r}"
+        return None
+
+    return check
+
+
+def _at_least(minimum: float) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        if value < minimum:
+            return f"must be at least {minimum}, not {value!r}"
+        return None
+
+    return check
+
+
+def _port(value: int) -> Optional[str]:
+    if not 1 <= value <= 65535:
+        return f"must be a TCP port from 1 to 65535, not {value!r}"
+    return None
+
+
+def _networks(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            return f"{v!r} is not an IP network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
+    return None
+
+
+def _domains(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        d = v.strip().rstrip(".")
+        if not d or any(c.isspace() for c in d) or "@" in d:
+            return f"{v!r} is not a domain name"
+    return None
+
+
+def _endpoints(values: tuple[str, ...]) -> Optional[str]:
+    # Parsing a Twisted endpoint description does no I/O; the reactor is only
+    # stored, so a placeholder serves to check the syntax up front.
+    from twisted.internet.endpoints import serverFromString
+
+    if not values:
+        return "needs at least one endpoint, such as 'tcp:25:interface=0.0.0.0'"
+    for v in values:
+        try:
+            serverFromString(object(), v)
+        except (ValueError, TypeError, KeyError) as e:
+            return f"{v!r} is not a Twisted endpoint description ({e})"
+    return None
+
+
+def _mode(value: str) -> Optional[str]:
+    if value not in MODES:
+        return f"must be one of {', '.join(MODES)}, not {value!r}"
+    if value not in IMPLEMENTED_MODES:
+        return (f"mode {value!r} is not available in this version yet "
+                f"(available: {', '.join(IMPLEMENTED_MODES)})")
+    return None
+
+
+def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
+    return {"check": check, "doc": doc}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The MTA behind the proxy, spoken to in lockstep."""
+
+    host: str
+    port: int = field(default=25, metadata=_opt(_port))
+    # none: plain; opportunistic: STARTTLS when offered; required: 4xx when not.
+    tls: str = field(default="none", metadata=_opt(_choice("none", "opportunistic", "required")))
+    tls_verify: bool = False
+    tls_ca_file: str = ""
+    # Name we send in EHLO; empty means smtp.hostname.
+    helo_name: str = ""
+    # Postfix XFORWARD / XCLIENT, sent only when the backend offers them, so
+    # the backend's logs and checks see the real client.
+    xforward: bool = False
+    xclient: bool = False
+    # Idle connections kept for reuse across transactions (RSET between).
+    pool_size: int = field(default=32, metadata=_opt(_at_least(0)))
+    pool_idle_timeout: float = field(default=30.0, metadata=_opt(_at_least(0)))
+    connect_timeout: float = field(default=30.0, metadata=_opt(_at_least(0.1)))
+    # RFC 5321 4.5.3.2.1-4.5.3.2.6 client timeouts.
+    greeting_timeout: float = field(default=300.0, metadata=_opt(_at_least(0.1)))
+    mail_timeout: float = field(default=300.0, metadata=_opt(_at_least(0.1)))
+    rcpt_timeout: float = field(default=300.0, metadata=_opt(_at_least(0.1)))
+    data_init_timeout: float = field(default=120.0, metadata=_opt(_at_least(0.1)))
+    data_block_timeout: float = field(default=180.0, metadata=_opt(_at_least(0.1)))
+    data_done_timeout: float = field(default=600.0, metadata=_opt(_at_least(0.1)))
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """What the proxy's own SMTP server says and how strict it is."""
+
+    # Name in the greeting, EHLO reply and Received: header; empty means the
+    # machine's fully qualified name.
+    hostname: str = ""
+    banner: str = "ESMTP mppproxy"
+    # reject: a bare CR or LF in DATA or a command is refused (RFC 5321 2.3.8);
+    # normalise: turned into CRLF before the end-of-data search.
+    bare_newline: str = field(default="reject", metadata=_opt(_choice("reject", "normalise")))
+    received_header: bool = True
+    # Seconds to wait before the greeting; a client that talks first is an
+    # early talker and refused (0 turns the test off).
+    greet_pause: float = field(default=0.0, metadata=_opt(_at_least(0)))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds that keep a hostile client from pinning the proxy (promise 6)."""
+
+    max_connections: int = field(default=1000, metadata=_opt(_at_least(1)))
+    max_connections_per_ip: int = field(default=50, metadata=_opt(_at_least(1)))
+    # RFC 1870: announced in EHLO; never more than the backend's own SIZE.
+    max_message_size: int = field(default=52428800, metadata=_opt(_at_least(1024)))
+    # RFC 5321 4.5.3.1.8: at least 100 recipients must be accepted.
+    max_recipients: int = field(default=100, metadata=_opt(_at_least(1)))
+    # Postfix's smtpd_hard_error_limit is 20.
+    max_errors: int = field(default=20, metadata=_opt(_at_least(1)))
+    # RFC 5321 4.5.3.1.4: 512 octets with CRLF.
+    max_command_line: int = field(default=512, metadata=_opt(_at_least(512)))
+    # RFC 5321 4.5.3.1.6: 1000 octets with CRLF.
+    max_line_length: int = field(default=1000, metadata=_opt(_at_least(1000)))
+    # Messages larger than this spool to a temporary file, so memory stays flat.
+    memory_spool_bytes: int = field(default=1048576, metadata=_opt(_at_least(0)))
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Server-side timeouts, RFC 5321 4.5.3.2."""
+
+    # 4.5.3.2.7: the server waits at least 5 minutes for the next command.
+    command: float = field(default=300.0, metadata=_opt(_at_least(0.1)))
+    # 4.5.3.2.5: 3 minutes for each data block.
+    data_block: float = field(default=180.0, metadata=_opt(_at_least(0.1)))
+    tls_handshake: float = field(default=60.0, metadata=_opt(_at_least(0.1)))
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """STARTTLS offered to clients (RFC 3207)."""
+
+    enabled: bool = True
+    # Empty: a self-signed certificate is generated into the data directory.
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Local delivery used when no backend is configured."""
+
+    # Relative paths are below data_dir.  Macros: %U% %D% (user, domain part
+    # of the recipient), %U1% %U2% %D1% %D2% (its first and second letter).
+    maildir: str = "maildir/%D%/%U%"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    # Also write every event as a JSON line into this file.
+    json_file: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The whole configuration of one node."""
+
+    mode: str = field(default="all-in-one", metadata=_opt(_mode))
+    data_dir: str = "./mppproxy-data"
+    listen: tuple[str, ...] = field(default=("tcp:2525:interface=127.0.0.1",), metadata=_opt(_endpoints))
+    # Processes that share the listening sockets (both cores).
+    workers: int = field(default=1, metadata=_opt(_at_least(1)))
+    backend: Optional[BackendConfig] = None
+    relay_domains: tuple[str, ...] = field(default=(), metadata=_opt(_domains))
+    # Like Postfix's mynetworks: setting it replaces the default (DESIGN.md 3).
+    trusted_networks: tuple[str, ...] = field(default=("127.0.0.0/8", "::1/128"), metadata=_opt(_networks))
+    smtp: SmtpConfig = SmtpConfig()
+    limits: LimitsConfig = LimitsConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    tls: TLSConfig = TLSConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    logging: LoggingConfig = LoggingConfig()

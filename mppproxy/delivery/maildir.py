@@ -1,0 +1,116 @@
+"""Local Maildir delivery, used when no backend MTA is configured.
+
+Stage: action (the all-in-one default).  DESIGN.md promise 1: the client
+hears 250 only after every recipient's copy is written, fsync'ed, moved from
+tmp/ into new/ and the directory fsync'ed, so a crash at any instant after
+that loses nothing.  The disk work runs in the thread pool; the reactor never
+blocks on it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from typing import Iterable, Iterator
+
+from mppproxy.smtp.address import Address, normalise_domain
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+_counter_lock = threading.Lock()
+_counter = 0
+
+
+def _safe_part(text: str) -> str:
+    """A path component from client-chosen text: no separators, no dot
+    files, nothing that climbs out of the maildir root."""
+    text = text.strip('"')
+    text = _SAFE.sub("_", text)
+    text = text.lstrip(".")
+    return text or "_"
+
+
+def expand_path(template: str, rcpt: Address, data_dir: str) -> str:
+    """Fill the macros %U% %D% %U1% %U2% %D1% %D2% for one recipient."""
+    user = _safe_part(rcpt.local.lower() if rcpt.local.isascii() else rcpt.local)
+    domain = _safe_part(normalise_domain(rcpt.domain) if rcpt.domain else "localhost")
+    values = {
+        "%U%": user, "%D%": domain,
+        "%U1%": user[:1], "%U2%": user[1:2] or "_",
+        "%D1%": domain[:1], "%D2%": domain[1:2] or "_",
+    }
+    path = re.sub(r"%(U|D)[12]?%", lambda m: values[m.group(0)], template)
+    if not os.path.isabs(path):
+        path = os.path.join(data_dir, path)
+    return path
+
+
+def _unique_name() -> str:
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        n = _counter
+    now = time.time()
+    host = socket.gethostname().replace("/", "_").replace(":", "_")
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{host}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_maildir(path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+def _to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Maildir files use LF line ends; a CR LF pair split over two chunks
+    still becomes one LF."""
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        if data.endswith(b"\r"):
+            data, carry = data[:-1], b"\r"
+        else:
+            carry = b""
+        yield data.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
+
+
+def deliver(chunks_factory, sender: Address, recipients: list[Address],
+            template: str, data_dir: str) -> list[str]:
+    """Write one copy per recipient; return the final paths.  Runs in a
+    thread.  Any OSError propagates and the client gets a 4xx."""
+    done = []
+    for rcpt in recipients:
+        root = expand_path(template, rcpt, data_dir)
+        _ensure_maildir(root)
+        name = _unique_name()
+        tmp_path = os.path.join(root, "tmp", name)
+        new_path = os.path.join(root, "new", name)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                # RFC 5321 4.4: the final delivery adds Return-Path.
+                f.write(f"Return-Path: <{sender.text}>\nDelivered-To: {rcpt.text}\n".encode("utf-8"))
+                for block in _to_lf(chunks_factory()):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp_path, new_path)
+            _fsync_dir(os.path.join(root, "new"))
+        except BaseException:
+            try:
+                os.unlink(tmp_path)
+            except OSError:
+                pass
+            raise
+        done.append(new_path)
+    return done

@@ -1,0 +1,172 @@
+"""The gateway: what the session state machine asks at each SMTP phase.
+
+Stage: between the session and the actions.  For each session it applies
+relay control (DESIGN.md promise 3), hands MAIL/RCPT/message to the lockstep
+relay or the local Maildir, prepares the outbound message (Received:, X-MPP-*
+stripped) and writes the one structured log line per transaction (promise 5).
+The pre-DATA policy engine and the post-DATA scanners hook in here.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.delivery import maildir
+from mppproxy.message import HeaderBlockTooLarge, prepare
+from mppproxy.relay.lockstep import LockstepRelay
+from mppproxy.relay.pool import BackendPool
+from mppproxy.smtp import replies
+from mppproxy.smtp.address import Address, RelayDomains, relay_refusal_reason
+from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.server import Capabilities
+from mppproxy.smtp.session import Session, Transaction
+from mppproxy import txlog
+
+log = Logger()
+
+
+class TrustedNetworks:
+    """Client addresses that may relay anywhere (Postfix's mynetworks)."""
+
+    def __init__(self, networks: tuple[str, ...]):
+        self._nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def __call__(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self._nets)
+
+
+def resolve_hostname(config: ProxyConfig) -> str:
+    return config.smtp.hostname or socket.getfqdn()
+
+
+@dataclass
+class GatewayContext:
+    """What all sessions of one configuration share."""
+
+    config: ProxyConfig
+    reactor: Any
+    threadpool: Any
+    hostname: str
+    relay_domains: RelayDomains
+    trusted: TrustedNetworks
+    pool: Optional[BackendPool]
+
+
+def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
+                 backend_tls_context: Any = None) -> GatewayContext:
+    hostname = resolve_hostname(config)
+    pool = None
+    if config.backend is not None:
+        pool = BackendPool(reactor, config.backend, config.backend.helo_name or hostname,
+                           backend_tls_context)
+    return GatewayContext(config, reactor, threadpool, hostname,
+                          RelayDomains(config.relay_domains),
+                          TrustedNetworks(config.trusted_networks), pool)
+
+
+class SessionGateway:
+    """The ``SessionHandler`` for one client session."""
+
+    def __init__(self, ctx: GatewayContext):
+        self.ctx = ctx
+        self.relay = LockstepRelay(ctx.pool, ctx.config.backend) if ctx.pool is not None else None
+
+    def on_connect(self, session: Session) -> Optional[Reply]:
+        return None
+
+    async def capabilities(self, session: Session) -> Capabilities:
+        limit = self.ctx.config.limits.max_message_size
+        if self.relay is None:
+            return Capabilities(size=limit, eightbitmime=True, smtputf8=True, dsn=False)
+        exts = await self.relay.extensions()
+        if exts is None:
+            # Backend unknown right now: promise nothing it may lack; MAIL
+            # will find out and answer 4xx.
+            return Capabilities(size=limit, eightbitmime=False, smtputf8=False, dsn=False)
+        size_text = exts.get("SIZE", "")
+        if size_text.isdigit() and int(size_text) > 0:
+            limit = min(limit, int(size_text))
+        return Capabilities(size=limit, eightbitmime="8BITMIME" in exts,
+                            smtputf8="SMTPUTF8" in exts, dsn="DSN" in exts)
+
+    async def on_mail(self, session: Session, txn: Transaction) -> Reply:
+        txn.facts["t_mail"] = time.monotonic()
+        if self.relay is None:
+            return replies.SENDER_OK
+        return await self.relay.mail(session, txn)
+
+    async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
+                      params: dict[str, Optional[str]]) -> Reply:
+        if not session.trusted:
+            reason = relay_refusal_reason(rcpt, self.ctx.relay_domains)
+            if reason is not None:
+                log.info("relay denied for {rcpt} from {client}: {reason}", rcpt=rcpt.text,
+                         client=session.peer_host, reason=reason, session_id=session.id,
+                         queue_id=txn.id)
+                return replies.RELAY_DENIED
+        if self.relay is None:
+            return replies.RECIPIENT_OK
+        return await self.relay.rcpt(session, txn, rcpt, params)
+
+    async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
+        t_data = time.monotonic()
+        try:
+            message, stripped = prepare(session, txn,
+                                        self.ctx.hostname if self.ctx.config.smtp.received_header else None)
+        except HeaderBlockTooLarge:
+            reply = Reply(552, "5.3.4", "Message header block too large")
+            self._reset_backend()
+            txlog.log_transaction(session, txn, "reject", reply, {})
+            return reply
+        txn.facts["stripped_headers"] = stripped
+        if self.relay is not None:
+            reply = await self.relay.data(session, txn, message)
+            action = "relay"
+        else:
+            reply = await self._deliver_local(session, txn, message)
+            action = "deliver"
+        timings = {"data_ms": round((time.monotonic() - t_data) * 1000, 2)}
+        if "t_mail" in txn.facts:
+            timings["total_ms"] = round((time.monotonic() - txn.facts["t_mail"]) * 1000, 2)
+        txlog.log_transaction(session, txn, action if reply.is_positive else "tempfail"
+                              if reply.is_transient else "reject", reply, timings)
+        return reply
+
+    async def _deliver_local(self, session: Session, txn: Transaction, message: Any) -> Reply:
+        cfg = self.ctx.config
+        try:
+            paths = await deferToThreadPool(
+                self.ctx.reactor, self.ctx.threadpool, maildir.deliver, message.chunks,
+                txn.sender, list(txn.recipients), cfg.delivery.maildir, cfg.data_dir)
+        except OSError as e:
+            log.error("maildir delivery failed: {error}", error=str(e), session_id=session.id,
+                      queue_id=txn.id)
+            return replies.STORAGE_ERROR
+        txn.facts["delivered_to"] = paths
+        return Reply(250, "2.0.0", f"Ok: queued as {txn.id}")
+
+    def _reset_backend(self) -> None:
+        if self.relay is not None:
+            self.relay.reset()
+
+    def on_reset(self, session: Session, txn: Optional[Transaction], reason: str) -> None:
+        if txn is not None and txn.rcpt_log:
+            txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
+        self._reset_backend()
+
+    def on_disconnect(self, session: Session) -> None:
+        if self.relay is not None:
+            self.relay.finish()

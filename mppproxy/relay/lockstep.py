@@ -1,0 +1,170 @@
+"""Lockstep relay: each MAIL, RCPT and message goes to the backend while the
+client waits, and the client hears the backend's own reply.
+
+Stage: relay (one instance per client session).  The backend connection is
+taken from the pool at the first MAIL (so an unreachable backend is found out
+before the client sends a body) and given back when the session ends.
+DESIGN.md promise 1: the client hears 250 at the end of DATA only after the
+backend's 250 for that message; any failure on the way becomes a 4xx.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.logger import Logger
+
+from mppproxy.config.schema import BackendConfig
+from mppproxy.message import OutboundMessage
+from mppproxy.relay.pool import BackendPool
+from mppproxy.smtp.address import Address
+from mppproxy.smtp.client import BackendError, BackendProtocol, _as_transient
+from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.session import Session, Transaction
+
+log = Logger()
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 4: xtext, so client-chosen text cannot break the command."""
+    out = []
+    for ch in value.encode("utf-8"):
+        if 33 <= ch <= 126 and ch not in (43, 61):
+            out.append(chr(ch))
+        else:
+            out.append(f"+{ch:02X}")
+    return "".join(out)
+
+
+def _params(params: dict[str, Optional[str]]) -> str:
+    return "".join(f" {k}={v}" if v is not None else f" {k}" for k, v in params.items())
+
+
+class LockstepRelay:
+    """The backend side of one client session."""
+
+    def __init__(self, pool: BackendPool, config: BackendConfig):
+        self.pool = pool
+        self.config = config
+        self._conn: Optional[BackendProtocol] = None
+        self._dirty = False
+
+    async def extensions(self) -> Optional[dict[str, str]]:
+        """The backend's EHLO extensions, learning them once if need be."""
+        if self.pool.extensions is None:
+            try:
+                conn, _ = await self.pool.acquire()
+            except BackendError as e:
+                log.warn("backend unavailable while answering EHLO: {detail}", detail=e.detail)
+                return None
+            self.pool.release(conn, dirty=False)
+        return self.pool.extensions
+
+    async def mail(self, session: Session, txn: Transaction) -> Reply:
+        line = f"MAIL FROM:<{txn.sender.text}>{_params(txn.mail_params)}".encode("utf-8")
+        # A pooled connection may have been closed by the backend while idle;
+        # then one fresh connection is tried before the client hears a 4xx.
+        for attempt in (1, 2):
+            try:
+                conn = await self._connection()
+                await self._announce_client(conn, session)
+                reply = await conn.command(line, self.config.mail_timeout)
+            except BackendError as e:
+                self._drop()
+                if attempt == 1 and e.reply.code != 421 and self.pool.reused:
+                    continue
+                log.warn("backend failed at MAIL: {detail}", detail=e.detail, session_id=session.id)
+                return e.reply
+            break
+        if reply.code == 421:
+            self._drop()
+            return _as_transient(reply)
+        self._dirty = reply.is_positive
+        return reply
+
+    async def rcpt(self, session: Session, txn: Transaction, rcpt: Address,
+                   params: dict[str, Optional[str]]) -> Reply:
+        conn = self._conn
+        if conn is None:
+            return Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
+        line = f"RCPT TO:<{rcpt.text}>{_params(params)}".encode("utf-8")
+        try:
+            reply = await conn.command(line, self.config.rcpt_timeout)
+        except BackendError as e:
+            self._drop()
+            log.warn("backend failed at RCPT: {detail}", detail=e.detail, session_id=session.id)
+            return e.reply
+        if reply.code == 421:
+            self._drop()
+            return _as_transient(reply)
+        return reply
+
+    async def data(self, session: Session, txn: Transaction, message: OutboundMessage) -> Reply:
+        conn = self._conn
+        if conn is None:
+            return Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
+        try:
+            reply, sent = await conn.send_message(message.chunks(), self.config)
+        except BackendError as e:
+            self._drop()
+            log.warn("backend failed at DATA: {detail}", detail=e.detail, session_id=session.id)
+            return e.reply
+        if reply.code == 421:
+            self._drop()
+            return _as_transient(reply)
+        # A final reply to the content ends the backend's transaction; a
+        # refused DATA command leaves it open until RSET.
+        self._dirty = not sent
+        return reply
+
+    def reset(self) -> None:
+        """The client's transaction ended without a message (RSET, refused
+        MAIL, framing error): the backend must forget it too."""
+        if self._conn is not None and self._dirty:
+            d = self._conn.command(b"RSET", self.config.mail_timeout)
+            d.addErrback(lambda f: f.trap(BackendError) and self._drop())
+            self._dirty = False
+
+    def finish(self) -> None:
+        """The client session is over: the connection goes back to the pool."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.pool.release(conn, self._dirty)
+        self._dirty = False
+
+    async def _connection(self) -> BackendProtocol:
+        if self._conn is None or self._conn.closed:
+            self._conn, _ = await self.pool.acquire()
+        return self._conn
+
+    async def _announce_client(self, conn: BackendProtocol, session: Session) -> None:
+        """XCLIENT / XFORWARD (Postfix), so the backend logs and checks the
+        real client instead of the proxy."""
+        attrs = {
+            "NAME": "[UNAVAILABLE]",
+            "ADDR": session.peer_host,
+            "PORT": str(session.peer_port),
+            "PROTO": "ESMTP" if session.esmtp else "SMTP",
+            "HELO": session.helo or "[UNAVAILABLE]",
+        }
+        if self.config.xclient and "XCLIENT" in conn.extensions:
+            offered = set(conn.extensions["XCLIENT"].upper().split())
+            words = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items() if k in offered)
+            reply = await conn.command(b"XCLIENT " + words.encode("ascii"), self.config.mail_timeout)
+            if reply.code != 220:
+                raise BackendError(_as_transient(reply), f"backend refused XCLIENT: {reply}")
+            # XCLIENT restarts the backend's session: greet it again.
+            reply = await conn.command(b"EHLO " + self.pool.helo_name.encode("idna"), self.config.mail_timeout)
+            if reply.code != 250:
+                raise BackendError(_as_transient(reply), f"backend refused EHLO after XCLIENT: {reply}")
+        elif self.config.xforward and "XFORWARD" in conn.extensions:
+            offered = set(conn.extensions["XFORWARD"].upper().split())
+            words = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items() if k in offered)
+            reply = await conn.command(b"XFORWARD " + words.encode("ascii"), self.config.mail_timeout)
+            if reply.code != 250:
+                raise BackendError(_as_transient(reply), f"backend refused XFORWARD: {reply}")
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._dirty = False
+        if conn is not None:
+            conn.abort()

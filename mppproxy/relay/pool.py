@@ -1,0 +1,90 @@
+"""Backend connections kept open and reused across transactions.
+
+Stage: relay.  Opening a TCP connection and saying EHLO costs the backend
+more than relaying a small message, so a finished connection goes back to
+an idle list (after RSET if a transaction was left open) and the next
+session takes it.  Idle connections close after ``pool_idle_timeout``.
+The pool also remembers what the backend announced in EHLO, so the proxy
+can announce only extensions the backend also has.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+from mppproxy.config.schema import BackendConfig
+from mppproxy.smtp.client import BackendError, BackendProtocol, connect_backend
+
+log = Logger()
+
+
+class BackendPool:
+    def __init__(self, reactor: Any, config: BackendConfig, helo_name: str,
+                 tls_context_factory: Any = None):
+        self.reactor = reactor
+        self.config = config
+        self.helo_name = helo_name
+        self.tls_context_factory = tls_context_factory
+        self._idle: list[tuple[BackendProtocol, Any]] = []
+        self.extensions: Optional[dict[str, str]] = None
+        self.opened = 0
+        self.reused = 0
+
+    async def acquire(self) -> tuple[BackendProtocol, bool]:
+        """A ready connection, and whether it was reused (a reused one may
+        have been closed by the backend meanwhile; the caller retries once)."""
+        while self._idle:
+            proto, timer = self._idle.pop()
+            if timer.active():
+                timer.cancel()
+            if not proto.closed:
+                self.reused += 1
+                return proto, True
+        proto = await connect_backend(self.reactor, self.config, self.helo_name,
+                                      self.tls_context_factory)
+        self.opened += 1
+        self.extensions = proto.extensions
+        return proto, False
+
+    def release(self, proto: BackendProtocol, dirty: bool) -> None:
+        """Give a connection back.  ``dirty``: a transaction is open on it,
+        so it is reset first (RFC 5321 4.1.1.5)."""
+        if proto.closed:
+            return
+        if len(self._idle) >= self.config.pool_size:
+            proto.close()
+            return
+        if dirty:
+            d = proto.command(b"RSET", self.config.mail_timeout)
+
+            def reset(reply: Any) -> None:
+                if reply.code == 250:
+                    self._park(proto)
+                else:
+                    proto.close()
+
+            def failed(f: Any) -> None:
+                f.trap(BackendError)
+                proto.abort()
+
+            d.addCallbacks(reset, failed)
+            return
+        self._park(proto)
+
+    def _park(self, proto: BackendProtocol) -> None:
+        if proto.closed:
+            return
+        timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, proto)
+        self._idle.append((proto, timer))
+
+    def _expire(self, proto: BackendProtocol) -> None:
+        self._idle = [(p, t) for p, t in self._idle if p is not proto]
+        proto.close()
+
+    def close_all(self) -> None:
+        for proto, timer in self._idle:
+            if timer.active():
+                timer.cancel()
+            proto.close()
+        self._idle = []

@@ -1,0 +1,205 @@
+"""The top service of one node: listeners, the gateway, reload on SIGHUP.
+
+Construction does no I/O (STYLE.md): ``make_service`` only builds objects;
+``startService`` binds the listeners.  A reload builds a complete new
+configuration and context and swaps them into the factory; sessions already
+running keep the snapshot they began with, and no open session is dropped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mppproxy.config.load import ConfigError
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.gateway import SessionGateway, make_context
+from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
+from mppproxy.tlsconfig import backend_context, server_context
+
+log = Logger()
+
+
+class ProxyService(MultiService):
+    """The edge proxy (and, in all-in-one mode, local delivery)."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any,
+                 reload_config: Optional[Callable[[], ProxyConfig]] = None,
+                 inherited_fds: tuple[tuple[int, int], ...] = (),
+                 worker_argv: Optional[list[str]] = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.reload_config = reload_config
+        self.inherited_fds = inherited_fds
+        self.worker_argv = worker_argv
+        self.counter = ConnectionCounter()
+        self.factory: Optional[SMTPServerFactory] = None
+        self.ports: dict[str, Any] = {}
+        self.adopted: list[Any] = []
+        self.workers: list[Any] = []
+        self._ctx: Any = None
+        self._stopping = False
+
+    def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
+        threadpool = self.reactor.getThreadPool()
+        bctx = backend_context(config.backend) if config.backend else None
+        ctx = make_context(config, self.reactor, threadpool, bctx)
+        tls = server_context(config, ctx.hostname)
+        return ctx, tls
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        self._ctx, tls = self._build_factory_parts(self.config)
+        ctx = self._ctx
+        self.factory = SMTPServerFactory(self.config, lambda: SessionGateway(ctx), self.reactor,
+                                         tls_context=tls, counter=self.counter,
+                                         is_trusted=ctx.trusted, hostname=ctx.hostname)
+        if self.inherited_fds:
+            for fd, family in self.inherited_fds:
+                self.adopted.append(self.reactor.adoptStreamPort(fd, family, self.factory))
+            log.info("worker {pid} serving {n} inherited listeners", pid=os.getpid(), n=len(self.adopted))
+        else:
+            for desc in self.config.listen:
+                self._listen(desc)
+            if self.config.workers > 1:
+                self._spawn_workers()
+        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        log.info("mppproxy {mode} ready: listening on {listen}, {target}",
+                 mode=self.config.mode, listen=", ".join(self.config.listen),
+                 target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
+                         if self.config.backend else
+                         f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
+
+    def _listen(self, desc: str) -> None:
+        endpoint = serverFromString(self.reactor, desc)
+        d = endpoint.listen(self.factory)
+
+        def listening(port: Any) -> None:
+            self.ports[desc] = port
+
+        def failed(f: Any) -> None:
+            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
+            if not self.ports:
+                # Nothing to serve: exit non-zero rather than run deaf.
+                self.reactor.callLater(0, _stop_with_error, self.reactor)
+
+        d.addCallbacks(listening, failed)
+
+    def _spawn_workers(self) -> None:
+        """Start ``workers - 1`` more processes that accept on the same
+        listening sockets (both cores), passed as inherited descriptors."""
+        fds: list[str] = []
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for port in self.ports.values():
+            fd = port.fileno()
+            family = port.socket.family
+            child_fds[fd] = fd
+            fds.append(f"{fd}:{int(family)}")
+        if not fds or self.worker_argv is None:
+            return
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "mppproxy",
+                *self.worker_argv, "--worker-fds", ",".join(fds)]
+        for i in range(self.config.workers - 1):
+            self._start_worker(argv, child_fds, i)
+
+    def _start_worker(self, argv: list[str], child_fds: dict[int, Any], index: int) -> None:
+        from twisted.internet.protocol import ProcessProtocol
+
+        service = self
+
+        class Worker(ProcessProtocol):
+            def processEnded(self, reason: Any) -> None:
+                service.workers.remove(self)
+                if not service._stopping:
+                    log.warn("worker {index} ended ({reason}); restarting", index=index,
+                             reason=str(reason.value))
+                    service.reactor.callLater(1.0, service._start_worker, argv, child_fds, index)
+
+        w = Worker()
+        self.workers.append(w)
+        self.reactor.spawnProcess(w, sys.executable, argv, env=os.environ.copy(), childFDs=child_fds)
+
+    def reload(self) -> defer.Deferred:
+        """SIGHUP: read the configuration again and swap it in."""
+        if self.reload_config is None:
+            return defer.succeed(None)
+        log.info("SIGHUP: reloading configuration")
+        d = deferToThread(self.reload_config)
+
+        def apply(config: ProxyConfig) -> None:
+            ctx, tls = self._build_factory_parts(config)
+            old_ctx = self._ctx
+            assert self.factory is not None
+            self._ctx = ctx
+            self.factory.config = config
+            self.factory.make_handler = lambda: SessionGateway(ctx)
+            self.factory.tls_context = tls
+            self.factory.is_trusted = ctx.trusted
+            self.factory.hostname = ctx.hostname
+            if not self.inherited_fds:
+                for desc in set(self.ports) - set(config.listen):
+                    port = self.ports.pop(desc)
+                    port.stopListening()
+                for desc in config.listen:
+                    if desc not in self.ports:
+                        self._listen(desc)
+            for proc in self.workers:
+                proc.transport.signalProcess("HUP")
+            self.config = config
+            if old_ctx is not None and old_ctx.pool is not None:
+                # Idle backend connections follow the old settings; running
+                # sessions still hold their own and give them back later.
+                old_ctx.pool.close_all()
+            log.info("configuration reloaded")
+
+        def failed(f: Any) -> None:
+            if f.check(ConfigError):
+                log.error("reload failed, keeping the running configuration:\n{errors}",
+                          errors=str(f.value))
+            else:
+                log.failure("reload failed, keeping the running configuration", f)
+
+        d.addCallbacks(apply, failed)
+        return d
+
+    def stopService(self) -> Any:
+        self._stopping = True
+        for proc in list(self.workers):
+            try:
+                proc.transport.signalProcess("TERM")
+            except ProcessExitedAlready:
+                pass
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
+        ds += [defer.maybeDeferred(p.stopListening) for p in self.adopted]
+        if self._ctx is not None and self._ctx.pool is not None:
+            self._ctx.pool.close_all()
+        ds.append(defer.maybeDeferred(super().stopService))
+        return defer.DeferredList(ds)
+
+
+def _stop_with_error(reactor: Any) -> None:
+    log.critical("no listener could be started; stopping")
+    _exit_code[0] = 1
+    reactor.stop()
+
+
+_exit_code = [0]
+
+
+def exit_code_hook(reactor: Any) -> None:
+    """twistd exits 0 after reactor.stop(); make a failed start exit 1."""
+    reactor.addSystemEventTrigger("after", "shutdown",
+                                  lambda: os._exit(_exit_code[0]) if _exit_code[0] else None)

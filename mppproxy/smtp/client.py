@@ -1,0 +1,293 @@
+"""The backend SMTP client: one connection to the MTA behind the proxy.
+
+Stage: relay.  The lockstep forwarder sends one command at a time and hands
+the backend's reply (code, enhanced code, text) back to the client.  Every
+wait has a timeout from RFC 5321 4.5.3.2; a lost connection, a timeout or a
+421 become ``BackendError`` carrying the 4xx reply the client should get
+(DESIGN.md promise 1: the client keeps its message).
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mppproxy.config.schema import BackendConfig
+from mppproxy.smtp import replies
+from mppproxy.smtp.framing import dot_stuff
+from mppproxy.smtp.replies import Reply, parse_reply_lines
+
+log = Logger()
+
+# A backend reply longer than this is not SMTP; RFC 5321 4.5.3.1.5 allows
+# 512 octets per reply line, and we allow generous multi-line replies.
+MAX_REPLY_BYTES = 65536
+
+
+class BackendError(Exception):
+    """The backend could not be used; ``reply`` is what the client gets."""
+
+    def __init__(self, reply: Reply, detail: str = ""):
+        super().__init__(detail or str(reply))
+        self.reply = reply
+        self.detail = detail or str(reply)
+
+
+@implementer(IPushProducer)
+class BackendProtocol(Protocol):
+    """Reads replies and matches them to the one command in flight."""
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+        self._buf = bytearray()
+        self._lines: list[bytes] = []
+        self._waiting: Optional[Deferred[Reply]] = None
+        self._timer: Any = None
+        self._paused: Optional[Deferred[None]] = None
+        self._connected: Deferred[None] = Deferred()
+        self.closed = False
+        self.extensions: dict[str, str] = {}
+        self.greeting: Optional[Reply] = None
+        self.tls = False
+
+    # -- transport events ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buf += data
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > MAX_REPLY_BYTES:
+                    self._fail(BackendError(replies.BACKEND_LOST, "backend sent an over-long line"))
+                return
+            line = bytes(self._buf[:end]).rstrip(b"\r")
+            del self._buf[:end + 1]
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                self._fail(BackendError(replies.BACKEND_LOST, f"backend sent garbage: {line[:80]!r}"))
+                return
+            self._lines.append(line)
+            if line[3:4] == b"-":
+                if sum(map(len, self._lines)) > MAX_REPLY_BYTES:
+                    self._fail(BackendError(replies.BACKEND_LOST, "backend reply too long"))
+                    return
+                continue
+            reply = parse_reply_lines(self._lines)
+            self._lines = []
+            self._deliver(reply)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self._cancel_timer()
+        if self._paused is not None:
+            d, self._paused = self._paused, None
+            d.callback(None)
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(BackendError(replies.BACKEND_LOST, "backend closed the connection"))
+
+    # IPushProducer: the transport tells us when its write buffer is full, so
+    # a large message is read from the spool only as fast as the backend takes it.
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self) -> None:
+        if self._paused is not None:
+            d, self._paused = self._paused, None
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    # -- replies ---------------------------------------------------------------
+
+    def _deliver(self, reply: Reply) -> None:
+        if self._waiting is None:
+            # An unsolicited reply: most often a 421 from an idle backend
+            # that is about to close.  This connection is finished.
+            log.info("backend said {reply} unasked; closing", reply=str(reply))
+            self.close()
+            return
+        self._cancel_timer()
+        d, self._waiting = self._waiting, None
+        d.callback(reply)
+
+    def _fail(self, error: BackendError) -> None:
+        log.warn("backend protocol error: {detail}", detail=error.detail)
+        self._cancel_timer()
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(error)
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        self._fail(BackendError(replies.BACKEND_TIMEOUT, f"backend timed out waiting for {what}"))
+
+    def expect(self, timeout: float, what: str) -> Deferred[Reply]:
+        """The next reply, or a BackendError after ``timeout`` seconds."""
+        if self.closed:
+            return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
+        if self._waiting is not None:
+            return defer.fail(BackendError(replies.LOCAL_ERROR, "two backend commands in flight"))
+        self._waiting = Deferred()
+        self._timer = self.reactor.callLater(timeout, self._timed_out, what)
+        return self._waiting
+
+    def command(self, line: bytes, timeout: float) -> Deferred[Reply]:
+        if self.closed:
+            return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
+        d = self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace"))
+        self.transport.write(line + b"\r\n")
+        return d
+
+    async def send_message(self, chunks: Any, config: BackendConfig) -> tuple[Reply, bool]:
+        """DATA, the dot-stuffed content, and the final reply, and whether the
+        content was sent (False: the DATA command itself was refused).
+        ``chunks`` yields the content with CRLF line ends (RFC 5321 4.5.2)."""
+        reply = await self.command(b"DATA", config.data_init_timeout)
+        if reply.code != 354:
+            return reply, False
+        at_line_start = True
+        carry = b""
+        last = b"\r\n"
+        for chunk in chunks:
+            data = carry + chunk
+            # Stuff only whole lines, so "\r\n." is never split between chunks.
+            cut = data.rfind(b"\r\n") + 2
+            if cut < 2:
+                carry = data
+                if len(carry) < 65536:
+                    continue
+                cut = len(data)
+            carry = data[cut:]
+            out = dot_stuff(data[:cut], at_line_start)
+            at_line_start = data[cut - 2:cut] == b"\r\n"
+            last = out[-2:]
+            self.transport.write(out)
+            if self._paused is not None:
+                await self._wait_resume(config.data_block_timeout)
+            if self.closed:
+                raise BackendError(replies.BACKEND_LOST, "backend closed the connection during DATA")
+        if carry:
+            out = dot_stuff(carry, at_line_start)
+            self.transport.write(out)
+            last = out[-2:]
+        # A message always ends in CRLF before the dot (RFC 5321 4.1.1.4).
+        self.transport.write(b".\r\n" if last == b"\r\n" else b"\r\n.\r\n")
+        return await self.expect(config.data_done_timeout, "end of data"), True
+
+    async def _wait_resume(self, timeout: float) -> None:
+        paused = self._paused
+        if paused is None:
+            return
+        timer = self.reactor.callLater(timeout, self._timed_out, "data block")
+        try:
+            await paused
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def close(self) -> None:
+        """Polite close: QUIT and let the backend hang up."""
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.write(b"QUIT\r\n")
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _endpoint(reactor: Any, config: BackendConfig) -> Any:
+    try:
+        ip = ipaddress.ip_address(config.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, config.host.encode("idna"), config.port,
+                                timeout=config.connect_timeout)
+    cls = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
+    return cls(reactor, config.host, config.port, timeout=config.connect_timeout)
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """Extension keywords (upper case) and their parameters from an EHLO
+    reply (RFC 5321 4.1.1.1: the first line is the greeting)."""
+    exts = {}
+    for line in reply.lines()[1:]:
+        word, _, rest = line.strip().partition(" ")
+        if word:
+            exts[word.upper()] = rest
+    return exts
+
+
+async def connect_backend(reactor: Any, config: BackendConfig, helo_name: str,
+                          tls_context_factory: Any = None) -> BackendProtocol:
+    """Open a connection, read the greeting, EHLO, STARTTLS if configured.
+
+    Raises BackendError with a 4xx reply for the client when anything fails."""
+    proto = BackendProtocol(reactor)
+    try:
+        await connectProtocol(_endpoint(reactor, config), proto)
+    except Exception as e:  # every connect failure means the same to the client
+        raise BackendError(replies.BACKEND_UNAVAILABLE, f"cannot connect to backend: {e}") from None
+    try:
+        greeting = await proto.expect(config.greeting_timeout, "greeting")
+        proto.greeting = greeting
+        if greeting.code != 220:
+            raise BackendError(_as_transient(greeting), f"backend greeting: {greeting}")
+        await _ehlo(proto, config, helo_name)
+        if config.tls != "none":
+            if "STARTTLS" in proto.extensions and tls_context_factory is not None:
+                reply = await proto.command(b"STARTTLS", config.mail_timeout)
+                if reply.code != 220:
+                    raise BackendError(_as_transient(reply), f"backend refused STARTTLS: {reply}")
+                proto.transport.startTLS(tls_context_factory)  # type: ignore[union-attr]
+                proto.tls = True
+                await _ehlo(proto, config, helo_name)
+            elif config.tls == "required":
+                raise BackendError(Reply(451, "4.7.5", "Next-hop mail server does not offer TLS"),
+                                   "backend offers no STARTTLS and backend.tls is required")
+    except BaseException:
+        proto.abort()
+        raise
+    return proto
+
+
+async def _ehlo(proto: BackendProtocol, config: BackendConfig, helo_name: str) -> None:
+    reply = await proto.command(b"EHLO " + helo_name.encode("idna"), config.mail_timeout)
+    if reply.code == 250:
+        proto.extensions = parse_ehlo(reply)
+        return
+    reply = await proto.command(b"HELO " + helo_name.encode("idna"), config.mail_timeout)
+    if reply.code != 250:
+        raise BackendError(_as_transient(reply), f"backend refused HELO: {reply}")
+    proto.extensions = {}
+
+
+def _as_transient(reply: Reply) -> Reply:
+    """A session-level failure of the backend is never the client's fault:
+    the client gets a 4xx and keeps its message (DESIGN.md promise 1)."""
+    if reply.is_transient and reply.code != 421:
+        return reply
+    return Reply(451, "4.4.0" if not reply.enhanced else "4" + reply.enhanced[1:],
+                 f"Next-hop mail server said: {reply.text.splitlines()[0] if reply.text else reply.code}")

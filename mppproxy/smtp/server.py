@@ -1,0 +1,615 @@
+"""The ESMTP server state machine: parse, enforce limits, reply; decide nothing.
+
+Stage: session.  It reads bytes from the client, frames commands and message
+data, enforces the protocol rules and bounds, and asks a ``SessionHandler``
+(the gateway) what to answer to MAIL, RCPT and the end of DATA, as Twisted's
+``SMTP`` asks an ``IMessageDelivery``.  Unlike Twisted's ``mail/smtp.py`` it
+keeps one command in flight: while a decision is pending, later pipelined
+lines wait in order (RFC 2920; Haraka's pause state).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.smtp import replies
+from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
+from mppproxy.smtp.commands import Command, parse_command
+from mppproxy.smtp.framing import DataError, DataReader
+from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.session import Session, Transaction
+from mppproxy.spool.spool import Spool
+
+log = Logger()
+
+# While a command is in flight, a client may pipeline this much before we
+# stop reading from its socket (flat memory, DESIGN.md promise 6).
+PIPELINE_BUFFER = 262144
+
+
+class SessionState(enum.Enum):
+    """Where one SMTP session stands.
+
+    - ``GREETING``: connected, greeting not yet sent (greet pause); any byte
+      from the client now makes it an early talker.
+    - ``READY``: greeted (or TLS just started); waiting for EHLO/HELO.
+    - ``MAIL``: HELO/EHLO done, no transaction; waiting for MAIL.
+    - ``RCPT``: MAIL accepted; RCPT commands and then DATA.
+    - ``DATA``: reading message data up to CRLF.CRLF.
+    - ``CLOSING``: the last reply is out; nothing more is read.
+    """
+
+    GREETING = "greeting"
+    READY = "ready"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    CLOSING = "closing"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the path behind the proxy can carry; only these are announced
+    (an extension the backend lacks would be a promise we cannot keep)."""
+
+    size: int
+    eightbitmime: bool = True
+    smtputf8: bool = True
+    dsn: bool = False
+
+
+class SessionHandler(TypingProtocol):
+    """What the state machine asks; implemented by ``mppproxy.gateway``."""
+
+    def on_connect(self, session: Session) -> Optional[Reply]: ...
+    async def capabilities(self, session: Session) -> Capabilities: ...
+    async def on_mail(self, session: Session, txn: Transaction) -> Reply: ...
+    async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
+                      params: dict[str, Optional[str]]) -> Reply: ...
+    async def on_data_end(self, session: Session, txn: Transaction) -> Reply: ...
+    def on_reset(self, session: Session, txn: Optional[Transaction], reason: str) -> None: ...
+    def on_disconnect(self, session: Session) -> None: ...
+
+
+class ConnectionCounter:
+    """Open connections in total and per client address, shared by all
+    listeners of one process (DESIGN.md promise 6)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_host: dict[str, int] = {}
+
+    def add(self, host: str) -> None:
+        self.total += 1
+        self.per_host[host] = self.per_host.get(host, 0) + 1
+
+    def remove(self, host: str) -> None:
+        self.total -= 1
+        n = self.per_host.get(host, 0) - 1
+        if n > 0:
+            self.per_host[host] = n
+        else:
+            self.per_host.pop(host, None)
+
+
+class SMTPServerFactory(Factory):
+    """Builds sessions with the configuration of the moment; a reload swaps
+    ``config``/``handler`` and running sessions keep what they began with."""
+
+    noisy = False
+
+    def __init__(self, config: ProxyConfig, make_handler: Callable[[], SessionHandler],
+                 reactor: IReactorTime, tls_context: Any = None,
+                 counter: Optional[ConnectionCounter] = None,
+                 is_trusted: Callable[[str], bool] = lambda host: False,
+                 hostname: str = "localhost"):
+        self.config = config
+        self.hostname = hostname
+        # One handler per session: it may hold the session's backend connection.
+        self.make_handler = make_handler
+        self.reactor = reactor
+        self.tls_context = tls_context
+        self.counter = counter or ConnectionCounter()
+        self.is_trusted = is_trusted
+
+    def buildProtocol(self, addr: Any) -> "SMTPServerProtocol":
+        p = SMTPServerProtocol(self.config, self.make_handler(), self.reactor, self.tls_context,
+                               self.counter, self.is_trusted, self.hostname)
+        p.factory = self
+        return p
+
+
+class SMTPServerProtocol(Protocol):
+    """One client connection.  See ``SessionState`` for the states."""
+
+    def __init__(self, config: ProxyConfig, handler: SessionHandler, reactor: IReactorTime,
+                 tls_context: Any, counter: ConnectionCounter,
+                 is_trusted: Callable[[str], bool], hostname: str = "localhost"):
+        self.config = config
+        self.handler = handler
+        self.reactor = reactor
+        self.tls_context = tls_context
+        self.counter = counter
+        self.is_trusted = is_trusted
+        self.state = SessionState.GREETING
+        self.session: Optional[Session] = None
+        self.txn: Optional[Transaction] = None
+        self._buffer = bytearray()
+        self._busy = False
+        self._reading_paused = False
+        self._skip_long_line = False
+        self._reader: Optional[DataReader] = None
+        self._timer: Any = None
+        self._counted = False
+        self._caps: Optional[Capabilities] = None
+        self._hostname = hostname
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            # Replies are small and the client waits for each one: Nagle would
+            # add ~40 ms per round trip (the Haraka single-session stall).
+            transport.setTcpNoDelay(True)
+        peer, host = transport.getPeer(), transport.getHost()
+        peer_host = getattr(peer, "host", "unknown")
+        self.session = Session(peer_host, getattr(peer, "port", 0),
+                               getattr(host, "host", ""), getattr(host, "port", 0),
+                               trusted=self.is_trusted(peer_host))
+        limits = self.config.limits
+        # RFC 5321 3.1 / 4.2.3: refuse with 421 right away when full.
+        if self.counter.total >= limits.max_connections:
+            self._refuse(replies.TOO_MANY_CONNECTIONS, "max_connections")
+            return
+        if self.counter.per_host.get(peer_host, 0) >= limits.max_connections_per_ip:
+            self._refuse(replies.TOO_MANY_FROM_HOST, "max_connections_per_ip")
+            return
+        self.counter.add(peer_host)
+        self._counted = True
+        refusal = self.handler.on_connect(self.session)
+        if refusal is not None:
+            self._refuse(refusal, "refused at connect")
+            return
+        pause = self.config.smtp.greet_pause
+        if pause > 0:
+            self._timer = self.reactor.callLater(pause, self._greet)
+        else:
+            self._greet()
+
+    def _refuse(self, reply: Reply, reason: str) -> None:
+        assert self.session is not None
+        log.info("refused connection from {client}: {reason}", client=self.session.peer_host,
+                 reason=reason, session_id=self.session.id)
+        self.state = SessionState.CLOSING
+        self.transport.write(reply.to_bytes())
+        self.transport.loseConnection()
+
+    def _greet(self) -> None:
+        self._timer = None
+        self.state = SessionState.READY
+        self._send(Reply(220, "", f"{self._hostname} {self.config.smtp.banner}"))
+        self._set_timer(self.config.timeouts.command)
+        if self._buffer:
+            self._process()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_timer()
+        previous = self.state
+        self.state = SessionState.CLOSING
+        if self._counted and self.session is not None:
+            self.counter.remove(self.session.peer_host)
+            self._counted = False
+        if self.session is None:
+            return
+        if self.txn is not None:
+            why = "client disconnected during DATA" if previous is SessionState.DATA else "client disconnected"
+            self.handler.on_reset(self.session, self.txn, why)
+            self.txn.close()
+            self.txn = None
+        self.handler.on_disconnect(self.session)
+
+    # -- timers ---------------------------------------------------------------
+
+    def _set_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        assert self.session is not None
+        log.info("timeout in state {state} for {client}", state=self.state.value,
+                 client=self.session.peer_host, session_id=self.session.id)
+        # RFC 5321 4.5.3.2.7: the server may close after its timeout, with 421.
+        self._close_with(replies.TIMEOUT)
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is SessionState.CLOSING:
+            return
+        if self.state is SessionState.GREETING:
+            # RFC 5321 4.3.2 / 3.1: the client must wait for the greeting.
+            self._cancel_timer()
+            self._close_with(replies.EARLY_TALKER)
+            return
+        self._buffer += data
+        if not self._busy:
+            timeout = self.config.timeouts.data_block if self.state is SessionState.DATA else self.config.timeouts.command
+            self._set_timer(timeout)
+            self._process()
+        elif len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _process(self) -> None:
+        """Handle buffered input until a decision is pending or it runs out."""
+        buf = self._buffer
+        while buf and not self._busy and self.state not in (SessionState.CLOSING, SessionState.GREETING):
+            if self.state is SessionState.DATA:
+                assert self._reader is not None
+                used = self._reader.feed(buf)
+                del buf[:used]
+                if not self._reader.done:
+                    return
+                self._end_of_data()
+                continue
+            end = buf.find(b"\n")
+            if end < 0:
+                limit = self.config.limits.max_command_line + 512
+                if len(buf) > limit:
+                    # Too long to be any command: refuse once, drop to the next LF.
+                    del buf[:]
+                    if not self._skip_long_line:
+                        self._skip_long_line = True
+                        self._send(replies.LINE_TOO_LONG)
+                return
+            line = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            if self._skip_long_line:
+                self._skip_long_line = False
+                continue
+            self._line_received(line)
+        if self._reading_paused and len(buf) < PIPELINE_BUFFER // 2:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _line_received(self, line: bytes) -> None:
+        cmd, refusal = parse_command(line, self.config.limits.max_command_line)
+        if refusal is not None:
+            self._send(refusal)
+            return
+        assert cmd is not None
+        handler = self._COMMANDS.get(cmd.verb)
+        if handler is None:
+            self._send(replies.UNKNOWN_COMMAND)
+            return
+        handler(self, cmd)
+
+    # -- replies ---------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        if self.state is SessionState.CLOSING:
+            return
+        self.transport.write(reply.to_bytes())
+        if reply.code >= 400 and reply.code != 421 and self.session is not None:
+            self.session.errors += 1
+            if self.session.errors >= self.config.limits.max_errors:
+                self._close_with(replies.TOO_MANY_ERRORS)
+
+    def _close_with(self, reply: Reply) -> None:
+        if self.state is SessionState.CLOSING:
+            return
+        self.transport.write(reply.to_bytes())
+        self.state = SessionState.CLOSING
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _await(self, work: Awaitable[Reply], then: Callable[[Reply], None]) -> None:
+        """Run a pending decision; later input waits until ``then`` ran.
+
+        The errback turns any unexpected failure into a 451 (never a 250 on
+        an error path, STYLE.md) and logs it."""
+        self._busy = True
+        self._cancel_timer()
+        d = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+
+        def failed(f: Failure) -> Reply:
+            log.failure("unexpected error handling a command", f,
+                        session_id=self.session.id if self.session else None)
+            return replies.LOCAL_ERROR
+
+        def done(reply: Reply) -> None:
+            self._busy = False
+            if self.state is SessionState.CLOSING:
+                return
+            then(reply)
+            if self.state is not SessionState.CLOSING:
+                self._set_timer(self.config.timeouts.data_block if self.state is SessionState.DATA
+                                else self.config.timeouts.command)
+                self._process()
+
+        d.addErrback(failed)
+        d.addCallback(done)
+        d.addErrback(lambda f: log.failure("error after a reply", f))
+
+    # -- commands --------------------------------------------------------------
+
+    def _need_greeted(self) -> bool:
+        if self.state is SessionState.READY:
+            self._send(replies.NEED_HELO)
+            return False
+        return True
+
+    def _cmd_ehlo(self, cmd: Command) -> None:
+        self._helo(cmd, esmtp=True)
+
+    def _cmd_helo(self, cmd: Command) -> None:
+        self._helo(cmd, esmtp=False)
+
+    def _helo(self, cmd: Command, esmtp: bool) -> None:
+        assert self.session is not None
+        if not cmd.arg or " " in cmd.arg:
+            # RFC 5321 4.1.1.1: EHLO/HELO take exactly one domain or literal.
+            self._send(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname"))
+            return
+        self._reset_transaction("new EHLO/HELO")
+        self.session.helo = cmd.arg
+        self.session.esmtp = esmtp
+        if not esmtp:
+            self.state = SessionState.MAIL
+            self._send(Reply(250, "", f"{self._hostname} Hello {cmd.arg}"))
+            return
+
+        async def ask() -> Reply:
+            assert self.session is not None
+            self._caps = await self.handler.capabilities(self.session)
+            return Reply(250, "", "\n".join(self._ehlo_lines(cmd.arg, self._caps)))
+
+        def answer(reply: Reply) -> None:
+            if reply.code == 250:
+                self.state = SessionState.MAIL
+            self._send(reply)
+
+        self._await(ask(), answer)
+
+    def _ehlo_lines(self, name: str, caps: Capabilities) -> list[str]:
+        assert self.session is not None
+        lines = [f"{self._hostname} Hello {name}", "PIPELINING", f"SIZE {caps.size}"]
+        if caps.eightbitmime:
+            lines.append("8BITMIME")  # RFC 6152
+        if caps.smtputf8:
+            lines.append("SMTPUTF8")  # RFC 6531
+        if caps.dsn:
+            lines.append("DSN")  # RFC 3461, passed through to the backend
+        lines.append("ENHANCEDSTATUSCODES")  # RFC 2034
+        if self.tls_context is not None and not self.session.tls:
+            lines.append("STARTTLS")  # RFC 3207
+        return lines
+
+    def _size_limit(self) -> int:
+        return self._caps.size if self._caps else self.config.limits.max_message_size
+
+    def _cmd_mail(self, cmd: Command) -> None:
+        if not self._need_greeted():
+            return
+        if self.state is not SessionState.MAIL:
+            self._send(replies.NESTED_MAIL)
+            return
+        try:
+            path, params = split_argument(cmd.arg, "FROM:")
+            sender = parse_path(path, allow_null=True)
+        except AddressError as e:
+            self._send(replies.BAD_SENDER_SYNTAX.with_text(f"Bad sender address syntax: {e}"))
+            return
+        refusal = self._check_mail_params(sender, params)
+        if refusal is not None:
+            self._send(refusal)
+            return
+        txn = Transaction(sender, params)
+        txn.smtputf8 = "SMTPUTF8" in params
+        txn.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
+        assert self.session is not None
+        session = self.session
+
+        def answer(reply: Reply) -> None:
+            if reply.is_positive:
+                self.txn = txn
+                self.state = SessionState.RCPT
+                session.transactions += 1
+            else:
+                self.handler.on_reset(session, txn, f"MAIL refused: {reply.code}")
+            self._send(reply)
+
+        self._await(self.handler.on_mail(session, txn), answer)
+
+    def _check_mail_params(self, sender: Address, params: dict[str, Optional[str]]) -> Optional[Reply]:
+        assert self.session is not None
+        caps = self._caps
+        if params and not self.session.esmtp:
+            return replies.UNKNOWN_PARAMETER.with_text("Parameters need EHLO")
+        for key, value in params.items():
+            if key == "SIZE":
+                # RFC 1870 section 6: refuse at MAIL when the declared size is too big.
+                if value is None or not value.isdigit():
+                    return replies.SYNTAX_ERROR.with_text("SIZE needs a number")
+                if int(value) > self._size_limit():
+                    return replies.SIZE_PARAM_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BAD_BODY_PARAMETER
+                if value.upper() == "8BITMIME" and caps is not None and not caps.eightbitmime:
+                    return replies.UNKNOWN_PARAMETER.with_text("8BITMIME not supported")
+            elif key == "SMTPUTF8":
+                if value is not None or (caps is not None and not caps.smtputf8):
+                    return replies.UNKNOWN_PARAMETER.with_text("SMTPUTF8 not supported")
+            elif key in ("RET", "ENVID") and caps is not None and caps.dsn:
+                continue
+            else:
+                return replies.UNKNOWN_PARAMETER.with_text(f"Unsupported MAIL parameter {key}")
+        if not sender.ascii_only and "SMTPUTF8" not in params:
+            return replies.UTF8_NEEDS_SMTPUTF8
+        return None
+
+    def _cmd_rcpt(self, cmd: Command) -> None:
+        if not self._need_greeted():
+            return
+        if self.state is not SessionState.RCPT or self.txn is None:
+            self._send(replies.NEED_MAIL)
+            return
+        txn = self.txn
+        if len(txn.recipients) >= self.config.limits.max_recipients:
+            self._send(replies.TOO_MANY_RECIPIENTS)
+            return
+        try:
+            path, params = split_argument(cmd.arg, "TO:")
+            rcpt = parse_path(path, allow_null=False)
+        except AddressError as e:
+            self._send(replies.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
+            return
+        for key in params:
+            if not (key in ("NOTIFY", "ORCPT") and self._caps is not None and self._caps.dsn):
+                self._send(replies.UNKNOWN_PARAMETER.with_text(f"Unsupported RCPT parameter {key}"))
+                return
+        if not rcpt.ascii_only and not txn.smtputf8:
+            self._send(replies.UTF8_NEEDS_SMTPUTF8)
+            return
+        assert self.session is not None
+
+        def answer(reply: Reply) -> None:
+            txn.rcpt_log.append((rcpt.text, str(reply.code)))
+            if reply.is_positive and self.txn is txn:
+                txn.recipients.append(rcpt)
+                txn.rcpt_params.append(params)
+            self._send(reply)
+
+        self._await(self.handler.on_rcpt(self.session, txn, rcpt, params), answer)
+
+    def _cmd_data(self, cmd: Command) -> None:
+        if not self._need_greeted():
+            return
+        if cmd.arg:
+            self._send(replies.SYNTAX_ERROR.with_text("DATA takes no argument"))
+            return
+        if self.state is not SessionState.RCPT or self.txn is None:
+            self._send(replies.NEED_MAIL)
+            return
+        if not self.txn.recipients:
+            # RFC 5321 3.3: no valid recipients may be answered with 554.
+            self._send(Reply(554, "5.5.1", "No valid recipients"))
+            return
+        txn = self.txn
+        txn.spool = Spool(self.config.limits.memory_spool_bytes)
+        self._reader = DataReader(txn.spool.write, self._size_limit(),
+                                  self.config.limits.max_line_length,
+                                  normalise=self.config.smtp.bare_newline == "normalise")
+        self.state = SessionState.DATA
+        self._send(replies.START_DATA)
+        self._set_timer(self.config.timeouts.data_block)
+
+    def _end_of_data(self) -> None:
+        reader, txn, session = self._reader, self.txn, self.session
+        assert reader is not None and txn is not None and session is not None
+        self._reader = None
+        txn.size = reader.size
+        if reader.error is DataError.BARE_NEWLINE:
+            # The client and we may disagree about where the message ends:
+            # refuse it and close, so nothing after it is read as commands.
+            self._reset_transaction("bare newline in DATA")
+            self._close_with(replies.BARE_NEWLINE_DATA)
+            return
+        if reader.error is not None:
+            reply = {DataError.TOO_BIG: replies.MESSAGE_TOO_BIG,
+                     DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG}[reader.error]
+            self._reset_transaction(reader.error.value)
+            self.state = SessionState.MAIL
+            self._send(reply)
+            return
+
+        def answer(reply: Reply) -> None:
+            self.txn = None
+            txn.close()
+            self.state = SessionState.MAIL
+            self._send(reply)
+
+        self._await(self.handler.on_data_end(session, txn), answer)
+
+    def _reset_transaction(self, reason: str) -> None:
+        if self.txn is not None:
+            assert self.session is not None
+            self.handler.on_reset(self.session, self.txn, reason)
+            self.txn.close()
+            self.txn = None
+        if self.state in (SessionState.RCPT, SessionState.DATA):
+            self.state = SessionState.MAIL
+
+    def _cmd_rset(self, cmd: Command) -> None:
+        # RFC 5321 4.1.1.5: RSET clears the transaction, keeps the EHLO.
+        self._reset_transaction("RSET")
+        self._send(replies.RESET_OK)
+
+    def _cmd_noop(self, cmd: Command) -> None:
+        self._send(replies.NOOP_OK)
+
+    def _cmd_quit(self, cmd: Command) -> None:
+        self._reset_transaction("QUIT")
+        self._close_with(Reply(221, "2.0.0", f"{self._hostname} closing connection"))
+
+    def _cmd_vrfy(self, cmd: Command) -> None:
+        self._send(replies.CANNOT_VRFY)
+
+    def _cmd_expn(self, cmd: Command) -> None:
+        self._send(replies.NOT_IMPLEMENTED.with_text("EXPN not available"))
+
+    def _cmd_help(self, cmd: Command) -> None:
+        self._send(replies.HELP)
+
+    def _cmd_starttls(self, cmd: Command) -> None:
+        assert self.session is not None
+        if self.tls_context is None:
+            self._send(replies.TLS_NOT_AVAILABLE)
+            return
+        if self.session.tls:
+            self._send(replies.TLS_ALREADY)
+            return
+        if cmd.arg:
+            self._send(replies.SYNTAX_ERROR.with_text("STARTTLS takes no argument"))
+            return
+        # RFC 3207 section 4.2 / the 2011 STARTTLS injection: anything the
+        # client pipelined after STARTTLS is discarded, and the session
+        # forgets all it knew from before TLS.
+        del self._buffer[:]
+        self._send(replies.READY_TLS)
+        self._reset_transaction("STARTTLS")
+        self.transport.startTLS(self.tls_context)  # type: ignore[attr-defined]
+        self.session.tls = True
+        self.session.helo = None
+        self.session.esmtp = False
+        self._caps = None
+        self.state = SessionState.READY
+        self._set_timer(self.config.timeouts.tls_handshake)
+
+    def _cmd_auth(self, cmd: Command) -> None:
+        self._send(replies.NOT_IMPLEMENTED.with_text("AUTH not available"))
+
+    _COMMANDS: dict[str, Callable[["SMTPServerProtocol", Command], None]] = {
+        "EHLO": _cmd_ehlo, "HELO": _cmd_helo, "MAIL": _cmd_mail, "RCPT": _cmd_rcpt,
+        "DATA": _cmd_data, "RSET": _cmd_rset, "NOOP": _cmd_noop, "QUIT": _cmd_quit,
+        "VRFY": _cmd_vrfy, "EXPN": _cmd_expn, "HELP": _cmd_help, "STARTTLS": _cmd_starttls,
+        "AUTH": _cmd_auth,
+    }

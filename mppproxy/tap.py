@@ -1,0 +1,130 @@
+"""``twistd mppproxy``: options and ``makeService`` (the twistd entry).
+
+Options follow ``twistd web``: the common case needs no config file, and
+options given on the command line override the file.  A bad configuration
+prints each problem with its key and exits non-zero, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Optional
+
+from twisted.python import usage
+
+from mppproxy.config.load import ConfigError, load
+
+MPP_HOME_ENV = "MPP_HOME"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("mppproxy: a transparent SMTP filtering proxy.  With no options it runs "
+                "all-in-one on 127.0.0.1:2525 and delivers into Maildirs under "
+                "./mppproxy-data (or $MPP_HOME).")
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["config-command", None, None, "Command whose standard output is the TOML configuration."],
+        ["mode", "m", None, "all-in-one (default), edge, archive, policy or scan."],
+        ["backend", "b", None, "Backend MTA as HOST:PORT ([v6addr]:PORT for IPv6); relay in lockstep to it."],
+        ["data-dir", "d", None, "Data directory (default ./mppproxy-data or $MPP_HOME)."],
+        ["workers", "w", None, "Processes sharing the listening sockets.", int],
+        ["worker-fds", None, None, "(internal) listening descriptors inherited from the main process."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["relay-domain"] = []
+        self["trusted-network"] = []
+        self.config: Any = None
+        self.raw_args: list[str] = []
+
+    def opt_listen(self, value: str) -> None:
+        """Endpoint to listen on, e.g. tcp:25:interface=0.0.0.0 (repeatable)."""
+        self["listen"].append(value)
+
+    def opt_relay_domain(self, value: str) -> None:
+        """Domain to accept mail for from any client (repeatable)."""
+        self["relay-domain"].append(value)
+
+    def opt_trusted_network(self, value: str) -> None:
+        """Client network allowed to relay anywhere, CIDR (repeatable; replaces the default loopback)."""
+        self["trusted-network"].append(value)
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        self.raw_args = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self["mode"]:
+            out["mode"] = self["mode"]
+        if self["listen"]:
+            out["listen"] = list(self["listen"])
+        if self["relay-domain"]:
+            out["relay_domains"] = list(self["relay-domain"])
+        if self["trusted-network"]:
+            out["trusted_networks"] = list(self["trusted-network"])
+        if self["workers"] is not None:
+            out["workers"] = self["workers"]
+        if self["backend"]:
+            out["backend"] = parse_host_port(self["backend"])
+        return out
+
+    def load_config(self) -> Any:
+        overrides = self.overrides()
+        data_dir = self["data-dir"] or os.environ.get(MPP_HOME_ENV)
+        config = load(self["config"], self["config-command"], overrides)
+        if data_dir and (self["data-dir"] or config.data_dir == "./mppproxy-data"):
+            from dataclasses import replace
+            config = replace(config, data_dir=data_dir)
+        return config
+
+    def postOptions(self) -> None:
+        try:
+            self.config = self.load_config()
+        except ConfigError as e:
+            print("mppproxy: the configuration has errors:", file=sys.stderr)
+            for line in e.errors:
+                print(f"  {line}", file=sys.stderr)
+            # SystemExit leaves twistd with status 1 and no traceback.
+            raise SystemExit(1)
+
+
+def parse_host_port(value: str) -> dict[str, Any]:
+    """``host:port`` or ``[v6]:port`` into the backend table."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = value.rpartition(":")
+        if not host:
+            host, port_text = value, ""
+    if not host:
+        raise ConfigError([f"--backend: {value!r} is not HOST:PORT"])
+    out: dict[str, Any] = {"host": host}
+    if port_text:
+        if not port_text.isdigit():
+            raise ConfigError([f"--backend: {value!r}: port must be a number"])
+        out["port"] = int(port_text)
+    return out
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    from mppproxy.logsetup import start_json_log
+    from mppproxy.service import ProxyService, exit_code_hook
+
+    config = options.config
+    start_json_log(config)
+    inherited: tuple[tuple[int, int], ...] = ()
+    if options["worker-fds"]:
+        inherited = tuple(tuple(int(x) for x in item.split(":"))  # type: ignore[misc]
+                          for item in options["worker-fds"].split(","))
+    worker_argv = [a for a in options.raw_args]
+    exit_code_hook(reactor)
+    return ProxyService(config, reactor, reload_config=options.load_config,
+                        inherited_fds=inherited, worker_argv=worker_argv)

@@ -1,0 +1,87 @@
+"""TLS contexts: the server certificate for STARTTLS (RFC 3207) and the
+client context for STARTTLS to the backend.
+
+The all-in-one default has no certificate configured, so one self-signed
+certificate is generated into the data directory on first start and reused.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+
+from mppproxy.config.load import ConfigError
+from mppproxy.config.schema import BackendConfig, ProxyConfig
+
+
+def generate_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = [x509.DNSName(hostname)] if hostname else []
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .sign(key, hashes.SHA256()))
+    old = os.umask(0o077)
+    try:
+        with open(key_path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        with open(cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+    finally:
+        os.umask(old)
+
+
+def server_context(config: ProxyConfig, hostname: str) -> Optional[Any]:
+    """The STARTTLS context, or None when TLS is off."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    cert_file, key_file = tls.cert_file, tls.key_file
+    if not cert_file:
+        cert_file = os.path.join(config.data_dir, "tls", "selfsigned.crt")
+        key_file = os.path.join(config.data_dir, "tls", "selfsigned.key")
+        if not (os.path.exists(cert_file) and os.path.exists(key_file)):
+            os.makedirs(os.path.dirname(cert_file), mode=0o700, exist_ok=True)
+            generate_self_signed(cert_file, key_file, hostname)
+    key_file = key_file or cert_file
+    try:
+        with open(cert_file, "rb") as f:
+            cert_pem = f.read()
+        with open(key_file, "rb") as f:
+            key_pem = f.read()
+        return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+    except (OSError, ValueError, crypto.Error, SSL.Error) as e:
+        raise ConfigError([f"tls.cert_file / tls.key_file: cannot load {cert_file} / {key_file}: {e}"]) from None
+
+
+def backend_context(config: BackendConfig) -> Optional[Any]:
+    """Client context for STARTTLS to the backend."""
+    if config.tls == "none":
+        return None
+    if not config.tls_verify:
+        # Opportunistic TLS between MTAs (RFC 7435): encrypt, don't authenticate.
+        return ssl.CertificateOptions()
+    trust = None
+    if config.tls_ca_file:
+        try:
+            with open(config.tls_ca_file, "rb") as f:
+                trust = ssl.trustRootFromCertificates(
+                    [ssl.Certificate.loadPEM(f.read())])
+        except (OSError, ValueError, crypto.Error, SSL.Error) as e:
+            raise ConfigError([f"backend.tls_ca_file: cannot load {config.tls_ca_file}: {e}"]) from None
+    return ssl.optionsForClientTLS(config.host, trustRoot=trust)

@@ -1,0 +1,41 @@
+"""The one structured log event per transaction (DESIGN.md promise 5).
+
+Every field is a stable snake_case key; client-supplied text travels only in
+fields, never in the format string (a ``{`` in a HELO must not break it).
+``mppproxy.logsetup`` can write these events as JSON lines.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.session import Session, Transaction
+
+log = Logger(namespace="mppproxy.transaction")
+
+
+def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
+                    timings: dict[str, Any], reason: Optional[str] = None) -> None:
+    log.info(
+        "transaction {queue_id} from {client}: {action} ({reply_text})",
+        mpp_event="transaction",
+        session_id=session.id,
+        queue_id=txn.id,
+        client=session.peer_host,
+        client_port=session.peer_port,
+        helo=session.helo,
+        tls=session.tls,
+        trusted=session.trusted,
+        sender=txn.sender.text,
+        recipients=[r.text for r in txn.recipients],
+        rcpt_replies=txn.rcpt_log,
+        size=txn.size,
+        action=action,
+        reply_code=reply.code if reply else None,
+        reply_text=str(reply) if reply else reason,
+        reason=reason,
+        stripped_headers=txn.facts.get("stripped_headers", 0),
+        timings=timings,
+    )
