@@ -1,0 +1,1 @@
+"""Tests against real services (Postfix backend, ...): must fail, not skip, in CI."""
