@@ -8,6 +8,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import shlex
 import subprocess
 import tomllib
@@ -86,7 +87,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[str], s
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
         if name not in fields:
-            errors.append(f"{source}: {prefix}{name}: unknown key")
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            errors.append(f"{source}: {prefix}{name}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
     before = len(errors)
     for name, f in fields.items():

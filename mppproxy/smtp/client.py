@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -219,6 +219,19 @@ class BackendProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
+class _OneConnection(Factory):
+    """Hands out one prepared protocol; quiet, unlike connectProtocol's
+    factory, which logs twice per backend connection."""
+
+    noisy = False
+
+    def __init__(self, proto: BackendProtocol):
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return self.proto
+
+
 def _endpoint(reactor: Any, config: BackendConfig) -> Any:
     try:
         ip = ipaddress.ip_address(config.host)
@@ -247,7 +260,7 @@ async def connect_backend(reactor: Any, config: BackendConfig, helo_name: str,
     Raises BackendError with a 4xx reply for the client when anything fails."""
     proto = BackendProtocol(reactor)
     try:
-        await connectProtocol(_endpoint(reactor, config), proto)
+        await _endpoint(reactor, config).connect(_OneConnection(proto))
     except Exception as e:  # every connect failure means the same to the client
         raise BackendError(replies.BACKEND_UNAVAILABLE, f"cannot connect to backend: {e}") from None
     try:

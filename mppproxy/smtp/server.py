@@ -170,7 +170,10 @@ class SMTPServerProtocol(Protocol):
         if self.counter.total >= limits.max_connections:
             self._refuse(replies.TOO_MANY_CONNECTIONS, "max_connections")
             return
-        if self.counter.per_host.get(peer_host, 0) >= limits.max_connections_per_ip:
+        # Trusted networks are exempt, like Postfix's
+        # smtpd_client_event_limit_exceptions = $mynetworks.
+        if (not self.session.trusted
+                and self.counter.per_host.get(peer_host, 0) >= limits.max_connections_per_ip):
             self._refuse(replies.TOO_MANY_FROM_HOST, "max_connections_per_ip")
             return
         self.counter.add(peer_host)

@@ -7,6 +7,7 @@ end of DATA or RSET.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,15 @@ from mppproxy.smtp.address import Address
 from mppproxy.spool.spool import Spool
 
 
+# A random prefix per process and a counter: unique across restarts and
+# worker processes, and cheap (os.urandom per id cost a syscall each).
+_ID_PREFIX = base64.b32encode(os.urandom(5)).decode("ascii")
+_id_counter = itertools.count(1)
+
+
 def new_id() -> str:
-    """A short random identifier for logs and the Received: header."""
-    return base64.b32encode(os.urandom(10)).decode("ascii").rstrip("=")
+    """A short unique identifier for logs and the Received: header."""
+    return f"{_ID_PREFIX}{next(_id_counter):07X}"
 
 
 @dataclass

@@ -1,0 +1,6 @@
+"""``python -m mppproxy check-config FILE``: the same as the ``mppproxy`` command."""
+import sys
+
+from mppproxy.cli import main
+
+sys.exit(main())
