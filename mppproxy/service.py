@@ -69,6 +69,10 @@ class ProxyService(MultiService):
             for fd, family in self.inherited_fds:
                 self.adopted.append(self.reactor.adoptStreamPort(fd, family, self.factory))
             log.info("worker {pid} serving {n} inherited listeners", pid=os.getpid(), n=len(self.adopted))
+            # A worker gets SIGTERM twice on shutdown (from its process group
+            # and from the main process); Twisted's handler would raise
+            # ReactorNotRunning on the second one.
+            signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._stop_once))
         else:
             for desc in self.config.listen:
                 self._listen(desc)
@@ -81,6 +85,11 @@ class ProxyService(MultiService):
                  target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
                          if self.config.backend else
                          f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
+
+    def _stop_once(self) -> None:
+        if self.reactor.running and not self._stopping:
+            self._stopping = True
+            self.reactor.stop()
 
     def _listen(self, desc: str) -> None:
         endpoint = serverFromString(self.reactor, desc)
