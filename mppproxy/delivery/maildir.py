@@ -40,6 +40,8 @@ def expand_path(template: str, rcpt: Address, data_dir: str) -> str:
         "%U1%": user[:1], "%U2%": user[1:2] or "_",
         "%D1%": domain[:1], "%D2%": domain[1:2] or "_",
     }
+    # A lone "." from a one-letter macro could join another into "..".
+    values = {k: ("_" if v == "." else v) for k, v in values.items()}
     path = re.sub(r"%(U|D)[12]?%", lambda m: values[m.group(0)], template)
     if not os.path.isabs(path):
         path = os.path.join(data_dir, path)

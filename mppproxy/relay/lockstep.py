@@ -46,7 +46,11 @@ class LockstepRelay:
         self.pool = pool
         self.config = config
         self._conn: Optional[BackendProtocol] = None
+        self._reused = False
         self._dirty = False
+        # True while a message is being written to the backend: then the
+        # connection must never be reset or handed to another session.
+        self._in_data = False
 
     async def extensions(self) -> Optional[dict[str, str]]:
         """The backend's EHLO extensions, learning them once if need be."""
@@ -68,9 +72,14 @@ class LockstepRelay:
                 conn = await self._connection()
                 await self._announce_client(conn, session)
                 reply = await conn.command(line, self.config.mail_timeout)
+                if reply.code == 421 and self._reused and attempt == 1:
+                    # The backend closed this idle connection (e.g. its own
+                    # idle timeout): try a fresh one before blaming it.
+                    self._drop()
+                    continue
             except BackendError as e:
                 self._drop()
-                if attempt == 1 and e.reply.code != 421 and self.pool.reused:
+                if attempt == 1 and self._reused:
                     continue
                 log.warn("backend failed at MAIL: {detail}", detail=e.detail, session_id=session.id)
                 return e.reply
@@ -102,12 +111,15 @@ class LockstepRelay:
         conn = self._conn
         if conn is None:
             return Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
+        self._in_data = True
         try:
             reply, sent = await conn.send_message(message.chunks(), self.config)
         except BackendError as e:
             self._drop()
             log.warn("backend failed at DATA: {detail}", detail=e.detail, session_id=session.id)
             return e.reply
+        finally:
+            self._in_data = False
         if reply.code == 421:
             self._drop()
             return _as_transient(reply)
@@ -119,6 +131,9 @@ class LockstepRelay:
     def reset(self) -> None:
         """The client's transaction ended without a message (RSET, refused
         MAIL, framing error): the backend must forget it too."""
+        if self._in_data:
+            self._drop()
+            return
         if self._conn is not None and self._dirty:
             d = self._conn.command(b"RSET", self.config.mail_timeout)
             d.addErrback(lambda f: f.trap(BackendError) and self._drop())
@@ -126,6 +141,9 @@ class LockstepRelay:
 
     def finish(self) -> None:
         """The client session is over: the connection goes back to the pool."""
+        if self._in_data:
+            self._drop()
+            return
         conn, self._conn = self._conn, None
         if conn is not None:
             self.pool.release(conn, self._dirty)
@@ -133,7 +151,7 @@ class LockstepRelay:
 
     async def _connection(self) -> BackendProtocol:
         if self._conn is None or self._conn.closed:
-            self._conn, _ = await self.pool.acquire()
+            self._conn, self._reused = await self.pool.acquire()
         return self._conn
 
     async def _announce_client(self, conn: BackendProtocol, session: Session) -> None:

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import idna
+
 # RFC 5321 4.1.2: esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 # esmtp-value: any CHAR except "=", SP and control characters.
@@ -143,10 +145,14 @@ def _split_mailbox(mailbox: str) -> tuple[str, str]:
         local, rest = mailbox[:i + 1], mailbox[i + 1:]
         if rest == "":
             return local, ""
+        if rest == "@":
+            raise AddressError("missing domain")
         if not rest.startswith("@"):
             raise AddressError("text after quoted local part")
         return local, rest[1:]
     local, at, domain = mailbox.rpartition("@")
+    if at and not domain:
+        raise AddressError("missing domain")
     if not at:
         # RFC 5321 4.1.1.3: "Postmaster" without a domain must be accepted.
         return mailbox, ""
@@ -188,8 +194,10 @@ def normalise_domain(domain: str) -> str:
     d = domain.strip().rstrip(".").lower()
     if not d.isascii():
         try:
-            d = d.encode("idna").decode("ascii")
-        except UnicodeError:
+            # IDNA 2008 (UTS 46, non-transitional): Python's own "idna"
+            # codec is IDNA 2003 and maps straße.de to strasse.de.
+            d = idna.encode(d, uts46=True, transitional=False).decode("ascii")
+        except (UnicodeError, idna.IDNAError):
             return d
     return d
 

@@ -76,6 +76,8 @@ class DataReader:
         search = self._prev + data
         base = len(self._prev)
         m = self._end.search(search)
+        if m is not None and self._normalise and m.end() == len(search) and search.endswith(b"\r"):
+            m = None  # the CR may be half of a CRLF still in flight
         if m is not None:
             self._take(search[base:max(base, m.end(1))])
             self.done = True
@@ -105,7 +107,9 @@ class DataReader:
                 self.error = DataError.BARE_NEWLINE
                 self.done = True
                 return
-        self.size += len(body)
+        unstuffed = body[1:] if at_line_start and body[:1] == b"." else body
+        unstuffed = unstuffed.replace(b"\r\n.", b"\r\n")
+        self.size += len(unstuffed)
         if self.size > self._max_size and self.error is None:
             self.error = DataError.TOO_BIG
         lines = body.split(b"\r\n")
@@ -121,9 +125,7 @@ class DataReader:
             return
         # Undo dot-stuffing (RFC 5321 4.5.2): a line that starts with a dot
         # had one added by the client.
-        if at_line_start and body[:1] == b".":
-            body = body[1:]
-        self._sink(body.replace(b"\r\n.", b"\r\n"))
+        self._sink(unstuffed)
 
 
 def dot_stuff(chunk: bytes, at_line_start: bool) -> bytes:

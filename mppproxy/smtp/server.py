@@ -150,6 +150,9 @@ class SMTPServerProtocol(Protocol):
         self._timer: Any = None
         self._counted = False
         self._caps: Optional[Capabilities] = None
+        # The client left while the end-of-DATA decision was pending: the
+        # handler still reads the spool, so the cleanup waits for it.
+        self._after_decision = False
         self._hostname = hostname
 
     # -- connection ---------------------------------------------------------
@@ -213,6 +216,10 @@ class SMTPServerProtocol(Protocol):
             self._counted = False
         if self.session is None:
             return
+        if self.txn is not None and self._busy and previous is SessionState.DATA:
+            # on_data_end is still reading the spool: finish it first.
+            self._after_decision = True
+            return
         if self.txn is not None:
             why = "client disconnected during DATA" if previous is SessionState.DATA else "client disconnected"
             self.handler.on_reset(self.session, self.txn, why)
@@ -262,6 +269,14 @@ class SMTPServerProtocol(Protocol):
 
     def _process(self) -> None:
         """Handle buffered input until a decision is pending or it runs out."""
+        try:
+            self._process_buffer()
+        finally:
+            if self._reading_paused and not self._busy and len(self._buffer) < PIPELINE_BUFFER // 2:
+                self._reading_paused = False
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _process_buffer(self) -> None:
         buf = self._buffer
         while buf and not self._busy and self.state not in (SessionState.CLOSING, SessionState.GREETING):
             if self.state is SessionState.DATA:
@@ -288,9 +303,6 @@ class SMTPServerProtocol(Protocol):
                 self._skip_long_line = False
                 continue
             self._line_received(line)
-        if self._reading_paused and len(buf) < PIPELINE_BUFFER // 2:
-            self._reading_paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _line_received(self, line: bytes) -> None:
         cmd, refusal = parse_command(line, self.config.limits.max_command_line)
@@ -340,6 +352,11 @@ class SMTPServerProtocol(Protocol):
         def done(reply: Reply) -> None:
             self._busy = False
             if self.state is SessionState.CLOSING:
+                if self._after_decision and self.session is not None:
+                    if self.txn is not None:
+                        self.txn.close()
+                        self.txn = None
+                    self.handler.on_disconnect(self.session)
                 return
             then(reply)
             if self.state is not SessionState.CLOSING:
@@ -541,6 +558,7 @@ class SMTPServerProtocol(Protocol):
                      DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG}[reader.error]
             self._reset_transaction(reader.error.value)
             self.state = SessionState.MAIL
+            self._set_timer(self.config.timeouts.command)
             self._send(reply)
             return
 
