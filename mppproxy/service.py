@@ -92,7 +92,7 @@ class ProxyService(MultiService):
             self.reactor.stop()
 
     def _listen(self, desc: str) -> None:
-        endpoint = serverFromString(self.reactor, desc)
+        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
         d = endpoint.listen(self.factory)
 
         def listening(port: Any) -> None:
@@ -197,6 +197,14 @@ class ProxyService(MultiService):
             self._ctx.pool.close_all()
         ds.append(defer.maybeDeferred(super().stopService))
         return defer.DeferredList(ds)
+
+
+def with_backlog(desc: str, backlog: int) -> str:
+    """Add ``backlog=`` to a tcp/tcp6 endpoint description that lacks one."""
+    kind = desc.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in desc:
+        return f"{desc}:backlog={backlog}"
+    return desc
 
 
 def _stop_with_error(reactor: Any) -> None:

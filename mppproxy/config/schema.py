@@ -197,6 +197,10 @@ class ProxyConfig:
     mode: str = field(default="all-in-one", metadata=_opt(_mode))
     data_dir: str = "./mppproxy-data"
     listen: tuple[str, ...] = field(default=("tcp:2525:interface=127.0.0.1",), metadata=_opt(_endpoints))
+    # listen(2) backlog for tcp/tcp6 endpoints that do not set their own
+    # "backlog=": Twisted's default of 50 makes the kernel drop connections
+    # when an MX is hit by 100 clients at once.
+    listen_backlog: int = field(default=1024, metadata=_opt(_at_least(1)))
     # Processes that share the listening sockets (both cores).
     workers: int = field(default=1, metadata=_opt(_at_least(1)))
     backend: Optional[BackendConfig] = None
