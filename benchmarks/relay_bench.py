@@ -47,7 +47,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SHARED_BENCH = os.environ.get("MPP_SHARED_BENCH", "/work/shared/bench")
+# shared/ lies beside the project checkout (../shared/bench from the repo root).
+SHARED_BENCH = os.environ.get(
+    "MPP_SHARED_BENCH",
+    os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench")))
 # writable copy of shared/bench/peers (npm ci needs to write node_modules);
 # laid out as PEERS_ROOT/peers/ because anchors.py finds it at HERE/peers
 PEERS_ROOT = os.path.join(HERE, ".peers")
