@@ -165,21 +165,23 @@ class LockstepRelay:
             "HELO": session.helo or "[UNAVAILABLE]",
         }
         if self.config.xclient and "XCLIENT" in conn.extensions:
-            offered = set(conn.extensions["XCLIENT"].upper().split())
-            words = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items() if k in offered)
-            reply = await conn.command(b"XCLIENT " + words.encode("ascii"), self.config.mail_timeout)
-            if reply.code != 220:
-                raise BackendError(_as_transient(reply), f"backend refused XCLIENT: {reply}")
+            await self._send_attributes(conn, "XCLIENT", attrs, 220)
             # XCLIENT restarts the backend's session: greet it again.
-            reply = await conn.command(b"EHLO " + self.pool.helo_name.encode("idna"), self.config.mail_timeout)
-            if reply.code != 250:
-                raise BackendError(_as_transient(reply), f"backend refused EHLO after XCLIENT: {reply}")
+            await self._expect_ok(conn, b"EHLO " + self.pool.helo_name.encode("idna"), 250, "EHLO after XCLIENT")
         elif self.config.xforward and "XFORWARD" in conn.extensions:
-            offered = set(conn.extensions["XFORWARD"].upper().split())
-            words = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items() if k in offered)
-            reply = await conn.command(b"XFORWARD " + words.encode("ascii"), self.config.mail_timeout)
-            if reply.code != 250:
-                raise BackendError(_as_transient(reply), f"backend refused XFORWARD: {reply}")
+            await self._send_attributes(conn, "XFORWARD", attrs, 250)
+
+    async def _send_attributes(self, conn: BackendProtocol, verb: str, attrs: dict[str, str],
+                               expected: int) -> None:
+        """Send the attributes the backend says it takes (its EHLO line)."""
+        offered = set(conn.extensions[verb].upper().split())
+        words = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items() if k in offered)
+        await self._expect_ok(conn, f"{verb} {words}".encode("ascii"), expected, verb)
+
+    async def _expect_ok(self, conn: BackendProtocol, line: bytes, expected: int, what: str) -> None:
+        reply = await conn.command(line, self.config.mail_timeout)
+        if reply.code != expected:
+            raise BackendError(_as_transient(reply), f"backend refused {what}: {reply}")
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
