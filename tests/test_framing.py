@@ -80,8 +80,23 @@ GOOD_CASES = [
     (b"a\r\n.\r\nMAIL FROM:<x@y.z>\r\nRCPT TO:<q@r.s>\r\n", b"a\r\n",
      b"MAIL FROM:<x@y.z>\r\nRCPT TO:<q@r.s>\r\n"),
     (b"Subject: x\r\n\r\nbody\r\n..\r\n.\r\n.\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b".\r\n"),
-    (b"\xff\x00\x7f\r\n.\r\n", b"\xff\x00\x7f\r\n", b""),
+    (b"\xff\x01\x7f\r\n.\r\n", b"\xff\x01\x7f\r\n", b""),
 ]
+
+
+class NulTests(SynchronousTestCase):
+    """NUL is not allowed in message content (RFC 5322 2.3)."""
+
+    def test_nul_refuses_the_message_but_reads_to_the_end(self) -> None:
+        """A NUL anywhere sets NUL, drops the content and still stops at the real CRLF.CRLF."""
+        for payload in (b"a\r\n\x00.\r\nb\r\n.\r\nQUIT\r\n", b"\x00\r\n.\r\nQUIT\r\n"):
+            out: list[bytes] = []
+            reader = DataReader(out.append, 10**6)
+            used = reader.feed(payload)
+            self.assertTrue(reader.done)
+            self.assertIs(reader.error, DataError.NUL)
+            self.assertEqual(payload[used:], b"QUIT\r\n")
+            self.assertEqual(b"".join(out), b"")
 
 
 class EndOfDataTests(SynchronousTestCase):
@@ -313,7 +328,7 @@ class SizeLimitTests(SynchronousTestCase):
 
 # --- properties ---------------------------------------------------------------
 
-_PIECES = st.sampled_from([b".", b"..", b"a", b" ", b"\x00", b"\xff", b"x" * 40, b"\t"])
+_PIECES = st.sampled_from([b".", b"..", b"a", b" ", b"\x01", b"\xff", b"x" * 40, b"\t"])
 _SHORT_LINE = st.lists(_PIECES, max_size=12).map(b"".join).map(lambda b: b[:997])
 # 997 octets: the longest line that stays within 1000 octets once stuffed.
 _LONG_LINE = st.sampled_from([b"z" * 997, b"." + b"z" * 996, b"." * 997])

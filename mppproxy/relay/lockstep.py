@@ -68,18 +68,21 @@ class LockstepRelay:
         # A pooled connection may have been closed by the backend while idle;
         # then one fresh connection is tried before the client hears a 4xx.
         for attempt in (1, 2):
+            # Only a connection that is not brand new may be stale.
+            may_retry = attempt == 1 and self._conn is not None and not self._conn.closed
             try:
                 conn = await self._connection()
+                may_retry = may_retry or (attempt == 1 and self._reused)
                 await self._announce_client(conn, session)
                 reply = await conn.command(line, self.config.mail_timeout)
-                if reply.code == 421 and self._reused and attempt == 1:
-                    # The backend closed this idle connection (e.g. its own
+                if reply.code == 421 and may_retry:
+                    # The backend is closing this idle connection (its own
                     # idle timeout): try a fresh one before blaming it.
                     self._drop()
                     continue
             except BackendError as e:
                 self._drop()
-                if attempt == 1 and self._reused:
+                if may_retry:
                     continue
                 log.warn("backend failed at MAIL: {detail}", detail=e.detail, session_id=session.id)
                 return e.reply
@@ -124,8 +127,11 @@ class LockstepRelay:
             self._drop()
             return _as_transient(reply)
         # A final reply to the content ends the backend's transaction; a
-        # refused DATA command leaves it open until RSET.
+        # refused DATA command leaves it open, so it is reset now (queued
+        # before the client's next MAIL).
         self._dirty = not sent
+        if not sent:
+            self.reset()
         return reply
 
     def reset(self) -> None:
@@ -186,5 +192,6 @@ class LockstepRelay:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         self._dirty = False
+        self._reused = False
         if conn is not None:
             conn.abort()

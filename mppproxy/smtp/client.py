@@ -9,6 +9,7 @@ wait has a timeout from RFC 5321 4.5.3.2; a lost connection, a timeout or a
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -54,6 +55,10 @@ class BackendProtocol(Protocol):
         self._paused: Optional[Deferred[None]] = None
         self._connected: Deferred[None] = Deferred()
         self.closed = False
+        self._queue: deque[tuple[bytes, float, Deferred[Reply]]] = deque()
+        # True from 354 to the final reply: nothing queued may be written
+        # into the message.
+        self._in_body = False
         self.extensions: dict[str, str] = {}
         self.greeting: Optional[Reply] = None
         self.tls = False
@@ -97,6 +102,7 @@ class BackendProtocol(Protocol):
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.errback(BackendError(replies.BACKEND_LOST, "backend closed the connection"))
+        self._send_next()  # fails what is still queued
 
     # IPushProducer: the transport tells us when its write buffer is full, so
     # a large message is read from the spool only as fast as the backend takes it.
@@ -124,6 +130,7 @@ class BackendProtocol(Protocol):
         self._cancel_timer()
         d, self._waiting = self._waiting, None
         d.callback(reply)
+        self._send_next()
 
     def _fail(self, error: BackendError) -> None:
         log.warn("backend protocol error: {detail}", detail=error.detail)
@@ -153,11 +160,24 @@ class BackendProtocol(Protocol):
         return self._waiting
 
     def command(self, line: bytes, timeout: float) -> Deferred[Reply]:
+        """Send one command and return its reply.  Commands issued while
+        another is in flight (an RSET sent without waiting, then the next
+        MAIL) are queued and sent in order, one at a time (lockstep)."""
         if self.closed:
             return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
-        d = self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace"))
-        self.transport.write(line + b"\r\n")
+        d: Deferred[Reply] = Deferred()
+        self._queue.append((line, timeout, d))
+        self._send_next()
         return d
+
+    def _send_next(self) -> None:
+        while self._queue and self._waiting is None and not self._in_body:
+            line, timeout, d = self._queue.popleft()
+            if self.closed:
+                d.errback(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
+                continue
+            self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace")).chainDeferred(d)
+            self.transport.write(line + b"\r\n")
 
     async def send_message(self, chunks: Any, config: BackendConfig) -> tuple[Reply, bool]:
         """DATA, the dot-stuffed content, and the final reply, and whether the
@@ -166,6 +186,14 @@ class BackendProtocol(Protocol):
         reply = await self.command(b"DATA", config.data_init_timeout)
         if reply.code != 354:
             return reply, False
+        self._in_body = True
+        try:
+            return await self._send_body(chunks, config), True
+        finally:
+            self._in_body = False
+            self._send_next()
+
+    async def _send_body(self, chunks: Any, config: BackendConfig) -> Reply:
         at_line_start = True
         carry = b""
         last = b"\r\n"
@@ -193,7 +221,7 @@ class BackendProtocol(Protocol):
             last = out[-2:]
         # A message always ends in CRLF before the dot (RFC 5321 4.1.1.4).
         self.transport.write(b".\r\n" if last == b"\r\n" else b"\r\n.\r\n")
-        return await self.expect(config.data_done_timeout, "end of data"), True
+        return await self.expect(config.data_done_timeout, "end of data")
 
     async def _wait_resume(self, timeout: float) -> None:
         paused = self._paused

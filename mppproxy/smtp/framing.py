@@ -34,6 +34,7 @@ class DataError(enum.Enum):
     BARE_NEWLINE = "bare CR or LF in data"
     LINE_TOO_LONG = "text line too long"
     TOO_BIG = "message too big"
+    NUL = "NUL in data"
 
 
 class DataReader:
@@ -109,6 +110,10 @@ class DataReader:
                 return
         unstuffed = body[1:] if at_line_start and body[:1] == b"." else body
         unstuffed = unstuffed.replace(b"\r\n.", b"\r\n")
+        if b"\x00" in body and self.error is None:
+            # RFC 5322 2.3 and RFC 6152 3 forbid NUL in a message; an MTA that
+            # strips it would read "CRLF NUL . CRLF" as the end of data.
+            self.error = DataError.NUL
         self.size += len(unstuffed)
         if self.size > self._max_size and self.error is None:
             self.error = DataError.TOO_BIG

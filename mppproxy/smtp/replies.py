@@ -134,6 +134,8 @@ BAD_BODY_PARAMETER = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
 BARE_NEWLINE_DATA = Reply(550, "5.5.2", "Message refused: bare CR or LF in message data (RFC 5321 2.3.8)")
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
 DATA_LINE_TOO_LONG = Reply(550, "5.5.2", "Message refused: text line longer than 1000 octets (RFC 5321 4.5.3.1.6)")
+# RFC 5322 2.3 / RFC 6152 3: no NUL in message content (RFC 3463 5.6.0).
+NUL_IN_DATA = Reply(550, "5.6.0", "Message refused: NUL character in message data")
 # RFC 1870 section 6.3 / RFC 3463 5.3.4: message too big for system.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 # RFC 5321 4.5.3.1.8 (at least 100 recipients must be accepted; past our limit

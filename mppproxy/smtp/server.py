@@ -555,7 +555,8 @@ class SMTPServerProtocol(Protocol):
             return
         if reader.error is not None:
             reply = {DataError.TOO_BIG: replies.MESSAGE_TOO_BIG,
-                     DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG}[reader.error]
+                     DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
+                     DataError.NUL: replies.NUL_IN_DATA}[reader.error]
             self._reset_transaction(reader.error.value)
             self.state = SessionState.MAIL
             self._set_timer(self.config.timeouts.command)
