@@ -155,6 +155,13 @@ class RelayTests(RelayCase):
         self.assertNotIn("data", out)
         self.assertEqual(fake.messages, [])
 
+    async def test_backend_reply_without_enhanced_code_gets_one(self) -> None:
+        """A backend reply without an enhanced code reaches the client with the
+        generic one of its class, since the proxy announced ENHANCEDSTATUSCODES."""
+        fake, proxy = self.start(FakeBackend(replies={"RCPT": "550 no such user here"}))
+        out = await self.in_thread(send_one, proxy.port)
+        self.assertEqual(out["rcpt"], [(550, b"5.0.0 no such user here")])
+
     async def test_backend_multiline_reply_reaches_client(self) -> None:
         """A multi-line backend reply reaches the client with every line."""
         fake, proxy = self.start(FakeBackend(replies={

@@ -18,7 +18,7 @@ from mppproxy.message import OutboundMessage
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp.address import Address
 from mppproxy.smtp.client import BackendError, BackendProtocol, _as_transient
-from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.replies import Reply, ensure_enhanced
 from mppproxy.smtp.session import Session, Transaction
 
 log = Logger()
@@ -91,7 +91,7 @@ class LockstepRelay:
             self._drop()
             return _as_transient(reply)
         self._dirty = reply.is_positive
-        return reply
+        return ensure_enhanced(reply)
 
     async def rcpt(self, session: Session, txn: Transaction, rcpt: Address,
                    params: dict[str, Optional[str]]) -> Reply:
@@ -108,7 +108,7 @@ class LockstepRelay:
         if reply.code == 421:
             self._drop()
             return _as_transient(reply)
-        return reply
+        return ensure_enhanced(reply)
 
     async def data(self, session: Session, txn: Transaction, message: OutboundMessage) -> Reply:
         conn = self._conn
@@ -132,7 +132,7 @@ class LockstepRelay:
         self._dirty = not sent
         if not sent:
             self.reset()
-        return reply
+        return ensure_enhanced(reply)
 
     def reset(self) -> None:
         """The client's transaction ended without a message (RSET, refused

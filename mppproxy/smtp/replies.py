@@ -62,6 +62,15 @@ class Reply:
         return " ".join(p for p in (str(self.code), self.enhanced, self.text.replace("\n", " / ")) if p)
 
 
+def ensure_enhanced(reply: Reply) -> Reply:
+    """Give a backend reply without an enhanced code the generic one of its
+    class: we announce ENHANCEDSTATUSCODES, so every reply after EHLO must
+    carry one (RFC 2034 section 4; X.0.0 per RFC 3463 section 3.1)."""
+    if reply.enhanced or reply.code < 200 or reply.code == 354:
+        return reply
+    return Reply(reply.code, f"{reply.code // 100}.0.0", reply.text)
+
+
 def parse_reply_lines(lines: list[bytes]) -> Reply:
     """Build a Reply from the raw lines of a (possibly multi-line) reply from
     another server, keeping its enhanced code if each line carries one."""
