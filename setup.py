@@ -20,6 +20,8 @@ setup(
         "service_identity>=21.1",
         "cryptography>=41",
         "dnspython>=2.4",
+        # IDNA 2008 for comparing internationalised relay domains
+        "idna>=3.4",
         "sqlalchemy>=2.0",
         "pymysql>=1.1",
         "jinja2>=3.1",
