@@ -748,7 +748,7 @@ class ClientAnnouncementTests(RelayCase):
 
     async def test_xclient_sent_then_ehlo_again(self) -> None:
         """With backend.xclient and a backend offering XCLIENT, the proxy sends
-        XCLIENT, greets again with EHLO, then MAIL."""
+        XCLIENT, greets again with EHLO in the client's own name, then MAIL."""
         fake, proxy = self.start(FakeBackend(extensions=DEFAULT_X + ("XCLIENT NAME ADDR PORT PROTO HELO",)),
                                  backend={"xclient": True})
         out = await self.in_thread(send_one, proxy.port)
@@ -757,6 +757,6 @@ class ClientAnnouncementTests(RelayCase):
         i = next(i for i, c in enumerate(cmds) if c.startswith(b"XCLIENT "))
         self.assertRegex(cmds[i], rb"^XCLIENT NAME=\[UNAVAILABLE\] ADDR=127\.0\.0\.1 PORT=\d+ "
                                   rb"PROTO=ESMTP HELO=client\.test$")
-        self.assertEqual(cmds[i + 1], b"EHLO proxy.test")
+        self.assertEqual(cmds[i + 1], b"EHLO client.test")
         self.assertTrue(cmds[i + 2].startswith(b"MAIL FROM:"))
 

@@ -172,8 +172,11 @@ class LockstepRelay:
         }
         if self.config.xclient and "XCLIENT" in conn.extensions:
             await self._send_attributes(conn, "XCLIENT", attrs, 220)
-            # XCLIENT restarts the backend's session: greet it again.
-            await self._expect_ok(conn, b"EHLO " + self.pool.helo_name.encode("idna"), 250, "EHLO after XCLIENT")
+            # XCLIENT restarts the backend's session: greet it again, with the
+            # client's own HELO name, which a new EHLO would otherwise replace
+            # (Postfix XCLIENT_README).
+            helo = session.helo or self.pool.helo_name
+            await self._expect_ok(conn, b"EHLO " + helo.encode("utf-8", "replace"), 250, "EHLO after XCLIENT")
         elif self.config.xforward and "XFORWARD" in conn.extensions:
             await self._send_attributes(conn, "XFORWARD", attrs, 250)
 
