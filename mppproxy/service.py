@@ -80,8 +80,7 @@ class ProxyService(MultiService):
                 self._spawn_workers()
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
-        log.info("mppproxy {mode} ready: listening on {listen}, {target}",
-                 mode=self.config.mode, listen=", ".join(self.config.listen),
+        log.info("mppproxy {mode} starting, {target}", mode=self.config.mode,
                  target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
                          if self.config.backend else
                          f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
@@ -97,6 +96,7 @@ class ProxyService(MultiService):
 
         def listening(port: Any) -> None:
             self.ports[desc] = port
+            log.info("listening on {endpoint}", endpoint=desc)
 
         def failed(f: Any) -> None:
             log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
