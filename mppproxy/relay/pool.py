@@ -30,6 +30,8 @@ class BackendPool:
         self.extensions: Optional[dict[str, str]] = None
         self.opened = 0
         self.reused = 0
+        # Set by close_all (service stop, reload): nothing is parked after it.
+        self.closed = False
 
     async def acquire(self) -> tuple[BackendProtocol, bool]:
         """A ready connection, and whether it was reused (a reused one may
@@ -52,7 +54,7 @@ class BackendPool:
         so it is reset first (RFC 5321 4.1.1.5)."""
         if proto.closed:
             return
-        if len(self._idle) >= self.config.pool_size:
+        if self.closed or len(self._idle) >= self.config.pool_size:
             proto.close()
             return
         if dirty:
@@ -75,6 +77,9 @@ class BackendPool:
     def _park(self, proto: BackendProtocol) -> None:
         if proto.closed:
             return
+        if self.closed:
+            proto.close()
+            return
         timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, proto)
         self._idle.append((proto, timer))
 
@@ -83,6 +88,7 @@ class BackendPool:
         proto.close()
 
     def close_all(self) -> None:
+        self.closed = True
         for proto, timer in self._idle:
             if timer.active():
                 timer.cancel()

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mppproxy._wire import send_now
 from mppproxy.config.schema import BackendConfig
 from mppproxy.smtp import replies
 from mppproxy.smtp.framing import dot_stuff
@@ -177,7 +178,7 @@ class BackendProtocol(Protocol):
                 d.errback(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
                 continue
             self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace")).chainDeferred(d)
-            self.transport.write(line + b"\r\n")
+            send_now(self.transport, line + b"\r\n")
 
     async def send_message(self, chunks: Any, config: BackendConfig) -> tuple[Reply, bool]:
         """DATA, the dot-stuffed content, and the final reply, and whether the
@@ -210,17 +211,18 @@ class BackendProtocol(Protocol):
             out = dot_stuff(data[:cut], at_line_start)
             at_line_start = data[cut - 2:cut] == b"\r\n"
             last = out[-2:]
-            self.transport.write(out)
+            send_now(self.transport, out)
             if self._paused is not None:
                 await self._wait_resume(config.data_block_timeout)
             if self.closed:
                 raise BackendError(replies.BACKEND_LOST, "backend closed the connection during DATA")
+        final = b""
         if carry:
-            out = dot_stuff(carry, at_line_start)
-            self.transport.write(out)
-            last = out[-2:]
+            final = dot_stuff(carry, at_line_start)
+            last = final[-2:]
         # A message always ends in CRLF before the dot (RFC 5321 4.1.1.4).
-        self.transport.write(b".\r\n" if last == b"\r\n" else b"\r\n.\r\n")
+        final += b".\r\n" if last == b"\r\n" else b"\r\n.\r\n"
+        send_now(self.transport, final)
         return await self.expect(config.data_done_timeout, "end of data")
 
     async def _wait_resume(self, timeout: float) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mppproxy._wire import send_now
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
@@ -196,7 +197,7 @@ class SMTPServerProtocol(Protocol):
         log.info("refused connection from {client}: {reason}", client=self.session.peer_host,
                  reason=reason, session_id=self.session.id)
         self.state = SessionState.CLOSING
-        self.transport.write(reply.to_bytes())
+        send_now(self.transport, reply.to_bytes())
         self.transport.loseConnection()
 
     def _greet(self) -> None:
@@ -321,7 +322,7 @@ class SMTPServerProtocol(Protocol):
     def _send(self, reply: Reply) -> None:
         if self.state is SessionState.CLOSING:
             return
-        self.transport.write(reply.to_bytes())
+        send_now(self.transport, reply.to_bytes())
         if reply.code >= 400 and reply.code != 421 and self.session is not None:
             self.session.errors += 1
             if self.session.errors >= self.config.limits.max_errors:
@@ -330,7 +331,7 @@ class SMTPServerProtocol(Protocol):
     def _close_with(self, reply: Reply) -> None:
         if self.state is SessionState.CLOSING:
             return
-        self.transport.write(reply.to_bytes())
+        send_now(self.transport, reply.to_bytes())
         self.state = SessionState.CLOSING
         self._cancel_timer()
         self.transport.loseConnection()

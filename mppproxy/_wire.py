@@ -1,0 +1,33 @@
+"""Write to a TCP transport at once when nothing is queued before it.
+
+Twisted's ``transport.write`` always buffers and registers the socket for
+writability, then sends on the next reactor turn and unregisters: two
+``epoll_ctl`` calls and a loop iteration per write.  SMTP is a dialogue of
+small replies, so that was a quarter of the proxy's CPU per message (py-spy,
+1 KiB messages).  When the transport's buffer is empty we call its own
+``writeSomeData`` (the same send Twisted would do) and hand only what the
+kernel did not take to ``transport.write``, so ordering is unchanged.
+
+Anything that is not a plain, connected, idle TCP transport (TLS after
+STARTTLS, test transports, a closing connection) takes the ordinary path.
+This reads FileDescriptor's buffer attributes, which Twisted has kept since
+long before our minimum version; tests/test_wire.py checks both paths.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    if (getattr(transport, "TLS", True) is False
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)

@@ -1,0 +1,64 @@
+"""send_now: immediate writes on idle TCP transports, ordinary writes otherwise."""
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from mppproxy._wire import send_now
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self, expected: int, done: defer.Deferred) -> None:
+        self.data = bytearray()
+        self.expected = expected
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.expected and len(self.data) >= self.expected and not self.done.called:
+            self.done.callback(bytes(self.data))
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.done.called:
+            self.done.callback(bytes(self.data))
+
+
+class SendNowTests(unittest.TestCase):
+    timeout = 30
+
+    def test_other_transports_use_write(self) -> None:
+        """A transport that is not plain TCP (here a StringTransport) gets an ordinary write."""
+        t = StringTransport()
+        send_now(t, b"250 OK\r\n")
+        self.assertEqual(t.value(), b"250 OK\r\n")
+
+    async def test_order_is_kept_when_the_kernel_buffer_fills(self) -> None:
+        """Writes larger than the socket buffer, mixed with small ones, arrive whole and in order."""
+        pieces = [bytes([65 + i % 26]) * (1 << (i % 21)) for i in range(60)]
+        expected = b"".join(pieces)
+        done: defer.Deferred = defer.Deferred()
+        server_factory = protocol.Factory.forProtocol(lambda: _Collect(len(expected), done))
+        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+            "127.0.0.1", port.getHost().port)
+        self.addCleanup(client.transport.loseConnection)
+        for p in pieces:
+            send_now(client.transport, p)
+        received = await done
+        self.assertEqual(received, expected)
+
+    async def test_nothing_is_written_after_close(self) -> None:
+        """After loseConnection a write is dropped quietly, as transport.write does."""
+        done: defer.Deferred = defer.Deferred()
+        # expected=0: the result is everything received until the close.
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: _Collect(0, done)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+            "127.0.0.1", port.getHost().port)
+        send_now(client.transport, b"x")
+        client.transport.loseConnection()
+        send_now(client.transport, b"after close")
+        self.assertEqual(await done, b"x")
