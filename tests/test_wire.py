@@ -48,17 +48,3 @@ class SendNowTests(unittest.TestCase):
             send_now(client.transport, p)
         received = await done
         self.assertEqual(received, expected)
-
-    async def test_nothing_is_written_after_close(self) -> None:
-        """After loseConnection a write is dropped quietly, as transport.write does."""
-        done: defer.Deferred = defer.Deferred()
-        # expected=0: the result is everything received until the close.
-        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: _Collect(0, done)),
-                                 interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
-            "127.0.0.1", port.getHost().port)
-        send_now(client.transport, b"x")
-        client.transport.loseConnection()
-        send_now(client.transport, b"after close")
-        self.assertEqual(await done, b"x")
