@@ -87,15 +87,30 @@ class SessionGateway:
     def on_connect(self, session: Session) -> Optional[Reply]:
         return None
 
-    async def capabilities(self, session: Session) -> Capabilities:
-        limit = self.ctx.config.limits.max_message_size
+    def known_capabilities(self, session: Session) -> Optional[Capabilities]:
+        """Capabilities without waiting, when the backend's EHLO is known."""
         if self.relay is None:
+            limit = self.ctx.config.limits.max_message_size
             return Capabilities(size=limit, eightbitmime=True, smtputf8=True, dsn=False)
+        exts = self.ctx.pool.extensions if self.ctx.pool is not None else None
+        return None if exts is None else self._from_backend(exts)
+
+    async def capabilities(self, session: Session) -> Capabilities:
+        known = self.known_capabilities(session)
+        if known is not None:
+            return known
+        assert self.relay is not None
         exts = await self.relay.extensions()
         if exts is None:
             # Backend unknown right now: promise nothing it may lack; MAIL
             # will find out and answer 4xx.
-            return Capabilities(size=limit, eightbitmime=False, smtputf8=False, dsn=False)
+            return Capabilities(size=self.ctx.config.limits.max_message_size,
+                                eightbitmime=False, smtputf8=False, dsn=False)
+        return self._from_backend(exts)
+
+    def _from_backend(self, exts: dict[str, str]) -> Capabilities:
+        """Announce only what the backend announced too; SIZE the smaller."""
+        limit = self.ctx.config.limits.max_message_size
         size_text = exts.get("SIZE", "")
         if size_text.isdigit() and int(size_text) > 0:
             limit = min(limit, int(size_text))

@@ -7,6 +7,7 @@ carry scan state to the archive node, so none may arrive from the internet.
 from __future__ import annotations
 
 import email.utils
+import time
 from typing import Iterator, Optional
 
 from mppproxy.smtp.session import Session, Transaction
@@ -22,6 +23,18 @@ class HeaderBlockTooLarge(Exception):
     pass
 
 
+_date_cache: list = [0, ""]
+
+
+def _date_now() -> str:
+    """RFC 5322 date of this second; formatting it per message showed in
+    profiles, and a second is the field's resolution anyway."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, localtime=True)
+    return _date_cache[1]
+
+
 def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:
     """RFC 5321 4.4 trace field.  The client's HELO is its own claim and is
     shown as such; the address is what we saw."""
@@ -32,7 +45,7 @@ def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:
     if txn.smtputf8:
         proto = "UTF8" + proto  # RFC 6531 3.7.3
     for_clause = f"\r\n\tfor <{txn.recipients[0].text}>" if len(txn.recipients) == 1 else ""
-    date = email.utils.formatdate(localtime=True)
+    date = _date_now()
     text = (f"Received: from {helo} ([{session.peer_host}])\r\n"
             f"\tby {hostname} (mppproxy) with {proto} id {txn.id}{for_clause};\r\n"
             f"\t{date}\r\n")

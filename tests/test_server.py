@@ -92,6 +92,11 @@ class RecordingHandler:
         self.sessions.append(session)
         return self.connect_reply
 
+    def known_capabilities(self, session: Session) -> Optional[Capabilities]:
+        # None: every EHLO takes the asynchronous path, which these tests
+        # exercise (the gateway tests cover the synchronous one).
+        return None
+
     async def capabilities(self, session: Session) -> Capabilities:
         self.calls.append("capabilities")
         if self.raise_in == "capabilities":

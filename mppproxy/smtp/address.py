@@ -20,6 +20,7 @@ _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 # esmtp-value: any CHAR except "=", SP and control characters.
 _VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
 _DOMAIN_LABEL = re.compile(r"^[A-Za-z0-9\x80-\U0010ffff]([A-Za-z0-9\x80-\U0010ffff-]*[A-Za-z0-9\x80-\U0010ffff])?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5321 4.1.2 atext for a Dot-string local part (plus UTF-8, RFC 6531).
 _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+$")
 
@@ -108,7 +109,7 @@ def parse_path(path: str, allow_null: bool) -> Address:
         inner = path[1:-1]
     else:
         inner = path
-    if any(ord(c) < 32 or ord(c) == 127 for c in inner):
+    if _CONTROL.search(inner):
         raise AddressError("control character in address")
     if inner == "":
         if allow_null:

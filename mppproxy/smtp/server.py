@@ -71,6 +71,7 @@ class SessionHandler(TypingProtocol):
     """What the state machine asks; implemented by ``mppproxy.gateway``."""
 
     def on_connect(self, session: Session) -> Optional[Reply]: ...
+    def known_capabilities(self, session: Session) -> Optional[Capabilities]: ...
     async def capabilities(self, session: Session) -> Capabilities: ...
     async def on_mail(self, session: Session, txn: Transaction) -> Reply: ...
     async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
@@ -397,15 +398,22 @@ class SMTPServerProtocol(Protocol):
             self._send(Reply(250, "", f"{self._hostname} Hello {cmd.arg}"))
             return
 
-        async def ask() -> Reply:
-            assert self.session is not None
-            self._caps = await self.handler.capabilities(self.session)
-            return Reply(250, "", "\n".join(self._ehlo_lines(cmd.arg, self._caps)))
-
         def answer(reply: Reply) -> None:
             if reply.code == 250:
                 self.state = SessionState.MAIL
             self._send(reply)
+
+        known = self.handler.known_capabilities(self.session)
+        if known is not None:
+            # The common case: no need to wait for anything.
+            self._caps = known
+            answer(Reply(250, "", "\n".join(self._ehlo_lines(cmd.arg, known))))
+            return
+
+        async def ask() -> Reply:
+            assert self.session is not None
+            self._caps = await self.handler.capabilities(self.session)
+            return Reply(250, "", "\n".join(self._ehlo_lines(cmd.arg, self._caps)))
 
         self._await(ask(), answer)
 
