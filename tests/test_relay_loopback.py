@@ -602,6 +602,28 @@ class ConnectionReuseTests(RelayCase):
         self.assertLess(verbs.index("RSET"), len(verbs) - 1 - verbs[::-1].index("MAIL"))
         self.assertEqual(len(fake.connections), 1)
 
+    async def test_client_gone_while_mail_pending_leaves_clean_connection(self) -> None:
+        """A client that disconnects while its MAIL is still at the backend does
+        not leave that transaction open for the next session on the connection."""
+        fake, proxy = self.start(FakeBackend(delays={"MAIL": 0.5}))
+
+        def vanish() -> None:
+            c = RawClient(proxy.port)
+            c.reply()
+            c.expect(b"EHLO client.test", 250)
+            c.send(b"MAIL FROM:<gone@client.test>\r\n")
+            c.close()
+
+        await self.in_thread(vanish)
+        await fake.wait_until(lambda: "MAIL" in fake.verbs(), 5.0, "first MAIL at the backend")
+        fake.delays.clear()
+        out = await self.in_thread(send_one, proxy.port, MESSAGE, "second@client.test",
+                                   ("second@example.com",))
+        self.assertEqual(out["mail"][0], 250, out)
+        self.assertEqual(out["data"][0], 250, out)
+        [msg] = fake.messages
+        self.assertEqual((msg.sender, msg.recipients), (b"second@client.test", [b"second@example.com"]))
+
     async def test_connection_with_pending_rset_not_handed_out(self) -> None:
         """A backend connection whose RSET is still unanswered is not used for the
         next session's MAIL: the next session is relayed with its own envelope."""

@@ -155,6 +155,7 @@ class SMTPServerProtocol(Protocol):
         # The client left while the end-of-DATA decision was pending: the
         # handler still reads the spool, so the cleanup waits for it.
         self._after_decision = False
+        self._decided_in = SessionState.CLOSING
         self._hostname = hostname
 
     # -- connection ---------------------------------------------------------
@@ -218,13 +219,24 @@ class SMTPServerProtocol(Protocol):
             self._counted = False
         if self.session is None:
             return
-        if self.txn is not None and self._busy and previous is SessionState.DATA:
-            # on_data_end is still reading the spool: finish it first.
+        if self._busy:
+            # A decision is still pending (the backend has a command in
+            # flight, or on_data_end still reads the spool): the handler is
+            # told the session ended only after it, so a backend connection
+            # with a command in flight is never given back to the pool.
             self._after_decision = True
+            self._decided_in = previous
             return
+        self._end_session(previous)
+
+    def _end_session(self, previous: SessionState) -> None:
+        assert self.session is not None
         if self.txn is not None:
-            why = "client disconnected during DATA" if previous is SessionState.DATA else "client disconnected"
-            self.handler.on_reset(self.session, self.txn, why)
+            if previous is not SessionState.DATA or not self._after_decision:
+                why = ("client disconnected during DATA" if previous is SessionState.DATA
+                       else "client disconnected")
+                self.handler.on_reset(self.session, self.txn, why)
+            # else: on_data_end finished the transaction and logged it.
             self.txn.close()
             self.txn = None
         self.handler.on_disconnect(self.session)
@@ -355,10 +367,7 @@ class SMTPServerProtocol(Protocol):
             self._busy = False
             if self.state is SessionState.CLOSING:
                 if self._after_decision and self.session is not None:
-                    if self.txn is not None:
-                        self.txn.close()
-                        self.txn = None
-                    self.handler.on_disconnect(self.session)
+                    self._end_session(self._decided_in)
                 return
             then(reply)
             if self.state is not SessionState.CLOSING:
