@@ -83,7 +83,9 @@ class BackendProtocol(Protocol):
                 return
             line = bytes(self._buf[:end]).rstrip(b"\r")
             del self._buf[:end + 1]
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+            # RFC 5321 4.2: a reply is a code 2yz-5yz, then SP, "-" or CRLF.
+            if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
+                    or line[3:4] not in (b"", b" ", b"-")):
                 self._fail(BackendError(replies.BACKEND_LOST, f"backend sent garbage: {line[:80]!r}"))
                 return
             self._lines.append(line)
