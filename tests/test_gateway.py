@@ -435,9 +435,28 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual(expanded, os.path.join(elsewhere, "example.com", "bob"))
 
     def test_idna_and_utf8(self) -> None:
-        """A UTF-8 domain is stored under its A-label; non-ASCII in the user becomes ``_``."""
+        """A UTF-8 domain is stored under its A-label; non-ASCII in the user becomes ``_`` and hex."""
         expanded = maildir.expand_path("%D%/%U%", parse_path("<jürgen@bücher.example>", False), self.root)
-        self.assertEqual(expanded, os.path.join(self.root, "xn--bcher-kva.example", "j_rgen"))
+        self.assertEqual(expanded, os.path.join(self.root, "xn--bcher-kva.example", "j_C3_BCrgen"))
+
+    def test_distinct_addresses_get_distinct_maildirs(self) -> None:
+        """Addresses that differ only in characters that need escaping never share a Maildir."""
+        paths = {maildir.expand_path("%D%/%U%", parse_path(f"<{local}@example.com>", False), self.root)
+                 for local in ('"a/b"', '"a b"', "a_b", "a%b", "a.b", '".ab"', "_2Eab")}
+        self.assertEqual(len(paths), 7, paths)
+
+    def test_partial_failure_delivers_nothing(self) -> None:
+        """When one recipient's copy cannot be written, no recipient gets a copy (no duplicates on retry)."""
+        os.makedirs(os.path.join(self.root, "maildir", "example.com"), exist_ok=True)
+        # A file where bob's Maildir directory should be: writing his copy fails.
+        open(os.path.join(self.root, "maildir", "example.com", "bob"), "w").close()
+        rcpts = [parse_path("<alice@example.com>", False), parse_path("<bob@example.com>", False)]
+        with self.assertRaises(OSError):
+            maildir.deliver(lambda: iter([b"Subject: x\r\n\r\nbody\r\n"]), parse_path("<s@x.test>", True),
+                            rcpts, "maildir/%D%/%U%", self.root)
+        alice = os.path.join(self.root, "maildir", "example.com", "alice")
+        self.assertEqual(os.listdir(os.path.join(alice, "new")), [])
+        self.assertEqual(os.listdir(os.path.join(alice, "tmp")), [])
 
     def test_postmaster_without_domain(self) -> None:
         """Postmaster without a domain is stored under ``localhost``."""

@@ -17,18 +17,26 @@ from typing import Iterable, Iterator
 
 from mppproxy.smtp.address import Address, normalise_domain
 
-_SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _counter_lock = threading.Lock()
 _counter = 0
 
 
 def _safe_part(text: str) -> str:
     """A path component from client-chosen text: no separators, no dot
-    files, nothing that climbs out of the maildir root."""
+    files, nothing that climbs out of the maildir root, and no two
+    addresses on one path (any other character is written as _XX hex,
+    "_" itself included, so the mapping is one-to-one)."""
     text = text.strip('"')
-    text = _SAFE.sub("_", text)
-    text = text.lstrip(".")
-    return text or "_"
+    out = []
+    for ch in text:
+        if ch.isascii() and (ch.isalnum() or ch in ".+=-"):
+            out.append(ch)
+        else:
+            out.append("".join(f"_{b:02X}" for b in ch.encode("utf-8")))
+    safe = "".join(out)
+    if safe.startswith("."):
+        safe = "_2E" + safe[1:]
+    return safe or "_"
 
 
 def expand_path(template: str, rcpt: Address, data_dir: str) -> str:
@@ -89,16 +97,20 @@ def _to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def deliver(chunks_factory, sender: Address, recipients: list[Address],
             template: str, data_dir: str) -> list[str]:
     """Write one copy per recipient; return the final paths.  Runs in a
-    thread.  Any OSError propagates and the client gets a 4xx."""
-    done = []
-    for rcpt in recipients:
-        root = expand_path(template, rcpt, data_dir)
-        _ensure_maildir(root)
-        name = _unique_name()
-        tmp_path = os.path.join(root, "tmp", name)
-        new_path = os.path.join(root, "new", name)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+    thread.  Any OSError propagates and the client gets a 4xx.
+
+    Every copy is written and fsync'ed in tmp/ before any is moved into
+    new/, so a failure for one recipient leaves no copy for the others and
+    the client's retry cannot duplicate them (DESIGN.md promise 1)."""
+    staged: list[tuple[str, str, str]] = []
+    try:
+        for rcpt in recipients:
+            root = expand_path(template, rcpt, data_dir)
+            _ensure_maildir(root)
+            name = _unique_name()
+            tmp_path = os.path.join(root, "tmp", name)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            staged.append((tmp_path, os.path.join(root, "new", name), root))
             with os.fdopen(fd, "wb") as f:
                 # RFC 5321 4.4: the final delivery adds Return-Path.
                 f.write(f"Return-Path: <{sender.text}>\nDelivered-To: {rcpt.text}\n".encode("utf-8"))
@@ -106,13 +118,17 @@ def deliver(chunks_factory, sender: Address, recipients: list[Address],
                     f.write(block)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp_path, new_path)
-            _fsync_dir(os.path.join(root, "new"))
-        except BaseException:
+    except BaseException:
+        for tmp_path, _, _ in staged:
             try:
                 os.unlink(tmp_path)
             except OSError:
                 pass
-            raise
+        raise
+    done = []
+    for tmp_path, new_path, root in staged:
+        # rename(2) within one directory tree does not fail for lack of space.
+        os.rename(tmp_path, new_path)
+        _fsync_dir(os.path.join(root, "new"))
         done.append(new_path)
     return done
