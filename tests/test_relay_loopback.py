@@ -482,6 +482,18 @@ class MoreBackendFailureTests(RelayCase):
         [msg] = fake.messages
         self.assertEqual((msg.sender, msg.recipients), (b"second@client.test", [b"second@example.com"]))
 
+    async def test_out_of_protocol_codes_are_4xx(self) -> None:
+        """A 2xx to DATA, a 354 after the dot or a 3xx to MAIL never reaches the
+        client as success: it gets 451 4.5.0 and keeps its message."""
+        for replies, step in (({"DATA": "250 2.0.0 sure"}, "data"),
+                              ({"EOM": "354 huh"}, "data"),
+                              ({"MAIL": "354 what"}, "mail")):
+            fake, proxy = self.start(FakeBackend(replies=replies))
+            out = await self.in_thread(send_one, proxy.port)
+            got = out[step] if step == "data" else out["mail"]
+            self.assertEqual(got[0], 451, (replies, out))
+            self.assertTrue(got[1].startswith(b"4.5.0 "), out)
+
     async def test_backend_garbage_reply_is_4xx(self) -> None:
         """A backend answering RCPT with something that is not an SMTP reply gives
         the client 451, and its connection is closed."""

@@ -87,11 +87,8 @@ class LockstepRelay:
                 log.warn("backend failed at MAIL: {detail}", detail=e.detail, session_id=session.id)
                 return e.reply
             break
-        if reply.code == 421:
-            self._drop()
-            return _as_transient(reply)
-        self._dirty = reply.is_positive
-        return ensure_enhanced(reply)
+        self._dirty = 200 <= reply.code < 300
+        return self._relayable(reply, session, "MAIL")
 
     async def rcpt(self, session: Session, txn: Transaction, rcpt: Address,
                    params: dict[str, Optional[str]]) -> Reply:
@@ -105,10 +102,7 @@ class LockstepRelay:
             self._drop()
             log.warn("backend failed at RCPT: {detail}", detail=e.detail, session_id=session.id)
             return e.reply
-        if reply.code == 421:
-            self._drop()
-            return _as_transient(reply)
-        return ensure_enhanced(reply)
+        return self._relayable(reply, session, "RCPT")
 
     async def data(self, session: Session, txn: Transaction, message: OutboundMessage) -> Reply:
         conn = self._conn
@@ -123,16 +117,37 @@ class LockstepRelay:
             return e.reply
         finally:
             self._in_data = False
-        if reply.code == 421:
-            self._drop()
-            return _as_transient(reply)
+        if not sent and reply.code < 400:
+            # Anything but 354 or a refusal to DATA is out of protocol: the
+            # message was not taken, whatever the code says.
+            return self._out_of_protocol(reply, session, "DATA")
         # A final reply to the content ends the backend's transaction; a
         # refused DATA command leaves it open, so it is reset now (queued
         # before the client's next MAIL).
         self._dirty = not sent
-        if not sent:
+        relayed = self._relayable(reply, session, "end of data" if sent else "DATA")
+        if not sent and self._conn is not None:
             self.reset()
+        return relayed
+
+    def _relayable(self, reply: Reply, session: Session, what: str) -> Reply:
+        """The backend's reply as the client gets it (RFC 5321 4.2: a
+        positive completion here is 2yz; 421 closes the connection)."""
+        if reply.code == 421:
+            self._drop()
+            return _as_transient(reply)
+        if not (200 <= reply.code < 300 or 400 <= reply.code < 600):
+            return self._out_of_protocol(reply, session, what)
         return ensure_enhanced(reply)
+
+    def _out_of_protocol(self, reply: Reply, session: Session, what: str) -> Reply:
+        """A reply code that makes no sense at this step (a 3yz to MAIL, a
+        2yz to DATA): the backend's state is unknown, so the connection is
+        dropped and the client keeps its message (DESIGN.md promise 1)."""
+        log.warn("backend answered {what} with {reply}; dropping the connection", what=what,
+                 reply=str(reply), session_id=session.id)
+        self._drop()
+        return Reply(451, "4.5.0", "Next-hop mail server answered out of protocol, try again later")
 
     def reset(self) -> None:
         """The client's transaction ended without a message (RSET, refused

@@ -26,7 +26,8 @@ class Reply:
 
     @property
     def is_positive(self) -> bool:
-        return 200 <= self.code < 400
+        """2yz, positive completion (RFC 5321 4.2.1); 3yz is only intermediate."""
+        return 200 <= self.code < 300
 
     @property
     def is_transient(self) -> bool:
