@@ -182,6 +182,11 @@ class SessionGateway:
             txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
         self._reset_backend()
 
+    def on_client_gone(self, session: Session) -> None:
+        """The client hung up while its message was being relayed."""
+        if self.relay is not None:
+            self.relay.client_gone()
+
     def on_disconnect(self, session: Session) -> None:
         if self.relay is not None:
             self.relay.finish()

@@ -559,6 +559,29 @@ class MoreBackendFailureTests(RelayCase):
         self.assertEqual(fake.messages[-1].sender, b"sender@client.test")
         self.assertTrue(fake.messages[-1].accepted)
 
+    async def test_client_gone_before_final_dot_abandons_message(self) -> None:
+        """When the client hangs up while its large message is still being sent
+        to a slow backend, the proxy never sends the final dot: the backend does
+        not deliver a message whose sender will retry it."""
+        fake, proxy = self.start(FakeBackend(stall_after_bytes=200_000))
+        body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 5000
+
+        def send_and_vanish() -> None:
+            with RawClient(proxy.port) as c:
+                c.reply()
+                c.expect(b"EHLO client.test", 250)
+                c.expect(b"MAIL FROM:<big@client.test>", 250)
+                c.expect(b"RCPT TO:<rcpt@example.com>", 250)
+                c.expect(b"DATA", 354)
+                c.send(body + b".\r\n")
+                time.sleep(0.5)
+
+        await self.in_thread(send_and_vanish)
+        await fake.wait_until(lambda: fake.connections and fake.connections[0].stalled, 5.0, "stall")
+        fake.connections[0].transport.resumeProducing()
+        await fake.wait_until(lambda: not fake.open_connections, 10.0, "backend connection dropped")
+        self.assertEqual([m for m in fake.messages if m.accepted], [])
+
     async def test_concurrent_sessions_keep_their_envelopes(self) -> None:
         """Eight sessions relayed at once each reach the backend with their own
         sender, recipient and body."""

@@ -92,6 +92,9 @@ class RecordingHandler:
         self.sessions.append(session)
         return self.connect_reply
 
+    def on_client_gone(self, session: Session) -> None:
+        self.calls.append("client_gone")
+
     def known_capabilities(self, session: Session) -> Optional[Capabilities]:
         # None: every EHLO takes the asynchronous path, which these tests
         # exercise (the gateway tests cover the synchronous one).

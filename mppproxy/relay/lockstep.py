@@ -51,6 +51,7 @@ class LockstepRelay:
         # True while a message is being written to the backend: then the
         # connection must never be reset or handed to another session.
         self._in_data = False
+        self._client_gone = False
 
     async def extensions(self) -> Optional[dict[str, str]]:
         """The backend's EHLO extensions, learning them once if need be."""
@@ -110,7 +111,8 @@ class LockstepRelay:
             return Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
         self._in_data = True
         try:
-            reply, sent = await conn.send_message(message.chunks(), self.config)
+            reply, sent = await conn.send_message(message.chunks(), self.config,
+                                                  abandoned=lambda: self._client_gone)
         except BackendError as e:
             self._drop()
             log.warn("backend failed at DATA: {detail}", detail=e.detail, session_id=session.id)
@@ -148,6 +150,12 @@ class LockstepRelay:
                  reply=str(reply), session_id=session.id)
         self._drop()
         return Reply(451, "4.5.0", "Next-hop mail server answered out of protocol, try again later")
+
+    def client_gone(self) -> None:
+        """Stop a message still being sent before its final dot: with no
+        client to hear the 250, completing it would only make the client's
+        retry a duplicate (DESIGN.md promise 1)."""
+        self._client_gone = True
 
     def reset(self) -> None:
         """The client's transaction ended without a message (RSET, refused

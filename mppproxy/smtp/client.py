@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -189,7 +189,8 @@ class BackendProtocol(Protocol):
             self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace")).chainDeferred(d)
             send_now(self.transport, line + b"\r\n")
 
-    async def send_message(self, chunks: Any, config: BackendConfig) -> tuple[Reply, bool]:
+    async def send_message(self, chunks: Any, config: BackendConfig,
+                           abandoned: Callable[[], bool] = lambda: False) -> tuple[Reply, bool]:
         """DATA, the dot-stuffed content, and the final reply, and whether the
         content was sent (False: the DATA command itself was refused).
         ``chunks`` yields the content with CRLF line ends (RFC 5321 4.5.2)."""
@@ -198,12 +199,13 @@ class BackendProtocol(Protocol):
             return reply, False
         self._in_body = True
         try:
-            return await self._send_body(chunks, config), True
+            return await self._send_body(chunks, config, abandoned), True
         finally:
             self._in_body = False
             self._send_next()
 
-    async def _send_body(self, chunks: Any, config: BackendConfig) -> Reply:
+    async def _send_body(self, chunks: Any, config: BackendConfig,
+                         abandoned: Callable[[], bool]) -> Reply:
         at_line_start = True
         carry = b""
         last = b"\r\n"
@@ -238,6 +240,10 @@ class BackendProtocol(Protocol):
             out = dot_stuff(carry, at_line_start)
             pending.append(out)
             last = out[-2:]
+        if abandoned():
+            # Without the final dot the backend discards the message.
+            self.abort()
+            raise BackendError(replies.BACKEND_LOST, "client left before the end of data; message abandoned")
         # A message always ends in CRLF before the dot (RFC 5321 4.1.1.4).
         pending.append(b".\r\n" if last == b"\r\n" else b"\r\n.\r\n")
         send_now(self.transport, b"".join(pending))

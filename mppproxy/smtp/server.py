@@ -78,6 +78,7 @@ class SessionHandler(TypingProtocol):
                       params: dict[str, Optional[str]]) -> Reply: ...
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply: ...
     def on_reset(self, session: Session, txn: Optional[Transaction], reason: str) -> None: ...
+    def on_client_gone(self, session: Session) -> None: ...
     def on_disconnect(self, session: Session) -> None: ...
 
 
@@ -220,6 +221,10 @@ class SMTPServerProtocol(Protocol):
         if self.session is None:
             return
         if self._busy:
+            if previous is SessionState.DATA:
+                # Nobody will hear the reply: the message must not be
+                # completed downstream, or the client's retry duplicates it.
+                self.handler.on_client_gone(self.session)
             # A decision is still pending (the backend has a command in
             # flight, or on_data_end still reads the spool): the handler is
             # told the session ended only after it, so a backend connection
