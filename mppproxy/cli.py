@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-from mppproxy.config.load import ConfigError, load
+from mppproxy.config.load import ConfigError, check_files, load
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load(args.file, args.config_command)
+        check_files(config)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)

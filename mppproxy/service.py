@@ -181,7 +181,9 @@ class ProxyService(MultiService):
             else:
                 log.failure("reload failed, keeping the running configuration", f)
 
-        d.addCallbacks(apply, failed)
+        # addCallback then addErrback: a failure inside apply() is reported too.
+        d.addCallback(apply)
+        d.addErrback(failed)
         return d
 
     def stopService(self) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from twisted.python import usage
 
-from mppproxy.config.load import ConfigError, load
+from mppproxy.config.load import ConfigError, check_files, load
 
 MPP_HOME_ENV = "MPP_HOME"
 
@@ -80,6 +80,7 @@ class Options(usage.Options):
         if data_dir and (self["data-dir"] or config.data_dir == "./mppproxy-data"):
             from dataclasses import replace
             config = replace(config, data_dir=data_dir)
+        check_files(config)
         return config
 
     def postOptions(self) -> None:
@@ -95,6 +96,8 @@ class Options(usage.Options):
 
 def parse_host_port(value: str) -> dict[str, Any]:
     """``host:port`` or ``[v6]:port`` into the backend table."""
+    if value.startswith(":"):
+        raise ConfigError([f"--backend: {value!r} has no host; give HOST:PORT"])
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""

@@ -59,14 +59,30 @@ def server_context(config: ProxyConfig, hostname: str) -> Optional[Any]:
             os.makedirs(os.path.dirname(cert_file), mode=0o700, exist_ok=True)
             generate_self_signed(cert_file, key_file, hostname)
     key_file = key_file or cert_file
+    options, problem = load_server_certificate(cert_file, key_file)
+    if problem:
+        raise ConfigError([f"tls.cert_file: {problem}"])
+    return options
+
+
+def load_server_certificate(cert_file: str, key_file: str) -> tuple[Optional[Any], Optional[str]]:
+    """The TLS options for a PEM certificate and key, or why they cannot be used."""
     try:
         with open(cert_file, "rb") as f:
             cert_pem = f.read()
         with open(key_file, "rb") as f:
             key_pem = f.read()
-        return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+        return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options(), None
     except (OSError, ValueError, crypto.Error, SSL.Error) as e:
-        raise ConfigError([f"tls.cert_file / tls.key_file: cannot load {cert_file} / {key_file}: {e}"]) from None
+        return None, f"cannot load certificate {cert_file} with key {key_file}: {e or type(e).__name__}"
+
+
+def load_ca_certificate(path: str) -> tuple[Optional[Any], Optional[str]]:
+    try:
+        with open(path, "rb") as f:
+            return ssl.Certificate.loadPEM(f.read()), None
+    except (OSError, ValueError, crypto.Error, SSL.Error) as e:
+        return None, f"cannot load CA certificate {path}: {e or type(e).__name__}"
 
 
 def backend_context(config: BackendConfig) -> Optional[Any]:
@@ -78,10 +94,8 @@ def backend_context(config: BackendConfig) -> Optional[Any]:
         return ssl.CertificateOptions()
     trust = None
     if config.tls_ca_file:
-        try:
-            with open(config.tls_ca_file, "rb") as f:
-                trust = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(f.read())])
-        except (OSError, ValueError, crypto.Error, SSL.Error) as e:
-            raise ConfigError([f"backend.tls_ca_file: cannot load {config.tls_ca_file}: {e}"]) from None
+        cert, problem = load_ca_certificate(config.tls_ca_file)
+        if problem:
+            raise ConfigError([f"backend.tls_ca_file: {problem}"])
+        trust = ssl.trustRootFromCertificates([cert])
     return ssl.optionsForClientTLS(config.host, trustRoot=trust)

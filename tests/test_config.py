@@ -180,3 +180,44 @@ def test_every_key_is_documented():
     keys = set(_keys(ProxyConfig))
     assert keys - documented == set(), "undocumented keys"
     assert documented - keys == set(), "documented keys that do not exist"
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"backend": {"host": ""}}, "backend.host"),
+    ({"mode": "edge"}, "backend"),
+    ({"relay_domains": ["*.example.com"]}, "relay_domains"),
+    ({"tls": {"key_file": "/x.key"}}, "tls.key_file"),
+])
+def test_rules_across_keys(data, key):
+    """Settings that only make sense together are checked together."""
+    errors = _errors(data)
+    assert any(e.startswith(f"test.toml: {key}:") for e in errors), errors
+
+
+def test_backend_option_without_host_is_an_error():
+    """--backend :2850 names no host and is refused."""
+    with pytest.raises(ConfigError) as info:
+        parse_host_port(":2850")
+    assert "--backend" in info.value.errors[0]
+
+
+@pytest.mark.parametrize("table, key", [
+    ('[tls]\ncert_file = "{missing}"\n', "tls.cert_file"),
+    ('[tls]\ncert_file = "/etc/hostname"\n', "tls.cert_file"),
+    ('[backend]\nhost = "127.0.0.1"\ntls = "opportunistic"\ntls_verify = true\ntls_ca_file = "{missing}"\n',
+     "backend.tls_ca_file"),
+    ('[logging]\njson_file = "{missing}/events.json"\n', "logging.json_file"),
+    ('data_dir = "/etc/hostname/mpp"\n', "data_dir"),
+])
+def test_files_named_by_the_config_are_checked(tmp_path, capsys, table, key):
+    """check-config and twistd both refuse unusable files, naming the key, without a traceback."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(table.format(missing=tmp_path / "nope"))
+    assert cli_main(["check-config", str(cfg)]) == 1
+    assert f"{key}:" in capsys.readouterr().err
+    proc = subprocess.run(TWISTD + ["-n", "--pidfile=", "mppproxy", "--config", str(cfg),
+                                    "--listen", "tcp:0:interface=127.0.0.1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    assert f"{key}:" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

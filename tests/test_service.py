@@ -120,6 +120,12 @@ def test_bad_reload_keeps_the_running_config(tmp_path, start_proxy):
     proxy.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "keeping the running configuration" in proxy.text(), 10, what="reload error")
     assert "limits.max_errors: must be a whole number" in proxy.text()
+    # A file that parses but names a certificate that does not exist.
+    _config(cfg, [port], ["example.com"], data, f'[tls]\ncert_file = "{tmp_path}/missing.pem"\n')
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.text().count("keeping the running configuration") == 2, 10, what="second reload error")
+    assert "tls.cert_file: cannot load certificate" in proxy.text()
+    assert "Traceback" not in proxy.text()
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo("x")
         s.mail("a@example.net")

@@ -8,6 +8,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import shlex
 import subprocess
@@ -116,9 +117,78 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> ProxyConf
     """Build and validate a ProxyConfig from parsed TOML-like data."""
     errors: list[str] = []
     config = _build(ProxyConfig, data, "", errors, source)
+    if not errors:
+        errors = [f"{source}: {problem}" for problem in _cross_checks(config)]
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _cross_checks(config: ProxyConfig) -> list[str]:
+    """Rules that involve more than one key."""
+    problems = []
+    if config.backend is not None and not config.backend.host.strip():
+        problems.append("backend.host: must not be empty")
+    if config.mode == "edge" and config.backend is None:
+        problems.append("backend: mode 'edge' relays to a backend MTA: set [backend] host "
+                        "(or --backend HOST:PORT), or use mode 'all-in-one'")
+    for d in config.relay_domains:
+        if "*" in d:
+            problems.append(f"relay_domains: {d!r}: no wildcards; write '.{d.lstrip('*.')}' "
+                            "for the subdomains of a domain")
+    if config.tls.key_file and not config.tls.cert_file:
+        problems.append("tls.key_file: is set but tls.cert_file is not")
+    return problems
+
+
+def check_files(config: ProxyConfig) -> None:
+    """Check what the configuration names on disk: certificates load, log
+    and data directories can be written.  Done before starting (and by
+    ``mppproxy check-config``), so a bad path is a message, not a traceback."""
+    from mppproxy.tlsconfig import load_server_certificate, load_ca_certificate
+
+    errors = []
+    if config.tls.enabled and config.tls.cert_file:
+        problem = load_server_certificate(config.tls.cert_file, config.tls.key_file or config.tls.cert_file)[1]
+        if problem:
+            errors.append(f"tls.cert_file: {problem}")
+    if config.backend is not None and config.backend.tls_ca_file:
+        problem = load_ca_certificate(config.backend.tls_ca_file)[1]
+        if problem:
+            errors.append(f"backend.tls_ca_file: {problem}")
+    if config.logging.json_file:
+        problem = _writable_dir(os.path.dirname(os.path.abspath(config.logging.json_file)))
+        if problem:
+            errors.append(f"logging.json_file: {problem}")
+    problem = _creatable_dir(config.data_dir)
+    if problem:
+        errors.append(f"data_dir: {problem}")
+    if errors:
+        raise ConfigError(errors)
+
+
+def _writable_dir(path: str) -> Optional[str]:
+    if not os.path.isdir(path):
+        return f"directory {path} does not exist"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"directory {path} is not writable"
+    return None
+
+
+def _creatable_dir(path: str) -> Optional[str]:
+    """None if ``path`` is a writable directory or could be created."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is not a directory, so {path} cannot be created"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
 
 
 def parse_text(text: str, source: str) -> dict[str, Any]:
