@@ -17,7 +17,7 @@ from typing import Any, Optional
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mppproxy.config.schema import ProxyConfig
+from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
 from mppproxy.message import HeaderBlockTooLarge, prepare
 from mppproxy.relay.lockstep import LockstepRelay
@@ -139,8 +139,9 @@ class SessionGateway:
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
         t_data = time.monotonic()
         try:
-            message, stripped = prepare(session, txn,
-                                        self.ctx.hostname if self.ctx.config.smtp.received_header else None)
+            cfg = self.ctx.config
+            message, stripped = prepare(session, txn, self.ctx.hostname if cfg.smtp.received_header else None,
+                                        cfg.limits.memory_spool_bytes, spool_directory(cfg))
         except HeaderBlockTooLarge:
             reply = Reply(552, "5.3.4", "Message header block too large")
             self._reset_backend()

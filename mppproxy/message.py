@@ -7,6 +7,7 @@ carry scan state to the archive node, so none may arrive from the internet.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from typing import Iterator, Optional
 
@@ -14,9 +15,12 @@ from mppproxy.smtp.session import Session, Transaction
 from mppproxy.spool.spool import Spool
 
 TRUST_PREFIX = b"x-mpp-"
-# The header block is read into memory to strip headers; past this bound the
-# message is refused (a header block this big is an attack, not mail).
+# A header section longer than this is refused: it is an attack, not mail
+# (Postfix keeps at most 100 KiB of headers, header_size_limit).
 MAX_HEADER_BLOCK = 4 * 1024 * 1024
+# RFC 5322 2.2: a field name is printable ASCII but ":", then ":"; WSP before
+# the colon is the obsolete syntax (4.5.8) that MTAs still accept.
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 class HeaderBlockTooLarge(Exception):
@@ -52,41 +56,75 @@ def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:
     return text.encode("utf-8", "replace")
 
 
-def _header_block(spool: Spool) -> tuple[bytes, int]:
-    """The header block (ending with its blank line, if any) and its length
-    in the spool."""
-    head = b""
+def _header_lines(spool: Spool) -> Iterator[bytes]:
+    """The lines of the header section, each with its CRLF; the empty line
+    that ends it is not yielded.  The section ends at the first empty line,
+    or before the first line that is neither a field nor a continuation, as
+    Postfix's cleanup and Python's email parser also read it."""
+    carry = b""
+    length = 0
+    first = True
     for chunk in spool.chunks():
-        head += chunk
-        if head.startswith(b"\r\n"):
-            return b"", 0  # no headers at all: the message starts with the body
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            return head[:end + 2], end + 2
-        if len(head) > MAX_HEADER_BLOCK:
+        data = carry + chunk
+        start = 0
+        while True:
+            end = data.find(b"\r\n", start)
+            if end < 0:
+                break
+            line = data[start:end + 2]
+            start = end + 2
+            if line == b"\r\n":
+                return
+            if line[:1] in (b" ", b"\t"):
+                if first:
+                    return
+            elif not _FIELD.match(line):
+                return
+            first = False
+            length += len(line)
+            if length > MAX_HEADER_BLOCK:
+                raise HeaderBlockTooLarge()
+            yield line
+        carry = data[start:]
+        if len(carry) > MAX_HEADER_BLOCK:
             raise HeaderBlockTooLarge()
-    return head, len(head)
 
 
-def strip_trust_headers(block: bytes) -> tuple[bytes, int]:
-    """Remove every field whose name starts with X-MPP- (case-insensitive),
-    with its folded continuation lines.  Returns the block and how many went."""
-    if TRUST_PREFIX not in block.lower():
-        return block, 0
-    out = []
+def _has_trust_headers(spool: Spool) -> tuple[bool, int]:
+    """Whether the header section holds an X-MPP-* field, and its length."""
+    found = False
+    length = 0
+    for line in _header_lines(spool):
+        length += len(line)
+        if line[:6].lower() == TRUST_PREFIX:
+            found = True
+    return found, length
+
+
+def strip_trust_headers(spool: Spool, length: int, out: Spool) -> int:
+    """Copy the message into ``out`` without X-MPP-* fields (and their
+    folded continuation lines); return how many fields went.  ``out`` is a
+    spool like the client's, so memory stays bounded (DESIGN.md promise 6)."""
     removed = 0
     skipping = False
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and line:
+    for line in _header_lines(spool):
+        if line[:1] in (b" ", b"\t"):
             if not skipping:
-                out.append(line)
+                out.write(line)
             continue
-        skipping = line.lower().startswith(TRUST_PREFIX)
+        skipping = line[:6].lower() == TRUST_PREFIX
         if skipping:
             removed += 1
         else:
-            out.append(line)
-    return b"\r\n".join(out), removed
+            out.write(line)
+    skip = length
+    for chunk in spool.chunks():
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        out.write(chunk[skip:] if skip else chunk)
+        skip = 0
+    return removed
 
 
 class OutboundMessage:
@@ -113,12 +151,21 @@ class OutboundMessage:
             skip = 0
 
 
-def prepare(session: Session, txn: Transaction, hostname: Optional[str]) -> tuple[OutboundMessage, int]:
-    """The outbound message and the number of X-MPP-* headers removed."""
+def prepare(session: Session, txn: Transaction, hostname: Optional[str],
+            spool_limit: int = 1048576, spool_dir: Optional[str] = None) -> tuple[OutboundMessage, int]:
+    """The outbound message and the number of X-MPP-* headers removed.  When
+    some were removed, ``txn.spool`` is replaced by the cleaned copy."""
     assert txn.spool is not None
-    block, length = _header_block(txn.spool)
-    cleaned, removed = strip_trust_headers(block)
     prefix = received_header(session, txn, hostname) if hostname else b""
-    if removed:
-        return OutboundMessage(prefix + cleaned, txn.spool, length), removed
-    return OutboundMessage(prefix, txn.spool, 0), 0
+    found, length = _has_trust_headers(txn.spool)
+    if not found:
+        return OutboundMessage(prefix, txn.spool, 0), 0
+    cleaned = Spool(spool_limit, spool_dir)
+    try:
+        removed = strip_trust_headers(txn.spool, length, cleaned)
+    except BaseException:
+        cleaned.close()
+        raise
+    txn.spool.close()
+    txn.spool = cleaned
+    return OutboundMessage(prefix, cleaned, 0), removed

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mppproxy.config.load import ConfigError
-from mppproxy.config.schema import ProxyConfig
+from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.gateway import SessionGateway, make_context
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
@@ -60,6 +60,7 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.config.data_dir, exist_ok=True)
+        os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
         self.factory = SMTPServerFactory(self.config, lambda: SessionGateway(ctx), self.reactor,
@@ -149,6 +150,7 @@ class ProxyService(MultiService):
         d = deferToThread(self.reload_config)
 
         def apply(config: ProxyConfig) -> None:
+            os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
             ctx, tls = self._build_factory_parts(config)
             old_ctx = self._ctx
             assert self.factory is not None

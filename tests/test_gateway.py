@@ -368,9 +368,40 @@ class PrepareTests(SynchronousTestCase):
         self.assertEqual((reply.code, reply.enhanced), (552, "5.3.4"))
 
     def test_strip_without_trust_headers_is_identity(self) -> None:
-        """A block without X-MPP- headers comes back as it is."""
-        block = b"From: a\r\nSubject: b\r\n"
-        self.assertEqual(strip_trust_headers(block), (block, 0))
+        """A message without X-MPP- headers is relayed from the client's own spool, unchanged."""
+        txn = make_txn(b"From: a\r\nSubject: b\r\n\r\nbody\r\n")
+        spool = txn.spool
+        msg, removed = prepare(make_session(), txn, None)
+        self.assertEqual(removed, 0)
+        self.assertIs(txn.spool, spool)
+        self.assertEqual(b"".join(msg.chunks()), b"From: a\r\nSubject: b\r\n\r\nbody\r\n")
+
+    def test_header_section_ends_at_first_non_header_line(self) -> None:
+        """A line that is neither a field nor a continuation ends the header section,
+        as Postfix and Python's email parser read it: what follows is body."""
+        message = b"From: a\r\nnot a header line\r\nX-MPP-Score: 1\r\n\r\nbody\r\n"
+        msg, removed = prepare(make_session(), make_txn(message), None)
+        self.assertEqual(removed, 0)
+        self.assertEqual(b"".join(msg.chunks()), message)
+
+    def test_large_message_without_headers_is_not_a_header_block(self) -> None:
+        """6 MB of text with no blank line is body after its first line, not an oversized header."""
+        gateway, _ = make_gateway(make_config(data_dir=temp_dir(self)))
+        message = b"line of text without header syntax\r\n" * 170000
+        reply = self.successResultOf(Deferred.fromCoroutine(
+            gateway.on_data_end(make_session(), make_txn(message, memory_limit=1 << 16))))
+        self.assertNotEqual(reply.code, 552)
+
+    def test_cleaned_copy_is_a_bounded_spool(self) -> None:
+        """When X-MPP- headers are removed, the cleaned message goes to a new spool
+        that moves to disk past its memory bound (no unbounded copy in memory)."""
+        headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 60) for i in range(20000))
+        txn = make_txn(headers + b"X-MPP-Score: 1\r\n\r\nbody\r\n", memory_limit=1 << 16)
+        msg, removed = prepare(make_session(), txn, None, spool_limit=1 << 16)
+        self.assertEqual(removed, 1)
+        self.assertTrue(txn.spool.on_disk)
+        self.assertIs(msg.spool, txn.spool)
+        self.assertEqual(b"".join(msg.chunks()), headers + b"\r\nbody\r\n")
 
 
 # --- Maildir delivery ---------------------------------------------------------------------

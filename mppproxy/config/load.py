@@ -163,6 +163,10 @@ def check_files(config: ProxyConfig) -> None:
     problem = _creatable_dir(config.data_dir)
     if problem:
         errors.append(f"data_dir: {problem}")
+    elif config.spool_dir:
+        problem = _creatable_dir(config.spool_dir)
+        if problem:
+            errors.append(f"spool_dir: {problem}")
     if errors:
         raise ConfigError(errors)
 

@@ -190,12 +190,22 @@ class LoggingConfig:
     json_file: str = ""
 
 
+def spool_directory(config: "ProxyConfig") -> str:
+    import os
+
+    return config.spool_dir or os.path.join(config.data_dir, "spool")
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """The whole configuration of one node."""
 
     mode: str = field(default="all-in-one", metadata=_opt(_mode))
     data_dir: str = "./mppproxy-data"
+    # Where messages larger than limits.memory_spool_bytes are spooled
+    # (unlinked temporary files); empty means data_dir/spool.  Not /tmp by
+    # default: on many systems that is a RAM disk.
+    spool_dir: str = ""
     listen: tuple[str, ...] = field(default=("tcp:2525:interface=127.0.0.1",), metadata=_opt(_endpoints))
     # listen(2) backlog for tcp/tcp6 endpoints that do not set their own
     # "backlog=": Twisted's default of 50 makes the kernel drop connections

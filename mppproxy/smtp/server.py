@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mppproxy._wire import send_now
-from mppproxy.config.schema import ProxyConfig
+from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
 from mppproxy.smtp.commands import Command, parse_command
@@ -158,6 +158,7 @@ class SMTPServerProtocol(Protocol):
         self._after_decision = False
         self._decided_in = SessionState.CLOSING
         self._hostname = hostname
+        self._spool_dir = spool_directory(config)
 
     # -- connection ---------------------------------------------------------
 
@@ -557,7 +558,7 @@ class SMTPServerProtocol(Protocol):
             self._send(Reply(554, "5.5.1", "No valid recipients"))
             return
         txn = self.txn
-        txn.spool = Spool(self.config.limits.memory_spool_bytes)
+        txn.spool = Spool(self.config.limits.memory_spool_bytes, self._spool_dir)
         self._reader = DataReader(txn.spool.write, self._size_limit(),
                                   self.config.limits.max_line_length,
                                   normalise=self.config.smtp.bare_newline == "normalise")
