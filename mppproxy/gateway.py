@@ -31,6 +31,9 @@ from mppproxy import txlog
 
 log = Logger()
 
+# Octets kept free under the backend's SIZE for the Received: header we add.
+RECEIVED_ALLOWANCE = 1024
+
 
 class TrustedNetworks:
     """Client addresses that may relay anywhere (Postfix's mynetworks)."""
@@ -113,7 +116,10 @@ class SessionGateway:
         limit = self.ctx.config.limits.max_message_size
         size_text = exts.get("SIZE", "")
         if size_text.isdigit() and int(size_text) > 0:
-            limit = min(limit, int(size_text))
+            # We add a Received: header (and XFORWARD adds nothing to the
+            # size): leave room for it, or a message of exactly the announced
+            # size would bounce at the backend (RFC 1870 section 6).
+            limit = min(limit, int(size_text) - RECEIVED_ALLOWANCE)
         return Capabilities(size=limit, eightbitmime="8BITMIME" in exts,
                             smtputf8="SMTPUTF8" in exts, dsn="DSN" in exts)
 

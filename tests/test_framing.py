@@ -84,6 +84,18 @@ GOOD_CASES = [
 ]
 
 
+class TransparencyDotTests(SynchronousTestCase):
+    def test_stuffing_dot_does_not_count_toward_line_length(self) -> None:
+        """A 998-octet text line that starts with a dot is 999 on the wire and is accepted
+        (RFC 5321 4.5.3.1.6 does not count the transparency dot)."""
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**6)
+        reader.feed(b".." + b"z" * 997 + b"\r\n.\r\n")
+        self.assertTrue(reader.done)
+        self.assertIsNone(reader.error)
+        self.assertEqual(b"".join(out), b"." + b"z" * 997 + b"\r\n")
+
+
 class NulTests(SynchronousTestCase):
     """NUL is not allowed in message content (RFC 5322 2.3)."""
 

@@ -575,3 +575,10 @@ class LocalDeliveryTests(SynchronousTestCase):
             gateway.on_reset(make_session(), txn, "RSET")
         [tx] = [e for e in events if e.get("mpp_event") == "transaction"]
         self.assertEqual((tx["action"], tx["reason"]), ("aborted", "RSET"))
+
+
+def test_xtext_encodes_what_could_break_the_command():
+    """XFORWARD/XCLIENT values are xtext (RFC 3461 4): '+', '=', space and non-ASCII become +HH."""
+    from mppproxy.relay.lockstep import _xtext
+    assert _xtext("odd=helo+name x") == "odd+3Dhelo+2Bname+20x"
+    assert _xtext("é") == "+C3+A9"

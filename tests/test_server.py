@@ -287,6 +287,15 @@ class EhloTests(ServerTestCase):
             self.assertEqual(codes(out), [501], line)
         self.assertIs(proto.state, SessionState.READY)
 
+    def test_ehlo_argument_must_be_a_name_or_literal(self) -> None:
+        """Non-ASCII or punctuation in the EHLO name gets 501; names, underscores and literals pass."""
+        for bad in ("ｈｅｌｏ.例え".encode(), b"odd=name", b"a<b>", b"x;y", b"[1.2.3.4"):
+            proto, transport, handler = self.connect()
+            self.assertEqual(codes(self.talk(proto, transport, b"EHLO " + bad + b"\r\n")), [501], bad)
+        for good in (b"mx.example.com", b"WIN_PC-7", b"localhost.", b"[192.0.2.1]", b"[IPv6:2001:db8::1]"):
+            proto, transport, handler = self.connect()
+            self.assertEqual(codes(self.talk(proto, transport, b"EHLO " + good + b"\r\n")), [250], good)
+
     def test_ehlo_resets_transaction(self) -> None:
         """A second EHLO in the middle of a transaction resets it."""
         proto, transport, handler = self.connect()

@@ -117,7 +117,9 @@ class DataReader:
         self.size += len(unstuffed)
         if self.size > self._max_size and self.error is None:
             self.error = DataError.TOO_BIG
-        lines = body.split(b"\r\n")
+        # RFC 5321 4.5.3.1.6: the 1000 octets do not count the dot added for
+        # transparency, so lines are measured after unstuffing.
+        lines = unstuffed.split(b"\r\n")
         first = self._line_len + len(lines[0])
         if len(lines) > 1:
             self._line_len = len(lines[-1])

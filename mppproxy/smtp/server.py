@@ -10,6 +10,7 @@ lines wait in order (RFC 2920; Haraka's pause state).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol
 
@@ -30,6 +31,10 @@ from mppproxy.smtp.session import Session, Transaction
 from mppproxy.spool.spool import Spool
 
 log = Logger()
+
+# A host name (underscores allowed: many Windows clients send them) or an
+# address literal such as [192.0.2.1] or [IPv6:2001:db8::1].
+_HELO_ARGUMENT = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9:.]+\])$")
 
 # While a command is in flight, a client may pipeline this much before we
 # stop reading from its socket (flat memory, DESIGN.md promise 6).
@@ -401,9 +406,11 @@ class SMTPServerProtocol(Protocol):
 
     def _helo(self, cmd: Command, esmtp: bool) -> None:
         assert self.session is not None
-        if not cmd.arg or " " in cmd.arg:
-            # RFC 5321 4.1.1.1: EHLO/HELO take exactly one domain or literal.
-            self._send(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname"))
+        if not _HELO_ARGUMENT.match(cmd.arg):
+            # RFC 5321 4.1.1.1: EHLO/HELO take one domain or address literal
+            # (ASCII; RFC 6531 3.7.1).  It goes into our Received: header, so
+            # nothing else is accepted.
+            self._send(replies.SYNTAX_ERROR.with_text("Syntax: EHLO hostname or [address]"))
             return
         self._reset_transaction("new EHLO/HELO")
         self.session.helo = cmd.arg
