@@ -716,6 +716,20 @@ class TimeoutTests(ServerTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertNotIn("data_end", handler.calls)
 
+    def test_data_total_timeout_stops_a_trickle(self) -> None:
+        """A client that trickles DATA just fast enough for data_block is cut off at data_total."""
+        config = tuned(timeouts={"command": 100.0, "data_block": 20.0, "data_total": 100.0})
+        proto, transport, handler = self.connect(config=config)
+        self.start_transaction(proto, transport)
+        self.assertEqual(self.talk(proto, transport, b"DATA\r\n"), replies.START_DATA.to_bytes())
+        for _ in range(5):
+            self.clock.advance(19)
+            self.assertEqual(self.talk(proto, transport, b"x"), b"")
+        self.clock.advance(5)
+        self.assertEqual(transport.value(), replies.TIMEOUT.to_bytes())
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn("data_end", handler.calls)
+
     def test_command_timeout_after_refused_message(self) -> None:
         """After a message refused at the end of data, the session waits timeouts.command for the next command, not data_block."""
         config = tuned(timeouts={"command": 100.0, "data_block": 20.0})

@@ -162,6 +162,9 @@ class TimeoutsConfig:
     command: float = field(default=300.0, metadata=_opt(_at_least(0.1)))
     # 4.5.3.2.5: 3 minutes for each data block.
     data_block: float = field(default=180.0, metadata=_opt(_at_least(0.1)))
+    # The whole of DATA, however the client trickles it (each byte would
+    # otherwise restart data_block).  50 MiB at 256 kbit/s takes ~27 min.
+    data_total: float = field(default=3600.0, metadata=_opt(_at_least(1)))
     tls_handshake: float = field(default=60.0, metadata=_opt(_at_least(0.1)))
 
 

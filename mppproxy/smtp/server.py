@@ -156,6 +156,7 @@ class SMTPServerProtocol(Protocol):
         self._skip_long_line = False
         self._reader: Optional[DataReader] = None
         self._timer: Any = None
+        self._data_deadline: Any = None
         self._counted = False
         self._caps: Optional[Capabilities] = None
         # The client left while the end-of-DATA decision was pending: the
@@ -219,6 +220,7 @@ class SMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancel_timer()
+        self._cancel_data_deadline()
         previous = self.state
         self.state = SessionState.CLOSING
         if self._counted and self.session is not None:
@@ -266,7 +268,8 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
 
     def _timed_out(self) -> None:
-        self._timer = None
+        self._cancel_timer()
+        self._cancel_data_deadline()
         assert self.session is not None
         log.info("timeout in state {state} for {client}", state=self.state.value,
                  client=self.session.peer_host, session_id=self.session.id)
@@ -572,8 +575,15 @@ class SMTPServerProtocol(Protocol):
         self.state = SessionState.DATA
         self._send(replies.START_DATA)
         self._set_timer(self.config.timeouts.data_block)
+        self._data_deadline = self.reactor.callLater(self.config.timeouts.data_total, self._timed_out)
+
+    def _cancel_data_deadline(self) -> None:
+        if self._data_deadline is not None and self._data_deadline.active():
+            self._data_deadline.cancel()
+        self._data_deadline = None
 
     def _end_of_data(self) -> None:
+        self._cancel_data_deadline()
         reader, txn, session = self._reader, self.txn, self.session
         assert reader is not None and txn is not None and session is not None
         self._reader = None
