@@ -465,12 +465,10 @@ class SMTPServerProtocol(Protocol):
         if self.state is not SessionState.MAIL:
             self._send(replies.NESTED_MAIL)
             return
-        try:
-            path, params = split_argument(cmd.arg, "FROM:")
-            sender = parse_path(path, allow_null=True)
-        except AddressError as e:
-            self._send(replies.BAD_SENDER_SYNTAX.with_text(f"Bad sender address syntax: {e}"))
+        parsed = self._parse_path_argument(cmd.arg, "FROM:", replies.BAD_SENDER_SYNTAX)
+        if parsed is None:
             return
+        sender, params = parsed
         refusal = self._check_mail_params(sender, params)
         if refusal is not None:
             self._send(refusal)
@@ -491,6 +489,18 @@ class SMTPServerProtocol(Protocol):
             self._send(reply)
 
         self._await(self.handler.on_mail(session, txn), answer)
+
+    def _parse_path_argument(self, arg: str, prefix: str, refusal: Reply
+                             ) -> Optional[tuple[Address, dict[str, Optional[str]]]]:
+        """``FROM:<path> params`` or ``TO:<path> params``; on bad syntax the
+        refusal is sent (with the reason) and None returned.  Only MAIL may
+        carry the null path ``<>`` (RFC 5321 4.1.1.2)."""
+        try:
+            path, params = split_argument(arg, prefix)
+            return parse_path(path, allow_null=prefix == "FROM:"), params
+        except AddressError as e:
+            self._send(refusal.with_text(f"{refusal.text}: {e}"))
+            return None
 
     def _check_mail_params(self, sender: Address, params: dict[str, Optional[str]]) -> Optional[Reply]:
         assert self.session is not None
@@ -530,12 +540,10 @@ class SMTPServerProtocol(Protocol):
         if len(txn.recipients) >= self.config.limits.max_recipients:
             self._send(replies.TOO_MANY_RECIPIENTS)
             return
-        try:
-            path, params = split_argument(cmd.arg, "TO:")
-            rcpt = parse_path(path, allow_null=False)
-        except AddressError as e:
-            self._send(replies.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
+        parsed = self._parse_path_argument(cmd.arg, "TO:", replies.BAD_RECIPIENT_SYNTAX)
+        if parsed is None:
             return
+        rcpt, params = parsed
         for key in params:
             if not (key in ("NOTIFY", "ORCPT") and self._caps is not None and self._caps.dsn):
                 self._send(replies.UNKNOWN_PARAMETER.with_text(f"Unsupported RCPT parameter {key}"))
