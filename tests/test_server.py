@@ -770,10 +770,44 @@ class TimeoutTests(ServerTestCase):
         self.assertEqual(transport.value(), replies.TIMEOUT.to_bytes())
 
     def test_no_calls_left_after_close(self) -> None:
-        """After QUIT no timer is left on the clock."""
+        """After QUIT and the close, no timer is left on the clock."""
         proto, transport, handler = self.connect()
         self.talk(proto, transport, b"QUIT\r\n")
+        proto.connectionLost(None)
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+    def test_close_that_never_completes_is_aborted(self) -> None:
+        """A connection that does not finish closing (client not reading, TLS never
+        completed) is aborted CLOSE_GRACE seconds after the last reply."""
+        from mppproxy.smtp.server import CLOSE_GRACE
+        aborted = []
+        proto, transport, handler = self.connect()
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        self.talk(proto, transport, b"QUIT\r\n")
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(aborted, [])
+        self.clock.advance(0.2)
+        self.assertEqual(aborted, [True])
+
+    def test_client_that_does_not_read_stops_being_served(self) -> None:
+        """When our replies back up (the transport pauses us as a producer), pipelined
+        commands wait and reading stops; they are answered once the client reads."""
+        proto, transport, handler = self.connect()
+        proto.pauseProducing()  # what the transport does when its buffer is full
+        transport.clear()
+        proto.dataReceived(b"NOOP\r\n" * 50)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.producerState, "paused")
+        proto.resumeProducing()
+        self.assertEqual(codes(transport.value()), [250] * 50)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_deep_pipeline_without_recursion(self) -> None:
+        """Hundreds of pipelined commands answered at once are all replied to, in order."""
+        proto, transport, handler = self.connect()
+        self.talk(proto, transport, b"EHLO client.test\r\n")
+        out = self.talk(proto, transport, b"MAIL FROM:<a@example.net>\r\nRSET\r\n" * 1500)
+        self.assertEqual(codes(out), [250] * 3000)
 
 
 class ConnectionLimitTests(ServerTestCase):

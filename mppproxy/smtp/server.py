@@ -39,6 +39,8 @@ _HELO_ARGUMENT = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za
 # While a command is in flight, a client may pipeline this much before we
 # stop reading from its socket (flat memory, DESIGN.md promise 6).
 PIPELINE_BUFFER = 262144
+# Seconds a closing connection may take to flush our last reply.
+CLOSE_GRACE = 10.0
 
 
 class SessionState(enum.Enum):
@@ -161,6 +163,8 @@ class SMTPServerProtocol(Protocol):
         self._caps: Optional[Capabilities] = None
         # The client left while the end-of-DATA decision was pending: the
         # handler still reads the spool, so the cleanup waits for it.
+        self._in_process = False
+        self._output_blocked = False
         self._after_decision = False
         self._decided_in = SessionState.CLOSING
         self._hostname = hostname
@@ -174,6 +178,10 @@ class SMTPServerProtocol(Protocol):
             # Replies are small and the client waits for each one: Nagle would
             # add ~40 ms per round trip (the Haraka single-session stall).
             transport.setTcpNoDelay(True)
+        # Flow control for our replies: when the client does not read them
+        # and the socket's buffer fills, Twisted calls pauseProducing and we
+        # stop reading commands until it drains (DESIGN.md promise 6).
+        transport.registerProducer(self, True)
         peer, host = transport.getPeer(), transport.getHost()
         peer_host = getattr(peer, "host", "unknown")
         self.session = Session(peer_host, getattr(peer, "port", 0),
@@ -209,6 +217,7 @@ class SMTPServerProtocol(Protocol):
         self.state = SessionState.CLOSING
         send_now(self.transport, reply.to_bytes())
         self.transport.loseConnection()
+        self._timer = self.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def _greet(self) -> None:
         self._timer = None
@@ -293,20 +302,52 @@ class SMTPServerProtocol(Protocol):
             self._process()
         elif len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self._update_reading()
 
     def _process(self) -> None:
-        """Handle buffered input until a decision is pending or it runs out."""
+        """Handle buffered input until a decision is pending or it runs out.
+
+        Not re-entrant: a decision that completes at once (local delivery,
+        a refusal) calls back into here, and the loop already running picks
+        up the next line, so deep pipelines do not recurse."""
+        if self._in_process:
+            return
+        self._in_process = True
         try:
             self._process_buffer()
         finally:
+            self._in_process = False
             if self._reading_paused and not self._busy and len(self._buffer) < PIPELINE_BUFFER // 2:
                 self._reading_paused = False
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.state is SessionState.CLOSING:
+            return
+        if self._reading_paused or self._output_blocked:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # IPushProducer, for our own replies (see connectionMade).
+    def pauseProducing(self) -> None:
+        self._output_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if self._output_blocked:
+            self._output_blocked = False
+            self._update_reading()
+            if not self._busy:
+                self._process()
+
+    def stopProducing(self) -> None:
+        self._output_blocked = True
 
     def _process_buffer(self) -> None:
         buf = self._buffer
-        while buf and not self._busy and self.state not in (SessionState.CLOSING, SessionState.GREETING):
+        while (buf and not self._busy and not self._output_blocked
+               and self.state not in (SessionState.CLOSING, SessionState.GREETING)):
             if self.state is SessionState.DATA:
                 assert self._reader is not None
                 used = self._reader.feed(buf)
@@ -362,6 +403,16 @@ class SMTPServerProtocol(Protocol):
         self.state = SessionState.CLOSING
         self._cancel_timer()
         self.transport.loseConnection()
+        # loseConnection waits for our output to drain (and, under TLS, for a
+        # close handshake): a client that never reads, or never finishes the
+        # TLS handshake, would hold the slot.  It gets CLOSE_GRACE seconds.
+        self._timer = self.reactor.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._timer = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
 
     def _await(self, work: Awaitable[Reply], then: Callable[[Reply], None]) -> None:
         """Run a pending decision; later input waits until ``then`` ran.

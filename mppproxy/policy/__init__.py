@@ -1,0 +1,1 @@
+"""Pre-DATA policy: the checks run on connect, HELO, MAIL and RCPT."""
