@@ -185,7 +185,9 @@ class SessionGateway:
             self.relay.reset()
 
     def on_reset(self, session: Session, txn: Optional[Transaction], reason: str) -> None:
-        if txn is not None and txn.rcpt_log:
+        if txn is not None:
+            # Every transaction that began with MAIL gets its one log event,
+            # also when MAIL itself was refused or nothing was sent.
             txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
         self._reset_backend()
 

@@ -14,6 +14,8 @@ def start_json_log(config: Any) -> None:
     if not path or _started:
         return
     f = io.open(path, "a", encoding="utf-8")
-    observer = jsonFileLogObserver(f)
+    # One JSON object per line, without Twisted's default RFC 7464 record
+    # separator, so `json.loads(line)` and common log shippers read it.
+    observer = jsonFileLogObserver(f, recordSeparator="")
     globalLogPublisher.addObserver(observer)
     _started.append(observer)

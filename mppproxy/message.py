@@ -63,7 +63,6 @@ def _header_lines(spool: Spool) -> Iterator[bytes]:
     Postfix's cleanup and Python's email parser also read it."""
     carry = b""
     length = 0
-    first = True
     for chunk in spool.chunks():
         data = carry + chunk
         start = 0
@@ -76,11 +75,13 @@ def _header_lines(spool: Spool) -> Iterator[bytes]:
             if line == b"\r\n":
                 return
             if line[:1] in (b" ", b"\t"):
-                if first:
-                    return
+                # A leading folded line is kept in the header section: under
+                # our Received: header it becomes that field's continuation,
+                # and the fields after it are headers downstream, so they
+                # must be checked here too (DESIGN.md promise 7).
+                pass
             elif not _FIELD.match(line):
                 return
-            first = False
             length += len(line)
             if length > MAX_HEADER_BLOCK:
                 raise HeaderBlockTooLarge()

@@ -376,6 +376,15 @@ class PrepareTests(SynchronousTestCase):
         self.assertIs(txn.spool, spool)
         self.assertEqual(b"".join(msg.chunks()), b"From: a\r\nSubject: b\r\n\r\nbody\r\n")
 
+    def test_leading_folded_line_does_not_hide_trust_headers(self) -> None:
+        """A message that starts with a folded line still has its X-MPP- fields
+        removed: under our Received: header that line is a continuation and the
+        fields after it are headers downstream."""
+        message = b" folded-first-line\r\nX-MPP-Verdict: clean\r\nSubject: s\r\n\r\nbody\r\n"
+        msg, removed = prepare(make_session(), make_txn(message), HOSTNAME)
+        self.assertEqual(removed, 1)
+        self.assertNotIn(b"X-MPP", b"".join(msg.chunks()))
+
     def test_header_section_ends_at_first_non_header_line(self) -> None:
         """A line that is neither a field nor a continuation ends the header section,
         as Postfix and Python's email parser read it: what follows is body."""

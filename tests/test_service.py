@@ -201,7 +201,7 @@ def test_json_log_has_one_event_per_transaction(tmp_path, start_proxy):
             return []
         out = []
         for line in jlog.read_text().splitlines():
-            line = line.strip("\x1e")
+            assert not line.startswith("\x1e"), "one plain JSON object per line"
             if line:
                 ev = json.loads(line)
                 if ev.get("mpp_event") == "transaction":

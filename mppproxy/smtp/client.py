@@ -98,6 +98,10 @@ class BackendProtocol(Protocol):
             self._lines = []
             self._deliver(reply)
 
+    def discard_input(self) -> None:
+        del self._buf[:]
+        self._lines = []
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
         self._cancel_timer()
@@ -328,6 +332,10 @@ async def connect_backend(reactor: Any, config: BackendConfig, helo_name: str,
                 reply = await proto.command(b"STARTTLS", config.mail_timeout)
                 if reply.code != 220:
                     raise BackendError(_as_transient(reply), f"backend refused STARTTLS: {reply}")
+                # RFC 3207 4.2: nothing the backend sent before TLS counts;
+                # bytes already buffered after its 220 are discarded, not
+                # read as the reply to our EHLO inside TLS.
+                proto.discard_input()
                 proto.transport.startTLS(tls_context_factory)  # type: ignore[union-attr]
                 proto.tls = True
                 await _ehlo(proto, config, helo_name)
