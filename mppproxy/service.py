@@ -17,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -47,6 +48,7 @@ class ProxyService(MultiService):
         self.ports: dict[str, Any] = {}
         self.adopted: list[Any] = []
         self.workers: list[Any] = []
+        self._worker_failures: dict[int, int] = {}
         self._ctx: Any = None
         self._stopping = False
 
@@ -74,6 +76,10 @@ class ProxyService(MultiService):
             # and from the main process); Twisted's handler would raise
             # ReactorNotRunning on the second one.
             signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._stop_once))
+            # Our stdin is a pipe from the main process: EOF means it died,
+            # and a worker must not serve on alone (an orphan keeps the port).
+            from twisted.internet import stdio
+            self._parent_watch = stdio.StandardIO(_ParentWatch(self._stop_once), reactor=self.reactor)
         else:
             for desc in self.config.listen:
                 self._listen(desc)
@@ -110,34 +116,48 @@ class ProxyService(MultiService):
     def _spawn_workers(self) -> None:
         """Start ``workers - 1`` more processes that accept on the same
         listening sockets (both cores), passed as inherited descriptors."""
+        if not self.ports or self.worker_argv is None:
+            return
+        for i in range(self.config.workers - 1):
+            self._start_worker(i)
+
+    def _worker_command(self) -> tuple[list[str], dict[int, Any]]:
+        """The command line and descriptors for a worker, from the listeners
+        open now (a reload may have closed some)."""
         fds: list[str] = []
+        # fd 0 is a pipe from us: when we die the worker reads EOF and stops.
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for port in self.ports.values():
             fd = port.fileno()
-            family = port.socket.family
             child_fds[fd] = fd
-            fds.append(f"{fd}:{int(family)}")
-        if not fds or self.worker_argv is None:
-            return
+            fds.append(f"{fd}:{int(port.socket.family)}")
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "mppproxy",
-                *self.worker_argv, "--worker-fds", ",".join(fds)]
-        for i in range(self.config.workers - 1):
-            self._start_worker(argv, child_fds, i)
+                "-n", "--pidfile=", "mppproxy", *(self.worker_argv or []),
+                "--worker-fds", ",".join(fds)]
+        return argv, child_fds
 
-    def _start_worker(self, argv: list[str], child_fds: dict[int, Any], index: int) -> None:
+    def _start_worker(self, index: int) -> None:
         from twisted.internet.protocol import ProcessProtocol
 
         service = self
+        started = self.reactor.seconds()
 
         class Worker(ProcessProtocol):
             def processEnded(self, reason: Any) -> None:
                 service.workers.remove(self)
-                if not service._stopping:
-                    log.warn("worker {index} ended ({reason}); restarting", index=index,
-                             reason=str(reason.value))
-                    service.reactor.callLater(1.0, service._start_worker, argv, child_fds, index)
+                if service._stopping or not service.ports:
+                    return
+                # Back off when a worker cannot start (say, the file on disk
+                # became invalid): 1, 2, 4 ... 60 s, reset after a good run.
+                failures = service._worker_failures.get(index, 0)
+                failures = 0 if service.reactor.seconds() - started > 30 else failures + 1
+                service._worker_failures[index] = failures
+                delay = min(60.0, 2.0 ** failures)
+                log.warn("worker {index} ended ({reason}); restarting in {delay:.0f} s", index=index,
+                         reason=str(reason.value), delay=delay)
+                service.reactor.callLater(delay, service._start_worker, index)
 
+        argv, child_fds = self._worker_command()
         w = Worker()
         self.workers.append(w)
         self.reactor.spawnProcess(w, sys.executable, argv, env=os.environ.copy(), childFDs=child_fds)
@@ -201,6 +221,15 @@ class ProxyService(MultiService):
             self._ctx.pool.close_all()
         ds.append(defer.maybeDeferred(super().stopService))
         return defer.DeferredList(ds)
+
+
+class _ParentWatch(Protocol):
+    def __init__(self, on_gone: Callable[[], None]):
+        self.on_gone = on_gone
+
+    def connectionLost(self, reason: Any = None) -> None:
+        log.warn("main process is gone; worker {pid} stopping", pid=os.getpid())
+        self.on_gone()
 
 
 def with_backlog(desc: str, backlog: int) -> str:

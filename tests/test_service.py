@@ -154,6 +154,12 @@ def test_workers_share_the_listener_and_restart(tmp_path, start_proxy):
     wait_for(lambda: [p for p in worker_pids() if p not in first], 15, what="restarted worker")
     wait_for(lambda: proxy.text().count("inherited listeners") == 2, 15, what="restarted worker ready")
     assert "restarting" in proxy.text()
+    # The main process dies hard: its workers must not serve on as orphans.
+    workers = worker_pids()
+    os.kill(proxy.proc.pid, signal.SIGKILL)
+    proxy.proc.wait(10)
+    wait_for(lambda: not any(_is_worker(p) for p in workers), 15, what="orphaned workers stopping")
+    assert not _banner(port)
 
 
 def _is_worker(pid: int) -> bool:
