@@ -215,6 +215,9 @@ class ProxyService(MultiService):
                 proc.transport.signalProcess("TERM")
             except ProcessExitedAlready:
                 pass
+        if self.factory is not None:
+            for session in list(self.factory.sessions):
+                session.shut_down()
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
         ds += [defer.maybeDeferred(p.stopListening) for p in self.adopted]
         if self._ctx is not None and self._ctx.pool is not None:

@@ -219,3 +219,18 @@ def test_json_log_has_one_event_per_transaction(tmp_path, start_proxy):
     assert ev["sender"] == "a@example.net" and ev["recipients"] == ["j@example.com"]
     assert ev["action"] == "deliver" and ev["reply_code"] == 250
     assert ev["size"] > 0 and "data_ms" in ev["timings"]
+
+
+def test_shutdown_says_421_to_open_sessions(tmp_path, start_proxy):
+    """On SIGTERM an idle open session hears 421 4.3.2 before the close (RFC 5321 3.8)."""
+    port = free_port()
+    proxy = start_proxy(["--listen", f"tcp:{port}:interface=127.0.0.1", "--data-dir", str(tmp_path / "d")], port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.recv(512)
+        s.sendall(b"EHLO client.test\r\n")
+        wait_for(lambda: True, 0.2)
+        time.sleep(0.3)
+        s.recv(4096)
+        proxy.proc.send_signal(signal.SIGTERM)
+        s.settimeout(10)
+        assert s.recv(512).startswith(b"421 4.3.2 ")

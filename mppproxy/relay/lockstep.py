@@ -175,7 +175,10 @@ class LockstepRelay:
             return
         conn, self._conn = self._conn, None
         if conn is not None:
-            self.pool.release(conn, self._dirty)
+            if conn.xclient_for is not None:
+                conn.close()
+            else:
+                self.pool.release(conn, self._dirty)
         self._dirty = False
 
     async def _connection(self) -> BackendProtocol:
@@ -194,7 +197,12 @@ class LockstepRelay:
             "HELO": session.helo or "[UNAVAILABLE]",
         }
         if self.config.xclient and "XCLIENT" in conn.extensions:
+            if conn.xclient_for == session.id:
+                return  # once per connection: Postfix refuses a second one
             await self._send_attributes(conn, "XCLIENT", attrs, 220)
+            # From now on the backend takes this connection for the client's
+            # own; it is closed, not pooled, when the session ends.
+            conn.xclient_for = session.id
             # XCLIENT restarts the backend's session: greet it again, with the
             # client's own HELO name, which a new EHLO would otherwise replace
             # (Postfix XCLIENT_README).

@@ -65,6 +65,8 @@ class BackendProtocol(Protocol):
         self.extensions: dict[str, str] = {}
         self.greeting: Optional[Reply] = None
         self.tls = False
+        # The session this connection was handed to with XCLIENT, if any.
+        self.xclient_for: Optional[str] = None
 
     # -- transport events ------------------------------------------------------
 
@@ -330,6 +332,11 @@ async def connect_backend(reactor: Any, config: BackendConfig, helo_name: str,
         if config.tls != "none":
             if "STARTTLS" in proto.extensions and tls_context_factory is not None:
                 reply = await proto.command(b"STARTTLS", config.mail_timeout)
+                if reply.code != 220 and config.tls == "opportunistic":
+                    # Like Postfix's "may": no TLS is better than no mail.
+                    log.warn("backend refused STARTTLS ({reply}); continuing without TLS",
+                             reply=str(reply))
+                    return proto
                 if reply.code != 220:
                     raise BackendError(_as_transient(reply), f"backend refused STARTTLS: {reply}")
                 # RFC 3207 4.2: nothing the backend sent before TLS counts;

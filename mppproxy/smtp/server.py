@@ -129,6 +129,8 @@ class SMTPServerFactory(Factory):
         self.tls_context = tls_context
         self.counter = counter or ConnectionCounter()
         self.is_trusted = is_trusted
+        # Open sessions, so a shutdown can say goodbye (RFC 5321 3.8).
+        self.sessions: set["SMTPServerProtocol"] = set()
 
     def buildProtocol(self, addr: Any) -> "SMTPServerProtocol":
         p = SMTPServerProtocol(self.config, self.make_handler(), self.reactor, self.tls_context,
@@ -182,6 +184,9 @@ class SMTPServerProtocol(Protocol):
         # and the socket's buffer fills, Twisted calls pauseProducing and we
         # stop reading commands until it drains (DESIGN.md promise 6).
         transport.registerProducer(self, True)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.sessions.add(self)
         peer, host = transport.getPeer(), transport.getHost()
         peer_host = getattr(peer, "host", "unknown")
         self.session = Session(peer_host, getattr(peer, "port", 0),
@@ -228,6 +233,9 @@ class SMTPServerProtocol(Protocol):
             self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.sessions.discard(self)
         self._cancel_timer()
         self._cancel_data_deadline()
         previous = self.state
@@ -407,6 +415,12 @@ class SMTPServerProtocol(Protocol):
         # close handshake): a client that never reads, or never finishes the
         # TLS handshake, would hold the slot.  It gets CLOSE_GRACE seconds.
         self._timer = self.reactor.callLater(CLOSE_GRACE, self._abort)
+
+    def shut_down(self) -> None:
+        """The service is stopping: RFC 5321 3.8 asks for a 421 first.  A
+        session waiting for the backend is left to the reactor's end."""
+        if not self._busy:
+            self._close_with(replies.SHUTTING_DOWN)
 
     def _abort(self) -> None:
         self._timer = None
