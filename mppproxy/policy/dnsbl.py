@@ -22,6 +22,7 @@ import ipaddress
 import math
 import random
 import re
+import socket
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -53,8 +54,9 @@ MAX_DOMAINS = 8
 # Return-code entries per list.
 MAX_CODES = 64
 MAX_NAMESERVERS = 8
-# Queries on the wire at once, per resolver: each holds a socket.  Queries
-# past this wait for a slot, inside their own timeout.
+# Queries on the wire at once, per resolver (bounds the table of pending ids
+# and sizes the socket's receive buffer).  Queries past this wait for a
+# slot, inside their own timeout.
 MAX_IN_FLIGHT = 256
 # Far below the five minutes RFC 5321 4.5.3.2 gives the client for a reply to
 # MAIL or RCPT: a slow list costs each session at most this per query.
@@ -77,6 +79,10 @@ MAX_NEGATIVE_TTL = 10800.0
 # (RFC 6891 7).  We read more than 512, so an oversized reply from a server
 # that does not truncate is parsed rather than cut by the socket.
 UDP_READ_SIZE = 4096
+# Receive buffer asked for per query socket and query in flight: the replies
+# to a burst of queries arrive together, and Linux's default buffer (208 KiB)
+# overflowed at 256 in flight on loopback, dropping 6% of them (measured).
+RCVBUF_PER_QUERY = 4096
 # A query socket carries this many queries, then a fresh one (a new random
 # source port) takes over.
 ROTATE_AFTER = 1000
@@ -805,6 +811,7 @@ class DnsblResolver:
                 log.warn("cannot open a UDP socket on {bind} for DNS queries: {error}",
                          bind=bind, error=str(e))
                 raise _QueryError("network") from None
+            _grow_receive_buffer(channel.port, self._slots.limit * RCVBUF_PER_QUERY)
             self._channels[bind] = channel
         return channel
 
@@ -828,6 +835,20 @@ class DnsblResolver:
         return await exchange.done
 
 
+def _grow_receive_buffer(port: Any, size: int) -> None:
+    """Ask for a receive buffer of ``size`` bytes (the kernel caps it at
+    net.core.rmem_max).  Best effort: a reactor whose ports have no
+    ``socket`` keeps its default."""
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError as e:
+        log.info("cannot grow the DNS query socket's receive buffer: {error}", error=str(e))
+
+
 async def _gather(work: list[Deferred[Any]]) -> list[Any]:
     """All results, or the first failure as itself (a CancelledError stays
     one) rather than wrapped in FirstError; cancelling cancels them all."""
@@ -847,11 +868,14 @@ def _parse_reply(reply: dns.message.Message, negative_ttl: float) -> tuple[_Answ
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
         raise _QueryError(dns.rcode.to_text(rcode).lower())
     qtype = reply.question[0].rdtype
-    try:
-        chain = reply.resolve_chaining()  # follows CNAMEs; TTL is the chain's minimum
-    except (dns.message.ChainTooLong, dns.message.AnswerForNXDOMAIN, dns.exception.FormError):
-        raise _QueryError("bad_reply") from None
-    if chain.answer is not None:
+    chain = None
+    # NXDOMAIN is "not listed" whatever CNAMEs led there (RFC 6604 2.1).
+    if rcode == dns.rcode.NOERROR and reply.answer:
+        try:
+            chain = reply.resolve_chaining()  # follows CNAMEs; TTL is the chain's minimum
+        except (dns.message.ChainTooLong, dns.exception.FormError):
+            raise _QueryError("bad_reply") from None
+    if chain is not None and chain.answer is not None:
         if qtype == dns.rdatatype.TXT:
             rdatas = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in chain.answer)
         else:
