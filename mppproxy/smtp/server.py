@@ -43,6 +43,13 @@ PIPELINE_BUFFER = 262144
 CLOSE_GRACE = 10.0
 
 
+def _cancelled(call: Any) -> None:
+    """Cancel a pending DelayedCall, if any; returns None to store back."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
+
+
 class SessionState(enum.Enum):
     """Where one SMTP session stands.
 
@@ -280,9 +287,7 @@ class SMTPServerProtocol(Protocol):
             self._timer = self.reactor.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = _cancelled(self._timer)
 
     def _timed_out(self) -> None:
         self._cancel_timer()
@@ -651,9 +656,7 @@ class SMTPServerProtocol(Protocol):
         self._data_deadline = self.reactor.callLater(self.config.timeouts.data_total, self._timed_out)
 
     def _cancel_data_deadline(self) -> None:
-        if self._data_deadline is not None and self._data_deadline.active():
-            self._data_deadline.cancel()
-        self._data_deadline = None
+        self._data_deadline = _cancelled(self._data_deadline)
 
     def _end_of_data(self) -> None:
         self._cancel_data_deadline()
