@@ -8,6 +8,7 @@ the proxy decides on its own.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,27 +41,29 @@ class Reply:
     def lines(self) -> list[str]:
         return self.text.split("\n") if self.text else [""]
 
-    def to_bytes(self, enhanced_codes: bool = True) -> bytes:
+    def to_bytes(self) -> bytes:
         """The reply on the wire.  Each line repeats the enhanced code, as
         RFC 2034 section 4 asks; CR and LF in the text can never break out of
-        the reply because the text is split on them here."""
-        out = []
-        lines = [line.replace("\r", "") for line in self.lines()]
-        for i, line in enumerate(lines):
-            sep = "-" if i < len(lines) - 1 else " "
-            parts = [str(self.code)]
-            if enhanced_codes and self.enhanced:
-                parts.append(self.enhanced)
-            if line:
-                parts.append(line)
-            out.append(f"{self.code}{sep}" + " ".join(parts[1:]))
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
+        the reply because the text is split on them here.  Encoded once per
+        distinct reply: most replies are the same few constants."""
+        return _encode(self.code, self.enhanced, self.text)
+
+    def __str__(self) -> str:
+        return " ".join(p for p in (str(self.code), self.enhanced, self.text.replace("\n", " / ")) if p)
 
     def with_text(self, text: str) -> "Reply":
         return Reply(self.code, self.enhanced, text)
 
-    def __str__(self) -> str:
-        return " ".join(p for p in (str(self.code), self.enhanced, self.text.replace("\n", " / ")) if p)
+
+@functools.lru_cache(maxsize=4096)
+def _encode(code: int, enhanced: str, text: str) -> bytes:
+    lines = [line.replace("\r", "") for line in text.split("\n")] if text else [""]
+    out = []
+    for i, line in enumerate(lines):
+        sep = "-" if i < len(lines) - 1 else " "
+        words = [w for w in (enhanced, line) if w]
+        out.append(f"{code}{sep}" + " ".join(words))
+    return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
 
 
 def ensure_enhanced(reply: Reply) -> Reply:
