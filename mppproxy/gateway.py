@@ -40,8 +40,20 @@ class TrustedNetworks:
 
     def __init__(self, networks: tuple[str, ...]):
         self._nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+        # Parsing the peer address per connection showed in profiles; a busy
+        # MX sees the same clients again and again.
+        self._cache: dict[str, bool] = {}
 
     def __call__(self, host: str) -> bool:
+        known = self._cache.get(host)
+        if known is not None:
+            return known
+        if len(self._cache) > 10000:
+            self._cache.clear()
+        trusted = self._cache[host] = self._match(host)
+        return trusted
+
+    def _match(self, host: str) -> bool:
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
