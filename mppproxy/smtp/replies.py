@@ -34,10 +34,6 @@ class Reply:
     def is_transient(self) -> bool:
         return 400 <= self.code < 500
 
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
     def lines(self) -> list[str]:
         return self.text.split("\n") if self.text else [""]
 
@@ -93,8 +89,7 @@ def parse_reply_lines(lines: list[bytes]) -> Reply:
 
 
 # --- connection level -------------------------------------------------------
-# RFC 5321 4.2.3: 221 closing, 421 service not available (closing channel).
-CLOSING = Reply(221, "2.0.0", "Bye")
+# RFC 5321 4.2.3: 421 service not available, closing transmission channel.
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 # RFC 3463 4.7.0: other security or policy status; used for connection limits.
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -133,7 +128,8 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NEED_HELO = Reply(503, "5.5.1", "Send EHLO/HELO first")
 NEED_MAIL = Reply(503, "5.5.1", "Send MAIL first")
-NEED_RCPT = Reply(503, "5.5.1", "No valid recipients")
+# RFC 5321 3.3: DATA after every RCPT failed may be answered with 554.
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")

@@ -642,8 +642,7 @@ class SMTPServerProtocol(Protocol):
             self._send(replies.NEED_MAIL)
             return
         if not self.txn.recipients:
-            # RFC 5321 3.3: no valid recipients may be answered with 554.
-            self._send(Reply(554, "5.5.1", "No valid recipients"))
+            self._send(replies.NO_VALID_RECIPIENTS)
             return
         txn = self.txn
         txn.spool = Spool(self.config.limits.memory_spool_bytes, self._spool_dir)

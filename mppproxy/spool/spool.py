@@ -60,12 +60,6 @@ class Spool:
             yield block
         self._file.seek(0, io.SEEK_END)
 
-    def head(self, limit: int) -> bytes:
-        """The first ``limit`` bytes (enough for the header block)."""
-        for chunk in self.chunks(limit):
-            return chunk
-        return b""
-
     def getvalue(self) -> bytes:
         return b"".join(self.chunks())
 
