@@ -55,6 +55,7 @@ class BackendProtocol(Protocol):
         self._lines: list[bytes] = []
         self._waiting: Optional[Deferred[Reply]] = None
         self._timer: Any = None
+        self._awaited = ""
         self._paused: Optional[Deferred[None]] = None
         self._connected: Deferred[None] = Deferred()
         self.closed = False
@@ -138,7 +139,9 @@ class BackendProtocol(Protocol):
             log.info("backend said {reply} unasked; closing", reply=str(reply))
             self.close()
             return
-        self._cancel_timer()
+        # The reply timer stays armed: the next expect() resets it, which
+        # is cheaper than cancelling and scheduling one per command; if it
+        # fires with nothing awaited it does nothing.
         d, self._waiting = self._waiting, None
         d.callback(reply)
         self._send_next()
@@ -157,8 +160,12 @@ class BackendProtocol(Protocol):
         self._timer = None
 
     def _timed_out(self, what: str) -> None:
-        self._timer = None
         self._fail(BackendError(replies.BACKEND_TIMEOUT, f"backend timed out waiting for {what}"))
+
+    def _reply_timer_fired(self) -> None:
+        self._timer = None
+        if self._waiting is not None:
+            self._timed_out(self._awaited)
 
     def expect(self, timeout: float, what: str) -> Deferred[Reply]:
         """The next reply, or a BackendError after ``timeout`` seconds."""
@@ -167,7 +174,11 @@ class BackendProtocol(Protocol):
         if self._waiting is not None:
             return defer.fail(BackendError(replies.LOCAL_ERROR, "two backend commands in flight"))
         self._waiting = Deferred()
-        self._timer = self.reactor.callLater(timeout, self._timed_out, what)
+        self._awaited = what
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.reactor.callLater(timeout, self._reply_timer_fired)
         return self._waiting
 
     def command(self, line: bytes, timeout: float) -> Deferred[Reply]:

@@ -290,6 +290,9 @@ class SMTPServerProtocol(Protocol):
         self._timer = _cancelled(self._timer)
 
     def _timed_out(self) -> None:
+        if self._busy:
+            self._timer = self.reactor.callLater(self.config.timeouts.command, self._timed_out)
+            return
         self._cancel_timer()
         self._cancel_data_deadline()
         assert self.session is not None
@@ -439,7 +442,9 @@ class SMTPServerProtocol(Protocol):
         The errback turns any unexpected failure into a 451 (never a 250 on
         an error path, STYLE.md) and logs it."""
         self._busy = True
-        self._cancel_timer()
+        # The idle timer is left running (re-arming is cheaper than a new
+        # one per command); while busy, the backend's own timeouts apply and
+        # _timed_out only re-arms it.
         d = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
 
         def failed(f: Failure) -> Reply:
