@@ -92,7 +92,16 @@ def _header_lines(spool: Spool) -> Iterator[bytes]:
 
 
 def _has_trust_headers(spool: Spool) -> tuple[bool, int]:
-    """Whether the header section holds an X-MPP-* field, and its length."""
+    """Whether the header section holds an X-MPP-* field, and its length
+    (only needed, and only exact, when one is found)."""
+    # Fast path for nearly every message: the header section ends at the
+    # first empty line at the latest, so if "x-mpp-" occurs nowhere before
+    # it, no field needs reading line by line.
+    for first in spool.chunks():
+        end = first.find(b"\r\n\r\n")
+        if end >= 0 and TRUST_PREFIX not in first[:end + 2].lower():
+            return False, 0
+        break
     found = False
     length = 0
     for line in _header_lines(spool):

@@ -23,15 +23,21 @@ def _postfix_received(raw: bytes) -> bytes:
     return head[start:end].replace(b"\n\t", b" ").replace(b"\n ", b" ")
 
 
+def _relay_one(postfix: PostfixBackend, proxy_process: StartProxy, tmp_path: Path, config: str,
+               rcpt: str, helo: str = "client.test") -> bytes:
+    """One message through a proxy started with ``config``; what Postfix delivered."""
+    with _start(proxy_process, tmp_path, postfix.address, config=config) as proxy:
+        with smtplib.SMTP(proxy.host, proxy.port, local_hostname=helo, timeout=60) as s:
+            assert s.send_message(_message(rcpt, uuid.uuid4().hex)) == {}
+        [raw] = postfix.wait_messages("example.com", 1, timeout=20)
+    return raw
+
+
 def test_starttls_to_postfix_when_required(postfix: PostfixBackend, proxy_process: StartProxy,
                                            tmp_path: Path) -> None:
     """With backend.tls = "required" the proxy speaks STARTTLS to Postfix, which records TLS."""
-    token = uuid.uuid4().hex
-    with _start(proxy_process, tmp_path, postfix.address,
-                config='[backend]\nhost = "127.0.0.1"\ntls = "required"\n') as proxy:
-        with smtplib.SMTP(proxy.host, proxy.port, local_hostname="client.test", timeout=60) as s:
-            assert s.send_message(_message("tls@example.com", token)) == {}
-        [raw] = postfix.wait_messages("example.com", 1, timeout=20)
+    raw = _relay_one(postfix, proxy_process, tmp_path, '[backend]\nhost = "127.0.0.1"\ntls = "required"\n',
+                     "tls@example.com")
     received = _postfix_received(raw)
     # smtpd_tls_received_header = yes: "(using TLSv1.3 with cipher ...)"
     assert re.search(rb"\(using TLSv1\.[23] with cipher", received), received
@@ -74,12 +80,8 @@ def test_starttls_with_python_client_verifies_generated_cert(postfix: PostfixBac
 def test_xforward_is_accepted_by_postfix(postfix: PostfixBackend, proxy_process: StartProxy,
                                          tmp_path: Path) -> None:
     """With backend.xforward Postfix logs the forwarded client as orig_client."""
-    token = uuid.uuid4().hex
-    with _start(proxy_process, tmp_path, postfix.address,
-                config='[backend]\nhost = "127.0.0.1"\nxforward = true\n') as proxy:
-        with smtplib.SMTP(proxy.host, proxy.port, local_hostname="real-client.test", timeout=60) as s:
-            assert s.send_message(_message("xf@example.com", token)) == {}
-        [raw] = postfix.wait_messages("example.com", 1, timeout=20)
+    raw = _relay_one(postfix, proxy_process, tmp_path, '[backend]\nhost = "127.0.0.1"\nxforward = true\n',
+                     "xf@example.com", helo="real-client.test")
     queue_id = re.search(rb"with ESMTP id (\w+)", _postfix_received(raw)).group(1).decode()
     log = postfix.maillog.read_text(errors="replace")
     assert re.search(rf"{queue_id}: client=unknown\[127\.0\.0\.1\], orig_client=unknown\[127\.0\.0\.1\]",
@@ -89,11 +91,7 @@ def test_xforward_is_accepted_by_postfix(postfix: PostfixBackend, proxy_process:
 def test_xclient_makes_postfix_see_the_real_client(postfix: PostfixBackend, proxy_process: StartProxy,
                                                    tmp_path: Path) -> None:
     """With backend.xclient Postfix's own Received: names the client's HELO, not the proxy."""
-    token = uuid.uuid4().hex
-    with _start(proxy_process, tmp_path, postfix.address,
-                config='[backend]\nhost = "127.0.0.1"\nxclient = true\n') as proxy:
-        with smtplib.SMTP(proxy.host, proxy.port, local_hostname="real-client.test", timeout=60) as s:
-            assert s.send_message(_message("xc@example.com", token)) == {}
-        [raw] = postfix.wait_messages("example.com", 1, timeout=20)
+    raw = _relay_one(postfix, proxy_process, tmp_path, '[backend]\nhost = "127.0.0.1"\nxclient = true\n',
+                     "xc@example.com", helo="real-client.test")
     received = _postfix_received(raw)
     assert received.startswith(b"Received: from real-client.test"), received
