@@ -73,6 +73,24 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> A
             errors.append(f"{source}: {key}: must be a string, not {value!r}")
             return None
         return value
+    if typing.get_origin(tp) is dict:
+        item_tp = typing.get_args(tp)[1]
+        if not isinstance(value, Mapping):
+            errors.append(f"{source}: {key}: must be a table, not {type(value).__name__}")
+            return None
+        out = {}
+        for name, item in value.items():
+            converted = _convert(item, item_tp, f"{key}.{name}", errors, source)
+            if converted is not None:
+                out[name] = converted
+        return out
+    if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            errors.append(f"{source}: {key}: must be a list of tables ([[{key}]]), not {value!r}")
+            return None
+        items = [_convert(item, item_tp, f"{key}[{i}]", errors, source) for i, item in enumerate(value)]
+        return tuple(items) if all(i is not None for i in items) else None
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = [value]
@@ -116,12 +134,30 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[str], s
 def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> ProxyConfig:
     """Build and validate a ProxyConfig from parsed TOML-like data."""
     errors: list[str] = []
+    data = inherit_default_policy(data)
     config = _build(ProxyConfig, data, "", errors, source)
     if not errors:
         errors = [f"{source}: {problem}" for problem in _cross_checks(config)]
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def inherit_default_policy(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Each named policy starts from [policies.default]: a section it does
+    not set is the default's, a key it does not set is the default's.  Only
+    ``domains`` is never inherited."""
+    policies = data.get("policies")
+    if not isinstance(policies, Mapping):
+        return data
+    default = policies.get("default", {})
+    if not isinstance(default, Mapping):
+        return data
+    base = {k: v for k, v in default.items() if k != "domains"}
+    merged = {name: (merge(base, own) if name != "default" and isinstance(own, Mapping) else own)
+              for name, own in policies.items()}
+    merged.setdefault("default", {})
+    return {**data, "policies": merged}
 
 
 def _cross_checks(config: ProxyConfig) -> list[str]:
@@ -136,8 +172,43 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
         if "*" in d:
             problems.append(f"relay_domains: {d!r}: no wildcards; write '.{d.lstrip('*.')}' "
                             "for the subdomains of a domain")
+    problems.extend(_policy_checks(config))
+    if config.database.pool_min > config.database.pool_max:
+        problems.append("database.pool_min: is larger than database.pool_max")
     if config.tls.key_file and not config.tls.cert_file:
         problems.append("tls.key_file: is set but tls.cert_file is not")
+    return problems
+
+
+def _policy_checks(config: ProxyConfig) -> list[str]:
+    from mppproxy.config.schema import parse_nameserver
+
+    problems = []
+    if config.policies["default"].domains:
+        problems.append("policies.default.domains: the default policy is for every domain "
+                        "no other policy names; list domains only in named policies")
+    owner: dict[str, str] = {}
+    for name, policy in config.policies.items():
+        for d in policy.domains:
+            key = d.strip().rstrip(".").lower()
+            if key in owner and owner[key] != name:
+                problems.append(f"policies.{name}.domains: {d!r} is already in policies.{owner[key]}")
+            owner[key] = name
+    for i, ns in enumerate(config.dns.nameservers):
+        if parse_nameserver(ns) is None:
+            problems.append(f"dns.nameservers[{i}]: {ns!r} is not IP or IP:PORT ([IPv6]:PORT)")
+    if config.database.url:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(config.database.url)
+        except ArgumentError as e:
+            problems.append(f"database.url: not an SQLAlchemy URL: {e}")
+        else:
+            if url.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+                problems.append(f"database.url: {url.get_backend_name()!r} is not supported "
+                                "(sqlite, or mysql+pymysql for MySQL/MariaDB)")
     return problems
 
 

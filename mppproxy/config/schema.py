@@ -12,6 +12,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
+
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
 # DESIGN.md and arrive with their issues; asking for one is a config error
@@ -193,6 +195,28 @@ class LoggingConfig:
     json_file: str = ""
 
 
+def parse_nameserver(text: str) -> Optional[tuple[str, int]]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` as (ip, port); None if not."""
+    t = text.strip()
+    host, port = t, 53
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif t.count(":") == 1:
+        host, _, p = t.partition(":")
+        if not p.isdigit():
+            return None
+        port = int(p)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if 1 <= port <= 65535 else None
+
+
 def spool_directory(config: "ProxyConfig") -> str:
     import os
 
@@ -226,3 +250,8 @@ class ProxyConfig:
     tls: TLSConfig = TLSConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
+    policy: PolicyEngineConfig = PolicyEngineConfig()
+    # Named policies; "default" always exists (policy/config.py).
+    policies: dict[str, PolicyConfig] = field(default_factory=lambda: {"default": PolicyConfig()})
+    dns: DnsConfig = DnsConfig()
+    database: DatabaseConfig = DatabaseConfig()

@@ -1,0 +1,148 @@
+"""The contract every pre-DATA check keeps (STYLE.md, "a pipeline of small
+stages").
+
+A check is a small object with a ``name`` and one ``async`` method that
+takes the ``Facts`` of one recipient and returns a frozen ``CheckResult``.
+It never answers the client and never sums scores: the engine
+(``policy/engine.py``) runs the checks of a policy in order, records every
+result, adds up the scores and turns them into one reply.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+
+class Action(enum.Enum):
+    """A hard action a check may ask for instead of (or besides) a score."""
+
+    # The client, sender or recipient is whitelisted: the later checks of
+    # the policy are skipped for it, and that is logged.
+    WHITELIST = "whitelist"
+    # Refuse the recipient for good (5xx).
+    REJECT = "reject"
+    # Refuse the recipient for now (4xx): greylisting, a DNS or database
+    # failure that a policy turns into a tempfail (DESIGN.md promise 4).
+    TEMPFAIL = "tempfail"
+
+
+class Scope(enum.Enum):
+    """How often a check runs within one transaction."""
+
+    # Once per transaction: its facts (client, HELO, sender) do not change
+    # with the recipient, so the first recipient's result is reused.
+    TRANSACTION = "transaction"
+    # For every recipient.
+    RECIPIENT = "recipient"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a check may look at: one recipient of one transaction.
+
+    Addresses are as the client sent them; ``*_domain`` are lower-cased and
+    without a trailing dot ("" for the null sender or a bare postmaster).
+    """
+
+    client_ip: str
+    helo: str = ""
+    sender: str = ""
+    sender_domain: str = ""
+    recipient: str = ""
+    recipient_domain: str = ""
+    client_name: str = ""
+    policy: str = "default"
+    session_id: str = ""
+    queue_id: str = ""
+    tls: bool = False
+    # The Postfix policy protocol asks at other stages than RCPT.
+    stage: str = "rcpt"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What one check found.
+
+    ``score`` is added to the transaction's score (negative scores are
+    allowed: a DNSWL or a known-good sender).  ``reasons`` are short texts
+    for the log line and the X-MPP headers.  ``action``: a hard action, or
+    None to leave the decision to the score.  ``template`` names the reply
+    template for a refusal (``templates/replies/<template>.txt``) and
+    ``template_vars`` what it may show the client.  ``headers`` are added to
+    the message when it is relayed (``Authentication-Results:``, say).
+    """
+
+    score: float = 0.0
+    reasons: tuple[str, ...] = ()
+    action: Optional[Action] = None
+    template: str = ""
+    template_vars: tuple[tuple[str, Any], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def hit(self) -> bool:
+        return self.action is not None or self.score != 0.0
+
+
+MISS = CheckResult()
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One check's result as the engine recorded it on the transaction:
+    hits and misses alike (DESIGN.md promise 5)."""
+
+    check: str
+    result: CheckResult
+    recipient: str = ""
+    # Why the check did not run: "exempt", "disabled", "whitelisted",
+    # "timeout", "error".
+    skipped: str = ""
+
+    def as_log(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"check": self.check, "score": self.result.score}
+        if self.recipient:
+            out["recipient"] = self.recipient
+        if self.result.reasons:
+            out["reasons"] = list(self.result.reasons)
+        if self.result.action is not None:
+            out["action"] = self.result.action.value
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
+
+
+class Check:
+    """Base class for the checks in ``policy/checks/``.
+
+    ``settings`` is the check's own section of one policy (a frozen
+    dataclass from ``policy/config.py``); ``services`` holds what checks
+    share: the DNS resolver, the stores, the clock (``policy/services.py``).
+    Construction does no I/O.
+    """
+
+    name: ClassVar[str] = ""
+    scope: ClassVar[Scope] = Scope.RECIPIENT
+
+    def __init__(self, settings: Any, services: Any):
+        self.settings = settings
+        self.services = services
+
+    async def check(self, facts: Facts) -> CheckResult:
+        raise NotImplementedError
+
+
+@dataclass
+class TransactionRecord:
+    """The engine's memory for one transaction (kept in ``txn.facts``)."""
+
+    policy: Optional[str] = None
+    whitelisted: bool = False
+    # The recipient being decided was whitelisted (its later checks skipped).
+    rcpt_whitelisted: bool = False
+    score: float = 0.0
+    # Results of TRANSACTION-scoped checks, reused for later recipients.
+    once: dict[str, CheckResult] = field(default_factory=dict)
+    recorded: list[Recorded] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)

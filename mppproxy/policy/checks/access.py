@@ -1,0 +1,58 @@
+"""Whitelists and blacklists of clients, HELO names, senders, recipients."""
+from __future__ import annotations
+
+from typing import Any
+
+from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
+from mppproxy.policy.patterns import AddressSet, HeloSet, NetworkSet
+
+
+class AccessCheck(Check):
+    """Blacklists are looked at first: a client on both lists is refused
+    (an explicit "no" wins over a broad "yes").  A whitelisted client, HELO
+    or sender skips the later checks for the whole transaction (the engine
+    remembers it); a whitelisted recipient only for that recipient."""
+
+    name = "access"
+    # Runs for every recipient (recipient lists); the lookups are set probes.
+    scope = Scope.RECIPIENT
+
+    def __init__(self, settings: Any, services: Any):
+        super().__init__(settings, services)
+        s = settings
+        self._black = (("client", NetworkSet(s.blacklist_clients), "client_ip"),
+                       ("helo", HeloSet(s.blacklist_helos), "helo"),
+                       ("sender", AddressSet(s.blacklist_senders), "sender"),
+                       ("recipient", AddressSet(s.blacklist_recipients), "recipient"))
+        self._white_txn = (("client", NetworkSet(s.whitelist_clients), "client_ip"),
+                           ("helo", HeloSet(s.whitelist_helos), "helo"),
+                           ("sender", AddressSet(s.whitelist_senders), "sender"))
+        self._white_rcpt = AddressSet(s.whitelist_recipients)
+
+    async def check(self, facts: Facts) -> CheckResult:
+        for what, entries, attr in self._black:
+            value = getattr(facts, attr)
+            # The null sender is matched only by "<>" (AddressSet handles "").
+            if entries and (value or what == "sender") and value in entries:
+                return CheckResult(reasons=(f"{what} blacklisted",), action=Action.REJECT,
+                                   template="access", template_vars=(("what", _shown(what, value)),))
+        for what, entries, attr in self._white_txn:
+            value = getattr(facts, attr)
+            if entries and (value or what == "sender") and value in entries:
+                return CheckResult(reasons=(f"{what} whitelisted",), action=Action.WHITELIST)
+        if self._white_rcpt and facts.recipient in self._white_rcpt:
+            # Whitelisting a recipient must not whitelist the transaction:
+            # this result is per recipient (see engine: scope RECIPIENT).
+            return CheckResult(reasons=("recipient whitelisted",), action=Action.WHITELIST)
+        return MISS
+
+
+def _shown(what: str, value: str) -> str:
+    # What the refusal may name: the client's own facts, nothing internal.
+    if what == "sender":
+        return f"sender <{value}>"
+    if what == "recipient":
+        return f"recipient <{value}>"
+    if what == "helo":
+        return f"HELO {value}"
+    return f"client {value}"

@@ -1,0 +1,268 @@
+"""Policies: named sets of settings, one per recipient domain group.
+
+``[policies.default]`` applies to every recipient domain that no other
+policy names; ``[policies.NAME]`` with ``domains = [...]`` to those domains
+(``example.com`` exactly, ``.example.com`` its subdomains).  A named policy
+starts from the default policy: each section it does not set is the
+default's, each key it does not set in a section it does set is too.
+
+Every feature section has ``enabled`` and the three per-feature whitelists
+(``whitelist_clients``, ``whitelist_senders``, ``whitelist_recipients``)
+that exempt a client, sender or recipient from that feature only.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from mppproxy.policy.dnsbl import DnsblList, validate_dnsbl_lists
+from mppproxy.policy.patterns import check_address_patterns, check_cidrs, check_helo_patterns
+
+
+def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
+    return {"check": check, "doc": doc}
+
+
+def _at_least(minimum: float) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        if value < minimum:
+            return f"must be at least {minimum}, not {value!r}"
+        return None
+
+    return check
+
+
+def _prefix(maximum: int) -> Callable[[int], Optional[str]]:
+    def check(value: int) -> Optional[str]:
+        if not 0 <= value <= maximum:
+            return f"must be a prefix length from 0 to {maximum}, not {value}"
+        return None
+
+    return check
+
+
+def _finite(value: float) -> Optional[str]:
+    if not math.isfinite(value):
+        return f"must be a finite number, not {value!r}"
+    return None
+
+
+def _regexes(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        try:
+            re.compile(v)
+        except re.error as e:
+            return f"{v!r} is not a regular expression: {e}"
+    return None
+
+
+def _template_name(value: str) -> Optional[str]:
+    if value and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        return f"{value!r} is not a template name (letters, digits, '-' and '_')"
+    return None
+
+
+_CLIENTS = _opt(check_cidrs, "client IP addresses and CIDR ranges (IPv4 and IPv6)")
+_SENDERS = _opt(check_address_patterns, "addresses, domains, .subdomains")
+_HELOS = _opt(check_helo_patterns, "HELO names, .subdomains")
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Whitelists and blacklists (check ``access``).  A whitelisted client,
+    HELO, sender or recipient skips every later check; a blacklisted one is
+    refused with 554 5.7.1."""
+
+    enabled: bool = True
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    blacklist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_helos: tuple[str, ...] = field(default=(), metadata=_HELOS)
+    blacklist_helos: tuple[str, ...] = field(default=(), metadata=_HELOS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    blacklist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    blacklist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class BlacklistConfig:
+    """Auto-blacklist enforcement (check ``blacklist``): clients that a spam
+    trap or a threshold put on the shared blacklist are refused with 554
+    5.7.1 until their entry expires."""
+
+    enabled: bool = True
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class SpamtrapConfig:
+    """Spam traps (check ``spamtrap``): a recipient matching one of the
+    regular expressions (searched case-insensitively in the whole address)
+    is refused and the client is auto-blacklisted."""
+
+    enabled: bool = False
+    patterns: tuple[str, ...] = field(default=(), metadata=_opt(_regexes))
+    blacklist_seconds: float = field(default=3600.0, metadata=_opt(_at_least(1)))
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class ThresholdsConfig:
+    """Rate thresholds with auto-blacklisting (check ``thresholds``)."""
+
+    enabled: bool = False
+    # Sample period in seconds over which messages and spam verdicts count.
+    period: float = field(default=120.0, metadata=_opt(_at_least(1)))
+    # More than this many messages (or spam verdicts) in the period puts the
+    # client on the blacklist; 0 switches that limit off.
+    max_messages: int = field(default=0, metadata=_opt(_at_least(0)))
+    max_spam: int = field(default=0, metadata=_opt(_at_least(0)))
+    blacklist_seconds: float = field(default=3600.0, metadata=_opt(_at_least(1)))
+    # Count per address (32 / 128) or per network (24 / 64, say).
+    ipv4_prefix: int = field(default=32, metadata=_opt(_prefix(32)))
+    ipv6_prefix: int = field(default=128, metadata=_opt(_prefix(128)))
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    """Greylisting (check ``greylist``) of the triplet (client network,
+    sender, recipient)."""
+
+    enabled: bool = False
+    # A triplet seen for the first time is deferred for this long.
+    delay: float = field(default=300.0, metadata=_opt(_at_least(0)))
+    # The retry must come within this long of the first attempt.
+    retry_window: float = field(default=2 * 86400.0, metadata=_opt(_at_least(60)))
+    # A passed triplet is remembered this long after its last use.
+    lifetime: float = field(default=36 * 86400.0, metadata=_opt(_at_least(60)))
+    # A client network that passed this many triplets skips greylisting
+    # (0: never).
+    auto_whitelist_after: int = field(default=5, metadata=_opt(_at_least(0)))
+    ipv4_prefix: int = field(default=24, metadata=_opt(_prefix(32)))
+    ipv6_prefix: int = field(default=64, metadata=_opt(_prefix(128)))
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class DnsblConfig:
+    """DNS block lists (check ``dnsbl``): each listing adds its score."""
+
+    enabled: bool = False
+    lists: tuple[DnsblList, ...] = field(default=(), metadata=_opt(validate_dnsbl_lists))
+    # Ask the "domain" lists (RHSBL) about the sender domain and the HELO.
+    check_sender_domain: bool = True
+    check_helo: bool = False
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class SpfConfig:
+    """SPF, RFC 7208 (check ``spf``): a score per result, and an
+    Authentication-Results header (RFC 8601) on relayed mail."""
+
+    enabled: bool = False
+    score_fail: float = field(default=5.0, metadata=_opt(_finite))
+    score_softfail: float = field(default=2.0, metadata=_opt(_finite))
+    score_neutral: float = field(default=0.0, metadata=_opt(_finite))
+    score_none: float = field(default=0.5, metadata=_opt(_finite))
+    score_pass: float = field(default=0.0, metadata=_opt(_finite))
+    score_permerror: float = field(default=1.0, metadata=_opt(_finite))
+    score_temperror: float = field(default=0.0, metadata=_opt(_finite))
+    # Refuse "fail" outright (550 5.7.23, RFC 7372) instead of scoring it.
+    reject_fail: bool = False
+    # A DNS failure (temperror) is a 451 4.4.3 instead of a score.
+    tempfail_on_temperror: bool = False
+    add_header: bool = True
+    whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+    whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """The sum of all scores against thresholds; 0 switches one off."""
+
+    # At or above: X-Spam-Flag/X-Spam-Score headers are added when relayed.
+    tag: float = field(default=5.0, metadata=_opt(_finite))
+    # At or above: accepted and held in the quarantine instead of relayed.
+    quarantine: float = field(default=0.0, metadata=_opt(_finite))
+    # At or above before DATA: the recipient is refused (550 5.7.1).
+    reject: float = field(default=15.0, metadata=_opt(_finite))
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One named policy."""
+
+    # Recipient domains this policy is for (not in [policies.default]).
+    domains: tuple[str, ...] = ()
+    # Directory of reply templates that override the built-in ones for this
+    # policy (templates/replies/<name>.txt); relative to data_dir.
+    templates_dir: str = ""
+    access: AccessConfig = AccessConfig()
+    blacklist: BlacklistConfig = BlacklistConfig()
+    spamtrap: SpamtrapConfig = SpamtrapConfig()
+    thresholds: ThresholdsConfig = ThresholdsConfig()
+    dnsbl: DnsblConfig = DnsblConfig()
+    spf: SpfConfig = SpfConfig()
+    greylisting: GreylistConfig = GreylistConfig()
+    scoring: ScoringConfig = ScoringConfig()
+
+
+@dataclass(frozen=True)
+class PolicyEngineConfig:
+    """``[policy]``: how the engine runs."""
+
+    enabled: bool = True
+    # Clients in trusted_networks (they relay outbound mail) skip the
+    # pre-DATA checks, like Postfix's permit_mynetworks first.
+    skip_trusted: bool = True
+    # Seconds one check may take; past it the check scores nothing and is
+    # logged (a DNS list never blocks mail by itself).
+    check_timeout: float = field(default=10.0, metadata=_opt(_at_least(0.1)))
+    # A check that fails (database down, say): "tempfail" answers 451 4.3.0
+    # (DESIGN.md promise 4) or "skip" logs it and goes on.
+    on_error: str = field(default="tempfail", metadata=_opt(
+        lambda v: None if v in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {v!r}"))
+    # Site-wide reply templates overriding the built-in ones; relative to data_dir.
+    templates_dir: str = ""
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """Recursive resolvers the checks ask (DNSBL, SPF)."""
+
+    # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the nameservers in /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    timeout: float = field(default=5.0, metadata=_opt(_at_least(0.1)))
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Where shared state lives (greylist triplets, the auto-blacklist)."""
+
+    # SQLAlchemy URL; empty: SQLite at data_dir/state.sqlite.  MariaDB:
+    # "mysql+pymysql://user:password@host/dbname".
+    url: str = ""
+    # Threads that run database work off the reactor.
+    pool_min: int = field(default=1, metadata=_opt(_at_least(1)))
+    pool_max: int = field(default=8, metadata=_opt(_at_least(1)))
+    # Seconds a blacklist or greylist answer may be served from the
+    # in-process cache before the database is asked again; nodes sharing
+    # one database see each other's entries within this time.
+    cache_seconds: float = field(default=30.0, metadata=_opt(_at_least(0)))
+    # Expired rows are deleted this often (seconds).
+    purge_interval: float = field(default=3600.0, metadata=_opt(_at_least(10)))

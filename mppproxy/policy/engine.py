@@ -1,0 +1,233 @@
+"""The pre-DATA policy engine: runs the checks of one policy, records every
+result, sums the scores and turns them into one reply (STYLE.md: the
+engine decides, the checks only report).
+
+The gateway (SMTP proxy) and the Postfix policy server (``policyd/``) both
+ask ``PolicyEngine.on_recipient`` for each recipient.  A transaction gets
+the policy of its first recipient; a recipient of another policy is answered
+``452 4.5.3`` so the client sends it in a later transaction (DESIGN.md).
+
+Order per recipient:
+  1. the checks in ``SCORING_ORDER`` (access lists, auto-blacklist, spam
+     traps, thresholds, DNS lists, SPF); a whitelist ends the list, a hard
+     action ends it with a refusal;
+  2. the score so far against the policy's reject threshold;
+  3. the checks in ``FINAL_ORDER`` (greylisting), which should only see
+     mail that would otherwise be accepted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mppproxy.policy.base import (Action, Check, CheckResult, Facts, Recorded, Scope,
+                                  TransactionRecord)
+from mppproxy.policy.config import PolicyConfig, PolicyEngineConfig
+from mppproxy.policy.patterns import AddressSet, DomainSet, NetworkSet
+from mppproxy.smtp.replies import Reply
+from mppproxy.templates import ReplyRenderer
+
+log = Logger()
+
+# Config section of a policy -> the check that reads it, in the order they
+# run.  Adding a check: one module in policy/checks/, one section in
+# PolicyConfig, one name here.
+SCORING_ORDER = ("access", "blacklist", "spamtrap", "thresholds", "dnsbl", "spf")
+FINAL_ORDER = ("greylisting",)
+
+
+def check_classes() -> dict[str, type[Check]]:
+    from mppproxy.policy.checks import REGISTRY
+
+    return REGISTRY
+
+
+class Exemptions:
+    """A feature's own whitelists (``whitelist_clients``/``_senders``/
+    ``_recipients`` in its section): exempt from that feature only."""
+
+    def __init__(self, settings: Any):
+        self.clients = NetworkSet(getattr(settings, "whitelist_clients", ()))
+        self.senders = AddressSet(getattr(settings, "whitelist_senders", ()))
+        self.recipients = AddressSet(getattr(settings, "whitelist_recipients", ()))
+
+    def why(self, facts: Facts) -> Optional[str]:
+        if facts.client_ip in self.clients:
+            return "client"
+        if self.senders and facts.sender in self.senders:
+            return "sender"
+        if self.recipients and facts.recipient in self.recipients:
+            return "recipient"
+        return None
+
+
+@dataclass
+class _PolicyRuntime:
+    name: str
+    config: PolicyConfig
+    scoring: list[tuple[Check, Exemptions]]
+    final: list[tuple[Check, Exemptions]]
+
+
+class PolicyEngine:
+    """One per configuration; shared by every session of it.
+
+    ``services`` is a ``PolicyServices`` (DNS resolver, stores, counters,
+    clock); ``renderer`` renders the refusals."""
+
+    def __init__(self, engine_config: PolicyEngineConfig, policies: Mapping[str, PolicyConfig],
+                 services: Any, renderer: ReplyRenderer, reactor: Any):
+        self.config = engine_config
+        self.services = services
+        self.renderer = renderer
+        self.reactor = reactor
+        classes = check_classes()
+        self._policies: dict[str, _PolicyRuntime] = {}
+        self._domains: list[tuple[DomainSet, str]] = []
+        for name, policy in policies.items():
+            self._policies[name] = _PolicyRuntime(
+                name, policy,
+                [self._build(classes[s], getattr(policy, s)) for s in SCORING_ORDER],
+                [self._build(classes[s], getattr(policy, s)) for s in FINAL_ORDER])
+            if name != "default":
+                domains = DomainSet()
+                for d in policy.domains:
+                    domains.add(d)
+                self._domains.append((domains, name))
+
+    def _build(self, cls: type[Check], settings: Any) -> tuple[Check, Exemptions]:
+        return cls(settings, self.services), Exemptions(settings)
+
+    def policy_for(self, domain: str) -> str:
+        """The policy of a recipient domain: the named policy listing it (or
+        a parent as ``.parent``), else "default"."""
+        if domain:
+            for domains, name in self._domains:
+                if domain in domains:
+                    return name
+        return "default"
+
+    def policy(self, name: str) -> PolicyConfig:
+        return self._policies[name].config
+
+    # -- one recipient ---------------------------------------------------------
+
+    async def on_recipient(self, facts: Facts, record: TransactionRecord) -> Optional[Reply]:
+        """None when policy lets the recipient through (the backend then has
+        its say), else the refusal.  Every result lands in ``record``."""
+        policy_name = self.policy_for(facts.recipient_domain)
+        if record.policy is None:
+            record.policy = policy_name
+        elif record.policy != policy_name:
+            record.recorded.append(Recorded("policy_group", CheckResult(reasons=(
+                f"policy {policy_name} differs from the transaction's {record.policy}",)),
+                facts.recipient))
+            return self._render("policy_group", facts, record.policy)
+        facts = _with_policy(facts, policy_name)
+        if record.whitelisted:
+            return None
+        runtime = self._policies[policy_name]
+        refusal = await self._run(runtime.scoring, facts, record)
+        if refusal is not None or record.whitelisted:
+            return refusal
+        if record.rcpt_whitelisted:
+            record.rcpt_whitelisted = False
+            return None
+        reject_at = runtime.config.scoring.reject
+        if reject_at > 0 and record.score >= reject_at:
+            reasons = [r for rec in record.recorded if rec.result.score > 0 for r in rec.result.reasons]
+            return self._render("score", facts, policy_name, score=round(record.score, 2),
+                                reasons=_public(reasons))
+        refusal = await self._run(runtime.final, facts, record)
+        record.rcpt_whitelisted = False
+        return refusal
+
+    async def _run(self, checks: Iterable[tuple[Check, Exemptions]], facts: Facts,
+                   record: TransactionRecord) -> Optional[Reply]:
+        for check, exemptions in checks:
+            if not check.settings.enabled:
+                continue
+            name = check.name
+            once = check.scope is Scope.TRANSACTION
+            result = record.once.get(name) if once else None
+            if result is None:
+                exempt = exemptions.why(facts)
+                if exempt is not None:
+                    record.recorded.append(Recorded(name, CheckResult(), facts.recipient,
+                                                    skipped=f"exempt {exempt}"))
+                    continue
+                result = await self._run_one(check, facts, record)
+                if result is None:
+                    if self.config.on_error == "tempfail":
+                        return self._render("tempfail", facts, facts.policy)
+                    continue
+                if once:
+                    record.once[name] = result
+                record.score += result.score
+                record.headers.extend(result.headers)
+                record.recorded.append(Recorded(name, result, facts.recipient))
+            if result.action is Action.WHITELIST:
+                if once:
+                    record.whitelisted = True
+                else:
+                    record.rcpt_whitelisted = True
+                log.info("{check} whitelisted {what} for {recipient} from {client}", check=name,
+                         what="; ".join(result.reasons), recipient=facts.recipient,
+                         client=facts.client_ip, session_id=facts.session_id,
+                         queue_id=facts.queue_id)
+                return None
+            if result.action in (Action.REJECT, Action.TEMPFAIL):
+                return self._render(result.template or ("tempfail" if result.action is Action.TEMPFAIL
+                                                        else "access"),
+                                    facts, facts.policy, **dict(result.template_vars))
+        return None
+
+    async def _run_one(self, check: Check, facts: Facts,
+                       record: TransactionRecord) -> Optional[CheckResult]:
+        """The check's result; a timeout scores nothing (a DNS list never
+        blocks mail by itself); another failure gives None (the caller
+        applies policy.on_error) after a log line saying why."""
+        started = time.monotonic()
+        d = defer.Deferred.fromCoroutine(check.check(facts))
+        d.addTimeout(self.config.check_timeout, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            log.warn("check {check} timed out after {seconds}s for {client}; it scores nothing",
+                     check=check.name, seconds=self.config.check_timeout, client=facts.client_ip,
+                     session_id=facts.session_id, queue_id=facts.queue_id)
+            record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="timeout"))
+            return CheckResult()
+        except Exception as e:  # a failing check must never take the session with it
+            log.failure("check {check} failed for {client} after {ms} ms: {error}",
+                        check=check.name, client=facts.client_ip, error=str(e),
+                        ms=round((time.monotonic() - started) * 1000, 1),
+                        session_id=facts.session_id, queue_id=facts.queue_id)
+            record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
+            return None
+
+    def _render(self, template: str, facts: Facts, policy: str, **extra: Any) -> Reply:
+        context = {"client_ip": facts.client_ip, "helo": facts.helo, "sender": facts.sender,
+                   "sender_domain": facts.sender_domain, "recipient": facts.recipient,
+                   "recipient_domain": facts.recipient_domain, "policy": policy,
+                   "queue_id": facts.queue_id, "reason": "", "what": "", "reasons": [],
+                   "retry_seconds": 0, "score": 0}
+        context.update(extra)
+        return self.renderer.reply(template, context, policy)
+
+
+def _with_policy(facts: Facts, policy: str) -> Facts:
+    if facts.policy == policy:
+        return facts
+    from dataclasses import replace
+
+    return replace(facts, policy=policy)
+
+
+def _public(reasons: list[str]) -> list[str]:
+    # Reasons shown to the client: the check's short texts, bounded.
+    return reasons[:5]

@@ -1,0 +1,202 @@
+"""Matching clients, HELO names and addresses against admin-written lists.
+
+One notation everywhere (docs/configuration.md, "Lists"):
+
+* clients: ``192.0.2.7``, ``192.0.2.0/24``, ``2001:db8::/32``;
+* addresses: ``user@example.com`` (that address), ``user@`` (that local
+  part in any domain), ``example.com`` or ``@example.com`` (the domain),
+  ``.example.com`` or ``*.example.com`` (its subdomains, not itself), ``<>``
+  (the null sender);
+* HELO names: ``mail.example.com``, ``.example.com`` / ``*.example.com``,
+  ``[192.0.2.7]``.
+
+Matching is case-insensitive and ignores a trailing dot.  Lookups cost one
+set probe per distinct prefix length or domain label, so lists of thousands
+of entries stay cheap.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Optional
+
+
+def _domain_key(text: str) -> str:
+    return text.strip().rstrip(".").lower()
+
+
+# -- clients ------------------------------------------------------------------
+
+def check_cidrs(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        try:
+            ipaddress.ip_network(v.strip(), strict=False)
+        except ValueError:
+            return f"{v!r} is not an IP address or network (192.0.2.0/24, 2001:db8::/32)"
+    return None
+
+
+def parse_ip(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The client address, IPv4-mapped IPv6 as IPv4; None if not an address."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class NetworkSet:
+    """A set of IPv4/IPv6 networks; ``in`` takes an address string."""
+
+    def __init__(self, networks: Iterable[str]):
+        # version -> prefix length -> network addresses as integers
+        self._by_prefix: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
+        for text in networks:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+            if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped:
+                mapped = net.network_address.ipv4_mapped
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+            self._by_prefix[net.version].setdefault(net.prefixlen, set()).add(
+                int(net.network_address))
+        self._empty = not any(self._by_prefix.values())
+
+    def __bool__(self) -> bool:
+        return not self._empty
+
+    def __contains__(self, host: str) -> bool:
+        if self._empty:
+            return False
+        ip = parse_ip(host)
+        if ip is None:
+            return False
+        bits = 32 if ip.version == 4 else 128
+        value = int(ip)
+        for prefix, nets in self._by_prefix[ip.version].items():
+            mask = ((1 << prefix) - 1) << (bits - prefix) if prefix else 0
+            if value & mask in nets:
+                return True
+        return False
+
+
+# -- domains and addresses ----------------------------------------------------
+
+def _split_domain_pattern(text: str) -> tuple[str, bool]:
+    """(domain, subdomains_only) for ``example.com``/``.example.com``/``*.example.com``."""
+    t = _domain_key(text)
+    if t.startswith("*."):
+        return t[2:], True
+    if t.startswith("."):
+        return t[1:], True
+    return t, False
+
+
+def _bad_domain(domain: str) -> bool:
+    return (not domain or any(c.isspace() for c in domain) or "@" in domain
+            or "*" in domain or ".." in domain)
+
+
+def check_address_patterns(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        t = v.strip()
+        if t == "<>":
+            continue
+        if "@" in t:
+            local, _, domain = t.rpartition("@")
+            if domain and _bad_domain(_split_domain_pattern(domain)[0]):
+                return f"{v!r}: {domain!r} is not a domain name"
+            if not local and not domain:
+                return f"{v!r} is not an address pattern"
+            continue
+        if _bad_domain(_split_domain_pattern(t)[0]):
+            return (f"{v!r} is not an address pattern (user@example.com, user@, example.com, "
+                    f".example.com or <>)")
+    return None
+
+
+class DomainSet:
+    """Domains matched exactly or by a parent listed as ``.parent``."""
+
+    def __init__(self) -> None:
+        self.exact: set[str] = set()
+        self.parents: set[str] = set()
+
+    def add(self, pattern: str) -> None:
+        domain, subdomains = _split_domain_pattern(pattern)
+        (self.parents if subdomains else self.exact).add(domain)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.parents)
+
+    def __contains__(self, domain: str) -> bool:
+        d = _domain_key(domain)
+        if d in self.exact:
+            return True
+        if not self.parents:
+            return False
+        labels = d.split(".")
+        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+
+
+class AddressSet:
+    """Envelope addresses matched by the patterns above."""
+
+    def __init__(self, patterns: Iterable[str]):
+        self._addresses: set[str] = set()
+        self._locals: set[str] = set()
+        self._domains = DomainSet()
+        self._null = False
+        for p in patterns:
+            t = p.strip()
+            if t == "<>":
+                self._null = True
+            elif t.endswith("@"):
+                self._locals.add(t[:-1].lower())
+            elif t.startswith("@"):
+                self._domains.add(t[1:])
+            elif "@" in t:
+                local, _, domain = t.rpartition("@")
+                self._addresses.add(f"{local.lower()}@{_domain_key(domain)}")
+            else:
+                self._domains.add(t)
+        self._empty = not (self._addresses or self._locals or self._domains or self._null)
+
+    def __bool__(self) -> bool:
+        return not self._empty
+
+    def __contains__(self, address: str) -> bool:
+        if self._empty:
+            return False
+        if not address:
+            return self._null
+        local, at, domain = address.rpartition("@")
+        if not at:
+            local, domain = address, ""
+        local = local.lower()
+        domain = _domain_key(domain)
+        if f"{local}@{domain}" in self._addresses or local in self._locals:
+            return True
+        return bool(domain) and domain in self._domains
+
+
+def check_helo_patterns(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        t = v.strip()
+        if t.startswith("[") and t.endswith("]"):
+            continue
+        if _bad_domain(_split_domain_pattern(t)[0]):
+            return f"{v!r} is not a HELO name pattern (mail.example.com, .example.com or [192.0.2.7])"
+    return None
+
+
+class HeloSet:
+    def __init__(self, patterns: Iterable[str]):
+        self._domains = DomainSet()
+        for p in patterns:
+            self._domains.add(p.strip())
+
+    def __bool__(self) -> bool:
+        return bool(self._domains)
+
+    def __contains__(self, helo: str) -> bool:
+        return bool(helo) and helo in self._domains

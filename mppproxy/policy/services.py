@@ -1,0 +1,54 @@
+"""What the checks share: DNS, the shared stores, counters, the clock.
+
+Built once per process by the service (``make_services``) and handed to
+every check; construction does no I/O (STYLE.md).  The stores keep their
+state in SQL (``mppproxy/db``) so several edge nodes share it, behind an
+in-process cache that keeps the hot path off the database.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+
+@dataclass(frozen=True)
+class BlacklistEntry:
+    """One auto-blacklisted client network."""
+
+    network: str  # CIDR, "192.0.2.7/32" or "192.0.2.0/24"
+    reason: str  # "spamtrap", "threshold messages", "threshold spam", ...
+    expires: float  # Unix time
+
+
+class BlacklistStore(Protocol):
+    """The shared auto-blacklist (spam traps and thresholds write it, the
+    ``blacklist`` check reads it)."""
+
+    async def lookup(self, client_ip: str) -> Optional[BlacklistEntry]:
+        """The unexpired entry covering ``client_ip`` (any prefix), or None."""
+
+    async def add(self, network: str, seconds: float, reason: str) -> None:
+        """List ``network`` (CIDR) for ``seconds`` from now; an existing
+        entry is extended, never shortened."""
+
+
+class GreylistStore(Protocol):
+    async def check(self, client_net: str, sender: str, recipient: str,
+                    settings: Any) -> Optional[float]:
+        """None when the triplet (or the client network, auto-whitelisted)
+        may pass now; else the seconds the client should still wait."""
+
+
+@dataclass
+class PolicyServices:
+    reactor: Any
+    # Our name, the authserv-id of Authentication-Results (RFC 8601 2.5).
+    hostname: str = "localhost"
+    resolver: Any = None  # mppproxy.policy.dnsbl.DnsblResolver
+    blacklist: Optional[BlacklistStore] = None
+    greylist: Optional[GreylistStore] = None
+    counters: Any = None  # mppproxy.policy.counters.RateCounters
+    spf: Any = None  # the SPF evaluator
+
+    def now(self) -> float:
+        return float(self.reactor.seconds())

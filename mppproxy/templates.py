@@ -1,0 +1,143 @@
+"""Jinja2 reply templates: every refusal's text comes from one.
+
+Templates live in ``templates/replies/<name>.txt`` in the source tree (and
+inside the installed package).  A site directory (``policy.templates_dir``)
+and a per-policy directory (``policies.NAME.templates_dir``) override them
+file by file.  The code and enhanced status code of each refusal are fixed
+here, with the RFC they come from; the template gives only the text, so a
+template can never turn a refusal into an acceptance.
+
+A template that fails to render (a typo in a site template) must not lose
+mail or crash a session: the built-in template is used instead and the
+problem is logged.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+from twisted.logger import Logger
+
+from mppproxy.smtp.replies import Reply
+
+log = Logger()
+
+# template name -> (code, enhanced code)
+REFUSALS: dict[str, tuple[int, str]] = {
+    # RFC 5321 4.2.2 554 "Transaction failed"; RFC 3463 5.7.1 "Delivery not
+    # authorized, message refused".
+    "access": (554, "5.7.1"),
+    "blacklist": (554, "5.7.1"),
+    # RFC 5321 4.2.2 550 "mailbox unavailable" for the one recipient.
+    "spamtrap": (550, "5.7.1"),
+    "score": (550, "5.7.1"),
+    # RFC 6647 section 2.1 and 4.1: greylisting answers a temporary failure;
+    # 451 with RFC 3463 4.7.1 as the issue and Postfix's postscreen do.
+    "greylist": (451, "4.7.1"),
+    # RFC 7372 section 3.2: 5.7.23 "SPF validation failed".
+    "spf": (550, "5.7.23"),
+    # RFC 7372 section 3.2 / RFC 7208 section 2.6.6: temperror -> 451 4.4.3.
+    "spf_temperror": (451, "4.4.3"),
+    # RFC 3463 4.3.0: other or undefined mail system status.
+    "tempfail": (451, "4.3.0"),
+    # RFC 5321 4.5.3.1.10 and 3.3: 452 for recipients not taken in this
+    # transaction, 4.5.3 "too many recipients" makes clients retry them.
+    "policy_group": (452, "4.5.3"),
+}
+
+# The template a refusal falls back to when its own cannot be rendered.
+_FALLBACK_TEXT = {name: "Refused by policy" for name in REFUSALS}
+_FALLBACK_TEXT.update(greylist="Greylisted, please try again later",
+                      tempfail="Temporary local problem, please try again later",
+                      spf_temperror="Temporary SPF lookup failure, please try again later",
+                      policy_group="Please send this recipient in a separate transaction")
+
+# Replies are at most this long per line (RFC 5321 4.5.3.1.5: 512 octets
+# with the code and CRLF).
+_MAX_LINE = 480
+_MAX_LINES = 5
+
+
+def builtin_templates_dir() -> Path:
+    """Installed: mppproxy/templates; in a source checkout: ./templates."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "templates", package_dir.parent / "templates"):
+        if (candidate / "replies").is_dir():
+            return candidate
+    raise RuntimeError(f"built-in templates not found next to {package_dir}")
+
+
+def _clean_line(line: str) -> str:
+    # Text from the client (addresses, HELO) may be shown: keep it printable,
+    # never let it carry CR/LF into the reply (Reply.to_bytes splits lines).
+    cleaned = "".join(c if c.isprintable() else "?" for c in line.strip())
+    return cleaned[:_MAX_LINE]
+
+
+class ReplyRenderer:
+    """Renders refusals from templates; one per configuration.
+
+    ``site_dir`` and each policy's directory are searched before the
+    built-in templates.  Environments are built once per directory list."""
+
+    def __init__(self, site_dir: str = "", policy_dirs: Optional[Mapping[str, str]] = None,
+                 builtin: Optional[Path] = None):
+        self._builtin = builtin or builtin_templates_dir()
+        self._site_dir = site_dir
+        self._policy_dirs = dict(policy_dirs or {})
+        self._envs: dict[str, SandboxedEnvironment] = {}
+        self._builtin_env = self._make_env([])
+
+    def _make_env(self, dirs: list[str]) -> SandboxedEnvironment:
+        paths = [d for d in dirs if d] + [str(self._builtin)]
+        return SandboxedEnvironment(loader=jinja2.FileSystemLoader(paths),
+                                    undefined=jinja2.StrictUndefined, autoescape=False,
+                                    keep_trailing_newline=False)
+
+    def _env(self, policy: str) -> SandboxedEnvironment:
+        env = self._envs.get(policy)
+        if env is None:
+            env = self._envs[policy] = self._make_env([self._policy_dirs.get(policy, ""), self._site_dir])
+        return env
+
+    def render_text(self, name: str, context: Mapping[str, Any], policy: str = "default") -> str:
+        path = f"replies/{name}.txt"
+        for env in (self._env(policy), self._builtin_env):
+            try:
+                text = env.get_template(path).render(**context)
+            except jinja2.TemplateError as e:
+                log.error("reply template {template} for policy {policy} failed: {error}",
+                          template=path, policy=policy, error=str(e))
+                continue
+            lines = [_clean_line(line) for line in text.splitlines()]
+            lines = [line for line in lines if line][:_MAX_LINES]
+            if lines:
+                return "\n".join(lines)
+        return _FALLBACK_TEXT.get(name, "Refused by policy")
+
+    def reply(self, name: str, context: Mapping[str, Any], policy: str = "default") -> Reply:
+        code, enhanced = REFUSALS[name]
+        return Reply(code, enhanced, self.render_text(name, context, policy))
+
+    def check_templates(self) -> list[str]:
+        """Problems with the reply templates each policy would use (for
+        check-config): a missing directory or a syntax error."""
+        problems = []
+        dirs = {"policy.templates_dir": self._site_dir}
+        dirs.update({f"policies.{p}.templates_dir": d for p, d in self._policy_dirs.items()})
+        for key, d in dirs.items():
+            if d and not os.path.isdir(d):
+                problems.append(f"{key}: directory {d} does not exist")
+        for policy in ["default", *self._policy_dirs]:
+            env = self._env(policy)
+            for name in REFUSALS:
+                try:
+                    env.get_template(f"replies/{name}.txt")
+                except jinja2.TemplateSyntaxError as e:
+                    problems.append(f"template {e.filename or name}: line {e.lineno}: {e.message}")
+                except jinja2.TemplateNotFound:
+                    problems.append(f"template replies/{name}.txt: not found")
+        return problems
