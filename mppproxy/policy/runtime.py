@@ -1,0 +1,113 @@
+"""The policy engine with what it needs, for one process.
+
+``PolicyRuntime`` owns what outlives a reload (the DNS resolver and its
+cache, the state database and its stores, the rate counters) and rebuilds
+only the engine when the configuration changes.  The SMTP gateway and the
+Postfix policy server (``policyd``) both use it.  Construction does no I/O;
+``stop`` closes sockets and database connections.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import dns.resolver
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mppproxy.config.schema import ProxyConfig, parse_nameserver
+from mppproxy.policy.counters import RateCounters
+from mppproxy.policy.dnsbl import DnsblResolver
+from mppproxy.policy.engine import PolicyEngine
+from mppproxy.policy.services import PolicyServices
+from mppproxy.templates import ReplyRenderer
+
+log = Logger()
+
+
+def system_nameservers() -> tuple[tuple[str, int], ...]:
+    """The resolvers in /etc/resolv.conf (dnspython reads it; no I/O on
+    the network), else 127.0.0.1."""
+    try:
+        found = dns.resolver.Resolver(configure=True).nameservers
+    except (dns.resolver.NoResolverConfiguration, OSError):
+        found = []
+    servers = []
+    for ns in found[:4]:
+        parsed = parse_nameserver(str(ns))
+        if parsed is not None:
+            servers.append(parsed)
+    return tuple(servers) or (("127.0.0.1", 53),)
+
+
+def nameservers(config: ProxyConfig) -> tuple[tuple[str, int], ...]:
+    if config.dns.nameservers:
+        return tuple(p for p in (parse_nameserver(n) for n in config.dns.nameservers) if p)
+    return system_nameservers()
+
+
+def make_renderer(config: ProxyConfig) -> ReplyRenderer:
+    import os
+
+    def resolve(path: str) -> str:
+        return os.path.join(config.data_dir, path) if path else ""
+
+    return ReplyRenderer(resolve(config.policy.templates_dir),
+                         {name: resolve(p.templates_dir) for name, p in config.policies.items()
+                          if p.templates_dir})
+
+
+class PolicyRuntime:
+    def __init__(self, config: ProxyConfig, reactor: Any, hostname: str,
+                 database: Any = None):
+        self.reactor = reactor
+        self.config = config
+        self._dns_key = (nameservers(config), config.dns.timeout)
+        self.database = database
+        self.services = PolicyServices(
+            reactor, hostname=hostname,
+            resolver=DnsblResolver(reactor, self._dns_key[0], timeout=config.dns.timeout),
+            counters=RateCounters(reactor))
+        if database is not None:
+            self.services.blacklist = database.blacklist
+            self.services.greylist = database.greylist
+        self._attach_spf()
+        self.engine = self._make_engine(config)
+
+    def _attach_spf(self) -> None:
+        try:
+            from mppproxy.policy.spf import SpfEvaluator
+        except ImportError:  # arrives with the SPF evaluator
+            return
+        self.services.spf = SpfEvaluator(self.services.resolver)
+
+    def _make_engine(self, config: ProxyConfig) -> PolicyEngine:
+        return PolicyEngine(config.policy, config.policies, self.services, make_renderer(config),
+                            self.reactor)
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """A reload: the engine is rebuilt; the resolver only when the DNS
+        settings changed (its cache survives otherwise)."""
+        key = (nameservers(config), config.dns.timeout)
+        if key != self._dns_key:
+            old = self.services.resolver
+            self.services.resolver = DnsblResolver(self.reactor, key[0], timeout=config.dns.timeout)
+            self._dns_key = key
+            self._attach_spf()
+            old.close()
+        self.config = config
+        self.engine = self._make_engine(config)
+
+    def stop(self) -> defer.Deferred:
+        waits = [self.services.resolver.close()]
+        if self.database is not None:
+            waits.append(defer.maybeDeferred(self.database.stop))
+        return defer.gatherResults(waits, consumeErrors=True)
+
+
+def policy_active(config: ProxyConfig) -> bool:
+    return config.policy.enabled
+
+
+def runtime_for(config: ProxyConfig, reactor: Any, hostname: str,
+                database: Optional[Any] = None) -> Optional[PolicyRuntime]:
+    return PolicyRuntime(config, reactor, hostname, database) if policy_active(config) else None
