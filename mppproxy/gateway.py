@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
 from mppproxy.message import HeaderBlockTooLarge, prepare
+from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.relay.lockstep import LockstepRelay
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp import replies
@@ -78,10 +80,14 @@ class GatewayContext:
     relay_domains: RelayDomains
     trusted: TrustedNetworks
     pool: Optional[BackendPool]
+    # The pre-DATA policy engine and its services; None when policy.enabled
+    # is false.
+    policy: Optional[PolicyRuntime] = None
 
 
 def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
-                 backend_tls_context: Any = None) -> GatewayContext:
+                 backend_tls_context: Any = None,
+                 policy: Optional[PolicyRuntime] = None) -> GatewayContext:
     hostname = resolve_hostname(config)
     pool = None
     if config.backend is not None:
@@ -89,7 +95,23 @@ def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
                            backend_tls_context)
     return GatewayContext(config, reactor, threadpool, hostname,
                           RelayDomains(config.relay_domains),
-                          TrustedNetworks(config.trusted_networks), pool)
+                          TrustedNetworks(config.trusted_networks), pool, policy)
+
+
+# Where quarantined messages are held until the archive node takes them
+# (below data_dir; the Maildir macros of delivery.maildir apply).
+QUARANTINE_MAILDIR = "quarantine/%D%/%U%"
+
+
+@dataclass
+class PreDataVerdict:
+    action: str = "relay"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    refusal: Optional[Reply] = None
+
+
+def _domain_of(address: Address) -> str:
+    return address.domain.rstrip(".").lower()
 
 
 class SessionGateway:
@@ -150,28 +172,64 @@ class SessionGateway:
                          client=session.peer_host, reason=reason, session_id=session.id,
                          queue_id=txn.id)
                 return replies.RELAY_DENIED
+        runtime = self.ctx.policy
+        if runtime is not None and not (session.trusted and self.ctx.config.policy.skip_trusted):
+            refusal = await self._policy_rcpt(runtime, session, txn, rcpt)
+            if refusal is not None:
+                return refusal
         if self.relay is None:
             return replies.RECIPIENT_OK
         return await self.relay.rcpt(session, txn, rcpt, params)
 
+    async def _policy_rcpt(self, runtime: PolicyRuntime, session: Session, txn: Transaction,
+                           rcpt: Address) -> Optional[Reply]:
+        record = txn.facts.get("policy")
+        if record is None:
+            record = txn.facts["policy"] = TransactionRecord()
+        facts = Facts(client_ip=session.peer_host, helo=session.helo or "",
+                      sender=txn.sender.text, sender_domain=_domain_of(txn.sender),
+                      recipient=rcpt.text, recipient_domain=_domain_of(rcpt),
+                      session_id=session.id, queue_id=txn.id, tls=session.tls)
+        refusal = await runtime.engine.on_recipient(facts, record)
+        if refusal is not None:
+            log.info("policy {policy} refused {rcpt} from {client}: {reply}",
+                     policy=record.policy, rcpt=rcpt.text, client=session.peer_host,
+                     reply=str(refusal), session_id=session.id, queue_id=txn.id)
+        return refusal
+
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
         t_data = time.monotonic()
+        verdict = self._verdict(txn)
+        if verdict.refusal is not None:
+            # The client hit a spam trap or a threshold after some of its
+            # recipients were accepted: the whole message is refused.
+            self._reset_backend()
+            txlog.log_transaction(session, txn, "reject", verdict.refusal, {},
+                                  reason="client blacklisted during the transaction")
+            return verdict.refusal
         try:
             cfg = self.ctx.config
             message, stripped = prepare(session, txn, self.ctx.hostname if cfg.smtp.received_header else None,
-                                        cfg.limits.memory_spool_bytes, spool_directory(cfg))
+                                        cfg.limits.memory_spool_bytes, spool_directory(cfg),
+                                        verdict.headers)
         except HeaderBlockTooLarge:
             reply = Reply(552, "5.3.4", "Message header block too large")
             self._reset_backend()
             txlog.log_transaction(session, txn, "reject", reply, {})
             return reply
         txn.facts["stripped_headers"] = stripped
-        if self.relay is not None:
+        if verdict.action == "quarantine":
+            # Held, not relayed: a durable copy in the local quarantine
+            # (DESIGN.md promise 1) before the 250.
+            self._reset_backend()
+            reply = await self._deliver_local(session, txn, message, QUARANTINE_MAILDIR)
+            action = "quarantine"
+        elif self.relay is not None:
             reply = await self.relay.data(session, txn, message)
-            action = "relay"
+            action = verdict.action
         else:
             reply = await self._deliver_local(session, txn, message)
-            action = "deliver"
+            action = "deliver" if verdict.action == "relay" else verdict.action
         timings = {"data_ms": round((time.monotonic() - t_data) * 1000, 2)}
         if "t_mail" in txn.facts:
             timings["total_ms"] = round((time.monotonic() - txn.facts["t_mail"]) * 1000, 2)
@@ -179,12 +237,37 @@ class SessionGateway:
                               if reply.is_transient else "reject", reply, timings)
         return reply
 
-    async def _deliver_local(self, session: Session, txn: Transaction, message: Any) -> Reply:
+    def _verdict(self, txn: Transaction) -> "PreDataVerdict":
+        """What the pre-DATA score and results mean for the message."""
+        record: Optional[TransactionRecord] = txn.facts.get("policy")
+        runtime = self.ctx.policy
+        if record is None or record.policy is None or runtime is None:
+            return PreDataVerdict()
+        if record.blacklisted_during:
+            return PreDataVerdict(refusal=runtime.engine.refusal_after_blacklisting(record))
+        headers = list(record.headers)
+        if record.whitelisted:
+            return PreDataVerdict(headers=headers)
+        scoring = runtime.engine.policy(record.policy).scoring
+        score = round(record.score, 2)
+        action = "relay"
+        if scoring.tag > 0 and score >= scoring.tag:
+            action = "tag"
+            tests = sorted({rec.check for rec in record.recorded if rec.result.score})
+            headers += [("X-Spam-Flag", "YES"), ("X-Spam-Score", f"{score:g}"),
+                        ("X-Spam-Status", f"Yes, score={score:g} tag={scoring.tag:g} "
+                                          f"tests={','.join(tests) or 'none'}")]
+        if scoring.quarantine > 0 and score >= scoring.quarantine:
+            action = "quarantine"
+        return PreDataVerdict(action=action, headers=headers)
+
+    async def _deliver_local(self, session: Session, txn: Transaction, message: Any,
+                             template: Optional[str] = None) -> Reply:
         cfg = self.ctx.config
         try:
             paths = await deferToThreadPool(
                 self.ctx.reactor, self.ctx.threadpool, maildir.deliver, message.chunks,
-                txn.sender, list(txn.recipients), cfg.delivery.maildir, cfg.data_dir)
+                txn.sender, list(txn.recipients), template or cfg.delivery.maildir, cfg.data_dir)
         except OSError as e:
             log.error("maildir delivery failed: {error}", error=str(e), session_id=session.id,
                       queue_id=txn.id)

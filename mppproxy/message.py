@@ -9,7 +9,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from mppproxy.smtp.session import Session, Transaction
 from mppproxy.spool.spool import Spool
@@ -54,6 +54,27 @@ def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:
             f"\tby {hostname} (mppproxy) with {proto} id {txn.id}{for_clause};\r\n"
             f"\t{date}\r\n")
     return text.encode("utf-8", "replace")
+
+
+def format_header(name: str, value: str) -> bytes:
+    """One header field we add, folded at spaces to stay under 78 octets a
+    line where it can (RFC 5322 2.1.1, 2.2.3).  CR, LF and other controls in
+    the value (which may quote client text) become spaces, so a value can
+    never start a new header."""
+    clean = "".join(c if c.isprintable() else " " for c in value)
+    words = clean.split(" ")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in words:
+        if not word:
+            continue
+        if len(line) + 1 + len(word) > 78 and line.strip() and line != f"{name}:":
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def _header_lines(spool: Spool) -> Iterator[bytes]:
@@ -162,11 +183,16 @@ class OutboundMessage:
 
 
 def prepare(session: Session, txn: Transaction, hostname: Optional[str],
-            spool_limit: int = 1048576, spool_dir: Optional[str] = None) -> tuple[OutboundMessage, int]:
+            spool_limit: int = 1048576, spool_dir: Optional[str] = None,
+            extra_headers: Iterable[tuple[str, str]] = ()) -> tuple[OutboundMessage, int]:
     """The outbound message and the number of X-MPP-* headers removed.  When
-    some were removed, ``txn.spool`` is replaced by the cleaned copy."""
+    some were removed, ``txn.spool`` is replaced by the cleaned copy.
+    ``extra_headers`` (Authentication-Results, X-Spam-*) go right below our
+    Received:, as trace and result fields belong on top (RFC 8601 2.1)."""
     assert txn.spool is not None
     prefix = received_header(session, txn, hostname) if hostname else b""
+    for name, value in extra_headers:
+        prefix += format_header(name, value)
     found, length = _has_trust_headers(txn.spool)
     if not found:
         return OutboundMessage(prefix, txn.spool, 0), 0

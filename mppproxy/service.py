@@ -23,7 +23,8 @@ from twisted.logger import Logger
 
 from mppproxy.config.load import ConfigError
 from mppproxy.config.schema import ProxyConfig, spool_directory
-from mppproxy.gateway import SessionGateway, make_context
+from mppproxy.gateway import SessionGateway, make_context, resolve_hostname
+from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
 
@@ -50,19 +51,33 @@ class ProxyService(MultiService):
         self.workers: list[Any] = []
         self._worker_failures: dict[int, int] = {}
         self._ctx: Any = None
+        self.policy: Optional[PolicyRuntime] = None
         self._stopping = False
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
         bctx = backend_context(config.backend) if config.backend else None
-        ctx = make_context(config, self.reactor, threadpool, bctx)
+        ctx = make_context(config, self.reactor, threadpool, bctx, self.policy)
         tls = server_context(config, ctx.hostname)
         return ctx, tls
+
+    def _update_policy(self, config: ProxyConfig) -> None:
+        """Start, reconfigure or stop the policy runtime for ``config``; its
+        resolver cache and database connections survive a reload."""
+        if not config.policy.enabled:
+            if self.policy is not None:
+                self.policy.stop()
+                self.policy = None
+        elif self.policy is None:
+            self.policy = runtime_for(config, self.reactor, resolve_hostname(config))
+        else:
+            self.policy.reconfigure(config)
 
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.config.data_dir, exist_ok=True)
         os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
+        self._update_policy(self.config)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
         self.factory = SMTPServerFactory(self.config, lambda: SessionGateway(ctx), self.reactor,
@@ -171,6 +186,7 @@ class ProxyService(MultiService):
 
         def apply(config: ProxyConfig) -> None:
             os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
+            self._update_policy(config)
             ctx, tls = self._build_factory_parts(config)
             old_ctx = self._ctx
             assert self.factory is not None
@@ -222,6 +238,8 @@ class ProxyService(MultiService):
         ds += [defer.maybeDeferred(p.stopListening) for p in self.adopted]
         if self._ctx is not None and self._ctx.pool is not None:
             self._ctx.pool.close_all()
+        if self.policy is not None:
+            ds.append(self.policy.stop())
         ds.append(defer.maybeDeferred(super().stopService))
         return defer.DeferredList(ds)
 

@@ -77,6 +77,17 @@ def _clean_line(line: str) -> str:
     return cleaned[:_MAX_LINE]
 
 
+def _clean_value(value: Any) -> Any:
+    """Client-supplied text in the context (addresses, HELO) loses its
+    control characters before a template sees it: a CR/LF in a value must
+    not start a reply line of its own."""
+    if isinstance(value, str):
+        return "".join(c if c.isprintable() else "?" for c in value)
+    if isinstance(value, (list, tuple)):
+        return [_clean_value(v) for v in value]
+    return value
+
+
 class ReplyRenderer:
     """Renders refusals from templates; one per configuration.
 
@@ -105,6 +116,7 @@ class ReplyRenderer:
 
     def render_text(self, name: str, context: Mapping[str, Any], policy: str = "default") -> str:
         path = f"replies/{name}.txt"
+        context = {k: _clean_value(v) for k, v in context.items()}
         for env in (self._env(policy), self._builtin_env):
             try:
                 text = env.get_template(path).render(**context)

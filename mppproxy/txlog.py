@@ -18,6 +18,7 @@ log = Logger(namespace="mppproxy.transaction")
 
 def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
                     timings: dict[str, Any], reason: Optional[str] = None) -> None:
+    record = txn.facts.get("policy")
     log.info(
         "transaction {queue_id} from {client}: {action} ({reply_text})",
         mpp_event="transaction",
@@ -38,4 +39,7 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         reason=reason,
         stripped_headers=txn.facts.get("stripped_headers", 0),
         timings=timings,
+        policy=record.policy if record is not None else None,
+        score=round(record.score, 2) if record is not None else None,
+        checks=[r.as_log() for r in record.recorded] if record is not None else [],
     )

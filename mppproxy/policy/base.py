@@ -17,9 +17,11 @@ from typing import Any, ClassVar, Optional
 class Action(enum.Enum):
     """A hard action a check may ask for instead of (or besides) a score."""
 
-    # The client, sender or recipient is whitelisted: the later checks of
-    # the policy are skipped for it, and that is logged.
+    # The client, HELO or sender is whitelisted: the later checks of the
+    # policy are skipped for the whole transaction, and that is logged.
     WHITELIST = "whitelist"
+    # Only this recipient is whitelisted: its later checks are skipped.
+    WHITELIST_RECIPIENT = "whitelist_recipient"
     # Refuse the recipient for good (5xx).
     REJECT = "reject"
     # Refuse the recipient for now (4xx): greylisting, a DNS or database
@@ -79,6 +81,9 @@ class CheckResult:
     template: str = ""
     template_vars: tuple[tuple[str, Any], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+    # The check put the client on the auto-blacklist: the engine refuses
+    # the client's message even for recipients accepted before.
+    blacklisted: bool = False
 
     @property
     def hit(self) -> bool:
@@ -124,6 +129,9 @@ class Check:
 
     name: ClassVar[str] = ""
     scope: ClassVar[Scope] = Scope.RECIPIENT
+    # The engine applies the section's whitelist_* keys as exemptions from
+    # this check; the access check reads them as its own lists instead.
+    exemptible: ClassVar[bool] = True
 
     def __init__(self, settings: Any, services: Any):
         self.settings = settings
@@ -142,6 +150,8 @@ class TransactionRecord:
     # The recipient being decided was whitelisted (its later checks skipped).
     rcpt_whitelisted: bool = False
     score: float = 0.0
+    # A check blacklisted the client during this transaction.
+    blacklisted_during: bool = False
     # Results of TRANSACTION-scoped checks, reused for later recipients.
     once: dict[str, CheckResult] = field(default_factory=dict)
     recorded: list[Recorded] = field(default_factory=list)

@@ -51,6 +51,8 @@ class Exemptions:
     ``_recipients`` in its section): exempt from that feature only."""
 
     def __init__(self, settings: Any):
+        if settings is None:
+            settings = object()
         self.clients = NetworkSet(getattr(settings, "whitelist_clients", ()))
         self.senders = AddressSet(getattr(settings, "whitelist_senders", ()))
         self.recipients = AddressSet(getattr(settings, "whitelist_recipients", ()))
@@ -100,7 +102,7 @@ class PolicyEngine:
                 self._domains.append((domains, name))
 
     def _build(self, cls: type[Check], settings: Any) -> tuple[Check, Exemptions]:
-        return cls(settings, self.services), Exemptions(settings)
+        return cls(settings, self.services), Exemptions(settings if cls.exemptible else None)
 
     def policy_for(self, domain: str) -> str:
         """The policy of a recipient domain: the named policy listing it (or
@@ -128,6 +130,10 @@ class PolicyEngine:
                 facts.recipient))
             return self._render("policy_group", facts, record.policy)
         facts = _with_policy(facts, policy_name)
+        if record.blacklisted_during:
+            # A spam trap or threshold listed the client in this very
+            # transaction: its other recipients are refused too.
+            return self._render("blacklist", facts, policy_name, reason="policy violation")
         if record.whitelisted:
             return None
         runtime = self._policies[policy_name]
@@ -169,9 +175,11 @@ class PolicyEngine:
                     record.once[name] = result
                 record.score += result.score
                 record.headers.extend(result.headers)
+                if result.blacklisted:
+                    record.blacklisted_during = True
                 record.recorded.append(Recorded(name, result, facts.recipient))
-            if result.action is Action.WHITELIST:
-                if once:
+            if result.action in (Action.WHITELIST, Action.WHITELIST_RECIPIENT):
+                if result.action is Action.WHITELIST:
                     record.whitelisted = True
                 else:
                     record.rcpt_whitelisted = True
@@ -209,6 +217,12 @@ class PolicyEngine:
                         session_id=facts.session_id, queue_id=facts.queue_id)
             record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
             return None
+
+    def refusal_after_blacklisting(self, record: TransactionRecord) -> Reply:
+        """The reply at end of DATA for a client blacklisted while its
+        transaction was open (a spam trap among its recipients)."""
+        return self.renderer.reply("blacklist", {"client_ip": "", "reason": "policy violation"},
+                                   record.policy or "default")
 
     def _render(self, template: str, facts: Facts, policy: str, **extra: Any) -> Reply:
         context = {"client_ip": facts.client_ip, "helo": facts.helo, "sender": facts.sender,

@@ -16,6 +16,7 @@ class AccessCheck(Check):
     name = "access"
     # Runs for every recipient (recipient lists); the lookups are set probes.
     scope = Scope.RECIPIENT
+    exemptible = False
 
     def __init__(self, settings: Any, services: Any):
         super().__init__(settings, services)
@@ -41,9 +42,8 @@ class AccessCheck(Check):
             if entries and (value or what == "sender") and value in entries:
                 return CheckResult(reasons=(f"{what} whitelisted",), action=Action.WHITELIST)
         if self._white_rcpt and facts.recipient in self._white_rcpt:
-            # Whitelisting a recipient must not whitelist the transaction:
-            # this result is per recipient (see engine: scope RECIPIENT).
-            return CheckResult(reasons=("recipient whitelisted",), action=Action.WHITELIST)
+            # Whitelisting a recipient must not whitelist the transaction.
+            return CheckResult(reasons=("recipient whitelisted",), action=Action.WHITELIST_RECIPIENT)
         return MISS
 
 

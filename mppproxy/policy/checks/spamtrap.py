@@ -42,4 +42,5 @@ class SpamtrapCheck(Check):
                      recipient=facts.recipient, client=facts.client_ip,
                      seconds=self.settings.blacklist_seconds, session_id=facts.session_id,
                      queue_id=facts.queue_id)
-        return CheckResult(reasons=("spam trap",), action=Action.REJECT, template="spamtrap")
+        return CheckResult(reasons=("spam trap",), action=Action.REJECT, template="spamtrap",
+                           blacklisted=True)

@@ -40,4 +40,4 @@ class ThresholdsCheck(Check):
                  seconds=s.blacklist_seconds, client=facts.client_ip,
                  session_id=facts.session_id, queue_id=facts.queue_id)
         return CheckResult(reasons=(why,), action=Action.REJECT, template="blacklist",
-                           template_vars=(("reason", "too much mail"),))
+                           template_vars=(("reason", "too much mail"),), blacklisted=True)
