@@ -11,8 +11,12 @@ setup(
     python_requires=">=3.11",
     # twisted.plugins is listed so the dropin reaches site-packages
     # (Twisted docs/core/howto/tap.rst); it has no __init__.py on purpose.
-    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/mppproxy_plugin.py"]},
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins", "mppproxy.templates"],
+    # The Jinja2 templates live at the top of the repository (templates/) and
+    # are installed inside the package as mppproxy/templates.
+    package_dir={"mppproxy.templates": "templates"},
+    package_data={"twisted": ["plugins/mppproxy_plugin.py"],
+                  "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2"]},
     include_package_data=True,
     install_requires=[
         "twisted>=23.10",

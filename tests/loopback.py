@@ -18,6 +18,7 @@ from twisted.internet import defer, tcp
 from fakes_backend import poll_until
 from mppproxy.config.schema import (BackendConfig, LimitsConfig, ProxyConfig, SmtpConfig,
                                     TimeoutsConfig, TLSConfig)
+from mppproxy.config.load import from_mapping
 from mppproxy.service import ProxyService
 
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -33,13 +34,22 @@ def proxy_config(data_dir: str, backend_port: Optional[int] = None, *,
                  timeouts: Optional[dict[str, Any]] = None,
                  relay_domains: tuple[str, ...] = ("example.com",),
                  trusted_networks: tuple[str, ...] = ("10.255.255.0/24",),
-                 tls: bool = False) -> ProxyConfig:
+                 tls: bool = False,
+                 policy: Optional[dict[str, Any]] = None) -> ProxyConfig:
     """A configuration for one in-process proxy.  127.0.0.1 is *not* trusted
     (relay control applies), like ``--trusted-network 10.255.255.0/24``."""
     backend_cfg = None
     if backend_port is not None:
         backend_cfg = BackendConfig(host="127.0.0.1", port=backend_port, **(backend or {}))
+    # [policy], [policies.*], [dns], [database] as TOML-like data, through
+    # the real loader (default inheritance, validation).
+    extra = {}
+    if policy is not None:
+        loaded = from_mapping(policy, "test policy")
+        extra = {"policy": loaded.policy, "policies": loaded.policies, "dns": loaded.dns,
+                 "database": loaded.database}
     return ProxyConfig(
+        **extra,
         data_dir=data_dir, listen=(LISTEN,), backend=backend_cfg,
         relay_domains=relay_domains, trusted_networks=trusted_networks,
         smtp=SmtpConfig(**{"hostname": PROXY_HOSTNAME, **(smtp or {})}),

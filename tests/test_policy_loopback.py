@@ -1,0 +1,218 @@
+"""The policy engine through the proxy on loopback: client -> proxy -> fake backend.
+
+Each check is driven by a real SMTP client (smtplib, in a thread) against the
+in-process proxy; the state database is SQLite in the test's directory; DNS
+lists are served by the real Twisted Names server of test_dnsbl on
+127.0.0.1.  Clients connect from chosen loopback source addresses (all of
+127/8 is local) so a test can be a "listed" client.  127.0.0.0/8 is not
+trusted here, so the checks apply.
+"""
+from __future__ import annotations
+
+import smtplib
+import time
+from typing import Any, Optional
+
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from fakes_backend import FakeBackend
+from loopback import CLIENT_TIMEOUT, InProcessProxy, proxy_config, start_proxy, wait_reactor_quiet
+from test_dnsbl import start_dns_server
+
+MESSAGE = b"From: <s@client.test>\r\nSubject: policy\r\n\r\nbody\r\n"
+
+
+def session(port: int, rcpts: tuple[str, ...], sender: str = "s@client.test",
+            source: str = "127.0.0.1", helo: str = "client.test",
+            message: bytes = MESSAGE) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=CLIENT_TIMEOUT,
+                      source_address=(source, 0)) as s:
+        s.ehlo(helo)
+        out["mail"] = s.mail(sender)
+        out["rcpt"] = [s.rcpt(r) for r in rcpts]
+        if any(code == 250 for code, _ in out["rcpt"]):
+            out["data"] = s.data(message)
+        s.quit()
+    return out
+
+
+class PolicyCase(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        wait_reactor_quiet(self)
+
+    def start(self, policy: dict[str, Any], fake: Optional[FakeBackend] = None
+              ) -> tuple[FakeBackend, InProcessProxy]:
+        fake = fake or FakeBackend()
+        port = fake.start_for(self)
+        config = proxy_config(self.mktemp(), port, policy=policy,
+                              relay_domains=("example.com", "school.example"))
+        return fake, start_proxy(self, config)
+
+    async def run_session(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        return await deferToThread(session, *args, **kw)
+
+
+class AccessTests(PolicyCase):
+
+    async def test_blacklisted_client_refused_before_the_backend_hears(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"access": {
+            "blacklist_clients": ["127.0.0.5/32"]}}}})
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.5")
+        code, text = out["rcpt"][0]
+        self.assertEqual(code, 554)
+        self.assertTrue(text.startswith(b"5.7.1 Access denied"), text)
+        self.assertNotIn(b"RCPT TO:<a@example.com>", fake.commands())
+        # another client is fine
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.6")
+        self.assertEqual(out["data"][0], 250)
+        self.assertEqual(len(fake.messages), 1)
+
+    async def test_blacklisted_sender_and_whitelisted_recipient(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"access": {
+            "blacklist_senders": [".spam.example"], "whitelist_recipients": ["postmaster@"]},
+            "spamtrap": {"enabled": True, "patterns": ["^postmaster@"]}}}})
+        out = await self.run_session(proxy.port, ("a@example.com",), sender="x@mx.spam.example")
+        self.assertEqual(out["rcpt"][0][0], 554)
+        # the whitelisted recipient skips the (deliberately silly) trap
+        out = await self.run_session(proxy.port, ("postmaster@example.com",))
+        self.assertEqual(out["rcpt"][0][0], 250)
+        self.assertEqual(out["data"][0], 250)
+
+
+class PolicyGroupTests(PolicyCase):
+
+    async def test_recipient_of_another_policy_gets_452_4_5_3(self) -> None:
+        fake, proxy = self.start({"policies": {"school": {"domains": ["school.example"]}}})
+        out = await self.run_session(proxy.port, ("a@school.example", "b@example.com",
+                                                  "c@school.example"))
+        self.assertEqual([c for c, _ in out["rcpt"]], [250, 452, 250])
+        self.assertTrue(out["rcpt"][1][1].startswith(b"4.5.3 "))
+        [msg] = fake.messages
+        self.assertEqual(msg.recipients, [b"a@school.example", b"c@school.example"])
+
+
+class SpamtrapTests(PolicyCase):
+
+    async def test_trap_refuses_recipient_then_everything_from_the_client(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"spamtrap": {
+            "enabled": True, "patterns": [r"^trap@example\.com$"], "blacklist_seconds": 600}}}})
+        out = await self.run_session(proxy.port, ("good@example.com", "trap@example.com",
+                                                  "other@example.com"), source="127.0.0.7")
+        self.assertEqual([c for c, _ in out["rcpt"]], [250, 550, 554])
+        self.assertNotIn(b"trap", out["rcpt"][1][1].lower())
+        # the recipient accepted before the trap does not get the message through
+        self.assertEqual(out["data"][0], 554)
+        self.assertEqual(fake.messages, [])
+        # a new session from the same client is refused at once
+        out = await self.run_session(proxy.port, ("good@example.com",), source="127.0.0.7")
+        self.assertEqual(out["rcpt"][0][0], 554)
+        # other clients are not affected
+        out = await self.run_session(proxy.port, ("good@example.com",), source="127.0.0.8")
+        self.assertEqual(out["data"][0], 250)
+
+
+class ThresholdTests(PolicyCase):
+
+    async def test_too_many_messages_blacklist_the_client(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"thresholds": {
+            "enabled": True, "max_messages": 3, "period": 60}}}})
+        codes = []
+        for _ in range(5):
+            out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.9")
+            codes.append(out["rcpt"][0][0])
+        self.assertEqual(codes, [250, 250, 250, 554, 554])
+        self.assertEqual(len(fake.messages), 3)
+
+    async def test_exempt_relay_host_is_never_blacklisted(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"thresholds": {
+            "enabled": True, "max_messages": 1, "whitelist_clients": ["127.0.0.10"]}}}})
+        for _ in range(3):
+            out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.10")
+            self.assertEqual(out["data"][0], 250)
+
+
+class DnsblTests(PolicyCase):
+
+    def dnsbl_policy(self, score: float, **scoring: float) -> dict[str, Any]:
+        _, dns_port = start_dns_server(self)
+        return {"dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+                "policies": {"default": {
+                    "dnsbl": {"enabled": True, "lists": [{"zone": "zen.test", "score": score}]},
+                    "scoring": {"tag": 5, "reject": 15, **scoring}}}}
+
+    async def test_listed_client_over_reject_score_is_refused(self) -> None:
+        fake, proxy = self.start(self.dnsbl_policy(20))
+        # zen.test lists 127.0.0.2
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
+        code, text = out["rcpt"][0]
+        self.assertEqual(code, 550)
+        self.assertIn(b"5.7.1", text)
+        self.assertIn(b"listed in zen.test", text)
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.20")
+        self.assertEqual(out["data"][0], 250)
+
+    async def test_listed_client_under_reject_is_tagged(self) -> None:
+        fake, proxy = self.start(self.dnsbl_policy(6))
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
+        self.assertEqual(out["data"][0], 250)
+        [msg] = fake.messages
+        self.assertIn(b"X-Spam-Flag: YES\r\n", msg.data)
+        self.assertIn(b"X-Spam-Score: 6\r\n", msg.data)
+        self.assertIn(b"tests=dnsbl", msg.data)
+
+    async def test_listed_client_over_quarantine_is_held_not_relayed(self) -> None:
+        fake, proxy = self.start(self.dnsbl_policy(11, quarantine=10))
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
+        self.assertEqual(out["data"][0], 250)
+        self.assertEqual(fake.messages, [])
+        import glob
+        import os
+        held = glob.glob(os.path.join(proxy.service.config.data_dir, "quarantine", "example.com",
+                                      "a", "new", "*"))
+        self.assertEqual(len(held), 1)
+
+    async def test_dead_dns_server_scores_nothing_and_mail_flows(self) -> None:
+        from test_dnsbl import start_silent_server
+
+        silent = start_silent_server(self)
+        fake, proxy = self.start({"dns": {"nameservers": [f"127.0.0.1:{silent}"], "timeout": 0.5},
+                                  "policies": {"default": {"dnsbl": {
+                                      "enabled": True, "lists": [{"zone": "zen.test", "score": 20}]}}}})
+        started = time.monotonic()
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
+        self.assertEqual(out["data"][0], 250)
+        self.assertLess(time.monotonic() - started, 5)
+
+
+class GreylistTests(PolicyCase):
+
+    async def test_first_attempt_deferred_retry_after_delay_passes(self) -> None:
+        fake, proxy = self.start({"policies": {"default": {"greylisting": {
+            "enabled": True, "delay": 1}}}})
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.11")
+        code, text = out["rcpt"][0]
+        self.assertEqual(code, 451)
+        self.assertTrue(text.startswith(b"4.7.1 "), text)
+        self.assertNotIn(b"RCPT TO:<a@example.com>", fake.commands())
+        await deferToThread(time.sleep, 1.2)
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.11")
+        self.assertEqual(out["data"][0], 250)
+        # the same /24 is the same greylisting client: the passed triplet holds
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.12")
+        self.assertEqual(out["data"][0], 250)
+
+
+class TrustedTests(PolicyCase):
+
+    async def test_trusted_clients_skip_the_checks(self) -> None:
+        fake = FakeBackend()
+        port = fake.start_for(self)
+        config = proxy_config(self.mktemp(), port, trusted_networks=("127.0.0.0/8",), policy={
+            "policies": {"default": {"access": {"blacklist_clients": ["127.0.0.0/8"]}}}})
+        proxy = start_proxy(self, config)
+        out = await self.run_session(proxy.port, ("a@example.com",))
+        self.assertEqual(out["data"][0], 250)
