@@ -430,3 +430,17 @@ def test_builtin_templates_all_render():
                    "reason": "", "what": "", "reasons": ["listed in a.example"], "retry_seconds": 5,
                    "score": 1}
         assert renderer.reply(name, context).text
+
+
+def test_check_files_reports_a_broken_site_template(tmp_path):
+    from mppproxy.config.load import check_files
+
+    (tmp_path / "tpl" / "replies").mkdir(parents=True)
+    (tmp_path / "tpl" / "replies" / "greylist.txt").write_text("{% if %}")
+    config = from_mapping({"data_dir": str(tmp_path), "policy": {"templates_dir": "tpl"},
+                           "policies": {"p": {"domains": ["x.example"], "templates_dir": "missing"}}})
+    with pytest.raises(ConfigError) as info:
+        check_files(config)
+    text = str(info.value)
+    assert "greylist.txt: line 1" in text
+    assert "policies.p.templates_dir: directory" in text

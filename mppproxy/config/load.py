@@ -231,6 +231,11 @@ def check_files(config: ProxyConfig) -> None:
         problem = _writable_dir(os.path.dirname(os.path.abspath(config.logging.json_file)))
         if problem:
             errors.append(f"logging.json_file: {problem}")
+    if config.policy.enabled:
+        from mppproxy.policy.runtime import make_renderer
+
+        # Reply templates: directories exist, every template parses.
+        errors.extend(make_renderer(config).check_templates())
     problem = _creatable_dir(config.data_dir)
     if problem:
         errors.append(f"data_dir: {problem}")
