@@ -32,6 +32,7 @@ from mppproxy.policy.dnsbl import DnsblResolver, DnsError, to_query_name
 from mppproxy.policy.services import PolicyServices
 from mppproxy.policy.spf import (SpfEvaluator, SpfResult, _Evaluation, _PermError, is_spf_record,
                                  parse_macro_string, parse_record, spf_domain)
+from mppproxy.templates import ReplyRenderer
 
 reactor: Any = _reactor
 
@@ -1185,6 +1186,19 @@ class CheckTests(SpfCase):
         res = await self.check(reject_fail=True).check(facts)
         self.assertEqual((res.action, res.template), (Action.REJECT, "spf"))
 
+    async def test_reject_reply_carries_explanation(self) -> None:
+        """The 550 5.7.23 reply for a rejected fail names the domain and its explanation."""
+        facts = Facts(client_ip="1.2.3.4", helo="mail.example.com", sender="a@e4.mod.example.com",
+                      sender_domain="e4.mod.example.com")
+        res = await self.check(reject_fail=True).check(facts)
+        self.assertEqual(dict(res.template_vars)["explanation"], "See me.")
+        context = {"client_ip": facts.client_ip, "sender_domain": facts.sender_domain}
+        context.update(res.template_vars)
+        reply = ReplyRenderer().reply(res.template, context)
+        self.assertEqual((reply.code, reply.enhanced), (550, "5.7.23"))
+        self.assertEqual(reply.text, "SPF check failed: e4.mod.example.com does not designate "
+                                     "1.2.3.4 as permitted sender: See me.")
+
     async def test_tempfail_on_temperror(self) -> None:
         """tempfail_on_temperror turns a temperror into a TEMPFAIL with 'spf_temperror'."""
         facts = Facts(client_ip="1.2.3.4", helo="mail.example.com",
@@ -1213,3 +1227,27 @@ class CheckTests(SpfCase):
                                         'a "b"@example.org', "192.0.2.1", "h")
         self.assertEqual(header, 'mx.example.net; spf=fail (client 192.0.2.1) '
                                  'smtp.mailfrom="a \\"b\\"@example.org"')
+
+
+class RuntimeTests(unittest.TestCase):
+
+    def test_runtime_attaches_a_bounded_evaluator(self) -> None:
+        """The policy runtime gives checks an SpfEvaluator on its resolver whose time
+        bound stays under the engine's check timeout, and a new one on reload."""
+        from dataclasses import replace
+
+        from mppproxy.config.schema import ProxyConfig
+        from mppproxy.policy.runtime import PolicyRuntime
+
+        config = ProxyConfig()
+        config = replace(config, dns=replace(config.dns, nameservers=("127.0.0.1:53",)))
+        runtime = PolicyRuntime(config, Clock(), "mx.example.net")
+        self.addCleanup(runtime.stop)
+        spf = runtime.services.spf
+        self.assertIsInstance(spf, SpfEvaluator)
+        self.assertIs(spf.resolver, runtime.services.resolver)
+        self.assertEqual(spf.hostname, "mx.example.net")
+        self.assertLess(spf.timeout, config.policy.check_timeout)
+        runtime.reconfigure(replace(config, policy=replace(config.policy, check_timeout=4.0)))
+        self.assertLess(runtime.services.spf.timeout, 4.0)
+        self.assertIs(runtime.services.spf.resolver, runtime.services.resolver)

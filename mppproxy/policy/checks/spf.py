@@ -36,6 +36,9 @@ class SpfCheck(Check):
         vars_: tuple[tuple[str, Any], ...] = ()
         if result.result == "fail" and s.reject_fail:
             action, template = Action.REJECT, "spf"
+            # RFC 7208 8.4: the reply may carry the domain's explanation;
+            # the domain checked is the HELO name for the null sender.
+            vars_ = (("sender_domain", domain), ("explanation", result.explanation))
         elif result.result == "temperror" and s.tempfail_on_temperror:
             action, template = Action.TEMPFAIL, "spf_temperror"
         return CheckResult(score=score, reasons=reasons, action=action, template=template,
