@@ -337,6 +337,12 @@ ZONE: dict[str, list[tuple[str, Any]]] = {
     # An include loop that fans out: every level includes itself twice.
     "fan.lim.example.com": [TXT("v=spf1 include:fan.lim.example.com "
                                 "include:fan.lim.example.com -all")],
+    # A record of about 800 octets in several strings: over UDP it comes
+    # truncated and is asked again over TCP.
+    "big.example.com": [TXT("v=spf1", *(" " + " ".join(f"ip4:198.51.{n}.{i}" for i in range(1, 11))
+                                        for n in range(4)), " ip4:1.2.3.4 -all")],
+    # A ptr term on a client without PTR records, and %{p} before it.
+    "ptrvoid.lim.example.com": [TXT("v=spf1 exists:%{p}.nowhere.example.com ptr ptr ptr ?all")],
     # -- the check
     "pass.example.org": [TXT("v=spf1 ip4:192.0.2.0/24 -all")],
     "helo.example.org": [TXT("v=spf1 a -all"), A("192.0.2.25")],
@@ -384,12 +390,15 @@ class _Server(server.DNSServerFactory):
     def __init__(self, authorities: list[_MemoryAuthority]):
         super().__init__(authorities=authorities, verbose=0)
         self.asked: list[tuple[str, int]] = []
+        self.tcp = 0
         self._soas = {a.soa[0].decode(): a.soa for a in authorities}
 
     def handleQuery(self, message: Any, protocol: Any, address: Any) -> Any:
         q = message.queries[0]
         name = q.name.name.decode("utf-8", "replace").lower()
         self.asked.append((name, q.type))
+        if address is None:
+            self.tcp += 1
         if name in DROP:
             return defer.succeed(None)
         if name in SERVFAIL:
@@ -397,6 +406,12 @@ class _Server(server.DNSServerFactory):
                            address)
             return defer.succeed(None)
         return super().handleQuery(message, protocol, address)
+
+    def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
+        # RFC 1035 4.2.1: a UDP reply without EDNS is at most 512 octets, cut
+        # with TC set (Twisted Names would send it whole); TCP has no limit.
+        message.maxSize = 512 if address is not None else 0
+        super().sendReply(protocol, message, address)
 
     def gotResolverError(self, failure: Any, protocol: Any, message: Any, address: Any) -> None:
         if not failure.check(tdns.DomainError, tdns.AuthoritativeDomainError):
@@ -892,6 +907,11 @@ CASES: dict[str, tuple[str, str, str, str, Optional[str], str]] = {
                       "Two void lookups are allowed."),
     "void-over-limit": ("1.2.3.4", "foo@e11.lim.example.com", M, "permerror", None,
                         "The third void lookup is a permerror."),
+    "big-record-over-tcp": ("1.2.3.4", "foo@big.example.com", M, "pass", None,
+                            "A record too big for a UDP reply is fetched over TCP."),
+    "ptr-void-after-p-macro": ("192.0.2.99", "foo@ptrvoid.lim.example.com", M, "permerror", None,
+                               "Each ptr term without PTR records is a void lookup, "
+                               "even after %{p} looked them up."),
     "include-fan-loop": ("1.2.3.4", "foo@fan.lim.example.com", M, "permerror", None,
                          "A record including itself twice ends at the lookup limit."),
 }
@@ -1028,6 +1048,12 @@ class BoundsTests(SpfCase):
         res = await self.spf("1.2.3.5", "foo@e4.lim.example.com")
         self.assertEqual(res.result, "permerror")
         self.assertFalse([n for n, t in self.server.asked if t == tdns.A])
+
+    async def test_big_record_goes_over_tcp(self) -> None:
+        """An SPF record too big for 512 octets is asked again over TCP and used."""
+        res = await self.spf("1.2.3.4", "foo@big.example.com")
+        self.assertEqual((res.result, res.mechanism), ("pass", "ip4:1.2.3.4"))
+        self.assertEqual(self.server.tcp, 1)
 
     async def test_answers_are_cached(self) -> None:
         """A second evaluation of the same domain is answered from the resolver's cache."""

@@ -14,6 +14,10 @@ datagram per query (random source port, renewed every ROTATE_AFTER queries;
 random 16-bit id; reply source and question checked), asked again over TCP
 when the reply comes truncated.  Answers are cached for their TTL.
 RFC 5782 describes the query names and answers.
+
+``DnsblResolver.query`` is the same client for any question (TXT, A, AAAA,
+MX, PTR), telling NXDOMAIN from NODATA; the SPF evaluator
+(``policy/spf.py``) asks through it.
 """
 from __future__ import annotations
 

@@ -404,6 +404,7 @@ class _Evaluation:
         self.lookups = 0
         self.voids = 0
         self._validated: Optional[list[dns.name.Name]] = None
+        self._ptr_void = False
 
     async def run(self, domain: str) -> SpfResult:
         try:
@@ -542,26 +543,29 @@ class _Evaluation:
 
     async def _validated_names(self, count_void: bool = False) -> list[dns.name.Name]:
         """Section 5.5: the PTR names of the client whose A/AAAA records
-        hold its address (the first PTR_LIMIT only).  A failed PTR lookup
-        gives none; a failed address lookup skips that name."""
-        if self._validated is not None:
-            return self._validated
-        try:
-            ptr = await self.e.resolver.query(dns.reversename.from_address(str(self.ip)), "PTR")
-        except DnsError:
-            return []
-        if count_void:
-            self._count_void(ptr)
-        validated = []
-        for name in ptr.names[:self.e.ptr_limit]:
+        hold its address (the first PTR_LIMIT only), looked up once per
+        evaluation.  A failed PTR lookup gives none; a failed address
+        lookup skips that name.  ``count_void``: a "ptr" term, whose empty
+        PTR answer is a void lookup each time."""
+        if self._validated is None:
+            self._validated = []
             try:
-                answer = await self.e.resolver.query(name, self._address_type)
-            except (DnsError, ValueError):
-                continue
-            if self.ip in answer.addresses:
-                validated.append(name)
-        self._validated = validated
-        return validated
+                ptr = await self.e.resolver.query(dns.reversename.from_address(str(self.ip)),
+                                                  "PTR")
+            except DnsError:
+                self._ptr_void = False
+                return self._validated
+            self._ptr_void = ptr.void
+            for name in ptr.names[:self.e.ptr_limit]:
+                try:
+                    answer = await self.e.resolver.query(name, self._address_type)
+                except (DnsError, ValueError):
+                    continue
+                if self.ip in answer.addresses:
+                    self._validated.append(name)
+        if count_void and self._ptr_void:
+            self._count_void(None)
+        return self._validated
 
     async def _target(self, spec: MacroString, domain: str) -> str:
         """A domain-spec expanded, cut to length and without a trailing dot
