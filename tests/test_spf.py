@@ -22,6 +22,7 @@ from twisted.internet import defer, reactor as _reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.names import authority, common, dns as tdns, server
 from twisted.trial import unittest
 
@@ -1204,6 +1205,17 @@ class CheckTests(SpfCase):
             self.assertEqual(res.reasons, (f"SPF {result}",))
             self.assertIsNone(res.action)
             self.assertIn(f"spf={result} ", res.headers[0][1])
+
+    async def test_errors_are_logged_with_their_reason(self) -> None:
+        """A permerror is logged with why, as a field (client text never in the format)."""
+        facts = Facts(client_ip="1.2.3.4", helo="mail.example.com",
+                      sender="a@e2.lim.example.com", sender_domain="e2.lim.example.com")
+        with capturedLogs() as events:
+            res = await self.check().check(facts)
+        self.assertEqual(res.reasons, ("SPF permerror",))
+        [event] = [e for e in events if e.get("result") == "permerror"]
+        self.assertEqual(event["domain"], "e2.lim.example.com")
+        self.assertIn("4.6.4", event["problem"])
 
     async def test_reject_fail(self) -> None:
         """reject_fail turns a fail into a REJECT with the 'spf' template."""
