@@ -14,6 +14,10 @@ datagram per query (random source port, renewed every ROTATE_AFTER queries;
 random 16-bit id; reply source and question checked), asked again over TCP
 when the reply comes truncated.  Answers are cached for their TTL.
 RFC 5782 describes the query names and answers.
+
+``DnsblResolver.query`` is the same client for any question (TXT, A, AAAA,
+MX, PTR), telling NXDOMAIN from NODATA; the SPF evaluator
+(``policy/spf.py``) asks through it.
 """
 from __future__ import annotations
 
@@ -333,18 +337,92 @@ class DnsblResult:
 
 @dataclass(frozen=True)
 class _Answer:
-    """A cached reply: the A addresses or TXT strings for one question;
-    empty for NXDOMAIN and NODATA."""
+    """A cached reply: the records for one question in text form (A and
+    AAAA addresses, TXT strings joined per record, "PREF NAME" for MX,
+    names for PTR); empty for NXDOMAIN and NODATA, which ``nxdomain`` tells
+    apart (SPF counts both as void lookups, RFC 7208 4.6.4)."""
 
     rdatas: tuple[str, ...]
+    nxdomain: bool = False
 
 
-class _QueryError(Exception):
-    """A query that got no usable answer; ``kind`` is the result's error."""
+class DnsError(Exception):
+    """A query that got no usable answer: a timeout, SERVFAIL, REFUSED, a
+    network failure or a malformed reply.  ``kind`` names it ("timeout",
+    "servfail", "refused", "network", "bad_reply", "closed", "overload" or
+    another rcode's name in lower case)."""
 
     def __init__(self, kind: str):
         super().__init__(kind)
         self.kind = kind
+
+
+class _QueryError(DnsError):
+    """The resolver's own name for DnsError (kept for the DNSBL code)."""
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    """The public form of an answer: what ``DnsblResolver.query`` returns.
+
+    ``nxdomain`` is True for RCODE 3 (the name does not exist); a NOERROR
+    reply without records of the type asked has ``nxdomain`` False and no
+    ``records``.  Both are "void" in RFC 7208 4.6.4's sense (``void``).
+    ``records`` holds the text form; the properties parse it per type."""
+
+    name: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    records: tuple[str, ...]
+    nxdomain: bool = False
+
+    @property
+    def void(self) -> bool:
+        return not self.records
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """TXT: one string per record, its character-strings joined without
+        anything between them (RFC 7208 3.3)."""
+        return self.records
+
+    @property
+    def addresses(self) -> tuple[Union[ipaddress.IPv4Address, ipaddress.IPv6Address], ...]:
+        """A or AAAA: the addresses."""
+        return tuple(ipaddress.ip_address(r) for r in self.records)
+
+    @property
+    def mx(self) -> tuple[tuple[int, dns.name.Name], ...]:
+        """MX: (preference, exchange) pairs, in the order the server gave."""
+        out = []
+        for r in self.records:
+            pref, exchange = r.split(None, 1)
+            out.append((int(pref), dns.name.from_text(exchange)))
+        return tuple(out)
+
+    @property
+    def names(self) -> tuple[dns.name.Name, ...]:
+        """PTR (or NS, CNAME): the target names."""
+        return tuple(dns.name.from_text(r) for r in self.records)
+
+
+def to_query_name(name: Union[str, dns.name.Name]) -> dns.name.Name:
+    """An absolute DNS name from text taken literally: split at dots, every
+    other octet kept as it is (SPF macro expansions may hold ``:``, ``/`` or
+    ``@``, RFC 7208 7.3), a trailing dot allowed.  A ``dns.name.Name`` is made
+    absolute.  ValueError for an empty label inside the name, a label over
+    63 octets or a name over 255 (RFC 1035 2.3.4)."""
+    if isinstance(name, dns.name.Name):
+        return name if name.is_absolute() else name.concatenate(dns.name.root)
+    text = name[:-1] if name.endswith(".") else name
+    if not text:
+        raise ValueError("empty domain name")
+    labels = tuple(label.encode("utf-8") for label in text.split("."))
+    if any(not label for label in labels):
+        raise ValueError(f"{name!r} has an empty label")
+    try:
+        return dns.name.Name(labels + (b"",))
+    except dns.exception.DNSException as e:  # NameTooLong, LabelTooLong
+        raise ValueError(f"{name!r} is not a DNS name: {e}") from None
 
 
 def classify(dnsbl: DnsblList, addresses: Iterable[str]) -> tuple[tuple[str, ...], Optional[str]]:
@@ -695,6 +773,27 @@ class DnsblResolver:
         results: list[DnsblResult] = await _gather(work)
         return results
 
+    @property
+    def reactor(self) -> Any:
+        """The reactor the resolver runs on (callers bound their own work
+        with its clock)."""
+        return self._reactor
+
+    async def query(self, name: Union[str, dns.name.Name],
+                    rdtype: Union[str, dns.rdatatype.RdataType]) -> DnsAnswer:
+        """The records of type ``rdtype`` ("TXT", "A", "AAAA", "MX", "PTR"...)
+        at ``name`` (text as ``to_query_name`` reads it, or a Name), from
+        the cache or the wire, within ``self.timeout``; CNAMEs are followed.
+
+        NXDOMAIN and NODATA are answers (``DnsAnswer.nxdomain`` tells them
+        apart), not errors.  Raises DnsError when no usable answer came
+        (timeout, SERVFAIL, REFUSED, network, malformed reply) and
+        ValueError for a name that cannot be asked."""
+        qname = to_query_name(name)
+        qtype = dns.rdatatype.RdataType.make(rdtype)
+        answer = await self._query(qname, qtype)
+        return DnsAnswer(qname, qtype, answer.rdatas, answer.nxdomain)
+
     def close(self) -> Deferred[None]:
         """Cancel what is in flight and close the sockets; fires when closed."""
         self._closed = True
@@ -883,7 +982,8 @@ def _parse_reply(reply: dns.message.Message, negative_ttl: float) -> tuple[_Answ
         return _Answer(rdatas), float(chain.minimum_ttl)
     # NXDOMAIN or NODATA: not listed.  RFC 2308 section 5: keep it for the
     # smaller of the SOA's TTL and its MINIMUM field.
+    nxdomain = rcode == dns.rcode.NXDOMAIN
     for rrset in reply.authority:
         if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-            return _Answer(()), float(min(rrset.ttl, rrset[0].minimum))
-    return _Answer(()), negative_ttl
+            return _Answer((), nxdomain), float(min(rrset.ttl, rrset[0].minimum))
+    return _Answer((), nxdomain), negative_ttl

@@ -70,15 +70,19 @@ class PolicyRuntime:
         if database is not None:
             self.services.blacklist = database.blacklist
             self.services.greylist = database.greylist
-        self._attach_spf()
+        self._attach_spf(config)
         self.engine = self._make_engine(config)
 
-    def _attach_spf(self) -> None:
-        try:
-            from mppproxy.policy.spf import SpfEvaluator
-        except ImportError:  # arrives with the SPF evaluator
-            return
-        self.services.spf = SpfEvaluator(self.services.resolver)
+    def _attach_spf(self, config: ProxyConfig) -> None:
+        """A fresh SPF evaluator on the current resolver.  Its time bound
+        stays under the engine's per-check timeout, so a slow SPF domain
+        ends in "temperror" (scored or tempfailed as the policy says)
+        rather than in an engine timeout that scores nothing."""
+        from mppproxy.policy.spf import DEFAULT_TIMEOUT, SpfEvaluator
+
+        timeout = min(DEFAULT_TIMEOUT, max(0.1, config.policy.check_timeout * 0.9))
+        self.services.spf = SpfEvaluator(self.services.resolver, timeout=timeout,
+                                         hostname=self.services.hostname)
 
     def _make_engine(self, config: ProxyConfig) -> PolicyEngine:
         return PolicyEngine(config.policy, config.policies, self.services, make_renderer(config),
@@ -92,8 +96,8 @@ class PolicyRuntime:
             old = self.services.resolver
             self.services.resolver = DnsblResolver(self.reactor, key[0], timeout=config.dns.timeout)
             self._dns_key = key
-            self._attach_spf()
             old.close()
+        self._attach_spf(config)
         self.config = config
         self.engine = self._make_engine(config)
 

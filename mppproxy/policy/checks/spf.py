@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from mppproxy.policy.base import Action, Check, CheckResult, Facts, Scope
+
+log = Logger()
 
 
 class SpfCheck(Check):
@@ -24,6 +28,13 @@ class SpfCheck(Check):
         identity = "mailfrom" if facts.sender_domain else "helo"
         sender = facts.sender or f"postmaster@{facts.helo}"
         result = await evaluator.check_host(facts.client_ip, domain, sender, facts.helo)
+        if result.result in ("permerror", "temperror"):
+            # The reason is for the operator, not the score: the engine's
+            # summary line has only "SPF permerror".
+            log.info("SPF {result} for {domain} from {client}: {problem}", result=result.result,
+                     domain=domain, client=facts.client_ip,
+                     problem=getattr(result, "problem", ""), session_id=facts.session_id,
+                     queue_id=facts.queue_id)
         score = float(getattr(s, f"score_{result.result}", 0.0))
         reasons = (f"SPF {result.result}",)
         headers: tuple[tuple[str, str], ...] = ()
@@ -36,6 +47,9 @@ class SpfCheck(Check):
         vars_: tuple[tuple[str, Any], ...] = ()
         if result.result == "fail" and s.reject_fail:
             action, template = Action.REJECT, "spf"
+            # RFC 7208 8.4: the reply may carry the domain's explanation;
+            # the domain checked is the HELO name for the null sender.
+            vars_ = (("sender_domain", domain), ("explanation", result.explanation))
         elif result.result == "temperror" and s.tempfail_on_temperror:
             action, template = Action.TEMPFAIL, "spf_temperror"
         return CheckResult(score=score, reasons=reasons, action=action, template=template,
