@@ -46,21 +46,26 @@ class MemoryBlacklist:
     def __init__(self, reactor: Any):
         self.reactor = reactor
         self.entries: dict[str, BlacklistEntry] = {}
+        # IP version -> prefix lengths listed, so a lookup is a few dict probes.
+        self.prefixes: dict[int, set[int]] = {}
 
     async def lookup(self, client_ip: str) -> Optional[BlacklistEntry]:
         ip = ipaddress.ip_address(client_ip)
         now = self.reactor.seconds()
-        for network, entry in self.entries.items():
-            net = ipaddress.ip_network(network, strict=False)
-            if ip.version == net.version and ip in net and entry.expires > now:
+        for prefix in self.prefixes.get(ip.version, ()):
+            network = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+            entry = self.entries.get(network)
+            if entry is not None and entry.expires > now:
                 return entry
         return None
 
     async def add(self, network: str, seconds: float, reason: str) -> None:
+        net = ipaddress.ip_network(network, strict=False)
+        self.prefixes.setdefault(net.version, set()).add(net.prefixlen)
         expires = self.reactor.seconds() + seconds
-        old = self.entries.get(network)
+        old = self.entries.get(str(net))
         if old is None or old.expires < expires:
-            self.entries[network] = BlacklistEntry(network, reason, expires)
+            self.entries[str(net)] = BlacklistEntry(str(net), reason, expires)
 
 
 class MemoryDatabase:

@@ -277,6 +277,16 @@ class EngineOutcomeTests(SynchronousTestCase):
         self.assertIn("spamtrap", [c["check"] for c in event["checks"]])
 
 
+    def test_dunno_logged_only_when_asked(self) -> None:
+        """A DUNNO decision is logged only with policyd.log_dunno (Postfix logs accepted mail)."""
+        for log_dunno, expected in ((False, 0), (True, 1)):
+            s = Server({"policyd": {"log_dunno": log_dunno}})
+            with capturedLogs() as events:
+                self.assertEqual(s.ask(request()), ["DUNNO"])
+            self.assertEqual(len([e for e in events if e.get("mpp_event") == "policy_decision"]),
+                             expected)
+
+
 class FramingTests(SynchronousTestCase):
     def test_one_byte_at_a_time(self) -> None:
         """Requests fed one byte at a time get the same answers as whole ones."""

@@ -78,3 +78,7 @@ class PolicydConfig:
     # Transactions (Postfix "instance") whose engine record is kept, so the
     # recipients of one message share it; least recently used go first.
     max_transactions: int = field(default=10000, metadata=_opt(_at_least(100)))
+    # Every refusal and PREPEND is logged with each check's result; a DUNNO
+    # only when this is true.  Postfix logs what it accepts itself, and a
+    # log write per request is the largest cost of a DUNNO answer.
+    log_dunno: bool = False
