@@ -7,6 +7,7 @@
 # Any other options go to relay_bench.py (see --help).  Loopback only
 # (127.0.0.1:2625-2650); every process it starts is stopped by pid.
 # Output: the table on stdout, and results/relay-<time>.{md,json,log}.
+# Policy server (mppproxy --mode policy vs postgrey): benchmarks/policyd.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

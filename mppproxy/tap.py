@@ -80,6 +80,10 @@ class Options(usage.Options):
         if data_dir and (self["data-dir"] or config.data_dir == "./mppproxy-data"):
             from dataclasses import replace
             config = replace(config, data_dir=data_dir)
+        if config.mode == "policy" and self["listen"]:
+            # The policy server listens on policyd.listen, not the SMTP listeners.
+            from dataclasses import replace
+            config = replace(config, policyd=replace(config.policyd, listen=tuple(self["listen"])))
         check_files(config)
         return config
 
@@ -123,6 +127,11 @@ def makeService(options: Options) -> Any:
 
     config = options.config
     start_json_log(config)
+    if config.mode == "policy":
+        from mppproxy.policyd.service import PolicyServerService
+
+        exit_code_hook(reactor)
+        return PolicyServerService(config, reactor, reload_config=options.load_config)
     inherited: tuple[tuple[int, int], ...] = ()
     if options["worker-fds"]:
         inherited = tuple(tuple(int(x) for x in item.split(":"))  # type: ignore[misc]

@@ -64,7 +64,10 @@ def test_unknown_key_suggests_the_right_one():
     ({"tls": {"enabled": "yes"}}, "tls.enabled"),
     ({"timeouts": {"command": -1}}, "timeouts.command"),
     ({"listen": []}, "listen"),
-    ({"mode": "policy"}, "mode"),
+    ({"mode": "archive"}, "mode"),
+    ({"policyd": {"default_action": "OK"}}, "policyd.default_action"),
+    ({"policyd": {"listen": ["tcp:notaport"]}}, "policyd.listen"),
+    ({"policyd": {"max_line": 80}}, "policyd.max_line"),
     ({"smtp": "x"}, "smtp"),
     ({"relay_domains": ["a@b"]}, "relay_domains"),
 ])

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
+from mppproxy.policyd.config import PolicydConfig
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
 # DESIGN.md and arrive with their issues; asking for one is a config error
 # that says so, not a half-started process.
-IMPLEMENTED_MODES = ("all-in-one", "edge")
+IMPLEMENTED_MODES = ("all-in-one", "edge", "policy")
 
 
 def _choice(*allowed: str) -> Callable[[Any], Optional[str]]:
@@ -255,3 +256,5 @@ class ProxyConfig:
     policies: dict[str, PolicyConfig] = field(default_factory=lambda: {"default": PolicyConfig()})
     dns: DnsConfig = DnsConfig()
     database: DatabaseConfig = DatabaseConfig()
+    # The Postfix policy server of mode "policy" (policyd/config.py).
+    policyd: PolicydConfig = PolicydConfig()

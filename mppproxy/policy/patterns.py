@@ -16,6 +16,7 @@ of entries stay cheap.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable, Optional
 
@@ -35,8 +36,11 @@ def check_cidrs(values: tuple[str, ...]) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The client address, IPv4-mapped IPv6 as IPv4; None if not an address."""
+    """The client address, IPv4-mapped IPv6 as IPv4; None if not an address.
+    Cached: each check asks again about the same client (the addresses are
+    immutable values)."""
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:

@@ -16,6 +16,9 @@
 # * RELAY MODE: PFX_RELAYHOST='[127.0.0.1]:10026' makes this instance a client that
 #   forwards ALL mail (any domain) to that host:port, e.g. to the proxy under test.
 #   (use a different PFX_ROOT/PFX_PORT for the second instance)
+# * POLICY: PFX_POLICY_SERVICE='inet:127.0.0.1:10040' adds
+#   "check_policy_service inet:127.0.0.1:10040" to smtpd_recipient_restrictions (a policy
+#   server such as mppproxy --mode policy answers for each RCPT); unset: no policy service
 # Needs root. Installs postfix, swaks, openssl and libnet-ssleay-perl (for swaks --tls)
 # through apt-install.sh if they are missing (never runs `apt-get update` unless the
 # install fails). Loopback only; nothing is ever sent out in backend mode.
@@ -31,6 +34,7 @@ PFX_PORT=${PFX_PORT:-10025}
 PFX_DOMAINS=${PFX_DOMAINS:-"example.com example.net"}
 PFX_RELAYHOST=${PFX_RELAYHOST:-}
 PFX_XHOSTS=${PFX_XHOSTS:-127.0.0.0/8}
+PFX_POLICY_SERVICE=${PFX_POLICY_SERVICE:-}
 PFX_NAME=${PFX_NAME:-$(basename "$PFX_ROOT")}
 CFG=$PFX_ROOT/etc
 TLS=$PFX_ROOT/tls
@@ -201,6 +205,16 @@ relay_transport = error:test backend does not send mail out
 CF
 fi
 
+if [ -n "$PFX_POLICY_SERVICE" ]; then
+    cat >> "$CFG/main.cf" <<CF
+# POLICY: every RCPT (after the relay check) is delegated to the policy server
+# (SMTPD_POLICY_README); no permit_mynetworks, so loopback clients are asked about too
+smtpd_recipient_restrictions = check_policy_service $PFX_POLICY_SERVICE
+# fail fast in tests when the policy server is gone (default 100s)
+smtpd_policy_service_timeout = 10s
+CF
+fi
+
 # master.cf without chroot (chroot would need /etc/services etc. copied into the queue dir)
 cat > "$CFG/master.cf" <<CF
 # service type  private unpriv  chroot  wakeup  maxproc command + args
@@ -257,6 +271,7 @@ if [ -n "$PFX_RELAYHOST" ]; then
 else
     echo "  mail for: $PFX_DOMAINS -> $PFX_ROOT/mail/<domain>/new/"
 fi
+[ -z "$PFX_POLICY_SERVICE" ] || echo "  recipients checked by check_policy_service $PFX_POLICY_SERVICE"
 echo "  STARTTLS cert: $TLS/cert.pem; XFORWARD/XCLIENT from $PFX_XHOSTS"
 echo "  queue:  postqueue -c $CFG -p     flush: postqueue -c $CFG -f"
 echo "  stop:   $0 stop"

@@ -1,0 +1,153 @@
+"""The service of ``--mode policy``: the policy listeners, the engine's
+runtime, reload on SIGHUP.
+
+Construction does no I/O (STYLE.md); ``startService`` builds the runtime
+(``policy/runtime.py``, the one way to get an engine) and binds
+``policyd.listen``.  A reload builds the new configuration off the reactor
+thread, then rebuilds the engine (``PolicyRuntime.reconfigure``, which keeps
+the DNS cache and the database) and opens or closes listeners; connections
+stay open and requests in flight finish with the engine they began with.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mppproxy.config.load import ConfigError
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.policy.runtime import PolicyRuntime
+from mppproxy.policyd.protocol import PolicyServerFactory
+
+log = Logger()
+
+
+def open_database(config: ProxyConfig, reactor: Any) -> Optional[Any]:
+    """The shared state database for the greylist and auto-blacklist
+    stores, or None while this build has none (``mppproxy/db`` arrives
+    with its own change; it plugs in here)."""
+    return None
+
+
+class PolicyServerService(MultiService):
+    """``twistd mppproxy --mode policy``."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any,
+                 reload_config: Optional[Callable[[], ProxyConfig]] = None,
+                 database: Optional[Any] = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.reload_config = reload_config
+        self.database = database
+        self.runtime: Optional[PolicyRuntime] = None
+        self.factory: Optional[PolicyServerFactory] = None
+        self.ports: dict[str, Any] = {}
+        self.hostname = ""
+
+    # -- the engine
+
+    def _engine(self) -> Any:
+        if self.runtime is None or not self.config.policy.enabled:
+            return None
+        return self.runtime.engine
+
+    def _make_runtime(self, config: ProxyConfig) -> PolicyRuntime:
+        # Built even with policy.enabled = false (construction does no I/O),
+        # so a reload that turns the engine on finds its resolver and
+        # database in place.
+        if self.database is None:
+            self.database = open_database(config, self.reactor)
+        return PolicyRuntime(config, self.reactor, self.hostname, database=self.database)
+
+    def _configure_factory(self, config: ProxyConfig) -> None:
+        assert self.factory is not None
+        self.factory.config = config.policyd
+        self.factory.trusted = TrustedNetworks(config.trusted_networks)
+        self.factory.skip_trusted = config.policy.skip_trusted
+
+    # -- lifetime
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        self.hostname = resolve_hostname(self.config)
+        self.runtime = self._make_runtime(self.config)
+        if not self.config.policy.enabled:
+            log.warn("policy.enabled is false: every policy request is answered DUNNO")
+        self.factory = PolicyServerFactory(self.config.policyd, self._engine, self.reactor)
+        self._configure_factory(self.config)
+        for desc in self.config.policyd.listen:
+            self._listen(desc)
+        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        log.info("mppproxy policy server starting (Postfix check_policy_service), "
+                 "default action {action}", action=self.config.policyd.default_action)
+
+    def _listen(self, desc: str) -> defer.Deferred:
+        from mppproxy.service import _stop_with_error, with_backlog
+
+        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
+        d = endpoint.listen(self.factory)
+
+        def listening(port: Any) -> None:
+            self.ports[desc] = port
+            log.info("policy server listening on {endpoint}", endpoint=desc)
+
+        def failed(f: Any) -> None:
+            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
+            if not self.ports:
+                self.reactor.callLater(0, _stop_with_error, self.reactor)
+
+        d.addCallbacks(listening, failed)
+        return d
+
+    def reload(self) -> defer.Deferred:
+        """SIGHUP: read the configuration again and swap it in."""
+        if self.reload_config is None:
+            return defer.succeed(None)
+        log.info("SIGHUP: reloading configuration")
+        d = deferToThread(self.reload_config)
+        d.addCallback(self.apply)
+        d.addErrback(self._reload_failed)
+        return d
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Swap in a new, already validated configuration."""
+        assert self.runtime is not None
+        self.runtime.reconfigure(config)
+        self._configure_factory(config)
+        for desc in set(self.ports) - set(config.policyd.listen):
+            self.ports.pop(desc).stopListening()
+        for desc in config.policyd.listen:
+            if desc not in self.ports:
+                self._listen(desc)
+        self.config = config
+        if not config.policy.enabled:
+            log.warn("policy.enabled is false: every policy request is answered DUNNO")
+        log.info("configuration reloaded")
+
+    def _reload_failed(self, f: Any) -> None:
+        if f.check(ConfigError):
+            log.error("reload failed, keeping the running configuration:\n{errors}",
+                      errors=str(f.value))
+        else:
+            log.failure("reload failed, keeping the running configuration", f)
+
+    def stopService(self) -> Any:
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
+        self.ports.clear()
+        if self.factory is not None:
+            for conn in list(self.factory.connections):
+                conn.transport.loseConnection()
+        if self.runtime is not None:
+            ds.append(self.runtime.stop())
+        ds.append(defer.maybeDeferred(super().stopService))
+        return defer.DeferredList(ds)

@@ -1,0 +1,136 @@
+"""The policy server on loopback: ``PolicyServerService`` in the test's
+reactor with blocking socket clients in threads, and ``twistd mppproxy
+--mode policy`` as a user runs it (SIGHUP reload included)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from fakes_policy import MemoryDatabase
+from helpers import free_port, wait_for
+from mppproxy.config.load import from_mapping, merge
+from mppproxy.policyd.service import PolicyServerService
+from test_policyd import BASE, request
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+
+
+def exchange(port: int, requests: list[bytes], pipelined: bool = False) -> list[str]:
+    """Send requests on one connection; return the actions, in order."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        f = s.makefile("rb")
+        if pipelined:
+            s.sendall(b"".join(requests))
+        for r in requests:
+            if not pipelined:
+                s.sendall(r)
+            line = f.readline()
+            assert line.startswith(b"action=") and f.readline() == b"\n", line
+            out.append(line[len(b"action="):].decode().rstrip("\n"))
+    return out
+
+
+class PolicyServiceLoopbackTests(unittest.TestCase):
+    def start(self, data: dict[str, Any]) -> PolicyServerService:
+        config = from_mapping(merge(BASE, {"data_dir": self.mktemp(),
+                                           "policyd": {"listen": ["tcp:0:interface=127.0.0.1"]},
+                                           **data}))
+        service = PolicyServerService(config, reactor, database=MemoryDatabase(reactor))
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def port(self, service: PolicyServerService) -> int:
+        (port,) = service.ports.values()
+        return port.getHost().port
+
+    async def test_many_connections_many_requests(self) -> None:
+        """Ten connections, pipelined and one-by-one, each get their own answers in order."""
+        service = self.start({})
+        port = self.port(service)
+
+        def client(n: int) -> list[str]:
+            reqs = [request(instance=f"c{n}-{i}", client_address=f"192.0.2.{n + 1}",
+                            recipient=f"u{i}@example.com") for i in range(3)]
+            reqs.append(request(instance=f"c{n}-trap", client_address=f"192.0.2.{n + 1}",
+                                recipient="trap@example.com"))
+            reqs.append(b"garbage\n\n")
+            return exchange(port, reqs, pipelined=n % 2 == 0)
+
+        results = await defer.gatherResults([deferToThread(client, n) for n in range(10)])
+        for got in results:
+            self.assertEqual(got, ["DUNNO"] * 3 + ["550 5.7.1 access denied", "DUNNO"])
+
+    async def test_reload_changes_answers_on_open_connection(self) -> None:
+        """After a reload the next request on an already open connection uses the new policy."""
+        service = self.start({})
+        port = self.port(service)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        f = sock.makefile("rb")
+
+        def ask(recipient: str, instance: str) -> bytes:
+            sock.sendall(request(recipient=recipient, instance=instance))
+            return f.readline() + f.readline()
+
+        self.assertEqual(await deferToThread(ask, "honey@example.com", "1"), b"action=DUNNO\n\n")
+        service.apply(from_mapping(merge(BASE, {
+            "data_dir": service.config.data_dir,
+            "policyd": {"listen": list(service.config.policyd.listen)},
+            "policies": {"default": {"spamtrap": {"patterns": ["^honey@"]}}}})))
+        self.assertEqual(await deferToThread(ask, "honey@example.com", "2"),
+                         b"action=550 5.7.1 access denied\n\n")
+
+
+def test_twistd_policy_mode(tmp_path):
+    """`twistd -n mppproxy --mode policy --listen ...` answers Postfix requests and reloads on SIGHUP."""
+    port = free_port()
+    conf = tmp_path / "policy.toml"
+    body = ('trusted_networks = ["10.255.255.0/24"]\n'
+            f'data_dir = "{tmp_path / "data"}"\n'
+            '[policies.default.blacklist]\nenabled = false\n'
+            '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
+    conf.write_text(body)
+    log = tmp_path / "twistd.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "mppproxy", "--mode", "policy", "-c", str(conf), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 20, what="policy server port")
+        assert exchange(port, [request(recipient="trap@example.com"), request(instance="2"),
+                               request(protocol_state="MAIL", client_address=None)]) == \
+            ["550 5.7.1 access denied", "DUNNO", "DUNNO"]
+        conf.write_text(body.replace('"^trap@"', '"^bob@"'))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in log.read_text(), 20, what="reload")
+        assert exchange(port, [request(instance="3")]) == ["550 5.7.1 access denied"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    text = log.read_text()
+    assert "Traceback" not in text, text
