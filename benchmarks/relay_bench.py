@@ -63,6 +63,7 @@ PORTS = {
     "sink": 2625,
     "mppproxy": 2627,
     "mppproxy-w2": 2628,
+    "mppproxy-policy": 2629,
     "haraka-proxy-n1": 2633,
     "haraka-proxy-n2": 2634,
     "twisted-relay-nodelay": 2644,
@@ -95,6 +96,16 @@ DEFAULT_PROXY_CMD = (
     "{twistd} -n --pidfile= mppproxy --listen tcp:{port}:interface=127.0.0.1"
     " --backend 127.0.0.1:{backend_port} --relay-domain example.net"
     " --trusted-network 127.0.0.0/8 --data-dir {data_dir}")
+# mppproxy-policy: the same proxy with a realistic pre-DATA policy (issue #4):
+# access lists of a realistic length, spam traps, thresholds, greylisting with
+# a warm auto-whitelist, two DNS lists served by a local authoritative server.
+# 127.0.0.1 is not trusted, so every check runs for every message.
+DNS_PORT = 2653
+GREYLIST_DELAY = 1.0
+POLICY_PROXY_CMD = (
+    "{twistd} -n --pidfile= mppproxy --config {config} --listen tcp:{port}:interface=127.0.0.1"
+    " --backend 127.0.0.1:{backend_port} --relay-domain example.net"
+    " --trusted-network 10.255.255.0/24 --data-dir {data_dir}")
 SMTP_SOURCE_ARGS = ["-f", "a@example.com", "-t", "b@example.net",
                     "-M", "loadgen.test"]
 
@@ -304,6 +315,79 @@ def proxy_server(name, template, backend_port, extra=()):
                   env=env)
 
 
+def policy_config(path):
+    """The realistic policy of mppproxy-policy as a TOML file."""
+    clients = [f'"198.{18 + i // 256}.{i % 256}.0/24"' for i in range(1000)]
+    senders = [f'".spam{i}.example"' for i in range(500)]
+    text = f"""
+[dns]
+nameservers = ["127.0.0.1:{DNS_PORT}"]
+timeout = 2.0
+
+[policies.default.access]
+blacklist_clients = [{", ".join(clients)}]
+blacklist_senders = [{", ".join(senders)}]
+whitelist_recipients = ["postmaster@", "abuse@"]
+
+[policies.default.spamtrap]
+enabled = true
+patterns = ['^trap@', '^spamtrap-.*@example\\.net$']
+
+[policies.default.thresholds]
+enabled = true
+period = 60
+max_messages = 100000000
+max_spam = 100
+
+[policies.default.greylisting]
+enabled = true
+delay = {GREYLIST_DELAY}
+auto_whitelist_after = 1
+
+[[policies.default.dnsbl.lists]]
+zone = "zen.test"
+score = 5
+codes = ["127.0.0.2-127.0.0.11"]
+
+[[policies.default.dnsbl.lists]]
+zone = "dbl.test"
+kind = "domain"
+score = 3
+"""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def policy_server(backend_port):
+    data_dir = os.path.join(RUN_DIR, "mppproxy-policy", "data")
+    config = os.path.join(RUN_DIR, "policy.toml")
+    server = proxy_server("mppproxy-policy", POLICY_PROXY_CMD.replace("{config}", config),
+                          backend_port)
+    policy_config(config)
+    return server
+
+
+def start_dns():
+    """The local authoritative server for zen.test and dbl.test (test
+    records only; 127.0.0.1 is not listed)."""
+    env = dict(os.environ, DNSBL_PORT=str(DNS_PORT), DNSBL_DIR=os.path.join(RUN_DIR, "dns"))
+    script = os.path.join(REPO, "scripts", "services", "start-dnsbl-dns.py")
+    r = subprocess.run([sys.executable, script], env=env, capture_output=True, timeout=60)
+    if r.returncode != 0:
+        raise SystemExit(f"the DNS server for mppproxy-policy did not start: "
+                         f"{(r.stdout + r.stderr).decode(errors='replace')[-300:]}")
+    return lambda: subprocess.run([sys.executable, script, "stop"], env=env,
+                                  capture_output=True, timeout=60)
+
+
+def warm_greylist(server):
+    """Greylisting with a warm whitelist: the first messages are deferred,
+    the retry after the delay passes and auto-whitelists 127.0.0.0/24."""
+    run_smtp_source(server.port, 1024, 1, 2)
+    time.sleep(GREYLIST_DELAY + 0.3)
+    run_smtp_source(server.port, 1024, 1, 2)
+
+
 def proxy_has_workers():
     """Probe `twistd mppproxy --help` for --workers (and for the plugin)."""
     env = dict(os.environ)
@@ -405,6 +489,8 @@ def build_servers(names, a):
             continue
         if n == "mppproxy":
             servers[n] = proxy_server(n, template, BACKEND_PORT)
+        elif n == "mppproxy-policy":
+            servers[n] = policy_server(BACKEND_PORT)
         elif n == "mppproxy-w2":
             if a.proxy_cmd:
                 note("mppproxy-w2 skipped: --proxy-cmd given (cannot probe "
@@ -715,6 +801,24 @@ def print_table(rows, names, relays, sizes, concs):
                 print(f"{head} {s['rate']:.1f} | {s['ratio']:.3f} | {lat} | "
                       f"{cpu} | {s['check']}{fails} |")
     print_peer_lines(rows, names, sizes, concs)
+    print_policy_lines(rows, names, sizes, concs)
+
+
+def print_policy_lines(rows, names, sizes, concs):
+    """Per cell, the policy-on proxy's rate as a share of the policy-off one
+    (issue #4's target: at least 0.8)."""
+    if "mppproxy-policy" not in names or "mppproxy" not in names:
+        return
+    print()
+    for size in sizes:
+        for conc in concs:
+            on = summarize(rows, "mppproxy-policy", size, conc)
+            off = summarize(rows, "mppproxy", size, conc)
+            if not on or not off or "rate" not in on or "rate" not in off:
+                continue
+            print(f"- {fmt_size(size)} x {conc}: policy on {on['rate']:.1f}/s, off "
+                  f"{off['rate']:.1f}/s -> policy on / off = {on['rate'] / off['rate']:.2f} "
+                  f"(CPU ms/msg {on['cpu']:.3f} vs {off['cpu']:.3f})")
 
 
 def print_peer_lines(rows, names, sizes, concs):
@@ -782,7 +886,10 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     started = []
     t_start = time.monotonic()
+    stop_dns = None
     try:
+        if "mppproxy-policy" in names:
+            stop_dns = start_dns()
         backend = Server("backend", BACKEND_PORT, sink_argv(BACKEND_PORT),
                          False, counter_path=os.path.join(RUN_DIR,
                                                           "backend.count"))
@@ -805,6 +912,8 @@ def main():
               f"{', '.join(names)}", file=sys.stderr, flush=True)
         relays = {n for n, s in servers.items() if s.relay}
         # warm-up: a short run each (imports, JIT, pools, page cache)
+        if "mppproxy-policy" in servers:
+            warm_greylist(servers["mppproxy-policy"])
         for n in names:
             run_smtp_source(servers[n].port, 1024, 4, 200)
         nproc = {n: len(session_pids(servers[n].proc.pid)) for n in names}
@@ -818,6 +927,8 @@ def main():
         t_stop = time.monotonic()
         for srv in reversed(started):
             srv.stop()
+        if stop_dns is not None:
+            stop_dns()
         print(f"stopped {len(started)} servers in "
               f"{time.monotonic() - t_stop:.1f}s", file=sys.stderr)
     if a.json:

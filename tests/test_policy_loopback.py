@@ -216,3 +216,39 @@ class TrustedTests(PolicyCase):
         proxy = start_proxy(self, config)
         out = await self.run_session(proxy.port, ("a@example.com",))
         self.assertEqual(out["data"][0], 250)
+
+
+class SpfTests(PolicyCase):
+
+    def spf_policy(self, **spf: Any) -> dict[str, Any]:
+        from test_spf import start_server
+
+        _, dns_port = start_server(self)
+        return {"dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+                "policies": {"default": {"spf": {"enabled": True, **spf}}}}
+
+    async def test_fail_refused_with_5_7_23_when_configured(self) -> None:
+        fake, proxy = self.start(self.spf_policy(reject_fail=True))
+        # the test zone's example.net says "v=spf1 -all ..."
+        out = await self.run_session(proxy.port, ("a@example.com",), sender="x@example.net")
+        code, text = out["rcpt"][0]
+        self.assertEqual(code, 550)
+        self.assertTrue(text.startswith(b"5.7.23 "), text)
+        self.assertEqual(fake.messages, [])
+
+    async def test_pass_adds_authentication_results(self) -> None:
+        fake, proxy = self.start(self.spf_policy())
+        # "v=spf1 +all"
+        out = await self.run_session(proxy.port, ("a@example.com",), sender="x@e7.all.example.com")
+        self.assertEqual(out["data"][0], 250)
+        [msg] = fake.messages
+        self.assertIn(b"Authentication-Results: proxy.test; spf=pass (client 127.0.0.1)\r\n"
+                      b"\tsmtp.mailfrom=x@e7.all.example.com\r\n", msg.data)
+
+    async def test_fail_scores_and_tags_by_default(self) -> None:
+        fake, proxy = self.start(self.spf_policy(score_fail=6))
+        out = await self.run_session(proxy.port, ("a@example.com",), sender="x@example.net")
+        self.assertEqual(out["data"][0], 250)
+        [msg] = fake.messages
+        self.assertIn(b"spf=fail", msg.data)
+        self.assertIn(b"X-Spam-Score: 6\r\n", msg.data)

@@ -7,6 +7,7 @@ period are dropped when the table grows.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from typing import Any, Optional
@@ -19,6 +20,7 @@ MAX_KEYS = 200_000
 MAX_EVENTS = 100_000
 
 
+@functools.lru_cache(maxsize=65536)
 def client_key(client_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> Optional[str]:
     """The client's address, or its network at the given prefix, as CIDR."""
     ip = parse_ip(client_ip)
