@@ -720,3 +720,50 @@ class RuntimeTests(unittest.TestCase):
         """With the policy engine off there is no runtime and no database."""
         config = from_mapping({"policy": {"enabled": False}})
         self.assertIsNone(runtime_for(config, reactor, "mx.test"))
+
+
+class EngineTests(unittest.TestCase):
+    """The policy engine with the SQL stores that runtime_for gives it."""
+
+    def setUp(self) -> None:
+        self.data_dir = tempfile.mkdtemp(prefix="mpp-db-")
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
+        config = from_mapping({
+            "data_dir": self.data_dir,
+            "database": {"cache_seconds": 0},
+            "policies": {"default": {
+                "greylisting": {"enabled": True, "delay": 60},
+                "spamtrap": {"enabled": True, "patterns": ["^trap@"]},
+            }},
+        })
+        self.runtime = runtime_for(config, reactor, "mx.test")
+        self.addCleanup(self.runtime.stop)
+
+    async def ask(self, rcpt: str, ip: str = "192.0.2.10") -> Any:
+        from mppproxy.policy.base import Facts, TransactionRecord
+
+        facts = Facts(client_ip=ip, helo="client.example", sender="s@sender.example",
+                      sender_domain="sender.example", recipient=rcpt,
+                      recipient_domain=rcpt.rpartition("@")[2])
+        return await self.runtime.engine.on_recipient(facts, TransactionRecord())
+
+    async def test_greylisting_and_auto_blacklist_through_the_engine(self) -> None:
+        """A new triplet gets 451 4.7.1 from the SQL greylist; a spam trap
+        puts the client on the SQL blacklist, which refuses its next mail."""
+        reply = await self.ask("user@example.com")
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
+        reply = await self.ask("trap@example.com")
+        self.assertEqual(reply.code // 100, 5)
+        self.runtime.database.blacklist.clear_cache()  # from the database, not the cache
+        reply = await self.ask("user@example.com")
+        self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"))
+        reply = await self.ask("user@example.com", ip="198.51.100.1")  # another client
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
+
+    async def test_database_failure_is_a_tempfail(self) -> None:
+        """With the database gone every recipient gets a 4xx, never a pass
+        (DESIGN.md promise 4)."""
+        await self.runtime.database.stop()
+        reply = await self.ask("user@example.com")
+        self.assertEqual(reply.code // 100, 4)
+        self.assertEqual(len(self.flushLoggedErrors(StateDatabaseError)), 1)
