@@ -62,5 +62,9 @@ async def main(reactor, url: str, data_dir: str, prefix: str, command: str, *arg
 
 
 if __name__ == "__main__":
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    # The store's log lines (why the database is not ready) reach the test's message.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     task.react(lambda reactor, argv: defer.Deferred.fromCoroutine(main(reactor, *argv)),
                [sys.argv[1:]])

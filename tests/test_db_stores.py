@@ -578,6 +578,16 @@ class StoreTests:
         self.assertEqual(len(await self.all_rows(db, "blacklist")), 7)
 
 
+    async def test_processes_creating_the_tables_at_once(self) -> None:
+        """Nodes starting on an empty database at the same moment all create
+        (or find) the tables and work."""
+        await self.make_db(clock=reactor, start=False)  # only to drop the tables afterwards
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self.node("add", f"192.0.2.{i}/32", "60", "x"))
+            for i in range(3)])
+        self.assertEqual(sorted(r["added"] for r in results),
+                         ["192.0.2.0/32", "192.0.2.1/32", "192.0.2.2/32"])
+
 class SqliteStoreTests(StoreTests, unittest.TestCase):
     backend = "sqlite"
 

@@ -175,14 +175,18 @@ class StateDatabase:
                 return
             if self.url.get_backend_name() == "sqlite" and not is_memory_sqlite(self.url):
                 os.makedirs(os.path.dirname(str(self.url.database)), exist_ok=True)
-            try:
-                self.tables.metadata.create_all(self.engine)
-            except (OperationalError, ProgrammingError) as e:
-                # Another node created a table between our check and our
-                # CREATE ("already exists"); look again.  Unreachable: raises.
-                if "exist" not in str(e.orig).lower():
-                    raise
-                self.tables.metadata.create_all(self.engine)
+            # SQLite: one IMMEDIATE transaction, so two processes creating
+            # the tables at once take turns.  MySQL commits each CREATE on
+            # its own: a table another node created between our look and
+            # our CREATE ("already exists") is taken as it is.
+            with self.engine.connect().execution_options(**WRITE) as conn:
+                for table in self.tables.metadata.sorted_tables:
+                    try:
+                        with conn.begin():
+                            table.create(conn, checkfirst=True)
+                    except (OperationalError, ProgrammingError) as e:
+                        if "already exists" not in str(e.orig):
+                            raise
             self._schema_ready = True
 
     # -- purge -------------------------------------------------------------
