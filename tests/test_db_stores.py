@@ -20,13 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import unittest as stdlib_unittest
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import create_engine, event, select
 from twisted.internet import defer, reactor as _reactor, threads
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest

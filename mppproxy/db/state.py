@@ -113,7 +113,7 @@ class StateDatabase:
                       "trying again on first use", database=self.name, error=f.getErrorMessage())
             return False
 
-        d = self.run(lambda conn_engine: True)
+        d = self.run(lambda engine: True)
         d.addErrback(failed)
         return d
 
