@@ -112,6 +112,30 @@ def policy_active(config: ProxyConfig) -> bool:
     return config.policy.enabled
 
 
+def make_database(config: ProxyConfig, reactor: Any) -> Any:
+    """The shared state (greylist, auto-blacklist) of ``config``: a
+    ``mppproxy.db.StateDatabase`` on ``database.url`` (empty: SQLite at
+    ``data_dir/state.sqlite``).  Not started; no I/O yet."""
+    from mppproxy.db import StateDatabase
+
+    return StateDatabase(config.database, config.data_dir, reactor)
+
+
 def runtime_for(config: ProxyConfig, reactor: Any, hostname: str,
                 database: Optional[Any] = None) -> Optional[PolicyRuntime]:
-    return PolicyRuntime(config, reactor, hostname, database) if policy_active(config) else None
+    """The policy runtime when the engine is on, else None.
+
+    Without a ``database`` one is made from ``config`` and started here:
+    its thread pool and purge run from now on, its tables are created in
+    the background (a database that cannot be reached is logged and tried
+    again on each use, where the checks fail per ``policy.on_error``).
+    ``PolicyRuntime.stop()`` stops it; so does the reactor's shutdown.
+    The database settings are read once: a reload keeps the database.
+    """
+    if not policy_active(config):
+        return None
+    if database is None:
+        database = make_database(config, reactor)
+        # Fires True/False; never fails (a failure is logged).
+        database.start()
+    return PolicyRuntime(config, reactor, hostname, database)

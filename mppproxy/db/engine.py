@@ -1,0 +1,123 @@
+"""SQLAlchemy engines for the state database, and the dialect-specific
+statements that keep two nodes writing the same row at once from failing.
+
+SQLite (the default, ``data_dir/state.sqlite``): WAL journal so readers
+never wait for the writer, a busy timeout, and every writing transaction
+opened with ``BEGIN IMMEDIATE`` so two processes never both read and then
+both try to upgrade to a write lock (the second would fail at once with
+SQLITE_BUSY, which no busy timeout retries).
+
+MySQL/MariaDB through PyMySQL: ``pool_pre_ping`` and ``pool_recycle``
+survive server restarts and idle timeouts; READ COMMITTED so a row
+another node inserted a moment ago is visible to the next statement of an
+open transaction (InnoDB's REPEATABLE READ would hide it); utf8mb4.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from sqlalchemy import Table, create_engine, event
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine, URL, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from mppproxy.policy.config import DatabaseConfig
+
+# Seconds a statement waits for another process's SQLite write lock.
+SQLITE_BUSY_TIMEOUT = 5.0
+# PyMySQL: seconds to connect, to wait for a reply, to send.
+MYSQL_CONNECT_TIMEOUT = 5
+MYSQL_IO_TIMEOUT = 30
+# Connections older than this are replaced (below MySQL's wait_timeout).
+MYSQL_POOL_RECYCLE = 1800
+# Connections beyond the thread pool's size (the purge, a racing stop).
+POOL_OVERFLOW = 2
+# Seconds a thread waits for a free connection.
+POOL_TIMEOUT = 10.0
+
+WRITE = {"mpp_write": True}
+
+
+def database_url(config: DatabaseConfig, data_dir: str) -> URL:
+    """The configured URL; empty means SQLite at ``data_dir/state.sqlite``.
+    ``mysql://`` and ``mariadb://`` without a driver use PyMySQL."""
+    if not config.url:
+        path = os.path.abspath(os.path.join(data_dir, "state.sqlite"))
+        return URL.create("sqlite", database=path)
+    url = make_url(config.url)
+    if url.drivername in ("mysql", "mariadb"):
+        url = url.set(drivername=f"{url.drivername}+pymysql")
+    if url.get_backend_name() in ("mysql", "mariadb") and "charset" not in url.query:
+        url = url.update_query_dict({"charset": "utf8mb4"})
+    return url
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def make_engine(url: URL, config: DatabaseConfig) -> Engine:
+    """An engine for ``url``; no connection is made yet (no I/O)."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url, config)
+    if backend in ("mysql", "mariadb"):
+        return create_engine(
+            url, pool_pre_ping=True, pool_recycle=MYSQL_POOL_RECYCLE,
+            pool_size=config.pool_max, max_overflow=POOL_OVERFLOW, pool_timeout=POOL_TIMEOUT,
+            isolation_level="READ COMMITTED",
+            connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT,
+                          "read_timeout": MYSQL_IO_TIMEOUT, "write_timeout": MYSQL_IO_TIMEOUT})
+    raise ValueError(f"database {backend!r} is not supported (sqlite, or mysql+pymysql)")
+
+
+def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
+    connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT}
+    if is_memory_sqlite(url):
+        # One connection for the process (the thread pool has one thread).
+        engine = create_engine(url, poolclass=StaticPool, connect_args=connect_args)
+    else:
+        engine = create_engine(url, pool_size=config.pool_max, max_overflow=POOL_OVERFLOW,
+                               pool_timeout=POOL_TIMEOUT, connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        # We issue BEGIN ourselves (below); pysqlite's implicit one would
+        # be a deferred BEGIN only before DML.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        if not is_memory_sqlite(url):
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # Durable enough for state that is rebuilt by the next retry.
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("mpp_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def insert_ignore(conn: Connection, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert a row unless one with its primary key exists (another node
+    may have inserted it a moment ago)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        conn.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())
+    elif dialect in ("mysql", "mariadb"):
+        stmt = mysql_insert(table).values(**values)
+        key = list(table.primary_key.columns)[0].name
+        # A no-op update: unlike INSERT IGNORE it hides no other error.
+        conn.execute(stmt.on_duplicate_key_update({key: stmt.inserted[key]}))
+    else:
+        try:
+            with conn.begin_nested():
+                conn.execute(table.insert().values(**values))
+        except IntegrityError:
+            pass

@@ -1,0 +1,78 @@
+"""The tables of the shared state: the auto-blacklist and the greylist.
+
+Plain SQLAlchemy Core tables, created with ``metadata.create_all`` when
+missing (no migrations yet: three small tables whose rows all expire).
+Times are Unix seconds (``reactor.seconds()`` of the node that wrote
+them), so nodes sharing one database need synchronised clocks (NTP).
+
+Every row carries ``expires``: the purge deletes what is past it without
+knowing any policy's settings.  Long keys (a triplet of two addresses and a
+network) are hashed for the primary key (MySQL's index limit is 3072 bytes,
+and utf8mb4 costs four per character); the readable columns stay for
+administrators and are cut to their column width.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import (Boolean, Column, Double, Index, MetaData, String, Table)
+
+# "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128" is 43 characters.
+NETWORK_LENGTH = 49
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets; room for a little more.
+ADDRESS_LENGTH = 320
+REASON_LENGTH = 255
+
+
+def triplet_key(client_net: str, sender: str, recipient: str) -> str:
+    """The primary key of a greylist triplet: SHA-256 of its three parts."""
+    raw = "\0".join((client_net, sender, recipient)).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def clip(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:length]
+
+
+class StateTables:
+    """The three tables, their names starting with ``prefix`` (so one
+    database can hold several independent sets: tests, or two clusters)."""
+
+    def __init__(self, prefix: str = "mpp_"):
+        self.prefix = prefix
+        self.metadata = MetaData()
+        # One auto-blacklisted client network (spam traps, thresholds).
+        self.blacklist = Table(
+            f"{prefix}blacklist", self.metadata,
+            Column("network", String(NETWORK_LENGTH), primary_key=True),  # CIDR
+            Column("reason", String(REASON_LENGTH), nullable=False, default=""),
+            Column("created", Double, nullable=False),
+            Column("expires", Double, nullable=False),
+            Index(f"{prefix}blacklist_expires", "expires"),
+        )
+        # One greylist triplet (RFC 6647 section 2.2).
+        self.greylist = Table(
+            f"{prefix}greylist", self.metadata,
+            Column("id", String(64), primary_key=True),  # triplet_key()
+            Column("client_net", String(NETWORK_LENGTH), nullable=False),
+            Column("sender", String(ADDRESS_LENGTH), nullable=False),
+            Column("recipient", String(ADDRESS_LENGTH), nullable=False),
+            # First attempt of the current round (a late retry starts a new one).
+            Column("first_seen", Double, nullable=False),
+            # Last attempt that reached the database (not every cached hit).
+            Column("last_seen", Double, nullable=False),
+            Column("passed", Boolean, nullable=False, default=False),
+            # first_seen + retry_window while waiting; last_seen + lifetime once passed.
+            Column("expires", Double, nullable=False),
+            Index(f"{prefix}greylist_client_net", "client_net"),
+            Index(f"{prefix}greylist_expires", "expires"),
+        )
+        # Client networks that passed enough triplets to skip greylisting.
+        self.greylist_whitelist = Table(
+            f"{prefix}greylist_whitelist", self.metadata,
+            Column("client_net", String(NETWORK_LENGTH), primary_key=True),
+            Column("created", Double, nullable=False),
+            Column("last_seen", Double, nullable=False),
+            Column("expires", Double, nullable=False),  # last_seen + lifetime
+            Index(f"{prefix}greylist_whitelist_expires", "expires"),
+        )

@@ -1,0 +1,778 @@
+"""The shared state in SQL (``mppproxy.db``): greylist and auto-blacklist
+stores, their caches, the purge, and two nodes sharing one database.
+
+Every store test runs twice: against SQLite (a file in a temporary
+directory) and against a real MariaDB (``MPP_MARIADB_URL``, default
+``mysql+pymysql://test:test@127.0.0.1:3306/test``, started by
+``scripts/services/start-mariadb.sh``).  MariaDB tests skip when the server
+cannot be reached, and fail instead when ``MPP_REQUIRE_SERVICES=1`` (CI).
+Each test uses its own table prefix and drops its tables afterwards, so
+runs from several checkouts can share one server.
+
+Time comes from a ``task.Clock`` the test advances; the database work
+still runs in the store's real thread pool, under trial's real reactor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest as stdlib_unittest
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from sqlalchemy import create_engine, event, select
+from twisted.internet import defer, reactor as _reactor, threads
+from twisted.internet.task import Clock, deferLater
+from twisted.trial import unittest
+
+from helpers import free_port
+from mppproxy.config.load import from_mapping
+from mppproxy.db import StateDatabase, StateDatabaseError
+from mppproxy.db.blacklist import covering_networks, normalise_network
+from mppproxy.db.cache import ExpiringCache
+from mppproxy.db.engine import database_url
+from mppproxy.db.models import triplet_key
+from mppproxy.policy.config import DatabaseConfig, GreylistConfig
+from mppproxy.policy.patterns import parse_ip
+from mppproxy.policy.runtime import runtime_for
+
+reactor: Any = _reactor
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = ROOT / "tests" / "db_node.py"
+MARIADB_URL = os.environ.get("MPP_MARIADB_URL", "mysql+pymysql://test:test@127.0.0.1:3306/test")
+START = 1_700_000_000.0
+
+NET = "192.0.2.0/24"
+GREY = GreylistConfig(enabled=True, delay=300.0, retry_window=3600.0, lifetime=86400.0,
+                      auto_whitelist_after=0)
+
+_mariadb_problem: Optional[list[Optional[str]]] = None
+
+
+def mariadb_problem() -> Optional[str]:
+    """Why MariaDB cannot be used, or None (asked once per run)."""
+    global _mariadb_problem
+    if _mariadb_problem is None:
+        engine = create_engine(MARIADB_URL, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect():
+                pass
+            _mariadb_problem = [None]
+        except Exception as e:  # any reason at all means: no MariaDB here
+            _mariadb_problem = [f"MariaDB at {MARIADB_URL} unreachable: {e}"]
+        finally:
+            engine.dispose()
+    return _mariadb_problem[0]
+
+
+def require_mariadb() -> str:
+    problem = mariadb_problem()
+    if problem is not None:
+        if os.environ.get("MPP_REQUIRE_SERVICES") == "1":
+            raise AssertionError(f"required service unavailable: {problem}")
+        raise stdlib_unittest.SkipTest(problem)
+    return MARIADB_URL
+
+
+def drop_tables(url: str, db: StateDatabase) -> None:
+    """Drop a test's tables (with an engine of its own: ``db`` may be stopped)."""
+    engine = create_engine(url)
+    try:
+        db.tables.metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+class StoreTests:
+    """Mixed into one TestCase per database backend."""
+
+    backend = ""
+
+    # -- set-up ------------------------------------------------------------
+
+    def setUp(self) -> None:
+        self.url = require_mariadb() if self.backend == "mariadb" else ""
+        self.data_dir = tempfile.mkdtemp(prefix="mpp-db-")
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
+        self.prefix = f"t{uuid.uuid4().hex[:10]}_"
+        self.clock = Clock()
+        self.clock.advance(START)
+
+    async def make_db(self, cache_seconds: float = 0.0, clock: Any = None, start: bool = True,
+                      drop: bool = True, **config: Any) -> StateDatabase:
+        # The purge only runs when a test asks for it.
+        config.setdefault("purge_interval", 1e9)
+        db = StateDatabase(DatabaseConfig(url=self.url, cache_seconds=cache_seconds, pool_max=4,
+                                          **config),
+                           self.data_dir, reactor, clock=clock or self.clock,
+                           table_prefix=self.prefix)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self._drop(db, drop)))
+        if start:
+            self.assertTrue(await db.start())
+        return db
+
+    async def _drop(self, db: StateDatabase, drop: bool) -> None:
+        await db.stop()
+        if drop and self.backend == "mariadb":
+            await threads.deferToThread(drop_tables, self.url, db)
+
+    def count_statements(self, db: StateDatabase) -> list[str]:
+        """Every SQL statement ``db`` sends from now on."""
+        sent: list[str] = []
+
+        def before(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+            sent.append(statement)
+
+        event.listen(db.engine, "before_cursor_execute", before)
+        self.addCleanup(event.remove, db.engine, "before_cursor_execute", before)
+        return sent
+
+    async def row(self, db: StateDatabase, table: str, **where: Any) -> Any:
+        t = getattr(db.tables, table)
+
+        def read(engine: Any) -> Any:
+            with engine.connect() as conn:
+                q = select(t)
+                for k, v in where.items():
+                    q = q.where(t.c[k] == v)
+                return conn.execute(q).first()
+
+        return await db.run(read)
+
+    async def all_rows(self, db: StateDatabase, table: str) -> list[Any]:
+        t = getattr(db.tables, table)
+
+        def read(engine: Any) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(select(t)))
+
+        return await db.run(read)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    # -- greylisting: RFC 6647 semantics -------------------------------------
+
+    async def test_new_triplet_waits_the_delay_then_passes(self) -> None:
+        """A first attempt is deferred for ``delay``; an early retry is told
+        the time left; a retry after the delay passes and marks the triplet."""
+        db = await self.make_db()
+        g = db.greylist
+        self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 300.0)
+        self.advance(100)
+        self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 200.0)
+        self.advance(200)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        row = await self.row(db, "greylist", id=triplet_key(NET, "a@example.org", "b@example.com"))
+        self.assertTrue(row.passed)
+        self.assertEqual((row.client_net, row.sender, row.recipient),
+                         (NET, "a@example.org", "b@example.com"))
+        self.assertEqual(row.first_seen, START)
+        self.assertEqual(row.expires, START + 300 + GREY.lifetime)
+
+    async def test_triplets_are_independent(self) -> None:
+        """Another sender, recipient or network is a new triplet with its own delay."""
+        db = await self.make_db()
+        g = db.greylist
+        await g.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(300)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        self.assertEqual(await g.check(NET, "c@example.org", "b@example.com", GREY), 300.0)
+        self.assertEqual(await g.check(NET, "a@example.org", "d@example.com", GREY), 300.0)
+        self.assertEqual(await g.check("198.51.100.0/24", "a@example.org", "b@example.com", GREY),
+                         300.0)
+
+    async def test_retry_after_the_window_starts_again(self) -> None:
+        """A retry later than ``retry_window`` after the first attempt is a
+        new first attempt."""
+        db = await self.make_db()
+        g = db.greylist
+        await g.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(GREY.retry_window + 1)
+        self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 300.0)
+        self.advance(300)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+
+    async def test_retry_at_the_end_of_the_window_passes(self) -> None:
+        """A retry exactly ``retry_window`` after the first attempt still passes."""
+        db = await self.make_db()
+        await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(GREY.retry_window)
+        self.assertIsNone(await db.greylist.check(NET, "a@example.org", "b@example.com", GREY))
+
+    async def test_passed_triplet_lives_for_lifetime_after_its_last_use(self) -> None:
+        """Each use of a passed triplet extends it by ``lifetime``; unused
+        for longer, it is greylisted again."""
+        db = await self.make_db()
+        g = db.greylist
+        await g.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(300)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        for _ in range(3):
+            self.advance(GREY.lifetime - 10)
+            self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        self.advance(GREY.lifetime + 1)
+        self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 300.0)
+
+    async def test_zero_delay_passes_at_once(self) -> None:
+        """With ``delay = 0`` a new triplet passes on its first attempt."""
+        db = await self.make_db()
+        settings = GreylistConfig(enabled=True, delay=0, auto_whitelist_after=0)
+        self.assertIsNone(await db.greylist.check(NET, "a@example.org", "b@example.com", settings))
+
+    async def test_auto_whitelist_after_enough_passed_triplets(self) -> None:
+        """A network that passed ``auto_whitelist_after`` distinct triplets
+        skips greylisting for new triplets; other networks do not."""
+        db = await self.make_db()
+        g = db.greylist
+        settings = GreylistConfig(enabled=True, delay=300, retry_window=3600, lifetime=86400,
+                                  auto_whitelist_after=3)
+        for i in range(3):
+            self.assertEqual(await g.check(NET, f"s{i}@example.org", "b@example.com", settings), 300)
+        self.advance(300)
+        for i in range(2):
+            self.assertIsNone(await g.check(NET, f"s{i}@example.org", "b@example.com", settings))
+        self.assertEqual(await g.check(NET, "new@example.org", "b@example.com", settings), 300)
+        self.assertIsNone(await g.check(NET, "s2@example.org", "b@example.com", settings))
+        self.assertIsNotNone(await self.row(db, "greylist_whitelist", client_net=NET))
+        self.assertIsNone(await g.check(NET, "other@example.org", "x@example.com", settings))
+        self.assertEqual(
+            await g.check("198.51.100.0/24", "other@example.org", "x@example.com", settings), 300)
+        # The same triplet counts once, however often it passes.
+        self.assertEqual(len(await self.all_rows(db, "greylist_whitelist")), 1)
+
+    async def test_auto_whitelist_zero_never_whitelists(self) -> None:
+        """``auto_whitelist_after = 0`` never whitelists a network."""
+        db = await self.make_db()
+        g = db.greylist
+        for i in range(6):
+            await g.check(NET, f"s{i}@example.org", "b@example.com", GREY)
+        self.advance(300)
+        for i in range(6):
+            self.assertIsNone(await g.check(NET, f"s{i}@example.org", "b@example.com", GREY))
+        self.assertEqual(await g.check(NET, "new@example.org", "b@example.com", GREY), 300)
+        self.assertEqual(await self.all_rows(db, "greylist_whitelist"), [])
+
+    async def test_auto_whitelist_lasts_lifetime_after_last_use(self) -> None:
+        """A whitelisted network unused for longer than ``lifetime`` is greylisted again."""
+        db = await self.make_db()
+        g = db.greylist
+        settings = GreylistConfig(enabled=True, delay=300, lifetime=86400, auto_whitelist_after=1)
+        await g.check(NET, "a@example.org", "b@example.com", settings)
+        self.advance(300)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", settings))
+        self.advance(86000)
+        self.assertIsNone(await g.check(NET, "n1@example.org", "b@example.com", settings))
+        self.advance(86000)  # within lifetime of the last use, not of the first
+        self.assertIsNone(await g.check(NET, "n2@example.org", "b@example.com", settings))
+        self.advance(86401)
+        self.assertEqual(await g.check(NET, "n3@example.org", "b@example.com", settings), 300)
+
+    async def test_concurrent_first_attempts_of_one_triplet_all_succeed(self) -> None:
+        """Several threads recording one new triplet at once neither fail nor
+        start it twice."""
+        db = await self.make_db()
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(db.greylist.check(NET, "a@example.org", "b@example.com",
+                                                           GREY))
+            for _ in range(8)])
+        self.assertEqual(results, [300.0] * 8)
+        self.assertEqual(len(await self.all_rows(db, "greylist")), 1)
+
+    # -- greylisting: the cache ----------------------------------------------
+
+    async def test_warm_whitelist_does_not_touch_the_database(self) -> None:
+        """Once a network is known whitelisted, its checks are answered from
+        memory: no SQL is sent, and they pass even with the database stopped."""
+        db = await self.make_db(cache_seconds=60)
+        settings = GreylistConfig(enabled=True, delay=300, auto_whitelist_after=1)
+        await db.greylist.check(NET, "a@example.org", "b@example.com", settings)
+        self.advance(300)
+        self.assertIsNone(await db.greylist.check(NET, "a@example.org", "b@example.com", settings))
+        sent = self.count_statements(db)
+        calls = db.calls
+        for i in range(50):
+            self.assertIsNone(
+                await db.greylist.check(NET, f"n{i}@example.org", "b@example.com", settings))
+        self.assertEqual((sent, db.calls), ([], calls))
+        await db.stop()
+        self.assertIsNone(await db.greylist.check(NET, "late@example.org", "b@example.com",
+                                                  settings))
+
+    async def test_cache_asks_again_after_cache_seconds_and_updates_last_seen(self) -> None:
+        """A passed triplet is served from memory for ``cache_seconds``; the
+        next attempt after that goes to the database and updates last_seen
+        (once per cache period, not on every hit)."""
+        db = await self.make_db(cache_seconds=60)
+        g = db.greylist
+        key = triplet_key(NET, "a@example.org", "b@example.com")
+        await g.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(300)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        calls = db.calls
+        for _ in range(5):
+            self.advance(10)
+            self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        self.assertEqual(db.calls, calls)
+        self.assertEqual((await self.row(db, "greylist", id=key)).last_seen, START + 300)
+        self.advance(20)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        self.assertEqual(db.calls, calls + 2)  # the check and our row() read
+        self.assertEqual((await self.row(db, "greylist", id=key)).last_seen, START + 370)
+
+    async def test_waiting_triplet_is_answered_from_the_cache(self) -> None:
+        """Early retries of a waiting triplet get the time left without a
+        database call; the retry after the delay asks the database."""
+        db = await self.make_db(cache_seconds=600)
+        g = db.greylist
+        await g.check(NET, "a@example.org", "b@example.com", GREY)
+        calls = db.calls
+        self.advance(120)
+        self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 180.0)
+        self.assertEqual(db.calls, calls)
+        self.advance(180)
+        self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
+        self.assertEqual(db.calls, calls + 1)
+
+    async def test_passed_answer_is_not_cached_with_zero_cache_seconds(self) -> None:
+        """``cache_seconds = 0`` sends every check to the database."""
+        db = await self.make_db(cache_seconds=0)
+        await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.advance(300)
+        calls = db.calls
+        for _ in range(3):
+            await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.assertEqual(db.calls, calls + 3)
+
+    # -- blacklist -----------------------------------------------------------
+
+    async def test_blacklist_finds_entries_at_any_prefix(self) -> None:
+        """An entry at /32, /24, /128, /64, /48 (or any other prefix) lists
+        every address inside it and no address outside."""
+        db = await self.make_db()
+        b = db.blacklist
+        for network in ("192.0.2.7/32", "198.51.100.0/24", "10.0.0.0/8",
+                        "2001:db8::1/128", "2001:db8:1::/64", "2001:db8:2::/48",
+                        "2001:db8:3:4:8::/77"):
+            await b.add(network, 3600, f"test {network}")
+        cases = {
+            "192.0.2.7": "192.0.2.7/32", "192.0.2.8": None,
+            "198.51.100.200": "198.51.100.0/24", "198.51.101.1": None,
+            "10.255.1.2": "10.0.0.0/8", "11.0.0.1": None,
+            "::ffff:192.0.2.7": "192.0.2.7/32",
+            "2001:db8::1": "2001:db8::1/128", "2001:db8::2": None,
+            "2001:db8:1::abcd": "2001:db8:1::/64", "2001:db8:1:1::1": None,
+            "2001:db8:2:ffff::9": "2001:db8:2::/48", "2001:db8:2a::1": None,
+            "2001:db8:3:4:f::1": "2001:db8:3:4:8::/77", "2001:db8:3:4:10::1": None,
+            "not an address": None,
+        }
+        for fresh in (True, False):
+            for ip, expected in cases.items():
+                if fresh:
+                    b.clear_cache()  # from the database, not the local listing
+                entry = await b.lookup(ip)
+                self.assertEqual(entry.network if entry else None, expected, ip)
+                if entry:
+                    self.assertEqual(entry.reason, f"test {expected}")
+                    self.assertEqual(entry.expires, START + 3600)
+
+    async def test_blacklist_add_extends_never_shortens(self) -> None:
+        """A shorter listing leaves the longer one (and its reason); a longer
+        one extends it and carries its own reason."""
+        db = await self.make_db()
+        b = db.blacklist
+        await b.add("192.0.2.7/32", 1000, "spamtrap a@example.com")
+        await b.add("192.0.2.7/32", 10, "threshold messages")
+        b.clear_cache()
+        entry = await b.lookup("192.0.2.7")
+        self.assertEqual((entry.expires, entry.reason), (START + 1000, "spamtrap a@example.com"))
+        self.advance(500)
+        await b.add("192.0.2.7/32", 5000, "threshold spam")
+        b.clear_cache()
+        entry = await b.lookup("192.0.2.7")
+        self.assertEqual((entry.expires, entry.reason), (START + 5500, "threshold spam"))
+        self.assertEqual(len(await self.all_rows(db, "blacklist")), 1)
+
+    async def test_blacklist_entry_expires(self) -> None:
+        """An entry is not found after its time, and a new listing after
+        that starts afresh."""
+        db = await self.make_db(cache_seconds=60)
+        b = db.blacklist
+        await b.add("2001:db8::/64", 100, "threshold messages")
+        self.assertIsNotNone(await b.lookup("2001:db8::5"))
+        self.advance(100)
+        self.assertIsNone(await b.lookup("2001:db8::5"))  # cache and database
+        b.clear_cache()
+        self.assertIsNone(await b.lookup("2001:db8::5"))
+        await b.add("2001:db8::/64", 50, "spamtrap")
+        row = await self.row(db, "blacklist", network="2001:db8::/64")
+        self.assertEqual((row.created, row.expires, row.reason), (START + 100, START + 150,
+                                                                 "spamtrap"))
+
+    async def test_blacklist_normalises_networks(self) -> None:
+        """Host bits are cleared and IPv6 is compressed, as client_key writes it."""
+        db = await self.make_db()
+        await db.blacklist.add("192.0.2.77/24", 60, "x")
+        await db.blacklist.add("2001:0db8:0000::0001/128", 60, "x")
+        networks = sorted(r.network for r in await self.all_rows(db, "blacklist"))
+        self.assertEqual(networks, ["192.0.2.0/24", "2001:db8::1/128"])
+
+    async def test_concurrent_adds_of_one_network_all_succeed(self) -> None:
+        """Several threads listing one network at once all succeed; the
+        longest listing wins."""
+        db = await self.make_db()
+        await defer.gatherResults([
+            defer.Deferred.fromCoroutine(db.blacklist.add("203.0.113.9/32", 100 + i, f"r{i}"))
+            for i in range(8)])
+        rows = await self.all_rows(db, "blacklist")
+        self.assertEqual([(r.network, r.expires, r.reason) for r in rows],
+                         [("203.0.113.9/32", START + 107, "r7")])
+
+    async def test_blacklist_cache(self) -> None:
+        """A listing is served from memory until it expires, an absence for
+        ``cache_seconds``; a local add is seen at once."""
+        db = await self.make_db(cache_seconds=60)
+        b = db.blacklist
+        calls = db.calls
+        self.assertIsNone(await b.lookup("192.0.2.7"))
+        self.assertIsNone(await b.lookup("192.0.2.7"))
+        self.assertEqual(db.calls, calls + 1)
+        await b.add("192.0.2.7/32", 3600, "spamtrap")
+        calls = db.calls
+        self.assertEqual((await b.lookup("192.0.2.7")).reason, "spamtrap")
+        self.advance(3000)
+        self.assertEqual((await b.lookup("192.0.2.7")).reason, "spamtrap")
+        self.assertEqual(db.calls, calls)
+        self.advance(600)
+        self.assertIsNone(await b.lookup("192.0.2.7"))
+        self.assertEqual(db.calls, calls + 1)
+
+    async def test_other_writers_entries_show_within_cache_seconds(self) -> None:
+        """Another node's listing is seen once this node's cached absence
+        (``cache_seconds``) runs out."""
+        db = await self.make_db(cache_seconds=30)
+        other = await self.make_db(cache_seconds=30)
+        self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
+        await other.blacklist.add("192.0.2.0/24", 3600, "threshold messages")
+        self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
+        self.advance(30)
+        self.assertEqual((await db.blacklist.lookup("192.0.2.7")).network, "192.0.2.0/24")
+
+    # -- purge ---------------------------------------------------------------
+
+    async def test_purge_deletes_expired_rows_only(self) -> None:
+        """The purge deletes blacklist entries past their time, waiting
+        triplets past their window, passed triplets and whitelisted networks
+        past their lifetime; everything else stays."""
+        db = await self.make_db()
+        settings = GreylistConfig(enabled=True, delay=300, retry_window=3600, lifetime=86400,
+                                  auto_whitelist_after=1)
+        g = db.greylist
+        await g.check(NET, "passed@example.org", "b@example.com", settings)
+        self.advance(300)
+        await g.check(NET, "passed@example.org", "b@example.com", settings)  # whitelists NET
+        await g.check("198.51.100.0/24", "waiting@example.org", "b@example.com", settings)
+        await db.blacklist.add("192.0.2.7/32", 100, "short")
+        await db.blacklist.add("192.0.2.8/32", 100_000, "long")
+        self.assertEqual(await db.purge(), {f"{self.prefix}blacklist": 0,
+                                            f"{self.prefix}greylist": 0,
+                                            f"{self.prefix}greylist_whitelist": 0})
+        self.advance(3601)  # waiting triplet's window and the short listing are over
+        counts = await db.purge()
+        self.assertEqual(counts[f"{self.prefix}blacklist"], 1)
+        self.assertEqual(counts[f"{self.prefix}greylist"], 1)
+        self.assertEqual(counts[f"{self.prefix}greylist_whitelist"], 0)
+        self.assertEqual([r.sender for r in await self.all_rows(db, "greylist")],
+                         ["passed@example.org"])
+        self.advance(86400)  # the lifetime of the passed triplet and of the whitelist
+        counts = await db.purge()
+        self.assertEqual(counts, {f"{self.prefix}blacklist": 0, f"{self.prefix}greylist": 1,
+                                  f"{self.prefix}greylist_whitelist": 1})
+        self.assertEqual([r.network for r in await self.all_rows(db, "blacklist")],
+                         ["192.0.2.8/32"])
+
+    async def test_purge_runs_every_purge_interval(self) -> None:
+        """started, the database purges on its own every ``purge_interval``."""
+        db = await self.make_db(purge_interval=600)
+        await db.blacklist.add("192.0.2.7/32", 100, "short")
+        self.advance(599)
+        await sleep(0.2)
+        self.assertEqual(len(await self.all_rows(db, "blacklist")), 1)
+        self.advance(1)
+        for _ in range(100):
+            if not await self.all_rows(db, "blacklist"):
+                break
+            await sleep(0.05)
+        self.assertEqual(await self.all_rows(db, "blacklist"), [])
+
+    # -- failures ------------------------------------------------------------
+
+    async def test_stopped_database_raises(self) -> None:
+        """After stop(), store calls that need the database fail with a
+        StateDatabaseError naming it."""
+        db = await self.make_db()
+        await db.stop()
+        with self.assertRaises(StateDatabaseError) as info:
+            await db.blacklist.lookup("192.0.2.7")
+        self.assertIn("stopped", str(info.exception))
+        with self.assertRaises(StateDatabaseError):
+            await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+
+    # -- two processes -------------------------------------------------------
+
+    async def node(self, *args: str) -> dict[str, Any]:
+        """Run tests/db_node.py (another node, its own process) on our database."""
+        url = self.url or str(database_url(DatabaseConfig(), self.data_dir))
+        proc = await threads.deferToThread(
+            subprocess.run, [sys.executable, str(NODE), url, self.data_dir, self.prefix, *args],
+            capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    async def test_two_processes_share_greylist_and_blacklist(self) -> None:
+        """Two proxy processes on one database see each other's greylist
+        triplets and blacklist entries (cache_seconds = 0)."""
+        db = await self.make_db(clock=reactor)
+        settings = GreylistConfig(enabled=True, delay=1, auto_whitelist_after=0)
+        # Our first attempt; the other node sees our first_seen and lets the retry pass.
+        self.assertEqual(await db.greylist.check(NET, "a@example.org", "b@example.com",
+                                                 settings), 1)
+        await sleep(1.1)
+        self.assertEqual(await self.node("greylist", NET, "a@example.org", "b@example.com", "1"),
+                         {"wait": None})
+        # Its first attempt is a waiting triplet here too.
+        first = await self.node("greylist", NET, "c@example.org", "d@example.com", "600")
+        self.assertAlmostEqual(first["wait"], 600, delta=1)
+        wait = await db.greylist.check(NET, "c@example.org", "d@example.com",
+                                       GreylistConfig(enabled=True, delay=600))
+        self.assertTrue(0 < wait < 600, wait)
+        # Blacklist, both ways.
+        await db.blacklist.add("192.0.2.7/32", 600, "spamtrap x@example.com")
+        out = await self.node("lookup", "192.0.2.7")
+        self.assertEqual(out["entry"][:2], ["192.0.2.7/32", "spamtrap x@example.com"])
+        await self.node("add", "2001:db8::/64", "600", "threshold messages")
+        entry = await db.blacklist.lookup("2001:db8::77")
+        self.assertEqual((entry.network, entry.reason), ("2001:db8::/64", "threshold messages"))
+
+    async def test_two_processes_writing_at_once_do_not_fail(self) -> None:
+        """Two processes racing on the same triplets and blacklist entries
+        both finish without a database error."""
+        db = await self.make_db(clock=reactor)  # creates the tables
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self.node("stress", "40")) for _ in range(2)])
+        self.assertEqual(results, [{"done": 40}] * 2)
+        # The network is whitelisted after two passed triplets (by either node).
+        self.assertGreaterEqual(len(await self.all_rows(db, "greylist")), 2)
+        self.assertEqual(len(await self.all_rows(db, "greylist_whitelist")), 1)
+        self.assertEqual(len(await self.all_rows(db, "blacklist")), 7)
+
+
+    async def test_processes_creating_the_tables_at_once(self) -> None:
+        """Nodes starting on an empty database at the same moment all create
+        (or find) the tables and work."""
+        await self.make_db(clock=reactor, start=False)  # only to drop the tables afterwards
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self.node("add", f"192.0.2.{i}/32", "60", "x"))
+            for i in range(3)])
+        self.assertEqual(sorted(r["added"] for r in results),
+                         ["192.0.2.0/32", "192.0.2.1/32", "192.0.2.2/32"])
+
+class SqliteStoreTests(StoreTests, unittest.TestCase):
+    backend = "sqlite"
+
+    async def test_sqlite_file_in_data_dir_in_wal_mode(self) -> None:
+        """Without a URL the state lives in data_dir/state.sqlite, journal in WAL mode."""
+        db = await self.make_db()
+        self.assertTrue(os.path.exists(os.path.join(self.data_dir, "state.sqlite")))
+
+        def mode(engine: Any) -> str:
+            with engine.connect() as conn:
+                return conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+
+        self.assertEqual(await db.run(mode), "wal")
+
+    async def test_unusable_data_dir_raises_a_clear_error(self) -> None:
+        """A data_dir that cannot hold the database: start() says False, and
+        each use fails with a StateDatabaseError naming the file."""
+        blocker = os.path.join(self.data_dir, "file")
+        Path(blocker).write_text("not a directory")
+        self.data_dir = os.path.join(blocker, "sub")
+        db = await self.make_db(start=False)
+        self.assertFalse(await db.start())
+        with self.assertRaises(StateDatabaseError) as info:
+            await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.assertIn(os.path.join(self.data_dir, "state.sqlite"), str(info.exception))
+
+
+class MariadbStoreTests(StoreTests, unittest.TestCase):
+    backend = "mariadb"
+
+    async def test_unreachable_server_raises_a_clear_error(self) -> None:
+        """A MariaDB that does not answer: start() says False, and each use
+        fails with a StateDatabaseError naming the server (not the password)
+        and the driver's reason."""
+        self.url = f"mysql+pymysql://test:secret@127.0.0.1:{free_port()}/test"
+        db = await self.make_db(start=False, drop=False)
+        self.assertFalse(await db.start())
+        for attempt in (db.blacklist.lookup("192.0.2.7"),
+                        db.greylist.check(NET, "a@example.org", "b@example.com", GREY),
+                        db.blacklist.add("192.0.2.7/32", 10, "x")):
+            with self.assertRaises(StateDatabaseError) as info:
+                await attempt
+            text = str(info.exception)
+            self.assertIn("127.0.0.1", text)
+            self.assertIn("Can't connect", text)
+            self.assertNotIn("secret", text)
+
+    async def test_long_addresses_fit(self) -> None:
+        """Addresses longer than any index allows are keyed by their hash and
+        kept (cut to the column) for administrators."""
+        db = await self.make_db()
+        sender = "s" * 300 + "@" + "d" * 200 + ".example"
+        self.assertEqual(await db.greylist.check(NET, sender, "b@example.com", GREY), 300)
+        row = await self.row(db, "greylist", id=triplet_key(NET, sender, "b@example.com"))
+        self.assertEqual(row.sender, sender[:320])
+
+
+# -- without a database ---------------------------------------------------------
+
+def test_covering_networks_match_client_key() -> None:
+    """The networks a lookup asks for are written exactly as client_key
+    (and the blacklist's add) writes them, at every prefix."""
+    from mppproxy.policy.counters import client_key
+
+    for address in ("192.0.2.77", "2001:db8:abcd:12:ff::1", "::1", "0.0.0.0"):
+        ip = parse_ip(address)
+        nets = covering_networks(ip)
+        assert len(nets) == ip.max_prefixlen + 1
+        for prefix, net in enumerate(nets):
+            assert net == client_key(address, prefix, prefix) == normalise_network(net)
+
+
+def test_normalise_network() -> None:
+    """IPv4-mapped IPv6 networks become IPv4; bad input is a ValueError."""
+    assert normalise_network("::ffff:192.0.2.7/128") == "192.0.2.7/32"
+    assert normalise_network("2001:DB8::/32") == "2001:db8::/32"
+    try:
+        normalise_network("nonsense")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("nonsense accepted")
+
+
+def test_expiring_cache_is_bounded_lru() -> None:
+    """The cache forgets its least recently used entry past its size, and
+    entries past their time."""
+    cache: ExpiringCache[str, int] = ExpiringCache(max_size=3)
+    for i, key in enumerate("abc"):
+        cache.put(key, i, until=100, now=0)
+    assert cache.get("a", now=1) == 0  # a is now the most recent
+    cache.put("d", 3, until=100, now=1)
+    assert cache.get("b", now=1) is None
+    assert [cache.get(k, now=1) for k in "acd"] == [0, 2, 3]
+    assert cache.get("a", now=100) is None
+    cache.put("e", 4, until=5, now=5)
+    assert cache.get("e", now=5) is None and len(cache) == 2
+
+
+def test_database_url() -> None:
+    """Empty url: SQLite in data_dir; mysql:// gets PyMySQL and utf8mb4."""
+    url = database_url(DatabaseConfig(), "/srv/mpp")
+    assert (url.get_backend_name(), url.database) == ("sqlite", "/srv/mpp/state.sqlite")
+    url = database_url(DatabaseConfig(url="mysql://u:p@db.example/state"), "/srv/mpp")
+    assert url.drivername == "mysql+pymysql" and url.query["charset"] == "utf8mb4"
+    url = database_url(DatabaseConfig(url="mariadb+pymysql://u:p@db/s?charset=utf8"), "/x")
+    assert url.query["charset"] == "utf8"
+
+
+def test_construction_does_no_io(tmp_path: Path) -> None:
+    """Building a StateDatabase creates no file and starts no thread."""
+    import threading
+
+    before = threading.active_count()
+    db = StateDatabase(DatabaseConfig(), str(tmp_path / "data"), Clock())
+    assert not (tmp_path / "data").exists()
+    assert threading.active_count() == before
+    assert not db.running
+
+
+class RuntimeTests(unittest.TestCase):
+    async def test_runtime_for_starts_and_stops_the_database(self) -> None:
+        """runtime_for makes the state database from [database] and data_dir,
+        starts it and hands its stores to the checks; stop() closes it."""
+        data_dir = tempfile.mkdtemp(prefix="mpp-db-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        config = from_mapping({"data_dir": data_dir, "database": {"cache_seconds": 5}})
+        runtime = runtime_for(config, reactor, "mx.test")
+        db = runtime.database
+        self.assertIsInstance(db, StateDatabase)
+        self.assertTrue(db.running)
+        self.assertIs(runtime.services.blacklist, db.blacklist)
+        self.assertIs(runtime.services.greylist, db.greylist)
+        self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
+        self.assertTrue(os.path.exists(os.path.join(data_dir, "state.sqlite")))
+        await runtime.stop()
+        self.assertFalse(db.running)
+
+    def test_no_database_without_the_policy_engine(self) -> None:
+        """With the policy engine off there is no runtime and no database."""
+        config = from_mapping({"policy": {"enabled": False}})
+        self.assertIsNone(runtime_for(config, reactor, "mx.test"))
+
+
+class EngineTests(unittest.TestCase):
+    """The policy engine with the SQL stores that runtime_for gives it."""
+
+    def setUp(self) -> None:
+        self.data_dir = tempfile.mkdtemp(prefix="mpp-db-")
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
+        config = from_mapping({
+            "data_dir": self.data_dir,
+            "database": {"cache_seconds": 0},
+            "policies": {"default": {
+                "greylisting": {"enabled": True, "delay": 60},
+                "spamtrap": {"enabled": True, "patterns": ["^trap@"]},
+            }},
+        })
+        self.runtime = runtime_for(config, reactor, "mx.test")
+        self.addCleanup(self.runtime.stop)
+
+    async def ask(self, rcpt: str, ip: str = "192.0.2.10") -> Any:
+        from mppproxy.policy.base import Facts, TransactionRecord
+
+        facts = Facts(client_ip=ip, helo="client.example", sender="s@sender.example",
+                      sender_domain="sender.example", recipient=rcpt,
+                      recipient_domain=rcpt.rpartition("@")[2])
+        return await self.runtime.engine.on_recipient(facts, TransactionRecord())
+
+    async def test_greylisting_and_auto_blacklist_through_the_engine(self) -> None:
+        """A new triplet gets 451 4.7.1 from the SQL greylist; a spam trap
+        puts the client on the SQL blacklist, which refuses its next mail."""
+        reply = await self.ask("user@example.com")
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
+        reply = await self.ask("trap@example.com")
+        self.assertEqual(reply.code // 100, 5)
+        self.runtime.database.blacklist.clear_cache()  # from the database, not the cache
+        reply = await self.ask("user@example.com")
+        self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"))
+        reply = await self.ask("user@example.com", ip="198.51.100.1")  # another client
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
+
+    async def test_database_failure_is_a_tempfail(self) -> None:
+        """With the database gone every recipient gets a 4xx, never a pass
+        (DESIGN.md promise 4)."""
+        await self.runtime.database.stop()
+        reply = await self.ask("user@example.com")
+        self.assertEqual(reply.code // 100, 4)
+        self.assertEqual(len(self.flushLoggedErrors(StateDatabaseError)), 1)
