@@ -173,7 +173,9 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
             out += _keys(typing.get_args(tp)[1], prefix + f.name + ".<name>.")
             continue
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            # arrays of tables such as [[policies.NAME.dnsbl.lists]]
+            # arrays of tables such as [[policies.NAME.dnsbl.lists]]: the
+            # array and each key of its tables
+            out.append(prefix + f.name)
             out += _keys(typing.get_args(tp)[0], prefix + f.name + "[].")
             continue
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]

@@ -31,9 +31,13 @@ log = Logger()
 
 def open_database(config: ProxyConfig, reactor: Any) -> Optional[Any]:
     """The shared state database for the greylist and auto-blacklist
-    stores, or None while this build has none (``mppproxy/db`` arrives
-    with its own change; it plugs in here)."""
-    return None
+    stores, started (its tables are created in the background; an
+    unreachable database is logged and tried again on each use)."""
+    from mppproxy.policy.runtime import make_database
+
+    database = make_database(config, reactor)
+    database.start()
+    return database
 
 
 class PolicyServerService(MultiService):
