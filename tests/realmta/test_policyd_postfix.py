@@ -3,10 +3,8 @@ about every recipient and acts on the answers.
 
 Postfix runs privately under ``/tmp/pfx-policyd`` (``MPP_PFX_POLICYD_ROOT``)
 on a free port, started by ``scripts/services/start-postfix-backend.sh`` with
-``PFX_POLICY_SERVICE`` set.  The policy server is ``PolicyServerService``
-with the in-memory stores of ``tests/fakes_policy.py`` (the SQL stores are
-not in this build yet), run by ``policyd_memory_server.py``; the twistd
-``--mode policy`` entry itself is covered by tests/test_policyd_loopback.py.
+``PFX_POLICY_SERVICE`` set.  The policy server is ``twistd -n mppproxy``
+with ``mode = "policy"`` and its SQLite state database, as deployed.
 
 Policies: example.com (default) has a spam trap ``trap@`` and an access
 blacklist; example.net is greylisted with a 2 s delay.
@@ -27,10 +25,14 @@ import pytest
 
 from helpers import free_port, wait_for
 
-from .conftest import PostfixBackend, service_unavailable, _port_open, _tail
+from .conftest import (TWISTD, PostfixBackend, service_unavailable, _port_open,
+                       _subprocess_env, _tail)
 
 HERE = Path(__file__).resolve().parent
 GREY_DELAY = 2
+# How long a spam-trap hit blacklists the client (Postfix's 127.0.0.1): short,
+# so the tests after the trap test are not refused.
+TRAP_SECONDS = 2
 
 CONFIG = """\
 mode = "policy"
@@ -39,11 +41,10 @@ data_dir = "{data}"
 trusted_networks = ["10.255.255.0/24"]
 [policyd]
 listen = ["tcp:{port}:interface=127.0.0.1"]
-[policies.default.blacklist]
-enabled = false
 [policies.default.spamtrap]
 enabled = true
 patterns = ["^trap@"]
+blacklist_seconds = {trap_seconds}
 [policies.default.access]
 blacklist_senders = ["spammer@bad.example"]
 [policies.grey]
@@ -69,13 +70,13 @@ def policy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("policyd")
     conf = workdir / "policyd.toml"
-    conf.write_text(CONFIG.format(data=workdir / "data", port=port, delay=GREY_DELAY))
+    conf.write_text(CONFIG.format(data=workdir / "data", port=port, delay=GREY_DELAY,
+                                  trap_seconds=TRAP_SECONDS))
     log = workdir / "policyd.log"
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, str(HERE / "policyd_memory_server.py"), str(conf)],
+    # The real thing: twistd --mode policy with its SQLite state database.
+    proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "mppproxy", "--config", str(conf)],
                             stdin=subprocess.DEVNULL, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, env=env)
+                            stderr=subprocess.STDOUT, env=_subprocess_env(None), cwd=workdir)
     try:
         wait_for(lambda: proc.poll() is not None or _port_open("127.0.0.1", port), 20,
                  what="policy server")
@@ -146,13 +147,22 @@ def test_normal_recipient_delivered(pfx: PolicyPostfix) -> None:
 
 
 def test_spamtrap_recipient_rejected(pfx: PolicyPostfix) -> None:
-    """Postfix refuses a spam-trap recipient with our 550 5.7.1; the other recipient is delivered."""
+    """Postfix refuses a spam-trap recipient with our 550 5.7.1, and then the
+    client's other recipients with 554 5.7.1 (it is blacklisted) until the
+    entry expires."""
     msg, token = _message("alice@sender.example", "bob@example.com")
     with smtplib.SMTP(pfx.host, pfx.port, timeout=30) as s:
-        refused = s.sendmail("alice@sender.example", ["trap@example.com", "bob@example.com"], msg)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+            s.sendmail("alice@sender.example", ["trap@example.com", "bob@example.com"], msg)
+    refused = info.value.recipients
     code, text = refused["trap@example.com"]
     assert code == 550 and text.startswith(b"5.7.1 <trap@example.com>: Recipient address rejected:"), text
     assert b"access denied" in text
+    code, text = refused["bob@example.com"]
+    assert code == 554 and b"temporarily blocked" in text, text
+    time.sleep(TRAP_SECONDS + 0.5)
+    with smtplib.SMTP(pfx.host, pfx.port, timeout=30) as s:
+        assert s.sendmail("alice@sender.example", ["bob@example.com"], msg) == {}
     _delivered(pfx, "example.com", token)
 
 
