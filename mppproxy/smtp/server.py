@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol
+from contextvars import copy_context
+from typing import Any, Awaitable, Callable, Coroutine, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -48,6 +49,44 @@ def _cancelled(call: Any) -> None:
     if call is not None and call.active():
         call.cancel()
     return None
+
+
+def _drive(coro: Coroutine[Any, Any, Any], then: Callable[..., None], *args: Any) -> None:
+    """Run ``coro``, resuming it when each Deferred it awaits fires; then call
+    ``then(result, *args)``, where the result is a ``Failure`` if it raised.
+
+    What ``Deferred.fromCoroutine`` does for a protocol callback, without
+    the parts the session never uses (cancellation, a Deferred for the
+    result): those cost several microseconds per MAIL, RCPT and end of DATA
+    in profiles.  Like Twisted, each step runs in the context copied at the
+    start, and a failure is thrown into the coroutine at its ``await``."""
+    context = copy_context()
+
+    def step(result: Any, failed: bool) -> None:
+        while True:
+            outcome: Any = None
+            finished = False
+            try:
+                if failed:
+                    awaited = context.run(result.throwExceptionIntoGenerator, coro)
+                else:
+                    awaited = context.run(coro.send, result)
+            except StopIteration as e:
+                outcome, finished = e.value, True
+            except BaseException:
+                outcome, finished = Failure(), True
+            if finished:
+                # Outside the except clause: an error in ``then`` must not
+                # read as raised while handling StopIteration.
+                then(outcome, *args)
+                return
+            if isinstance(awaited, Deferred):
+                awaited.addCallbacks(step, step, callbackArgs=(False,), errbackArgs=(True,))
+                return
+            # Anything else awaited is sent back at once, as Twisted does.
+            result, failed = awaited, False
+
+    step(None, False)
 
 
 class SessionState(enum.Enum):
@@ -439,34 +478,32 @@ class SMTPServerProtocol(Protocol):
     def _await(self, work: Awaitable[Reply], then: Callable[[Reply], None]) -> None:
         """Run a pending decision; later input waits until ``then`` ran.
 
-        The errback turns any unexpected failure into a 451 (never a 250 on
-        an error path, STYLE.md) and logs it."""
+        An unexpected failure becomes a 451 (never a 250 on an error path,
+        STYLE.md) and is logged."""
         self._busy = True
         # The idle timer is left running (re-arming is cheaper than a new
         # one per command); while busy, the backend's own timeouts apply and
         # _timed_out only re-arms it.
-        d = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+        _drive(work, self._decided, then)  # type: ignore[arg-type]
 
-        def failed(f: Failure) -> Reply:
-            log.failure("unexpected error handling a command", f,
+    def _decided(self, outcome: Any, then: Callable[[Reply], None]) -> None:
+        if isinstance(outcome, Failure):
+            log.failure("unexpected error handling a command", outcome,
                         session_id=self.session.id if self.session else None)
-            return replies.LOCAL_ERROR
-
-        def done(reply: Reply) -> None:
+            outcome = replies.LOCAL_ERROR
+        try:
             self._busy = False
             if self.state is SessionState.CLOSING:
                 if self._after_decision and self.session is not None:
                     self._end_session(self._decided_in)
                 return
-            then(reply)
+            then(outcome)
             if self.state is not SessionState.CLOSING:
                 self._set_timer(self.config.timeouts.data_block if self.state is SessionState.DATA
                                 else self.config.timeouts.command)
                 self._process()
-
-        d.addErrback(failed)
-        d.addCallback(done)
-        d.addErrback(lambda f: log.failure("error after a reply", f))
+        except Exception:
+            log.failure("error after a reply")
 
     # -- commands --------------------------------------------------------------
 
