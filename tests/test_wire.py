@@ -48,3 +48,52 @@ class SendNowTests(unittest.TestCase):
             send_now(client.transport, p)
         received = await done
         self.assertEqual(received, expected)
+
+
+class _FakeSocket:
+    def __init__(self, takes: "int | BaseException") -> None:
+        self.takes = takes
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if isinstance(self.takes, BaseException):
+            raise self.takes
+        self.sent.append(bytes(data[:self.takes]))
+        return min(self.takes, len(data))
+
+
+class _IdleTCPLike(StringTransport):
+    """What send_now reads of an idle tcp.Connection, over a fake socket."""
+
+    TLS = False
+    connected = True
+    disconnecting = False
+    _writeDisconnected = False
+    _tempDataBuffer: list[bytes] = []
+    offset = 0
+    dataBuffer = b""
+
+    def __init__(self, sock: _FakeSocket) -> None:
+        super().__init__()
+        self.socket = sock
+
+
+class SendNowFallbackTests(unittest.SynchronousTestCase):
+    def test_whole_send_skips_write(self) -> None:
+        """What the kernel takes at once never goes through transport.write."""
+        t = _IdleTCPLike(_FakeSocket(100))
+        send_now(t, b"250 OK\r\n")
+        self.assertEqual((t.socket.sent, t.value()), ([b"250 OK\r\n"], b""))
+
+    def test_partial_send_writes_the_rest(self) -> None:
+        """Bytes the kernel did not take are handed to transport.write, in order."""
+        t = _IdleTCPLike(_FakeSocket(3))
+        send_now(t, b"250 OK\r\n")
+        self.assertEqual((t.socket.sent, t.value()), ([b"250"], b" OK\r\n"))
+
+    def test_send_error_leaves_everything_to_write(self) -> None:
+        """A full buffer or a reset: the whole reply goes to transport.write."""
+        for error in (BlockingIOError(), ConnectionResetError()):
+            t = _IdleTCPLike(_FakeSocket(error))
+            send_now(t, b"250 OK\r\n")
+            self.assertEqual(t.value(), b"250 OK\r\n")
