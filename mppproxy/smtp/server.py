@@ -217,6 +217,14 @@ class SMTPServerProtocol(Protocol):
         self._decided_in = SessionState.CLOSING
         self._hostname = hostname
         self._spool_dir = spool_directory(config)
+        # Read on every command; the session keeps the configuration it
+        # began with anyway.
+        self._command_timeout = config.timeouts.command
+        self._data_block_timeout = config.timeouts.data_block
+        self._max_command_line = config.limits.max_command_line
+        # A timeout a command chose for the client's next move (STARTTLS:
+        # the TLS handshake), used once instead of the state's own.
+        self._next_timeout: Optional[float] = None
 
     # -- connection ---------------------------------------------------------
 
@@ -352,15 +360,15 @@ class SMTPServerProtocol(Protocol):
             return
         self._buffer += data
         if not self._busy:
-            timeout = self.config.timeouts.data_block if self.state is SessionState.DATA else self.config.timeouts.command
-            self._set_timer(timeout)
             self._process()
         elif len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
             self._reading_paused = True
             self._update_reading()
 
     def _process(self) -> None:
-        """Handle buffered input until a decision is pending or it runs out.
+        """Handle buffered input until a decision is pending or it runs out,
+        then start the client's timeout (RFC 5321 4.5.3.2) if it is the
+        client's turn.
 
         Not re-entrant: a decision that completes at once (local delivery,
         a refusal) calls back into here, and the loop already running picks
@@ -375,6 +383,18 @@ class SMTPServerProtocol(Protocol):
             if self._reading_paused and not self._busy and len(self._buffer) < PIPELINE_BUFFER // 2:
                 self._reading_paused = False
                 self._update_reading()
+        if not self._busy:
+            # Once per input or decision, not per line: while a decision is
+            # pending the backend's timeouts apply instead.
+            state = self.state
+            if state is not SessionState.CLOSING and state is not SessionState.GREETING:
+                timeout = self._next_timeout
+                if timeout is None:
+                    timeout = (self._data_block_timeout if state is SessionState.DATA
+                               else self._command_timeout)
+                else:
+                    self._next_timeout = None
+                self._set_timer(timeout)
 
     def _update_reading(self) -> None:
         if self.state is SessionState.CLOSING:
@@ -413,7 +433,7 @@ class SMTPServerProtocol(Protocol):
                 continue
             end = buf.find(b"\n")
             if end < 0:
-                limit = self.config.limits.max_command_line + 512
+                limit = self._max_command_line + 512
                 if len(buf) > limit:
                     # Too long to be any command: refuse once, drop to the next LF.
                     del buf[:]
@@ -429,7 +449,7 @@ class SMTPServerProtocol(Protocol):
             self._line_received(line)
 
     def _line_received(self, line: bytes) -> None:
-        cmd, refusal = parse_command(line, self.config.limits.max_command_line)
+        cmd, refusal = parse_command(line, self._max_command_line)
         if refusal is not None:
             self._send(refusal)
             return
@@ -499,8 +519,6 @@ class SMTPServerProtocol(Protocol):
                 return
             then(outcome)
             if self.state is not SessionState.CLOSING:
-                self._set_timer(self.config.timeouts.data_block if self.state is SessionState.DATA
-                                else self.config.timeouts.command)
                 self._process()
         except Exception:
             log.failure("error after a reply")
@@ -693,7 +711,6 @@ class SMTPServerProtocol(Protocol):
                                   normalise=self.config.smtp.bare_newline == "normalise")
         self.state = SessionState.DATA
         self._send(replies.START_DATA)
-        self._set_timer(self.config.timeouts.data_block)
         self._data_deadline = self.reactor.callLater(self.config.timeouts.data_total, self._timed_out)
 
     def _cancel_data_deadline(self) -> None:
@@ -717,7 +734,6 @@ class SMTPServerProtocol(Protocol):
                      DataError.NUL: replies.NUL_IN_DATA}[reader.error]
             self._reset_transaction(reader.error.value)
             self.state = SessionState.MAIL
-            self._set_timer(self.config.timeouts.command)
             self._send(reply)
             return
 
@@ -782,7 +798,7 @@ class SMTPServerProtocol(Protocol):
         self.session.esmtp = False
         self._caps = None
         self.state = SessionState.READY
-        self._set_timer(self.config.timeouts.tls_handshake)
+        self._next_timeout = self.config.timeouts.tls_handshake
 
     def _cmd_auth(self, cmd: Command) -> None:
         self._send(replies.NOT_IMPLEMENTED.with_text("AUTH not available"))
