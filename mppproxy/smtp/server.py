@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mppproxy._wire import send_now
+from mppproxy._wire import close_now, send_now
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
@@ -477,6 +477,8 @@ class SMTPServerProtocol(Protocol):
         send_now(self.transport, reply.to_bytes())
         self.state = SessionState.CLOSING
         self._cancel_timer()
+        if close_now(self.transport):
+            return  # the reply went out whole; connectionLost has run
         self.transport.loseConnection()
         # loseConnection waits for our output to drain (and, under TLS, for a
         # close handshake): a client that never reads, or never finishes the
