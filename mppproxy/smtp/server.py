@@ -206,7 +206,9 @@ class SMTPServerProtocol(Protocol):
         self._skip_long_line = False
         self._reader: Optional[DataReader] = None
         self._timer: Any = None
-        self._data_deadline: Any = None
+        # When DATA must be over (timeouts.data_total), as reactor time; the
+        # idle timer is shortened to it rather than a second timer kept.
+        self._data_deadline: Optional[float] = None
         self._counted = False
         self._caps: Optional[Capabilities] = None
         # The client left while the end-of-DATA decision was pending: the
@@ -389,11 +391,14 @@ class SMTPServerProtocol(Protocol):
             state = self.state
             if state is not SessionState.CLOSING and state is not SessionState.GREETING:
                 timeout = self._next_timeout
-                if timeout is None:
-                    timeout = (self._data_block_timeout if state is SessionState.DATA
-                               else self._command_timeout)
-                else:
+                if timeout is not None:
                     self._next_timeout = None
+                elif state is SessionState.DATA:
+                    timeout = self._data_block_timeout
+                    if self._data_deadline is not None:
+                        timeout = max(0.0, min(timeout, self._data_deadline - self.reactor.seconds()))
+                else:
+                    timeout = self._command_timeout
                 self._set_timer(timeout)
 
     def _update_reading(self) -> None:
@@ -713,10 +718,10 @@ class SMTPServerProtocol(Protocol):
                                   normalise=self.config.smtp.bare_newline == "normalise")
         self.state = SessionState.DATA
         self._send(replies.START_DATA)
-        self._data_deadline = self.reactor.callLater(self.config.timeouts.data_total, self._timed_out)
+        self._data_deadline = self.reactor.seconds() + self.config.timeouts.data_total
 
     def _cancel_data_deadline(self) -> None:
-        self._data_deadline = _cancelled(self._data_deadline)
+        self._data_deadline = None
 
     def _end_of_data(self) -> None:
         self._cancel_data_deadline()
