@@ -32,11 +32,17 @@ def _idle_tcp(transport: Any) -> bool:
 
 
 def send_now(transport: Any, data: bytes) -> None:
-    if _idle_tcp(transport):
-        # The send writeSomeData would make, without its three Python calls
-        # (this runs ~11 times per relayed message).  Any error (a full
-        # buffer, a reset) leaves the data to transport.write, whose own
-        # send then sees the same condition and handles it as usual.
+    # _idle_tcp, inline: this runs ~11 times per relayed message.
+    if (getattr(transport, "TLS", True) is False
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)):
+        # The send writeSomeData would make, without its three Python
+        # calls.  Any error (a full buffer, a reset) leaves the data to
+        # transport.write, whose own send then sees the same condition and
+        # handles it as usual.
         try:
             sent = transport.socket.send(data)
         except OSError:
