@@ -10,6 +10,7 @@ lines wait in order (RFC 2920; Haraka's pause state).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from contextvars import copy_context
@@ -42,6 +43,24 @@ _HELO_ARGUMENT = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za
 PIPELINE_BUFFER = 262144
 # Seconds a closing connection may take to flush our last reply.
 CLOSE_GRACE = 10.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _own_reply(code: int, enhanced: str, text: str) -> Reply:
+    """A reply of ours whose text is built per session (greeting, HELO,
+    QUIT): the same few texts again and again, so built once each."""
+    return Reply(code, enhanced, text)
+
+
+_spool_dir_for: list[Any] = [None, None]
+
+
+def _spool_directory(config: ProxyConfig) -> Optional[str]:
+    """spool_directory(config), remembered for the configuration of the
+    moment (a new object only after a reload)."""
+    if _spool_dir_for[0] is not config:
+        _spool_dir_for[:] = [config, spool_directory(config)]
+    return _spool_dir_for[1]
 
 
 def _cancelled(call: Any) -> None:
@@ -218,7 +237,7 @@ class SMTPServerProtocol(Protocol):
         self._after_decision = False
         self._decided_in = SessionState.CLOSING
         self._hostname = hostname
-        self._spool_dir = spool_directory(config)
+        self._spool_dir = _spool_directory(config)
         # Read on every command; the session keeps the configuration it
         # began with anyway.
         self._command_timeout = config.timeouts.command
@@ -283,7 +302,7 @@ class SMTPServerProtocol(Protocol):
     def _greet(self) -> None:
         self._timer = None
         self.state = SessionState.READY
-        self._send(Reply(220, "", f"{self._hostname} {self.config.smtp.banner}"))
+        self._send(_own_reply(220, "", f"{self._hostname} {self.config.smtp.banner}"))
         self._set_timer(self.config.timeouts.command)
         if self._buffer:
             self._process()
@@ -557,7 +576,7 @@ class SMTPServerProtocol(Protocol):
         self.session.esmtp = esmtp
         if not esmtp:
             self.state = SessionState.MAIL
-            self._send(Reply(250, "", f"{self._hostname} Hello {cmd.arg}"))
+            self._send(_own_reply(250, "", f"{self._hostname} Hello {cmd.arg}"))
             return
 
         def answer(reply: Reply) -> None:
@@ -771,7 +790,7 @@ class SMTPServerProtocol(Protocol):
 
     def _cmd_quit(self, cmd: Command) -> None:
         self._reset_transaction("QUIT")
-        self._close_with(Reply(221, "2.0.0", f"{self._hostname} closing connection"))
+        self._close_with(_own_reply(221, "2.0.0", f"{self._hostname} closing connection"))
 
     def _cmd_vrfy(self, cmd: Command) -> None:
         self._send(replies.CANNOT_VRFY)
