@@ -15,7 +15,8 @@ before or during a session:
   a callable ``(conn, verb) -> bool``; ``abort_on_drop`` sends a RST instead of FIN;
 * ``delays``: seconds to wait before a verb's reply; ``None`` means never answer;
 * ``stall_after_bytes``: stop reading the socket after that much message data
-  (a backend too slow to take the message);
+  (a backend too slow to take the message); its sockets then get a small, fixed
+  receive buffer, so the sender's writes really back up;
 * ``lenient_end``: end DATA at any line break, dot, line break (``\\n.\\n``,
   ``\\r.\\r``...), like the MTAs that SMTP smuggling exploits; the default ends
   DATA only at ``CRLF . CRLF``.
@@ -319,6 +320,14 @@ class FakeBackend(Factory):
     def start(self) -> int:
         """Listen on 127.0.0.1, a free port; return it."""
         self._port = self.reactor.listenTCP(0, self, interface="127.0.0.1")
+        if self.stall_after_bytes is not None and hasattr(self._port, "socket"):
+            # A stalled backend must back the sender up: with the kernel's
+            # autotuned receive buffer (tcp_rmem up to 32 MiB here) a
+            # backend that stops reading still takes megabytes, and whether
+            # the sender ever waits becomes a race.  Accepted sockets inherit
+            # this fixed, small buffer.
+            import socket
+            self._port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         return self.port
 
     def start_for(self, testcase: Any) -> int:

@@ -161,6 +161,32 @@ class ParsePathTests(SynchronousTestCase):
         addr = parse_path(f"<{local}@{domain}>", allow_null=False)
         self.assertEqual((addr.text, addr.local, addr.domain), (f"{local}@{domain}", local, domain))
 
+    @settings(max_examples=500, deadline=None)
+    @given(st.text(alphabet="aZ09-._!#\"\\<>@ \u00e9\u4e2d\n", max_size=30))
+    def test_whole_string_matches_agree_with_per_part_rules(self, text: str) -> None:
+        """The one-regex domain and local-part checks accept exactly what the
+        per-label / per-atom rules of RFC 5321 4.1.2 accept, and the quick
+        closing-bracket search finds the bracket the quote-aware scan finds."""
+        import re
+
+        from mppproxy.smtp import address
+
+        label = re.compile(r"[A-Za-z0-9\x80-\U0010ffff]([A-Za-z0-9\x80-\U0010ffff-]*[A-Za-z0-9\x80-\U0010ffff])?")
+        atom = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+")
+        d = text[:-1] if text.endswith(".") else text
+        per_label = bool(d) and len(d) <= 255 and all(label.fullmatch(x) for x in d.split("."))
+        self.assertEqual(address._valid_domain(text), per_label)
+        if not text.startswith('"'):
+            per_atom = bool(text) and all(atom.fullmatch(x) for x in text.split("."))
+            self.assertEqual(address._valid_local(text), per_atom)
+        path = "<" + text
+        if '"' not in path:
+            try:
+                quick: object = address._find_closing_bracket(path)
+            except AddressError:
+                quick = None
+            self.assertEqual(quick, path.find(">", 1) if ">" in path[1:] else None)
+
     @settings(max_examples=200, deadline=None)
     @given(st.text(max_size=40))
     def test_never_crashes(self, text: str) -> None:

@@ -49,3 +49,57 @@ class StartTLSBoundaryTests(SynchronousTestCase):
             d = proto.command(b"NOOP", 30)
             proto.dataReceived(bad)
             self.failureResultOf(d)
+
+
+class ReplyReadingTests(SynchronousTestCase):
+    """Replies however the backend's bytes are cut into reads (the one-read,
+    one-line fast path and the general line reader must agree)."""
+
+    def connect(self) -> tuple[BackendProtocol, Clock]:
+        clock = Clock()
+        proto = BackendProtocol(clock)
+        proto.makeConnection(StringTransport())
+        return proto, clock
+
+    def test_same_reply_in_any_cut(self) -> None:
+        """One reply read whole, twice (the second from the cache), byte by byte, or with
+        the next reply in the same read gives the same code, enhanced code and text."""
+        wire = b"250 2.1.0 Sender <a@b> ok\r\n"
+        for cuts in ([wire], [wire], [wire[i:i + 1] for i in range(len(wire))],
+                     [wire[:5], wire[5:]]):
+            proto, _ = self.connect()
+            d = proto.command(b"MAIL FROM:<a@b>", 30)
+            for piece in cuts:
+                proto.dataReceived(piece)
+            reply = self.successResultOf(d)
+            self.assertEqual((reply.code, reply.enhanced, reply.text), (250, "2.1.0", "Sender <a@b> ok"))
+        proto, _ = self.connect()
+        first = proto.command(b"RSET", 30)
+        second = proto.command(b"MAIL FROM:<a@b>", 30)
+        proto.dataReceived(b"250 2.0.0 Ok\r\n" + wire)
+        self.assertEqual(self.successResultOf(first).text, "Ok")
+        self.assertEqual(self.successResultOf(second).text, "Sender <a@b> ok")
+
+    def test_multiline_reply_in_one_read(self) -> None:
+        """A read holding only the first line of a multi-line reply waits for the rest."""
+        proto, _ = self.connect()
+        d = proto.command(b"EHLO proxy.test", 30)
+        proto.dataReceived(b"250-backend.test\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b"250 PIPELINING\r\n")
+        self.assertEqual(self.successResultOf(d).text, "backend.test\nPIPELINING")
+
+    def test_garbage_line_in_one_read(self) -> None:
+        """A whole line that is no reply fails the command and drops the connection."""
+        proto, _ = self.connect()
+        d = proto.command(b"NOOP", 30)
+        proto.dataReceived(b"hello there\r\n")
+        self.failureResultOf(d)
+        self.assertTrue(proto.closed)
+
+    def test_timeout_names_the_command(self) -> None:
+        """A command without a reply fails after its timeout, naming the command's verb."""
+        proto, clock = self.connect()
+        d = proto.command(b"RCPT TO:<a@b>", 30)
+        clock.advance(30)
+        self.assertIn("waiting for RCPT", self.failureResultOf(d).value.detail)

@@ -146,6 +146,52 @@ class RelayTests(RelayCase):
         [msg] = fake.messages
         self.assertEqual(msg.recipients, [b"rcpt@example.com"])
 
+    async def test_pooled_connection_replies_stay_in_order_and_current(self) -> None:
+        """Across two sessions sharing one pooled backend connection and two
+        transactions each, pipelined MAIL/RCPT/DATA get the backend's replies in
+        order, each with the text the backend gave that time (repeated texts and
+        texts that change are both passed on as sent)."""
+        counter = {"n": 0}
+
+        def rcpt(conn: Any, line: bytes) -> Optional[str]:
+            counter["n"] += 1
+            if counter["n"] % 3 == 0:
+                return "550 5.1.1 no such user (try %d)" % counter["n"]
+            return "250 2.1.5 fine (try %d)" % counter["n"]
+
+        fake, proxy = self.start(FakeBackend(replies={"RCPT": rcpt, "MAIL": "250 2.1.0 same text"}))
+
+        def session(first: int) -> list[tuple[int, bytes]]:
+            got = []
+            with RawClient(proxy.port) as c:
+                c.reply()
+                c.expect(b"EHLO client.test", 250)
+                for t in range(2):
+                    c.send(b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@example.com>\r\n"
+                           b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n")
+                    got += [c.reply() for _ in range(5)]
+                    got.append(c.command(b"Subject: t%d\r\n\r\nhi\r\n." % (first + t)))
+                got.append(c.command(b"QUIT"))
+            return got
+
+        one = await self.in_thread(session, 0)
+        two = await self.in_thread(session, 2)
+        for got, base in ((one, 0), (two, 6)):
+            expected = []
+            for t in range(2):
+                n = base + 3 * t
+                expected += [(250, b"2.1.0 same text"),
+                             (250, b"2.1.5 fine (try %d)" % (n + 1)),
+                             (250, b"2.1.5 fine (try %d)" % (n + 2)),
+                             (550, b"5.1.1 no such user (try %d)" % (n + 3))]
+                expected.append((354, got[len(expected)][1]))
+                expected.append((250, got[len(expected)][1]))
+            expected.append((221, got[-1][1]))
+            self.assertEqual(got, expected)
+        self.assertEqual(len(fake.connections), 1)
+        self.assertEqual([m.recipients for m in fake.messages],
+                         [[b"a@example.com", b"b@example.com"]] * 4)
+
     async def test_backend_rcpt_550_text_reaches_client(self) -> None:
         """A backend's 550 to RCPT reaches the client with its enhanced code and
         text unchanged, and nothing is relayed."""

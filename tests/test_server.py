@@ -700,6 +700,20 @@ class TimeoutTests(ServerTestCase):
         self.clock.advance(10)
         self.assertEqual(transport.value(), replies.TIMEOUT.to_bytes())
 
+    def test_partial_line_restarts_command_timer(self) -> None:
+        """Bytes of a command line not yet ended still count as activity and restart the timer."""
+        proto, transport, handler = self.connect(config=tuned(timeouts={"command": 10.0}))
+        for piece in (b"NO", b"O", b"P"):
+            self.clock.advance(9)
+            self.assertEqual(self.talk(proto, transport, piece), b"")
+        self.clock.advance(9)
+        self.assertEqual(self.talk(proto, transport, b"\r\n"), replies.NOOP_OK.to_bytes())
+        transport.clear()
+        self.clock.advance(9.5)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.5)
+        self.assertEqual(transport.value(), replies.TIMEOUT.to_bytes())
+
     def test_data_block_timeout(self) -> None:
         """In DATA, silence for timeouts.data_block gets 421 and a close; each data chunk restarts it."""
         config = tuned(timeouts={"command": 100.0, "data_block": 20.0})

@@ -140,7 +140,10 @@ def test_workers_share_the_listener_and_restart(tmp_path, start_proxy):
                          "--workers", "2"], port)
 
     def worker_pids() -> list[int]:
-        out = subprocess.run(["pgrep", "-f", f"worker-fds.*|mppproxy --listen tcp:{port}"],
+        # Only this proxy's workers: an alternation like "worker-fds.*|..."
+        # also matched every other proxy's workers on the machine (a
+        # benchmark's), and the test then SIGKILLed one of those.
+        out = subprocess.run(["pgrep", "-f", f"mppproxy --listen tcp:{port}:"],
                              capture_output=True, text=True).stdout.split()
         return [int(p) for p in out if int(p) != proxy.proc.pid and _is_worker(int(p))]
 

@@ -36,6 +36,8 @@ def _xtext(value: str) -> str:
 
 
 def _params(params: dict[str, Optional[str]]) -> str:
+    if not params:
+        return ""
     return "".join(f" {k}={v}" if v is not None else f" {k}" for k, v in params.items())
 
 
@@ -66,15 +68,19 @@ class LockstepRelay:
 
     async def mail(self, session: Session, txn: Transaction) -> Reply:
         line = f"MAIL FROM:<{txn.sender.text}>{_params(txn.mail_params)}".encode("utf-8")
+        announce = self.config.xclient or self.config.xforward
         # A pooled connection may have been closed by the backend while idle;
         # then one fresh connection is tried before the client hears a 4xx.
         for attempt in (1, 2):
+            conn = self._conn
             # Only a connection that is not brand new may be stale.
-            may_retry = attempt == 1 and self._conn is not None and not self._conn.closed
+            may_retry = attempt == 1 and conn is not None and not conn.closed
             try:
-                conn = await self._connection()
+                if conn is None or conn.closed:
+                    conn = await self._connection()
                 may_retry = may_retry or (attempt == 1 and self._reused)
-                await self._announce_client(conn, session)
+                if announce:
+                    await self._announce_client(conn, session)
                 reply = await conn.command(line, self.config.mail_timeout)
                 if reply.code == 421 and may_retry:
                     # The backend is closing this idle connection (its own

@@ -26,7 +26,11 @@ class BackendPool:
         self.config = config
         self.helo_name = helo_name
         self.tls_context_factory = tls_context_factory
-        self._idle: list[tuple[BackendProtocol, Any]] = []
+        # Idle connections with the time each expires, oldest first; one timer
+        # for the oldest (a timer per parked connection cost a callLater and
+        # a cancel per relayed message).
+        self._idle: list[tuple[BackendProtocol, float]] = []
+        self._sweep: Any = None
         self.extensions: Optional[dict[str, str]] = None
         self.opened = 0
         self.reused = 0
@@ -37,9 +41,8 @@ class BackendPool:
         """A ready connection, and whether it was reused (a reused one may
         have been closed by the backend meanwhile; the caller retries once)."""
         while self._idle:
-            proto, timer = self._idle.pop()
-            if timer.active():
-                timer.cancel()
+            # The newest: the least likely to have been closed meanwhile.
+            proto, _ = self._idle.pop()
             if not proto.closed:
                 self.reused += 1
                 return proto, True
@@ -80,17 +83,30 @@ class BackendPool:
         if self.closed:
             proto.close()
             return
-        timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, proto)
-        self._idle.append((proto, timer))
+        timeout = self.config.pool_idle_timeout
+        self._idle.append((proto, self.reactor.seconds() + timeout))
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(timeout, self._expire)
 
-    def _expire(self, proto: BackendProtocol) -> None:
-        self._idle = [(p, t) for p, t in self._idle if p is not proto]
-        proto.close()
+    def _expire(self) -> None:
+        """Close what has been idle for ``pool_idle_timeout``; wait for the next."""
+        self._sweep = None
+        now = self.reactor.seconds()
+        idle = self._idle
+        n = 0
+        while n < len(idle) and idle[n][1] <= now:
+            n += 1
+        expired, self._idle = idle[:n], idle[n:]
+        for proto, _ in expired:
+            proto.close()
+        if self._idle:
+            self._sweep = self.reactor.callLater(max(0.0, self._idle[0][1] - now), self._expire)
 
     def close_all(self) -> None:
         self.closed = True
-        for proto, timer in self._idle:
-            if timer.active():
-                timer.cancel()
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        for proto, _ in self._idle:
             proto.close()
         self._idle = []

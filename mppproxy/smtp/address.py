@@ -19,10 +19,15 @@ import idna
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 # esmtp-value: any CHAR except "=", SP and control characters.
 _VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
-_DOMAIN_LABEL = re.compile(r"^[A-Za-z0-9\x80-\U0010ffff]([A-Za-z0-9\x80-\U0010ffff-]*[A-Za-z0-9\x80-\U0010ffff])?$")
+# RFC 5321 4.1.2 sub-domain (letters, digits, inner hyphens; UTF-8 per RFC
+# 6531), and a whole domain of them: one match instead of one per label.
+_LABEL = r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\x80-\U0010ffff-]*[A-Za-z0-9\x80-\U0010ffff])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# RFC 5321 4.1.2 atext for a Dot-string local part (plus UTF-8, RFC 6531).
-_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+$")
+# RFC 5321 4.1.2 atext for a Dot-string local part (plus UTF-8, RFC 6531),
+# and the Dot-string itself: atoms joined by single dots.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 
 
 class AddressError(ValueError):
@@ -86,6 +91,12 @@ def split_argument(arg: str, prefix: str) -> tuple[str, dict[str, Optional[str]]
 
 def _find_closing_bracket(text: str) -> int:
     """Index of the ``>`` closing the path, skipping quoted local parts."""
+    if '"' not in text:
+        # No quoted part (nearly every path): the first ">" closes it.
+        close = text.find(">", 1)
+        if close < 0:
+            raise AddressError("unterminated path")
+        return close
     quoted = False
     i = 1
     while i < len(text):
@@ -163,14 +174,14 @@ def _split_mailbox(mailbox: str) -> tuple[str, str]:
 def _valid_local(local: str) -> bool:
     if local.startswith('"'):
         return len(local) >= 2 and local.endswith('"')
-    return bool(local) and all(_ATEXT.match(p) for p in local.split("."))
+    return _DOT_STRING.fullmatch(local) is not None
 
 
 def _valid_domain(domain: str) -> bool:
     d = domain[:-1] if domain.endswith(".") else domain
     if not d or len(d) > 255:
         return False
-    return all(_DOMAIN_LABEL.match(label) for label in d.split("."))
+    return _DOMAIN.fullmatch(d) is not None
 
 
 def _valid_literal(domain: str) -> bool:

@@ -45,6 +45,32 @@ class BackendError(Exception):
         self.detail = detail or str(reply)
 
 
+def _is_reply_line(line: bytes) -> bool:
+    """RFC 5321 4.2: a reply line is a code 2yz-5yz, then SP, "-" or the end."""
+    return (len(line) >= 3 and line[:3].isdigit() and line[:1] in b"2345"
+            and line[3:4] in (b"", b" ", b"-"))
+
+
+# Parsed one-line replies by their bytes on the wire; Reply is immutable, so
+# one object serves every connection.  Bounded: replies that are unique
+# (queue ids) only ever cost a miss.
+_REPLY_CACHE: dict[bytes, Reply] = {}
+_REPLY_CACHE_SIZE = 256
+
+
+def _single_line_reply(data: bytes) -> Optional[Reply]:
+    """The reply if ``data`` is exactly one final reply line, else None
+    (a continuation line, or garbage, goes the general way)."""
+    line = data[:-1].rstrip(b"\r")
+    if not _is_reply_line(line) or line[3:4] == b"-":
+        return None
+    reply = parse_reply_lines([line])
+    if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+        _REPLY_CACHE.clear()
+    _REPLY_CACHE[data] = reply
+    return reply
+
+
 @implementer(IPushProducer)
 class BackendProtocol(Protocol):
     """Reads replies and matches them to the one command in flight."""
@@ -55,7 +81,7 @@ class BackendProtocol(Protocol):
         self._lines: list[bytes] = []
         self._waiting: Optional[Deferred[Reply]] = None
         self._timer: Any = None
-        self._awaited = ""
+        self._awaited: str | bytes = ""
         self._paused: Optional[Deferred[None]] = None
         self._connected: Deferred[None] = Deferred()
         self.closed = False
@@ -77,6 +103,15 @@ class BackendProtocol(Protocol):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._buf and not self._lines:
+            # Nearly every read is one whole one-line reply ("250 2.1.0 Ok"),
+            # and most are the same few texts again and again.
+            reply = _REPLY_CACHE.get(data)
+            if reply is None and data.find(b"\n") == len(data) - 1:
+                reply = _single_line_reply(data)
+            if reply is not None:
+                self._deliver(reply)
+                return
         self._buf += data
         while True:
             end = self._buf.find(b"\n")
@@ -86,9 +121,7 @@ class BackendProtocol(Protocol):
                 return
             line = bytes(self._buf[:end]).rstrip(b"\r")
             del self._buf[:end + 1]
-            # RFC 5321 4.2: a reply is a code 2yz-5yz, then SP, "-" or CRLF.
-            if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
-                    or line[3:4] not in (b"", b" ", b"-")):
+            if not _is_reply_line(line):
                 self._fail(BackendError(replies.BACKEND_LOST, f"backend sent garbage: {line[:80]!r}"))
                 return
             self._lines.append(line)
@@ -165,10 +198,15 @@ class BackendProtocol(Protocol):
     def _reply_timer_fired(self) -> None:
         self._timer = None
         if self._waiting is not None:
-            self._timed_out(self._awaited)
+            what = self._awaited
+            if isinstance(what, bytes):
+                # A command line: named by its verb only when it timed out.
+                what = what.split(b" ", 1)[0].decode("ascii", "replace")
+            self._timed_out(what)
 
-    def expect(self, timeout: float, what: str) -> Deferred[Reply]:
-        """The next reply, or a BackendError after ``timeout`` seconds."""
+    def expect(self, timeout: float, what: str | bytes) -> Deferred[Reply]:
+        """The next reply, or a BackendError after ``timeout`` seconds.
+        ``what`` names what is awaited, or is the command line sent."""
         if self.closed:
             return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
         if self._waiting is not None:
@@ -189,7 +227,7 @@ class BackendProtocol(Protocol):
             return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
         if self._waiting is None and not self._queue and not self._in_body:
             # Nothing ahead of it: send at once.
-            d = self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace"))
+            d = self.expect(timeout, line)
             send_now(self.transport, line + b"\r\n")
             return d
         d: Deferred[Reply] = Deferred()
@@ -203,7 +241,7 @@ class BackendProtocol(Protocol):
             if self.closed:
                 d.errback(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
                 continue
-            self.expect(timeout, line.split(b" ", 1)[0].decode("ascii", "replace")).chainDeferred(d)
+            self.expect(timeout, line).chainDeferred(d)
             send_now(self.transport, line + b"\r\n")
 
     async def send_message(self, chunks: Any, config: BackendConfig,

@@ -7,8 +7,7 @@ state machine only sees well-formed lines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from mppproxy.smtp import replies
 from mppproxy.smtp.replies import Reply
@@ -19,8 +18,11 @@ from mppproxy.smtp.replies import Reply
 PARAMETER_ALLOWANCE = 512
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
+    """One command line: the verb in upper case and its argument (a named
+    tuple: five are made per relayed message, and a frozen dataclass costs
+    a setattr call per field)."""
+
     verb: str
     arg: str
 
@@ -30,16 +32,17 @@ def parse_command(line: bytes, max_length: int, smtputf8: bool = True) -> tuple[
 
     ``line`` includes its line end.  A line that does not end in CRLF, or
     holds a CR elsewhere, is a bare newline (RFC 5321 2.3.8)."""
-    if not line.endswith(b"\r\n") or line.count(b"\r") != 1:
+    if line.count(b"\r") != 1 or not line.endswith(b"\r\n"):
         return None, replies.BARE_NEWLINE_COMMAND
     if b"\x00" in line:
         return None, replies.NUL_IN_COMMAND
-    body = line[:-2]
-    verb_bytes, _, arg_bytes = body.partition(b" ")
+    verb_bytes, _, arg_bytes = line[:-2].partition(b" ")
     verb = verb_bytes.decode("ascii", "replace").upper()
-    limit = max_length + (PARAMETER_ALLOWANCE if verb in ("MAIL", "RCPT") else 0)
-    if len(line) > limit:
+    if len(line) > max_length and (len(line) > max_length + PARAMETER_ALLOWANCE
+                                   or verb not in ("MAIL", "RCPT")):
         return None, replies.LINE_TOO_LONG
+    if not arg_bytes:
+        return Command(verb, ""), None
     try:
         # RFC 6531: with SMTPUTF8 addresses may hold UTF-8.
         arg = arg_bytes.decode("utf-8" if smtputf8 else "ascii")

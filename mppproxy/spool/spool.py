@@ -44,6 +44,11 @@ class Spool:
         """The content from the start, in chunks of at most ``size``."""
         if self._file is None:
             assert self._mem is not None
+            if self.size <= size:
+                # One chunk (nearly every message): no buffer view to manage.
+                if self.size:
+                    yield self._mem.getvalue()
+                return
             view = self._mem.getbuffer()
             try:
                 for i in range(0, len(view), size):
