@@ -1,0 +1,1 @@
+"""Post-DATA scanning: message checks and scanner engines (issue #5)."""

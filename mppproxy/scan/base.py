@@ -1,0 +1,97 @@
+"""The contract every post-DATA scanner keeps (STYLE.md, DESIGN.md).
+
+A scanner is a small object with a ``name`` and one ``async`` method that
+takes the ``ScanInput`` of one message and returns the same frozen
+``CheckResult`` the pre-DATA checks return (``mppproxy.policy.base``): a
+score, reasons (rule names, signature names), and optionally a hard action.
+The scan engine runs the scanners of a policy concurrently, applies each
+one's weight, timeout and failure action, and adds the scores to the
+pre-DATA score; the verdict turns the sum into one action.
+
+A scanner that cannot answer (engine down, timeout, garbage) raises
+``ScannerUnavailable`` with a reason; it never returns a clean result it
+did not get (DESIGN.md promise 4: failures are loud and safe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Optional
+
+from mppproxy.policy.base import Action, CheckResult
+
+__all__ = ["Action", "CheckResult", "ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth"]
+
+
+class ScannerUnavailable(Exception):
+    """The engine could not give an answer; ``reason`` says why, for the log
+    ("connection refused", "timeout after 30s", "bad reply: ...")."""
+
+    def __init__(self, scanner: str, reason: str):
+        super().__init__(f"{scanner}: {reason}")
+        self.scanner = scanner
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """One message as the scanners see it.
+
+    ``chunks`` yields the raw message (RFC 5322, CRLF line ends, as it
+    will be relayed, our Received: on top); ``size`` its length in octets;
+    ``path`` a file holding it when it was spooled to disk (command-line
+    scanners need one; otherwise they write a temporary file).  ``parsed``
+    is the ``email.message.EmailMessage`` from the MIME checks, when they
+    ran.  Envelope and client facts come along for header rules and logs.
+    """
+
+    chunks: Any  # Callable[[], Iterator[bytes]]
+    size: int
+    client_ip: str = ""
+    helo: str = ""
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    queue_id: str = ""
+    policy: str = "default"
+    path: Optional[str] = None
+    parsed: Any = None
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        return iter(self.chunks())
+
+    def as_bytes(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What an engine said about itself (clamd VERSION, spamd/rspamd)."""
+
+    name: str
+    up: bool
+    version: str = ""
+    # Unix time of the signature database, when the engine tells it.
+    signatures_time: Optional[float] = None
+    detail: str = ""
+
+
+class Scanner:
+    """Base class for scanners in ``scan/scanners/``.
+
+    ``settings`` is the scanner's own configuration (a frozen dataclass);
+    ``reactor`` provides time, TCP/Unix connections and processes.
+    Construction does no I/O.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, settings: Any, reactor: Any):
+        self.settings = settings
+        self.reactor = reactor
+
+    async def scan(self, message: ScanInput) -> CheckResult:
+        raise NotImplementedError
+
+    async def health(self) -> EngineHealth:
+        """Version and signature age, for the start-up log and the periodic
+        check; engines without such a notion report up with no version."""
+        return EngineHealth(self.name, True)
