@@ -10,10 +10,12 @@ from typing import Any, Optional
 
 from twisted.logger import Logger
 
+from mppproxy.policy.base import checks_for_log
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction
 
 log = Logger(namespace="mppproxy.transaction")
+_NO_CHECKS: dict[str, Any] = {"checks": [], "checks_passed": []}
 
 
 def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
@@ -41,5 +43,5 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         timings=timings,
         policy=record.policy if record is not None else None,
         score=round(record.score, 2) if record is not None else None,
-        checks=[r.as_log() for r in record.recorded] if record is not None else [],
+        **(checks_for_log(record.recorded) if record is not None else _NO_CHECKS),
     )

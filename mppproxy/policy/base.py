@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 
 class Action(enum.Enum):
@@ -93,16 +93,16 @@ class CheckResult:
 MISS = CheckResult()
 
 
-@dataclass(frozen=True)
-class Recorded:
+class Recorded(NamedTuple):
     """One check's result as the engine recorded it on the transaction:
-    hits and misses alike (DESIGN.md promise 5)."""
+    hits and misses alike (DESIGN.md promise 5).  A named tuple: the engine
+    makes several per recipient, and a frozen dataclass costs three times
+    as much to build."""
 
     check: str
     result: CheckResult
     recipient: str = ""
-    # Why the check did not run: "exempt", "disabled", "whitelisted",
-    # "timeout", "error".
+    # Why the check did not run: "exempt client", "timeout", "error".
     skipped: str = ""
 
     def as_log(self) -> dict[str, Any]:
@@ -116,6 +116,18 @@ class Recorded:
         if self.skipped:
             out["skipped"] = self.skipped
         return out
+
+    @property
+    def is_miss(self) -> bool:
+        return not self.skipped and not self.result.hit and not self.result.reasons
+
+
+def checks_for_log(recorded: list[Recorded]) -> dict[str, Any]:
+    """The transaction log's view of the results: every hit (and skip) in
+    full, the misses by name only (score 0, nothing found)."""
+    hits = [r.as_log() for r in recorded if not r.is_miss]
+    passed = sorted({r.check for r in recorded if r.is_miss})
+    return {"checks": hits, "checks_passed": passed}
 
 
 class Check:
