@@ -20,16 +20,12 @@ Servers:
                 traps, thresholds and, when this build has the SQL store
                 (``mppproxy/db``), greylisting and the auto-blacklist with
                 the same delay (``--greylisting auto``; say ``on``/``off``);
-* ``mppproxy-memgrey`` the same PolicyServerService with greylisting and
-                the auto-blacklist on in-memory stores
-                (tests/realmta/policyd_memory_server.py, a test helper, not
-                the SQL store): what the engine costs with greylisting on.
 
 Loopback only, free high ports; bounded by --requests and --timeout per
 run; every process started is stopped by pid at the end, also on Ctrl-C.
 
 usage: python3 policyd_bench.py [--requests N] [--conns 40] [--reps N]
-          [--servers postgrey,mppproxy,mppproxy-memgrey] [--greylisting auto|on|off]
+          [--servers postgrey,mppproxy] [--greylisting auto|on|off]
           [--timeout S] [--json FILE]
 """
 from __future__ import annotations
@@ -299,19 +295,6 @@ class Mppproxy(Server):
                 "--pidfile=", "mppproxy", "--mode", "policy", "-c", self.config()]
 
 
-class MppproxyMemGrey(Mppproxy):
-    name = "mppproxy-memgrey"
-
-    def __init__(self, workdir: str):
-        super().__init__(workdir, greylisting=True)
-        self.note = ("as mppproxy + greylisting + auto-blacklist on IN-MEMORY stores "
-                     "(tests/realmta/policyd_memory_server.py), not the SQL store")
-
-    def command(self) -> list[str]:
-        return [sys.executable, os.path.join(REPO, "tests", "realmta", "policyd_memory_server.py"),
-                self.config()]
-
-
 def have_sql_store() -> bool:
     return os.path.isdir(os.path.join(REPO, "mppproxy", "db"))
 
@@ -324,7 +307,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1000, help="untimed requests first")
     ap.add_argument("--conns", type=int, default=40)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--servers", default="postgrey,mppproxy,mppproxy-memgrey")
+    ap.add_argument("--servers", default="postgrey,mppproxy")
     ap.add_argument("--greylisting", choices=("auto", "on", "off"), default="auto",
                     help="greylisting in the 'mppproxy' server (auto: on when mppproxy/db exists)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per timed run")
@@ -344,8 +327,6 @@ def main() -> int:
             servers.append(Postgrey(workdir))
         elif n == "mppproxy":
             servers.append(Mppproxy(workdir, grey))
-        elif n == "mppproxy-memgrey":
-            servers.append(MppproxyMemGrey(workdir))
         else:
             log(f"unknown server {n}")
             return 2
