@@ -234,3 +234,14 @@ def test_files_named_by_the_config_are_checked(tmp_path, capsys, table, key):
     assert proc.returncode != 0
     assert f"{key}:" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_examples_in_the_docs_are_valid():
+    """Every TOML example in docs/configuration.md loads without errors."""
+    import tomllib
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        from_mapping(tomllib.loads(block), "docs example")
