@@ -43,7 +43,7 @@ def node_config(tmp: Path, name: str, url: str, port: int) -> Path:
     path.write_text(f"""
 listen = ["tcp:{port}:interface=127.0.0.1"]
 data_dir = "{tmp / name}"
-relay_domains = ["example.com"]
+relay_domains = ["example.com", "limited.example.com"]
 trusted_networks = ["10.255.255.0/24"]
 
 [smtp]
@@ -61,6 +61,18 @@ blacklist_seconds = 600
 [policies.default.greylisting]
 enabled = true
 delay = 1
+
+[policies.limited]
+domains = ["limited.example.com"]
+
+[policies.limited.greylisting]
+enabled = false
+
+[policies.limited.thresholds]
+enabled = true
+max_messages = 2
+period = 60
+blacklist_seconds = 600
 """)
     return path
 
@@ -73,7 +85,7 @@ def rcpt_code(port: int, source: str, rcpt: str, sender: str) -> int:
         return code
 
 
-def test_two_nodes_share_blacklist_and_greylist(mariadb_url, proxy_process, tmp_path):
+def test_two_nodes_share_blacklist_greylist_and_thresholds(mariadb_url, proxy_process, tmp_path):
     ports = [free_port(), free_port()]
     nodes = [proxy_process(["--config", str(node_config(tmp_path, f"node{i}", mariadb_url, p))], p,
                            name=f"node{i}") for i, p in enumerate(ports)]
@@ -91,6 +103,12 @@ def test_two_nodes_share_blacklist_and_greylist(mariadb_url, proxy_process, tmp_
         assert rcpt_code(ports[0], client, "good@example.com", sender) == 451
         time.sleep(1.3)
         assert rcpt_code(ports[1], client, "good@example.com", sender) == 250
+
+        # Thresholds: counted at node 0, the blacklist entry refuses at node 1.
+        busy = f"127.0.{octet}.11"
+        codes = [rcpt_code(ports[0], busy, "a@limited.example.com", sender) for _ in range(3)]
+        assert codes == [250, 250, 554]
+        assert rcpt_code(ports[1], busy, "a@limited.example.com", sender) == 554
     finally:
         for node in nodes:
             node.stop()
