@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
@@ -22,6 +22,7 @@ from mppproxy.delivery import maildir
 from mppproxy.message import HeaderBlockTooLarge, prepare
 from mppproxy.policy.base import Facts, TransactionRecord
 from mppproxy.policy.runtime import PolicyRuntime
+from mppproxy.verdict import Verdict, decide
 from mppproxy.relay.lockstep import LockstepRelay
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp import replies
@@ -101,13 +102,6 @@ def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
 # Where quarantined messages are held until the archive node takes them
 # (below data_dir; the Maildir macros of delivery.maildir apply).
 QUARANTINE_MAILDIR = "quarantine/%D%/%U%"
-
-
-@dataclass
-class PreDataVerdict:
-    action: str = "relay"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    refusal: Optional[Reply] = None
 
 
 def _domain_of(address: Address) -> str:
@@ -200,13 +194,12 @@ class SessionGateway:
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
         t_data = time.monotonic()
         verdict = self._verdict(txn)
-        if verdict.refusal is not None:
-            # The client hit a spam trap or a threshold after some of its
-            # recipients were accepted: the whole message is refused.
+        if verdict.action in ("reject", "tempfail"):
+            refusal = self._render_refusal(session, txn, verdict)
             self._reset_backend()
-            txlog.log_transaction(session, txn, "reject", verdict.refusal, {},
-                                  reason="client blacklisted during the transaction")
-            return verdict.refusal
+            txlog.log_transaction(session, txn, verdict.action, refusal, {},
+                                  reason="; ".join(verdict.reasons) or None)
+            return refusal
         try:
             cfg = self.ctx.config
             message, stripped = prepare(session, txn, self.ctx.hostname if cfg.smtp.received_header else None,
@@ -237,29 +230,32 @@ class SessionGateway:
                               if reply.is_transient else "reject", reply, timings)
         return reply
 
-    def _verdict(self, txn: Transaction) -> "PreDataVerdict":
-        """What the pre-DATA score and results mean for the message."""
+    def _verdict(self, txn: Transaction) -> Verdict:
+        """What the pre-DATA results mean for the message (verdict.py)."""
         record: Optional[TransactionRecord] = txn.facts.get("policy")
         runtime = self.ctx.policy
         if record is None or record.policy is None or runtime is None:
-            return PreDataVerdict()
+            return Verdict()
         if record.blacklisted_during:
-            return PreDataVerdict(refusal=runtime.engine.refusal_after_blacklisting(record))
-        headers = list(record.headers)
-        if record.whitelisted:
-            return PreDataVerdict(headers=headers)
-        scoring = runtime.engine.policy(record.policy).scoring
-        score = round(record.score, 2)
-        action = "relay"
-        if scoring.tag > 0 and score >= scoring.tag:
-            action = "tag"
-            tests = sorted({rec.check for rec in record.recorded if rec.result.score})
-            headers += [("X-Spam-Flag", "YES"), ("X-Spam-Score", f"{score:g}"),
-                        ("X-Spam-Status", f"Yes, score={score:g} tag={scoring.tag:g} "
-                                          f"tests={','.join(tests) or 'none'}")]
-        if scoring.quarantine > 0 and score >= scoring.quarantine:
-            action = "quarantine"
-        return PreDataVerdict(action=action, headers=headers)
+            # The client hit a spam trap or a threshold after some of its
+            # recipients were accepted: the whole message is refused.
+            return Verdict("reject", record.score, ("client blacklisted during the transaction",),
+                           "blacklist", (("reason", "policy violation"),))
+        return decide(record, runtime.engine.policy(record.policy).scoring)
+
+    def _render_refusal(self, session: Session, txn: Transaction, verdict: Verdict) -> Reply:
+        record: Optional[TransactionRecord] = txn.facts.get("policy")
+        assert self.ctx.policy is not None and record is not None
+        first = txn.recipients[0] if txn.recipients else None
+        context = {"client_ip": session.peer_host, "helo": session.helo or "",
+                   "sender": txn.sender.text, "sender_domain": _domain_of(txn.sender),
+                   "recipient": first.text if first else "",
+                   "recipient_domain": _domain_of(first) if first else "",
+                   "policy": record.policy or "default", "queue_id": txn.id, "reason": "",
+                   "what": "", "reasons": [], "retry_seconds": 0, "score": verdict.score}
+        context.update(dict(verdict.template_vars))
+        return self.ctx.policy.engine.renderer.reply(verdict.template, context,
+                                                     record.policy or "default")
 
     async def _deliver_local(self, session: Session, txn: Transaction, message: Any,
                              template: Optional[str] = None) -> Reply:

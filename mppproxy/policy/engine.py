@@ -231,12 +231,6 @@ class PolicyEngine:
             record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
             return None
 
-    def refusal_after_blacklisting(self, record: TransactionRecord) -> Reply:
-        """The reply at end of DATA for a client blacklisted while its
-        transaction was open (a spam trap among its recipients)."""
-        return self.renderer.reply("blacklist", {"client_ip": "", "reason": "policy violation"},
-                                   record.policy or "default")
-
     def _render(self, template: str, facts: Facts, policy: str, **extra: Any) -> Reply:
         context = {"client_ip": facts.client_ip, "helo": facts.helo, "sender": facts.sender,
                    "sender_domain": facts.sender_domain, "recipient": facts.recipient,
