@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
-from mppproxy.policy.base import Action
+from mppproxy.policy.base import Action, CheckResult
 
 
 def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
@@ -40,6 +40,18 @@ def parse_action(value: str) -> tuple[Optional[Action], float]:
             raise ValueError("not finite")
         return None, score
     raise ValueError(value)
+
+
+def combine(hits: list[tuple[str, Optional[Action], float]], reject_template: str) -> CheckResult:
+    """One result from rule hits (label, hard action, score): scores add up,
+    reject beats tempfail."""
+    if not hits:
+        return CheckResult()
+    actions = {a for _, a, _ in hits}
+    action = Action.REJECT if Action.REJECT in actions else (
+        Action.TEMPFAIL if Action.TEMPFAIL in actions else None)
+    template = {Action.REJECT: reject_template, Action.TEMPFAIL: "tempfail"}.get(action, "")  # type: ignore[arg-type]
+    return CheckResult(sum(s for _, _, s in hits), tuple(label for label, _, _ in hits), action, template)
 
 
 def check_action(value: str) -> Optional[str]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import email.errors
 import email.policy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.feedparser import BufferedSubFile, BytesFeedParser, NeedMoreData
 from email.message import EmailMessage
 from typing import Any, Iterable, Iterator, Optional

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from mppproxy.policy.base import Action, CheckResult
 from mppproxy.scan.base import Scanner, ScanInput, ScannerUnavailable
-from mppproxy.scan.config import HeaderFilterConfig, HeaderRule, MimeCheckConfig, parse_action
+from mppproxy.scan.config import HeaderFilterConfig, HeaderRule, MimeCheckConfig, combine, parse_action
 from mppproxy.scan.mime import header_values, parse_scan_input, walk_parts
 
 _ENCODED_WORD_CHARSET = re.compile(r"=\?([^?*\s]+)(?:\*[^?]*)?\?[bBqQ]\?")
@@ -40,18 +40,6 @@ class _Rule:
     action: Optional[Action]
     score: float
     label: str
-
-
-def combine(hits: list[tuple[str, Optional[Action], float]], reject_template: str) -> CheckResult:
-    """One result from rule hits (label, hard action, score): scores add up,
-    reject beats tempfail."""
-    if not hits:
-        return CheckResult()
-    actions = {a for _, a, _ in hits}
-    action = Action.REJECT if Action.REJECT in actions else (
-        Action.TEMPFAIL if Action.TEMPFAIL in actions else None)
-    template = {Action.REJECT: reject_template, Action.TEMPFAIL: "tempfail"}.get(action, "")  # type: ignore[arg-type]
-    return CheckResult(sum(s for _, _, s in hits), tuple(label for label, _, _ in hits), action, template)
 
 
 def charsets(root: Any) -> list[str]:
