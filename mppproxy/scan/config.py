@@ -332,7 +332,9 @@ class AttachmentConfig:
                                               metadata=_opt(_check_attachment_rules))
     # Archives inside archives are opened this deep (the attachment is 0).
     max_archive_depth: int = field(default=3, metadata=_opt(_at_least(0)))
-    # Members per archive; an archive declaring more is not opened.
+    # Members looked at in all archives of one message together; an
+    # archive declaring more than remain is not opened (its central
+    # directory is never loaded).
     max_archive_entries: int = field(default=1000, metadata=_opt(_at_least(1)))
     # Octets decompressed in all for one message (nested archives are read
     # whole; other members only their first 4 KiB): a zip bomb costs this.
