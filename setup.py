@@ -29,6 +29,10 @@ setup(
         "sqlalchemy>=2.0",
         "pymysql>=1.1",
         "jinja2>=3.1",
+        # country rules of the header filter (scan/scanners/headers.py) read
+        # MaxMind DB files (GeoLite2/GeoIP2 Country, DB-IP lite); a C reader
+        # with a pure-Python fallback, no network at run time
+        "maxminddb>=2.0",
     ],
     extras_require={
         "test": ["pytest>=7", "trustme>=1.1", "hypothesis>=6"],

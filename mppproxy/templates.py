@@ -46,6 +46,15 @@ REFUSALS: dict[str, tuple[int, str]] = {
     # RFC 5321 4.5.3.1.10 and 3.3: 452 for recipients not taken in this
     # transaction, 4.5.3 "too many recipients" makes clients retry them.
     "policy_group": (452, "4.5.3"),
+    # After DATA (scan/scanners/mime_check.py): RFC 3463 5.6.0 "other or
+    # undefined media error", as for a NUL in the data (smtp/replies.py).
+    "malformed": (550, "5.6.0"),
+    # RFC 3463 5.7.1 "delivery not authorized, message refused": a policy
+    # refusal of content.  Not 5.6.1 "media not supported", which says the
+    # next system could not carry it, and that is not why it is refused.
+    "attachment": (550, "5.7.1"),
+    # A header content rule (scan/scanners/headers.py).
+    "content": (550, "5.7.1"),
 }
 
 # The template a refusal falls back to when its own cannot be rendered.

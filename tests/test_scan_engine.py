@@ -143,3 +143,24 @@ def test_scanners_run_concurrently():
     second.callback(CheckResult(score=1))
     first.callback(CheckResult(score=2))
     assert out and out[0].score == 3
+
+
+def test_spooled_message_can_be_read_by_interleaved_readers(tmp_path):
+    """Two scanners iterating one spooled (on-disk) message at once each get
+    the whole message (no shared file position)."""
+    from mppproxy.spool.spool import Spool
+
+    spool = Spool(memory_limit=10, directory=str(tmp_path))
+    data = bytes(range(256)) * 1000
+    spool.write(data)
+    assert spool.on_disk
+    a, b = spool.chunks(4096), spool.chunks(4096)
+    got_a, got_b = [], []
+    for x, y in zip(a, b):
+        got_a.append(x)
+        got_b.append(y)
+    got_a.extend(a)
+    got_b.extend(b)
+    assert b"".join(got_a) == data and b"".join(got_b) == data
+    spool.write(b"more")
+    assert spool.getvalue() == data + b"more"

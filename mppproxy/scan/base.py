@@ -40,8 +40,12 @@ class ScanInput:
     will be relayed, our Received: on top); ``size`` its length in octets;
     ``path`` a file holding it when it was spooled to disk (command-line
     scanners need one; otherwise they write a temporary file).  ``parsed``
-    is the ``email.message.EmailMessage`` from the MIME checks, when they
-    ran.  Envelope and client facts come along for header rules and logs.
+    is the ``mppproxy.scan.mime.ParsedMessage`` from the MIME checks, when
+    they ran (its ``message`` is the ``email.message.EmailMessage``).
+    ``smtputf8``: the transaction asked for SMTPUTF8 (RFC 6531), so UTF-8
+    in header fields is legal (RFC 6532); without it, 8-bit octets in a
+    header are a defect.  Envelope and client facts come along for header
+    rules and logs.
     """
 
     chunks: Any  # Callable[[], Iterator[bytes]]
@@ -54,6 +58,7 @@ class ScanInput:
     policy: str = "default"
     path: Optional[str] = None
     parsed: Any = None
+    smtputf8: bool = False
 
     def iter_chunks(self) -> Iterator[bytes]:
         return iter(self.chunks())

@@ -8,6 +8,7 @@ cannot pin memory (DESIGN.md promise 6).
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from typing import BinaryIO, Iterator, Optional
 
@@ -56,14 +57,18 @@ class Spool:
             finally:
                 view.release()
             return
+        # os.pread at an offset of our own, not seek + read: several readers
+        # (the relay, scanners running at once) may interleave their
+        # iterations, and a shared file position would mix their chunks.
         self._file.flush()
-        self._file.seek(0)
-        while True:
-            block = self._file.read(size)
+        fd = self._file.fileno()
+        offset = 0
+        while offset < self.size:
+            block = os.pread(fd, min(size, self.size - offset), offset)
             if not block:
                 break
+            offset += len(block)
             yield block
-        self._file.seek(0, io.SEEK_END)
 
     def getvalue(self) -> bytes:
         return b"".join(self.chunks())
