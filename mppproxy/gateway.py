@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
@@ -19,9 +19,11 @@ from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
-from mppproxy.message import HeaderBlockTooLarge, prepare
+from mppproxy.message import HeaderBlockTooLarge, format_header, prepare
 from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy.policy.counters import client_key
 from mppproxy.policy.runtime import PolicyRuntime
+from mppproxy.scan.base import ScanInput
 from mppproxy.verdict import Verdict, decide
 from mppproxy.relay.lockstep import LockstepRelay
 from mppproxy.relay.pool import BackendPool
@@ -195,22 +197,33 @@ class SessionGateway:
         t_data = time.monotonic()
         verdict = self._verdict(txn)
         if verdict.action in ("reject", "tempfail"):
-            refusal = self._render_refusal(session, txn, verdict)
-            self._reset_backend()
-            txlog.log_transaction(session, txn, verdict.action, refusal, {},
-                                  reason="; ".join(verdict.reasons) or None)
-            return refusal
+            return self._refuse(session, txn, verdict)
         try:
             cfg = self.ctx.config
             message, stripped = prepare(session, txn, self.ctx.hostname if cfg.smtp.received_header else None,
-                                        cfg.limits.memory_spool_bytes, spool_directory(cfg),
-                                        verdict.headers)
+                                        cfg.limits.memory_spool_bytes, spool_directory(cfg))
         except HeaderBlockTooLarge:
             reply = Reply(552, "5.3.4", "Message header block too large")
             self._reset_backend()
             txlog.log_transaction(session, txn, "reject", reply, {})
             return reply
         txn.facts["stripped_headers"] = stripped
+        scanned = await self._scan(session, txn, message)
+        if scanned is not None:
+            verdict = scanned
+            if verdict.action in ("reject", "tempfail"):
+                return self._refuse(session, txn, verdict)
+        # Result headers (Authentication-Results, X-Spam-*) go right below
+        # our Received: (RFC 8601 2.1).
+        for name, value in verdict.headers:
+            message.prefix += format_header(name, value)
+        if verdict.action == "discard":
+            # Accepted and dropped on purpose (a policy's hard action): logged.
+            self._reset_backend()
+            reply = Reply(250, "2.0.0", f"Ok: queued as {txn.id}")
+            txlog.log_transaction(session, txn, "discard", reply, {},
+                                  reason="; ".join(verdict.reasons) or None)
+            return reply
         if verdict.action == "quarantine":
             # Held, not relayed: a durable copy in the local quarantine
             # (DESIGN.md promise 1) before the 250.
@@ -229,6 +242,43 @@ class SessionGateway:
         txlog.log_transaction(session, txn, action if reply.is_positive else "tempfail"
                               if reply.is_transient else "reject", reply, timings)
         return reply
+
+    def _refuse(self, session: Session, txn: Transaction, verdict: Verdict) -> Reply:
+        refusal = self._render_refusal(session, txn, verdict)
+        self._reset_backend()
+        txlog.log_transaction(session, txn, verdict.action, refusal, {},
+                              reason="; ".join(verdict.reasons) or None)
+        return refusal
+
+    async def _scan(self, session: Session, txn: Transaction, message: Any) -> Optional[Verdict]:
+        """Post-DATA scanning of the policy, then the verdict on everything;
+        None when the policy does not scan."""
+        record: Optional[TransactionRecord] = txn.facts.get("policy")
+        runtime = self.ctx.policy
+        if record is None or record.policy is None or runtime is None:
+            return None
+        scanning = runtime.scanning.get(record.policy)
+        if scanning is None:
+            return None
+        scan_input = ScanInput(
+            chunks=message.chunks, size=message.size, client_ip=session.peer_host,
+            helo=session.helo or "", sender=txn.sender.text,
+            recipients=tuple(r.text for r in txn.recipients), queue_id=txn.id,
+            policy=record.policy, smtputf8=txn.smtputf8)
+        # Every message is parsed once, within bounds, before any scanner
+        # sees it; the scanners share the parse.
+        scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
+        report = await scanning.engine.scan(scan_input, record)
+        policy = runtime.engine.policy(record.policy)
+        verdict = decide(record, policy.scoring, report)
+        if (scanning.config.count_spam and policy.scoring.tag > 0
+                and verdict.score >= policy.scoring.tag):
+            # Feeds the thresholds' max_spam (issue #4's counter API).
+            t = policy.thresholds
+            key = client_key(session.peer_host, t.ipv4_prefix, t.ipv6_prefix)
+            if key is not None and runtime.services.counters is not None:
+                runtime.services.counters.add_spam(key, record.policy, t.period)
+        return verdict
 
     def _verdict(self, txn: Transaction) -> Verdict:
         """What the pre-DATA results mean for the message (verdict.py)."""

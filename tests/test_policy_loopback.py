@@ -252,3 +252,67 @@ class SpfTests(PolicyCase):
         [msg] = fake.messages
         self.assertIn(b"spf=fail", msg.data)
         self.assertIn(b"X-Spam-Score: 6\r\n", msg.data)
+
+
+class ScanTests(PolicyCase):
+    """Post-DATA scanning (MIME, attachments, header rules) through the proxy."""
+
+    def scan_policy(self, **extra: Any) -> dict[str, Any]:
+        return {"policies": {"default": {
+            "scan": {"enabled": True, "headers": {"rules": [
+                {"pattern": "(?i)cheap meds", "header": "Subject", "action": "score:6",
+                 "name": "CHEAP_MEDS"}]}},
+            "scoring": {"tag": 5, "reject": 15}, **extra}}}
+
+    async def test_clean_message_relayed(self) -> None:
+        fake, proxy = self.start(self.scan_policy())
+        out = await self.run_session(proxy.port, ("a@example.com",))
+        self.assertEqual(out["data"][0], 250)
+        self.assertEqual(len(fake.messages), 1)
+
+    async def test_malformed_message_refused_at_end_of_data(self) -> None:
+        fake, proxy = self.start(self.scan_policy())
+        bad = b"From: <s@client.test>\r\nthis line has no colon\r\nSubject: x\r\n\r\nbody\r\n"
+        out = await self.run_session(proxy.port, ("a@example.com",), message=bad)
+        code, text = out["data"]
+        self.assertEqual(code, 550)
+        self.assertTrue(text.startswith(b"5.6.0 "), text)
+        self.assertEqual(fake.messages, [])
+
+    async def test_executable_attachment_refused(self) -> None:
+        import base64
+
+        fake, proxy = self.start(self.scan_policy())
+        exe = base64.encodebytes(b"MZ\x90\x00" + b"\x00" * 200).replace(b"\n", b"\r\n")
+        msg = (b"From: <s@client.test>\r\nSubject: invoice\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+               b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+               b"--b1\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Disposition: attachment; filename=\"invoice.pdf.exe\"\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\n" + exe + b"--b1--\r\n")
+        out = await self.run_session(proxy.port, ("a@example.com",), message=msg)
+        code, text = out["data"]
+        self.assertEqual(code, 550)
+        self.assertTrue(text.startswith(b"5.7.1 "), text)
+        self.assertNotIn(b"invoice", text)
+        self.assertEqual(fake.messages, [])
+
+    async def test_header_rule_score_tags_the_message(self) -> None:
+        fake, proxy = self.start(self.scan_policy())
+        msg = b"From: <s@client.test>\r\nSubject: Cheap meds today\r\n\r\nbody\r\n"
+        out = await self.run_session(proxy.port, ("a@example.com",), message=msg)
+        self.assertEqual(out["data"][0], 250)
+        [relayed] = fake.messages
+        self.assertIn(b"X-Spam-Flag: YES\r\n", relayed.data)
+        self.assertIn(b"X-Spam-Score: 6\r\n", relayed.data)
+
+    async def test_spam_verdicts_feed_the_thresholds(self) -> None:
+        fake, proxy = self.start(self.scan_policy(thresholds={
+            "enabled": True, "max_spam": 2, "period": 60}))
+        msg = b"From: <s@client.test>\r\nSubject: Cheap meds today\r\n\r\nbody\r\n"
+        for _ in range(3):
+            out = await self.run_session(proxy.port, ("a@example.com",), message=msg,
+                                         source="127.0.0.40")
+            self.assertEqual(out["data"][0], 250)
+        out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.40")
+        self.assertEqual(out["rcpt"][0][0], 554)

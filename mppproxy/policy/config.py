@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from mppproxy.policy.dnsbl import DnsblList, validate_dnsbl_lists
 from mppproxy.policy.patterns import check_address_patterns, check_cidrs, check_helo_patterns
+from mppproxy.scan.config import AttachmentConfig, HeaderFilterConfig, MimeCheckConfig
 
 
 def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
@@ -204,6 +205,28 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class ScanConfig:
+    """Post-DATA scanning of the policy (``policies.NAME.scan``): the MIME
+    checks first (every message is parsed once, within bounds), then the
+    attachment rules and header rules on the parsed message.  Their scores
+    add to the pre-DATA score; the verdict compares the sum with
+    ``scoring``.  Off by default in this release: the scanner engines
+    (clamd, spamd, rspamd, command) are not wired in yet."""
+
+    enabled: bool = False
+    mime: MimeCheckConfig = MimeCheckConfig()
+    attachments: AttachmentConfig = AttachmentConfig()
+    headers: HeaderFilterConfig = HeaderFilterConfig()
+    # A scanner that cannot answer (a GeoIP file that cannot be read, a
+    # parse failure): "tempfail" (451 4.3.0, DESIGN.md promise 4) or "skip".
+    on_failure: str = field(default="tempfail", metadata=_opt(
+        lambda v: None if v in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {v!r}"))
+    # Spam verdicts (score at or above scoring.tag) count for the
+    # thresholds' max_spam.
+    count_spam: bool = True
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """One named policy."""
 
@@ -220,6 +243,7 @@ class PolicyConfig:
     spf: SpfConfig = SpfConfig()
     greylisting: GreylistConfig = GreylistConfig()
     scoring: ScoringConfig = ScoringConfig()
+    scan: ScanConfig = ScanConfig()
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ class PolicyRuntime:
                                          hostname=self.services.hostname)
 
     def _make_engine(self, config: ProxyConfig) -> PolicyEngine:
+        from mppproxy.scan import factory
+
+        # Post-DATA scanning per policy (None where it is off).
+        self.scanning = {name: factory.build(p.scan, self.reactor)
+                         for name, p in config.policies.items()}
         return PolicyEngine(config.policy, config.policies, self.services, make_renderer(config),
                             self.reactor)
 
