@@ -86,10 +86,18 @@ class HealthMonitor:
         """Ask every engine once; fires when all have answered or timed out."""
         work = [Deferred.fromCoroutine(self._check(s)) for s in self.scanners]
         d: Deferred[Any] = defer.gatherResults(work, consumeErrors=True)
-        d.addErrback(lambda f: log.failure("engine health check failed", f))
-        d.addBoth(self._checked)
+        # Set before the callbacks: answers that are already there fire
+        # them at once, and _checked must find this one to clear.
         self._checking = d
+        d.addErrback(self._failed)
+        d.addBoth(self._checked)
         return d
+
+    def _failed(self, failure: Any) -> None:
+        # stop() cancels a running check; anything else is a bug in here.
+        if not failure.check(defer.FirstError) or \
+                not failure.value.subFailure.check(defer.CancelledError):
+            log.failure("engine health check failed", failure)
 
     def _checked(self, _: Any) -> None:
         self._checking = None

@@ -282,8 +282,9 @@ class StreamClient:
         exchange = _Exchange(pieces, parse, max_reply, half_close)
         try:
             await self.endpoint().connect(_OneProtocol(exchange))
-        except CancelledError:
-            raise
+        except (CancelledError, error.ConnectingCancelledError):
+            # A timeout or the caller cancelled while connecting.
+            raise CancelledError() from None
         except (error.ConnectError, OSError) as e:
             raise _Retryable(f"cannot connect to {self.address}: {_connect_error(e)}") from None
         try:

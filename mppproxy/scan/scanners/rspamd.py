@@ -73,7 +73,10 @@ def _dechunk(data: bytes, eof: bool) -> Optional[bytes]:
         except ValueError:
             raise BadReply(f"bad chunk size: {printable(size_text)}") from None
         if size == 0:
-            return bytes(out)  # trailers, if any, are ignored
+            # The last chunk, then trailers (ignored) up to an empty line.
+            if data.find(b"\r\n\r\n", line_end) < 0:
+                break
+            return bytes(out)
         start = line_end + 2
         if len(data) < start + size + 2:
             break
