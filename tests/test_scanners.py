@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer, reactor as _reactor
 from twisted.internet.defer import Deferred

@@ -26,12 +26,12 @@ from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
                                         UNIXClientEndpoint)
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IPullProducer
 
 from mppproxy.scan.base import ScannerUnavailable
 from mppproxy.scan.config import parse_address
@@ -118,6 +118,8 @@ class _Exchange(Protocol):
     """One request, one reply.  ``done`` fires with ``parse``'s reply, or
     fails with _Closed, BadReply or ScannerUnavailable; cancelling it
     aborts the connection."""
+
+    transport: Any
 
     def __init__(self, pieces: Iterator[bytes], parse: Parse, max_reply: int,
                  half_close: bool = False):

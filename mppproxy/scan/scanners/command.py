@@ -52,6 +52,8 @@ class _Run(ProcessProtocol):
     process has exited and its pipes are closed; it is never cancelled, so
     the pool slot and the temporary file outlive a timeout until then."""
 
+    transport: Any
+
     def __init__(self) -> None:
         self.output = bytearray()
         self.ended: Deferred[tuple[Optional[int], Optional[int]]] = Deferred()
@@ -109,7 +111,7 @@ class CommandScanner(Scanner):
 
     def __init__(self, settings: CommandScannerConfig, reactor: Any):
         super().__init__(settings, reactor)
-        self.name = settings.name
+        self.name = settings.name  # type: ignore[misc]  # one class, many named scanners
         self.running = 0
         self._slots = defer.DeferredSemaphore(settings.max_processes)
         self._pattern = re.compile(settings.infected_pattern, re.M) if settings.infected_pattern else None
