@@ -215,6 +215,17 @@ class ClamdRealTests(RealCase):
         self.assertEqual(result, CheckResult())
         self.assertLess(elapsed, 20)
 
+    async def test_stream_over_clamd_limit(self) -> None:
+        """A stream past clamd's StreamMaxLength (50M in start-clamd.sh) gets its size-limit
+        answer while we are still sending: a clear failure, not retried, not clean."""
+        block = b"x" * (1024 * 1024)
+        big = ScanInput(chunks=lambda: [block] * 51, size=51 * len(block))
+        scanner = self.scanner(max_size=80 * 1024 * 1024, retries=2)
+        with self.assertRaises(ScannerUnavailable) as info:
+            await scanner.scan(big)
+        self.assertIn("INSTREAM size limit exceeded", info.exception.reason)
+        self.assertIn("StreamMaxLength", info.exception.reason)
+
     async def test_version(self) -> None:
         """VERSION is parsed: ClamAV's version (no signature date with only local signatures)."""
         health = await self.scanner().health()
