@@ -91,6 +91,12 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> A
             return None
         items = [_convert(item, item_tp, f"{key}[{i}]", errors, source) for i, item in enumerate(value)]
         return tuple(items) if all(i is not None for i in items) else None
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is int:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            errors.append(f"{source}: {key}: must be a list of whole numbers, not {value!r}")
+            return None
+        return tuple(value)
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = [value]

@@ -1,0 +1,271 @@
+"""Any command-line scanner: a program that takes a file and answers by exit
+code and output.
+
+Stage: post-DATA scanning.  Hands the scan engine a ``CheckResult``:
+clean, or a hard ``Action.REJECT`` (template ``virus`` unless configured)
+whose reason names what the program found.  A program that cannot answer
+(not found, killed, an exit code that means neither clean nor infected, the
+timeout) raises ``ScannerUnavailable``.
+
+The programs run through a bounded pool: at most ``max_processes`` at once
+(a ``DeferredSemaphore``; a process's slot is freed only when it has ended,
+killed or not), so a slow tool makes scans wait, inside their timeout, but
+cannot fill the machine with processes or starve the proxy.  Each program
+runs in its own process group (``setsid``), so the timeout kills the
+program *and* whatever it started.  The message goes to the program as a
+file: the spool file when the message was spooled to disk, otherwise a
+temporary file (mode 0600) written in the reactor's thread pool and
+removed when the program has ended.  No shell is involved: ``command`` is
+an argv, and ``{file}`` in an argument becomes the file's path.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any, Optional
+
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mppproxy.policy.base import Action, CheckResult
+from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.engines_config import CommandScannerConfig
+
+log = Logger()
+
+# Output kept for the pattern and the log; a chatty tool's rest is dropped.
+MAX_OUTPUT = 64 * 1024
+# When no setsid(1) is installed: start a new session, then exec the program.
+_SETSID_SHIM = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+
+
+class _Run(ProcessProtocol):
+    """One program run: ``ended`` fires with (exit code, signal) once the
+    process has exited and its pipes are closed; it is never cancelled, so
+    the pool slot and the temporary file outlive a timeout until then."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[tuple[Optional[int], Optional[int]]] = Deferred()
+        self.killed = False
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        room = MAX_OUTPUT - len(self.output)
+        if room > 0:
+            self.output += data[:room]
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        if isinstance(value, (ProcessDone, ProcessTerminated)):
+            self.ended.callback((value.exitCode, value.signal))
+        else:  # pragma: no cover - Twisted passes only these two
+            self.ended.callback((None, None))
+
+    def kill_group(self) -> None:
+        """SIGKILL the program's process group (it leads its own)."""
+        pid = getattr(self.transport, "pid", None)
+        if pid is None:
+            return
+        self.killed = True
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:  # pragma: no cover - our own child
+            log.warn("cannot kill scanner process group {pid}: {error}", pid=pid, error=str(e))
+
+
+def _write_temp(directory: Optional[str], message: ScanInput) -> str:
+    fd, path = tempfile.mkstemp(prefix="mpp-scan-", suffix=".eml", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in message.iter_chunks():
+                f.write(chunk)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+class CommandScanner(Scanner):
+    """Runs ``settings.command`` on each message (``CommandScannerConfig``).
+
+    ``name`` is ``settings.name``, so several command scanners can run side
+    by side.  ``running`` counts the programs alive right now.
+    """
+
+    name = "command"
+
+    def __init__(self, settings: CommandScannerConfig, reactor: Any):
+        super().__init__(settings, reactor)
+        self.name = settings.name  # type: ignore[misc]  # one class, many named scanners
+        self.running = 0
+        self._slots = defer.DeferredSemaphore(settings.max_processes)
+        self._pattern = re.compile(settings.infected_pattern, re.M) if settings.infected_pattern else None
+        self._setsid: Optional[list[str]] = None
+
+    async def scan(self, message: ScanInput) -> CheckResult:
+        settings = self.settings
+        if message.size > settings.max_size:
+            log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
+                     scanner=self.name, queue_id=message.queue_id, size=message.size)
+            return CheckResult(reasons=(f"{self.name}: not scanned, {message.size} octets "
+                                        f"over {settings.max_size}",))
+        d = Deferred.fromCoroutine(self._scan(message))
+        d.addTimeout(settings.timeout, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise ScannerUnavailable(self.name, f"timeout after {settings.timeout:g}s "
+                                     f"({settings.command[0]} killed)") from None
+
+    async def _scan(self, message: ScanInput) -> CheckResult:
+        await self._slots.acquire()
+        run: Optional[_Run] = None
+        temp: Optional[str] = None
+        try:
+            path = message.path
+            if path is None:
+                temp = path = await self._write(message)
+            run = self._spawn(path)
+            code, sig = await _view(run.ended)
+        finally:
+            self._after(run, temp)
+        return self._verdict(code, sig, bytes(run.output))
+
+    async def _write(self, message: ScanInput) -> str:
+        """The message in a temporary file, written off the reactor thread.
+        A timeout during the write leaves the thread to finish; the file
+        is removed when it has."""
+        writing = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                            _write_temp, self.settings.temp_dir or None, message)
+        try:
+            return await _view(writing)
+        except defer.CancelledError:
+            writing.addCallback(_remove_quietly)
+            raise
+        except OSError as e:
+            raise ScannerUnavailable(self.name, f"cannot write the message to a temporary "
+                                     f"file: {e}") from None
+        finally:
+            writing.addErrback(lambda _: None)  # reported through the view
+
+    def _after(self, run: Optional[_Run], temp: Optional[str]) -> None:
+        """Free the slot and the temporary file when the program has ended
+        (now, or after the kill that a timeout sends)."""
+
+        def cleanup(result: Any) -> Any:
+            self._slots.release()
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError as e:
+                    log.warn("{scanner}: cannot remove {path}: {error}",
+                             scanner=self.name, path=temp, error=str(e))
+            return result
+
+        if run is None or run.ended.called:
+            if run is not None:
+                self.running -= 1
+            cleanup(None)
+            return
+        run.kill_group()
+
+        def ended(result: Any) -> Any:
+            self.running -= 1
+            return cleanup(result)
+
+        run.ended.addBoth(ended)
+
+    def _argv(self, path: str) -> list[str]:
+        argv = [arg.format(file=path) for arg in self.settings.command]
+        program = argv[0] if os.sep in argv[0] else shutil.which(argv[0])
+        if program is None:
+            raise ScannerUnavailable(self.name, f"program {argv[0]!r} not found on PATH")
+        argv[0] = program
+        if self._setsid is None:
+            setsid = shutil.which("setsid")
+            # setsid(1) execs in place when it is not a group leader, which a
+            # freshly forked child never is; the pid stays the group's id.
+            self._setsid = [setsid] if setsid else [sys.executable, "-c", _SETSID_SHIM]
+        return self._setsid + argv
+
+    def _spawn(self, path: str) -> _Run:
+        argv = self._argv(path)
+        run = _Run()
+        try:
+            self.reactor.spawnProcess(run, argv[0], argv, env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            raise ScannerUnavailable(self.name, f"cannot start {self.settings.command[0]}: "
+                                     f"{e}") from None
+        self.running += 1
+        return run
+
+    def _verdict(self, code: Optional[int], sig: Optional[int], output: bytes) -> CheckResult:
+        text = output.decode("utf-8", "replace")
+        found = self._pattern.search(text) if self._pattern is not None else None
+        if found is None and sig is not None:
+            raise ScannerUnavailable(self.name, f"{self.settings.command[0]} killed by signal "
+                                     f"{sig}: {_tail(text)}")
+        if found is not None or code in self.settings.infected_exit_codes:
+            what = _found_name(found) or f"found by {self.name} (exit {code})"
+            return CheckResult(reasons=(f"virus {what}",), action=Action.REJECT,
+                               template=self.settings.template, template_vars=(("virus", what),))
+        if code in self.settings.clean_exit_codes:
+            return CheckResult()
+        raise ScannerUnavailable(self.name, f"{self.settings.command[0]} exited {code}: "
+                                 f"{_tail(text)}")
+
+
+def _view(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred with ``d``'s result that can be cancelled (by the
+    timeout) without cancelling ``d``: the process or the thread goes on
+    until it ends, and ``d``'s own callbacks clean up after it."""
+    view: Deferred[Any] = Deferred()
+
+    def forward(result: Any) -> Any:
+        if not view.called:
+            if isinstance(result, Failure):
+                view.errback(result)
+            else:
+                view.callback(result)
+        return result
+
+    d.addBoth(forward)
+    return view
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _found_name(found: Optional[re.Match[str]]) -> str:
+    if found is None:
+        return ""
+    if "name" in found.re.groupindex:
+        return (found.group("name") or "").strip()[:200]
+    if found.re.groups:
+        return (found.group(1) or "").strip()[:200]
+    return found.group(0).strip()[:200]
+
+
+def _tail(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat[-limit:] if flat else "(no output)"
