@@ -270,7 +270,7 @@ class SessionGateway:
         scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
         report = await scanning.engine.scan(scan_input, record)
         policy = runtime.engine.policy(record.policy)
-        verdict = decide(record, policy.scoring, report)
+        verdict = decide(record, policy.scoring, report, scanning.config.virus_action)
         if (scanning.config.count_spam and policy.scoring.tag > 0
                 and verdict.score >= policy.scoring.tag):
             # Feeds the thresholds' max_spam (issue #4's counter API).
@@ -302,7 +302,8 @@ class SessionGateway:
                    "recipient": first.text if first else "",
                    "recipient_domain": _domain_of(first) if first else "",
                    "policy": record.policy or "default", "queue_id": txn.id, "reason": "",
-                   "what": "", "reasons": [], "retry_seconds": 0, "score": verdict.score}
+                   "what": "", "reasons": [], "retry_seconds": 0, "score": verdict.score,
+                   "virus": ""}
         context.update(dict(verdict.template_vars))
         return self.ctx.policy.engine.renderer.reply(verdict.template, context,
                                                      record.policy or "default")

@@ -41,6 +41,9 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "spf": (550, "5.7.23"),
     # RFC 7372 section 3.2 / RFC 7208 section 2.6.6: temperror -> 451 4.4.3.
     "spf_temperror": (451, "4.4.3"),
+    # RFC 5321 4.2.2 554 "Transaction failed"; RFC 3463 5.7.1 "message
+    # refused" (the whole message: it carries a virus).
+    "virus": (554, "5.7.1"),
     # RFC 3463 4.3.0: other or undefined mail system status.
     "tempfail": (451, "4.3.0"),
     # RFC 5321 4.5.3.1.10 and 3.3: 452 for recipients not taken in this

@@ -37,10 +37,12 @@ def _scored_checks(record: TransactionRecord) -> list[str]:
     return sorted({rec.check for rec in record.recorded if rec.result.score})
 
 
-def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None) -> Verdict:
+def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None,
+           virus_action: str = "reject") -> Verdict:
     """The verdict for a transaction whose pre-DATA results are in
     ``record`` and whose scan report (``scan/engine.py``) is ``report``
-    (None when nothing was scanned)."""
+    (None when nothing was scanned).  ``virus_action`` "quarantine" holds a
+    message a virus scanner refused instead of refusing it."""
     headers = list(record.headers)
     if report is not None:
         headers.extend(report.headers)
@@ -50,6 +52,9 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None
     if report is not None and report.hard is not None:
         scanner, result = report.hard
         action = "tempfail" if result.action is Action.TEMPFAIL else "reject"
+        if action == "reject" and result.template == "virus" and virus_action == "quarantine":
+            # The policy holds viruses instead of refusing them.
+            return Verdict("quarantine", score, result.reasons, headers=tuple(headers))
         return Verdict(action, score, result.reasons, result.template or action,
                        result.template_vars, tuple(headers))
     if report is not None and report.failures:

@@ -194,7 +194,15 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
         problems.append("policies.default.domains: the default policy is for every domain "
                         "no other policy names; list domains only in named policies")
     owner: dict[str, str] = {}
+    engines = config.scanners.names()
+    if len(set(engines)) != len(engines):
+        problems.append("scanners.command: two scanners have the same name "
+                        f"(names in use: {', '.join(engines)})")
     for name, policy in config.policies.items():
+        for engine in policy.scan.engines:
+            if engine not in engines:
+                problems.append(f"policies.{name}.scan.engines.{engine}: no such scanner in "
+                                f"[scanners] (configured: {', '.join(engines) or 'none'})")
         for d in policy.domains:
             key = d.strip().rstrip(".").lower()
             if key in owner and owner[key] != name:

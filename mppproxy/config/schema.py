@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from mppproxy.scan.engines_config import ScannersConfig
 from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
 from mppproxy.policyd.config import PolicydConfig
 
@@ -256,5 +257,6 @@ class ProxyConfig:
     policies: dict[str, PolicyConfig] = field(default_factory=lambda: {"default": PolicyConfig()})
     dns: DnsConfig = DnsConfig()
     database: DatabaseConfig = DatabaseConfig()
+    scanners: ScannersConfig = ScannersConfig()
     # The Postfix policy server of mode "policy" (policyd/config.py).
     policyd: PolicydConfig = PolicydConfig()

@@ -204,6 +204,23 @@ class ScoringConfig:
     reject: float = field(default=15.0, metadata=_opt(_finite))
 
 
+def _on_failure(value: str) -> Optional[str]:
+    return None if value in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {value!r}"
+
+
+@dataclass(frozen=True)
+class EngineSlotConfig:
+    """How one policy uses one engine of ``[scanners]``."""
+
+    enabled: bool = True
+    # The engine's score (already times its score_factor) times this.
+    weight: float = field(default=1.0, metadata=_opt(_finite))
+    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
+    # Messages larger than this skip the engine in this policy; 0: only the
+    # engine's own max_size.
+    max_size: int = field(default=0, metadata=_opt(_at_least(0)))
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Post-DATA scanning of the policy (``policies.NAME.scan``): the MIME
@@ -219,11 +236,18 @@ class ScanConfig:
     headers: HeaderFilterConfig = HeaderFilterConfig()
     # A scanner that cannot answer (a GeoIP file that cannot be read, a
     # parse failure): "tempfail" (451 4.3.0, DESIGN.md promise 4) or "skip".
-    on_failure: str = field(default="tempfail", metadata=_opt(
-        lambda v: None if v in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {v!r}"))
+    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
     # Spam verdicts (score at or above scoring.tag) count for the
     # thresholds' max_spam.
     count_spam: bool = True
+    # The engines of [scanners] this policy asks, by name, run at once
+    # after the message checks.
+    engines: dict[str, EngineSlotConfig] = field(default_factory=dict)
+    # What a virus (or a command scanner's find) does: "reject" (554 5.7.1
+    # naming the signature) or "quarantine" (accepted and held).
+    virus_action: str = field(default="reject", metadata=_opt(
+        lambda v: None if v in ("reject", "quarantine") else
+        f"must be 'reject' or 'quarantine', not {v!r}"))
 
 
 @dataclass(frozen=True)
@@ -259,8 +283,7 @@ class PolicyEngineConfig:
     check_timeout: float = field(default=10.0, metadata=_opt(_at_least(0.1)))
     # A check that fails (database down, say): "tempfail" answers 451 4.3.0
     # (DESIGN.md promise 4) or "skip" logs it and goes on.
-    on_error: str = field(default="tempfail", metadata=_opt(
-        lambda v: None if v in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {v!r}"))
+    on_error: str = field(default="tempfail", metadata=_opt(_on_failure))
     # Site-wide reply templates overriding the built-in ones; relative to data_dir.
     templates_dir: str = ""
 

@@ -87,11 +87,27 @@ class PolicyRuntime:
     def _make_engine(self, config: ProxyConfig) -> PolicyEngine:
         from mppproxy.scan import factory
 
-        # Post-DATA scanning per policy (None where it is off).
-        self.scanning = {name: factory.build(p.scan, self.reactor)
+        # Post-DATA scanning per policy (None where it is off), over the
+        # engines of [scanners], whose health is watched while they are used.
+        engines = factory.build_engines(config, self.reactor)
+        self.scanning = {name: factory.build(p.scan, self.reactor, engines)
                          for name, p in config.policies.items()}
+        self._watch_engines(config, engines)
         return PolicyEngine(config.policy, config.policies, self.services, make_renderer(config),
                             self.reactor)
+
+    def _watch_engines(self, config: ProxyConfig, engines: dict) -> None:
+        from mppproxy.scan.health import HealthMonitor
+
+        old = getattr(self, "health", None)
+        if old is not None:
+            old.stop()
+        self.health = None
+        if engines:
+            self.health = HealthMonitor(list(engines.values()), self.reactor,
+                                        config.scanners.health)
+            # Started on the next reactor turn: building the runtime does no I/O.
+            self.reactor.callLater(0, self.health.start)
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """A reload: the engine is rebuilt; the resolver only when the DNS
@@ -107,6 +123,8 @@ class PolicyRuntime:
         self.engine = self._make_engine(config)
 
     def stop(self) -> defer.Deferred:
+        if getattr(self, "health", None) is not None:
+            self.health.stop()
         waits = [self.services.resolver.close()]
         if self.database is not None:
             waits.append(defer.maybeDeferred(self.database.stop))

@@ -328,3 +328,22 @@ def validate(settings: Any) -> Optional[str]:
             if problem:
                 return f"{f.name}: {problem}"
     return None
+
+
+@dataclass(frozen=True)
+class ScannersConfig:
+    """``[scanners]``: the engines this node can ask, shared by every policy
+    (a connection bound per engine holds across policies).  A policy picks
+    them with ``[policies.NAME.scan.engines.<name>]``."""
+
+    clamd: Optional[ClamdConfig] = None
+    spamd: Optional[SpamdConfig] = None
+    rspamd: Optional[RspamdConfig] = None
+    # [[scanners.command]] tables, each with its own ``name``.
+    command: tuple[CommandScannerConfig, ...] = ()
+    health: ScanHealthConfig = ScanHealthConfig()
+
+    def names(self) -> list[str]:
+        out = [n for n in ("clamd", "spamd", "rspamd") if getattr(self, n) is not None]
+        return out + [c.name for c in self.command]
+

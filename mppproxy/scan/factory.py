@@ -1,10 +1,14 @@
-"""The scan engine of one policy, built from its ``[policies.NAME.scan]``."""
+"""The scanners of a configuration: the engines of ``[scanners]`` (built
+once, shared by every policy so each engine's connection bound holds), and
+each policy's scan engine built from ``[policies.NAME.scan]``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mppproxy.config.schema import ProxyConfig
 from mppproxy.policy.config import ScanConfig
+from mppproxy.scan.base import Scanner
 from mppproxy.scan.engine import ScanEngine, SlotSettings
 from mppproxy.scan.scanners.attachments import AttachmentScanner
 from mppproxy.scan.scanners.headers import HeaderFilterScanner
@@ -21,12 +25,44 @@ class PolicyScanning:
     config: ScanConfig
 
 
-def build(config: ScanConfig, reactor: Any) -> Optional[PolicyScanning]:
+def build_engines(config: ProxyConfig, reactor: Any) -> dict[str, Scanner]:
+    """One scanner per engine of ``[scanners]``, by name; no I/O."""
+    from mppproxy.scan.scanners.clamd import ClamdScanner
+    from mppproxy.scan.scanners.command import CommandScanner
+    from mppproxy.scan.scanners.rspamd import RspamdScanner
+    from mppproxy.scan.scanners.spamd import SpamdScanner
+
+    s = config.scanners
+    engines: dict[str, Scanner] = {}
+    if s.clamd is not None:
+        engines["clamd"] = ClamdScanner(s.clamd, reactor)
+    if s.spamd is not None:
+        engines["spamd"] = SpamdScanner(s.spamd, reactor)
+    if s.rspamd is not None:
+        engines["rspamd"] = RspamdScanner(s.rspamd, reactor)
+    for command in s.command:
+        engines[command.name] = CommandScanner(command, reactor)
+    return engines
+
+
+def build(config: ScanConfig, reactor: Any,
+          engines: Optional[dict[str, Scanner]] = None) -> Optional[PolicyScanning]:
     if not config.enabled:
         return None
     slot = SlotSettings(on_failure=config.on_failure)
     mime = MimeCheckScanner(config.mime, reactor)
-    slots = [(mime, slot)]
+    slots: list[tuple[Scanner, SlotSettings]] = [(mime, slot)]
+    for name, use in config.engines.items():
+        if not use.enabled:
+            continue
+        scanner = (engines or {})[name]  # the loader checked the name
+        # The scanner's own timeout bounds each scan; the engine's is a
+        # backstop a little above it.
+        timeout = float(getattr(scanner.settings, "timeout", 60.0)) + 5.0
+        slots.append((scanner, SlotSettings(weight=use.weight, on_failure=use.on_failure,
+                                            max_size=use.max_size, timeout=timeout)))
+    # After the engines: when both a virus scanner and a rule refuse a
+    # message, the reply names the virus (the first hard action wins).
     if config.attachments.enabled:
         slots.append((AttachmentScanner(config.attachments, reactor), slot))
     if config.headers.enabled and config.headers.rules:

@@ -401,3 +401,60 @@ class HealthRealTests(RealCase):
 def _keep_request(request: Any) -> None:
     if request.instance is not None:
         request.instance._pytest_request = request
+
+
+# -- the whole proxy with real engines -----------------------------------------------------
+
+def test_proxy_refuses_virus_and_spam_and_relays_ham(clamd_engine: Engine, spamd_engine: Engine,
+                                                    proxy_process: Any, tmp_path: Any) -> None:
+    """``twistd mppproxy`` with clamd and spamd in its default policy: EICAR is
+    refused naming the signature, GTUBE is refused by score, ham is delivered."""
+    import smtplib
+
+    from helpers import free_port
+
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config = tmp_path / "scan.toml"
+    config.write_text(f"""
+listen = ["tcp:{port}:interface=127.0.0.1"]
+data_dir = "{data_dir}"
+relay_domains = ["example.com"]
+trusted_networks = ["10.255.255.0/24"]
+
+[scanners.clamd]
+address = "{clamd_engine.address}"
+
+[scanners.spamd]
+address = "{spamd_engine.address}"
+timeout = 60
+
+[policies.default.scan]
+enabled = true
+
+[policies.default.scan.engines.clamd]
+
+[policies.default.scan.engines.spamd]
+""")
+    proxy = proxy_process(["--config", str(config)], port, name="scanproxy")
+
+    def send(message: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=90) as s:
+            s.ehlo("client.test")
+            s.mail("s@client.test")
+            s.rcpt("u@example.com")
+            return s.data(message)
+
+    try:
+        code, text = send(eicar_attachment())
+        assert code == 554 and text.startswith(b"5.7.1 Message refused: virus found"), text
+        assert b"EICAR" in text.upper()
+        code, text = send(GTUBE_MAIL)
+        assert code == 550 and text.startswith(b"5.7.1 "), text
+        code, text = send(mail(b"Hello Bob,\r\nlunch on Friday at noon?\r\nAlice\r\n",
+                               subject="lunch"))
+        assert code == 250, text
+        delivered = list((data_dir / "maildir" / "example.com" / "u" / "new").iterdir())
+        assert len(delivered) == 1
+    finally:
+        proxy.stop()
