@@ -32,7 +32,7 @@ from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
 from mppproxy.db.engine import WRITE
 from mppproxy.db.models import REASON_LENGTH, StateTables, clip
-from mppproxy.policy.patterns import parse_ip
+from mppproxy.policy.patterns import V4_MASKS, V6_MASKS, network_of, parse_ip, v4_text, v6_text
 from mppproxy.policy.services import BlacklistEntry
 
 if TYPE_CHECKING:
@@ -50,50 +50,12 @@ def normalise_network(network: str) -> str:
     return str(net)
 
 
-_V4_MASKS = tuple(((1 << 32) - 1) ^ ((1 << (32 - p)) - 1) for p in range(33))
-_V6_MASKS = tuple(((1 << 128) - 1) ^ ((1 << (128 - p)) - 1) for p in range(129))
-
-
-def _v4_text(n: int) -> str:
-    return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
-
-
-def _v6_text(n: int) -> str:
-    """``str(IPv6Address(n))`` without building the object: the longest
-    run of two or more zero hextets (the first of equals) becomes "::"
-    (RFC 5952 section 4.2)."""
-    if n >> 32 == 0xFFFF:
-        # IPv4-mapped: Python versions write these differently.
-        return str(ipaddress.IPv6Address(n))
-    hextets = [n >> shift & 0xFFFF for shift in range(112, -1, -16)]
-    best, best_len, start, length = -1, 1, -1, 0
-    for i, h in enumerate(hextets):
-        if h:
-            length = 0
-            continue
-        if not length:
-            start = i
-        length += 1
-        if length > best_len:
-            best, best_len = start, length
-    words = [f"{h:x}" for h in hextets]
-    if best < 0:
-        return ":".join(words)
-    return ":".join(words[:best]) + "::" + ":".join(words[best + best_len:])
-
-
-def network_of(ip: IPAddress, prefix: int) -> str:
-    if ip.version == 4:
-        return f"{_v4_text(int(ip) & _V4_MASKS[prefix])}/{prefix}"
-    return f"{_v6_text(int(ip) & _V6_MASKS[prefix])}/{prefix}"
-
-
 def covering_networks(ip: IPAddress) -> list[str]:
     """Every network containing ``ip``, from /0 to the address itself,
     written as ``str(ipaddress.ip_network(...))`` writes them (but ~20x
     faster: a lookup that misses the cache builds 33 or 129 of them)."""
     n = int(ip)
-    masks, text = (_V4_MASKS, _v4_text) if ip.version == 4 else (_V6_MASKS, _v6_text)
+    masks, text = (V4_MASKS, v4_text) if ip.version == 4 else (V6_MASKS, v6_text)
     out = []
     last, address = -1, ""
     for prefix, mask in enumerate(masks):
