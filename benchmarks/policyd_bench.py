@@ -26,7 +26,12 @@ run; every process started is stopped by pid at the end, also on Ctrl-C.
 
 usage: python3 policyd_bench.py [--requests N] [--conns 40] [--reps N]
           [--servers postgrey,mppproxy] [--greylisting auto|on|off]
-          [--timeout S] [--json FILE]
+          [--database-url URL] [--timeout S] [--json FILE]
+
+``--database-url`` puts ``[database] url = URL`` in mppproxy's config (the
+state database; default: SQLite in its data_dir), e.g.
+``mysql+pymysql://test:test@127.0.0.1:3306/test``.  The tables are shared
+with whatever else uses that database: expect leftovers from earlier runs.
 """
 from __future__ import annotations
 
@@ -269,10 +274,12 @@ class Postgrey(Server):
 class Mppproxy(Server):
     name = "mppproxy"
 
-    def __init__(self, workdir: str, greylisting: bool):
+    def __init__(self, workdir: str, greylisting: bool, database_url: str = ""):
         super().__init__(workdir)
         self.greylisting = greylisting
-        self.note = ("access lists, spam traps, thresholds, greylisting + auto-blacklist (SQL store)"
+        self.database_url = database_url
+        self.note = ("access lists, spam traps, thresholds, greylisting + auto-blacklist (SQL store"
+                     + (f", {_shown_url(database_url)}" if database_url else ", SQLite") + ")"
                      if greylisting else
                      "access lists, spam traps, thresholds; NO greylisting (no SQL store in this build)")
 
@@ -283,6 +290,8 @@ class Mppproxy(Server):
                                       bad=f".{BAD_SENDER_DOMAIN}".lstrip("."), trap=TRAP,
                                       grey="true" if self.greylisting else "false",
                                       delay=GREY_DELAY))
+            if self.database_url:
+                f.write(f"[database]\nurl = {json.dumps(self.database_url)}\n")
         return path
 
     def env(self) -> dict[str, str]:
@@ -293,6 +302,12 @@ class Mppproxy(Server):
     def command(self) -> list[str]:
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                 "--pidfile=", "mppproxy", "--mode", "policy", "-c", self.config()]
+
+
+def _shown_url(url: str) -> str:
+    # The backend and host, never the password.
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def have_sql_store() -> bool:
@@ -310,6 +325,8 @@ def main() -> int:
     ap.add_argument("--servers", default="postgrey,mppproxy")
     ap.add_argument("--greylisting", choices=("auto", "on", "off"), default="auto",
                     help="greylisting in the 'mppproxy' server (auto: on when mppproxy/db exists)")
+    ap.add_argument("--database-url", default="",
+                    help="mppproxy's state database ([database] url); default SQLite in its data_dir")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per timed run")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -326,7 +343,7 @@ def main() -> int:
                 return 2
             servers.append(Postgrey(workdir))
         elif n == "mppproxy":
-            servers.append(Mppproxy(workdir, grey))
+            servers.append(Mppproxy(workdir, grey, args.database_url))
         else:
             log(f"unknown server {n}")
             return 2

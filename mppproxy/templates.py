@@ -10,6 +10,11 @@ template can never turn a refusal into an acceptance.
 A template that fails to render (a typo in a site template) must not lose
 mail or crash a session: the built-in template is used instead and the
 problem is logged.
+
+Templates are read once per renderer (a reload builds a new renderer and
+so reads them again), and a rendered text is remembered by the values of
+the variables its template reads: a greylisting server renders "please
+try again in 300 seconds" once, not for every deferral.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 from twisted.logger import Logger
 
@@ -71,6 +77,9 @@ _FALLBACK_TEXT.update(greylist="Greylisted, please try again later",
 # with the code and CRLF).
 _MAX_LINE = 480
 _MAX_LINES = 5
+# Rendered texts remembered per renderer; past this many the memory starts
+# afresh (texts that show client data, such as an address, rarely repeat).
+_RENDERED_SIZE = 4096
 
 
 def builtin_templates_dir() -> Path:
@@ -113,12 +122,18 @@ class ReplyRenderer:
         self._policy_dirs = dict(policy_dirs or {})
         self._envs: dict[str, SandboxedEnvironment] = {}
         self._builtin_env = self._make_env([])
+        # (policy, name) -> the variables its templates read, or None when
+        # its texts are not remembered (see _variables).
+        self._reads: dict[tuple[str, str], Optional[tuple[str, ...]]] = {}
+        self._rendered: dict[tuple[Any, ...], str] = {}
 
     def _make_env(self, dirs: list[str]) -> SandboxedEnvironment:
         paths = [d for d in dirs if d] + [str(self._builtin)]
+        # No auto_reload: a template is read once (no stat per reply); a
+        # reload (SIGHUP) builds a new renderer.
         return SandboxedEnvironment(loader=jinja2.FileSystemLoader(paths),
                                     undefined=jinja2.StrictUndefined, autoescape=False,
-                                    keep_trailing_newline=False)
+                                    keep_trailing_newline=False, auto_reload=False)
 
     def _env(self, policy: str) -> SandboxedEnvironment:
         env = self._envs.get(policy)
@@ -127,20 +142,64 @@ class ReplyRenderer:
         return env
 
     def render_text(self, name: str, context: Mapping[str, Any], policy: str = "default") -> str:
+        reads = self._variables(policy, name)
+        if reads is None or any(k not in context for k in reads):
+            return self._render(name, {k: _clean_value(v) for k, v in context.items()}, policy)[0]
+        values = [_clean_value(context[k]) for k in reads]
+        try:
+            key = (policy, name, *(tuple(v) if isinstance(v, list) else v for v in values))
+            text = self._rendered.get(key)
+        except TypeError:  # a value that cannot be a key
+            return self._render(name, dict(zip(reads, values)), policy)[0]
+        if text is None:
+            text, ok = self._render(name, dict(zip(reads, values)), policy)
+            if ok:  # a failing template is logged every time, as without memory
+                if len(self._rendered) >= _RENDERED_SIZE:
+                    self._rendered.clear()
+                self._rendered[key] = text
+        return text
+
+    def _variables(self, policy: str, name: str) -> Optional[tuple[str, ...]]:
+        """The variables the templates for ``name`` read (the policy's and
+        the built-in fallback), or None: a template that includes, imports
+        or extends another, or that cannot be parsed, is always rendered."""
+        key = (policy, name)
+        if key in self._reads:
+            return self._reads[key]
         path = f"replies/{name}.txt"
-        context = {k: _clean_value(v) for k, v in context.items()}
+        reads: Optional[set[str]] = set()
+        for env in (self._env(policy), self._builtin_env):
+            try:
+                source = env.loader.get_source(env, path)[0]  # type: ignore[union-attr]
+                ast = env.parse(source)
+            except jinja2.TemplateError:
+                reads = None
+                break
+            if any(True for _ in jinja2.meta.find_referenced_templates(ast)):
+                reads = None
+                break
+            reads |= jinja2.meta.find_undeclared_variables(ast)
+        result = self._reads[key] = None if reads is None else tuple(sorted(reads))
+        return result
+
+    def _render(self, name: str, context: Mapping[str, Any], policy: str) -> tuple[str, bool]:
+        """The text, and whether a template rendered it (not the fallback
+        after an error)."""
+        path = f"replies/{name}.txt"
+        ok = True
         for env in (self._env(policy), self._builtin_env):
             try:
                 text = env.get_template(path).render(**context)
             except jinja2.TemplateError as e:
                 log.error("reply template {template} for policy {policy} failed: {error}",
                           template=path, policy=policy, error=str(e))
+                ok = False
                 continue
             lines = [_clean_line(line) for line in text.splitlines()]
             lines = [line for line in lines if line][:_MAX_LINES]
             if lines:
-                return "\n".join(lines)
-        return _FALLBACK_TEXT.get(name, "Refused by policy")
+                return "\n".join(lines), ok
+        return _FALLBACK_TEXT.get(name, "Refused by policy"), False
 
     def reply(self, name: str, context: Mapping[str, Any], policy: str = "default") -> Reply:
         code, enhanced = REFUSALS[name]

@@ -40,6 +40,7 @@ from mppproxy.db.models import triplet_key
 from mppproxy.policy.config import DatabaseConfig, GreylistConfig
 from mppproxy.policy.patterns import parse_ip
 from mppproxy.policy.runtime import runtime_for
+from mppproxy.policy.services import BlacklistEntry
 
 reactor: Any = _reactor
 
@@ -468,6 +469,198 @@ class StoreTests:
         self.advance(30)
         self.assertEqual((await db.blacklist.lookup("192.0.2.7")).network, "192.0.2.0/24")
 
+    # -- batches (mppproxy/db/batch.py) --------------------------------------
+
+    def gather(self, *coros: Any) -> defer.Deferred:
+        """The coroutines' results, started together (one reactor turn)."""
+        return defer.gatherResults([defer.Deferred.fromCoroutine(c) for c in coros],
+                                   consumeErrors=True)
+
+    async def test_concurrent_checks_share_one_job(self) -> None:
+        """Checks that miss the cache together are answered by one database
+        job (one transaction), each with its own answer."""
+        db = await self.make_db()
+        g = db.greylist
+        answers = await self.gather(*(g.check(NET, f"s{i}@example.org", "b@example.com", GREY)
+                                      for i in range(200)))
+        self.assertEqual(answers, [300.0] * 200)
+        self.assertEqual((g.batcher.jobs, g.batcher.largest), (1, 200))
+        self.assertEqual(len(await self.all_rows(db, "greylist")), 200)
+        self.advance(300)
+        answers = await self.gather(*(g.check(NET, f"s{i}@example.org", "b@example.com", GREY)
+                                      for i in range(200)))
+        self.assertEqual(answers, [None] * 200)
+        self.assertEqual(g.batcher.jobs, 2)
+
+    async def test_calls_during_a_job_wait_for_the_next_one(self) -> None:
+        """A lone call gets a job of its own; calls made while it runs share
+        the next job."""
+        db = await self.make_db()
+        g = db.greylist
+        first = defer.Deferred.fromCoroutine(g.check(NET, "a@example.org", "b@example.com", GREY))
+        await sleep(0)  # the first job is handed to the pool
+        self.assertEqual(g.batcher.jobs, 1)
+        later = self.gather(*(g.check(NET, f"s{i}@example.org", "b@example.com", GREY)
+                              for i in range(10)))
+        self.assertEqual(await first, 300.0)
+        self.assertEqual(await later, [300.0] * 10)
+        self.assertEqual((g.batcher.jobs, g.batcher.largest), (2, 10))
+
+    async def greylist_story(self, db: StateDatabase, together: bool) -> list[Any]:
+        """The same attempts against ``db``, one at a time or as batches
+        (each step's attempts together)."""
+        g = db.greylist
+        aw = GreylistConfig(enabled=True, delay=300, retry_window=3600, lifetime=86400,
+                            auto_whitelist_after=2)
+        other = "198.51.100.0/24"
+        steps = [
+            [(NET, "a", GREY), (NET, "b", GREY), (NET, "a", GREY), (other, "a", aw),
+             (other, "b", aw), (other, "c", aw), ("203.0.113.0/24", "z", GREY)],
+            # 120 s later: early retries, and a zero delay
+            [(NET, "a", GREY), (other, "a", aw),
+             (NET, "n", GreylistConfig(enabled=True, delay=0, auto_whitelist_after=0))],
+            # 300 s after the first: retries pass; the second pass of
+            # "other" whitelists it, so its new triplet after it passes too
+            [(NET, "a", GREY), (other, "a", aw), (other, "new1", aw), (other, "b", aw),
+             (other, "new2", aw), (NET, "b", GREY), (other, "a", aw)],
+            # past the retry window: "z" starts again, passed ones live on
+            [(NET, "a", GREY), ("203.0.113.0/24", "z", GREY), (other, "new3", aw)],
+        ]
+        gaps = [120, 180, 3600]
+        out: list[Any] = []
+        for i, step in enumerate(steps):
+            calls = [g.check(net, f"{s}@example.org", "r@example.com", settings)
+                     for net, s, settings in step]
+            if together:
+                out.append(await self.gather(*calls))
+            else:
+                out.append([await c for c in calls])
+            if i < len(gaps):
+                self.advance(gaps[i])
+        rows = sorted((r.client_net, r.sender, r.first_seen - START, r.last_seen - START,
+                       bool(r.passed), r.expires - START)
+                      for r in await self.all_rows(db, "greylist"))
+        whitelist = sorted((r.client_net, r.last_seen - START, r.expires - START)
+                           for r in await self.all_rows(db, "greylist_whitelist"))
+        return [out, rows, whitelist]
+
+    async def test_batched_answers_match_one_at_a_time(self) -> None:
+        """Attempts answered in batches get the answers, and leave the rows,
+        that the same attempts one at a time do: in order within a batch
+        (a second attempt of a triplet sees the first; a network
+        whitelisted by one attempt is whitelisted for the next)."""
+        alone = await self.make_db()
+        expected = await self.greylist_story(alone, together=False)
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.prefix = f"t{uuid.uuid4().hex[:10]}_"
+        batched = await self.make_db()
+        self.assertEqual(await self.greylist_story(batched, together=True), expected)
+        self.assertEqual(batched.greylist.batcher.jobs, 4)
+        answers = expected[0]
+        # Spot checks that the story says what the docstring says.
+        self.assertEqual(answers[0], [300.0] * 7)
+        self.assertEqual(answers[1], [180.0, 180.0, None])
+        self.assertEqual(answers[2], [None, None, 300.0, None, None, None, None])
+        self.assertEqual(answers[3], [None, 300.0, None])
+
+    async def test_order_decides_within_a_batch(self) -> None:
+        """A new triplet of a network is whitelisted when an attempt before
+        it in the same batch whitelisted the network, not when one after it does."""
+        aw = GreylistConfig(enabled=True, delay=300, auto_whitelist_after=1)
+        for order, expected in (("pass first", [None, None]), ("new first", [300.0, None])):
+            self.prefix = f"t{uuid.uuid4().hex[:10]}_"
+            db = await self.make_db()
+            g = db.greylist
+            await g.check(NET, "old@example.org", "r@example.com", aw)
+            self.advance(300)
+            passing = g.check(NET, "old@example.org", "r@example.com", aw)
+            new = g.check(NET, f"new-{order}@example.org", "r@example.com", aw)
+            calls = [passing, new] if order == "pass first" else [new, passing]
+            answers = await self.gather(*calls)
+            self.assertEqual(answers, expected, order)
+            self.assertEqual(g.batcher.jobs, 2)
+
+    async def test_a_failing_job_fails_every_caller(self) -> None:
+        """When the database fails in the middle of a job, every check of
+        that job gets a StateDatabaseError; the next job works again."""
+        db = await self.make_db()
+        failing = [True]
+
+        def fail(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+            if failing[0] and "greylist" in statement and statement.lstrip().startswith("INSERT"):
+                raise OSError("disk on fire")
+
+        event.listen(db.engine, "before_cursor_execute", fail)
+        self.addCleanup(event.remove, db.engine, "before_cursor_execute", fail)
+        results = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(db.greylist.check(NET, f"s{i}@example.org",
+                                                            "b@example.com", GREY))
+             for i in range(20)], consumeErrors=True)
+        self.assertEqual(db.greylist.batcher.jobs, 1)
+        for ok, result in results:
+            self.assertFalse(ok)
+            result.trap(StateDatabaseError)
+            self.assertIn("disk on fire", result.getErrorMessage())
+        self.assertEqual(await self.all_rows(db, "greylist"), [])  # rolled back
+        failing[0] = False
+        self.assertEqual(await db.greylist.check(NET, "s1@example.org", "b@example.com", GREY),
+                         300.0)
+
+    async def test_a_cancelled_caller_leaves_its_batch_alone(self) -> None:
+        """A check cancelled while its job runs (a timed-out check) gets
+        CancelledError; the others of its batch get their answers."""
+        db = await self.make_db()
+        calls = [defer.Deferred.fromCoroutine(db.greylist.check(NET, f"s{i}@example.org",
+                                                                "b@example.com", GREY))
+                 for i in range(3)]
+        calls[1].cancel()
+        self.failureResultOf(calls[1], defer.CancelledError)
+        self.assertEqual([await calls[0], await calls[2]], [300.0, 300.0])
+        self.assertEqual(len(await self.all_rows(db, "greylist")), 3)
+
+    async def test_blacklist_adds_and_lookups_in_one_batch(self) -> None:
+        """Lookups and adds made together share one job: each add extends
+        (never shortens) what is there, each lookup sees the adds before it."""
+        db = await self.make_db()
+        b = db.blacklist
+        await b.add("192.0.2.0/24", 1000, "threshold messages")
+        b.clear_cache()
+        calls = [b.lookup("192.0.2.9"), b.lookup("198.51.100.7"),
+                 b.add("198.51.100.7/32", 500, "spamtrap a"),
+                 b.add("198.51.100.7/32", 100, "spamtrap b"),
+                 b.add("192.0.2.0/24", 5000, "threshold spam"),
+                 b.lookup("2001:db8::1")]
+        jobs = b.batcher.jobs
+        results = await self.gather(*calls)
+        self.assertEqual(b.batcher.jobs, jobs + 1)
+        self.assertEqual(results[0], BlacklistEntry("192.0.2.0/24", "threshold messages",
+                                                    START + 1000))
+        self.assertEqual(results[1:], [None, None, None, None, None])
+        rows = sorted((r.network, r.reason, r.expires - START)
+                      for r in await self.all_rows(db, "blacklist"))
+        self.assertEqual(rows, [("192.0.2.0/24", "threshold spam", 5000.0),
+                                ("198.51.100.7/32", "spamtrap a", 500.0)])
+        b.clear_cache()
+        found = await self.gather(b.lookup("198.51.100.7"), b.lookup("192.0.2.200"),
+                                  b.lookup("192.0.3.1"))
+        self.assertEqual([e and (e.network, e.reason) for e in found],
+                         [("198.51.100.7/32", "spamtrap a"),
+                          ("192.0.2.0/24", "threshold spam"), None])
+
+    async def test_blacklist_job_answers_in_order(self) -> None:
+        """Within one job a lookup before an add does not see it; one after does."""
+        from mppproxy.db.blacklist import _Add, _Lookup
+
+        db = await self.make_db()
+        ip = parse_ip("203.0.113.5")
+        now = START
+        items = [_Lookup(covering_networks(ip), now), _Add("203.0.113.0/24", "x", now, now + 60),
+                 _Lookup(covering_networks(ip), now), _Add("203.0.113.0/24", "y", now, now + 30)]
+        results = await db.run(db.blacklist._job, items, now)
+        listed = BlacklistEntry("203.0.113.0/24", "x", now + 60)
+        self.assertEqual(results, [None, listed, listed, listed])
+
     # -- purge ---------------------------------------------------------------
 
     async def test_purge_deletes_expired_rows_only(self) -> None:
@@ -776,3 +969,24 @@ class EngineTests(unittest.TestCase):
         reply = await self.ask("user@example.com")
         self.assertEqual(reply.code // 100, 4)
         self.assertEqual(len(self.flushLoggedErrors(StateDatabaseError)), 1)
+
+
+def test_covering_networks_are_written_as_ipaddress_writes_them() -> None:
+    """The fast network texts equal ipaddress's, for random and zero-run
+    IPv6 addresses and IPv4 addresses, at every prefix."""
+    import ipaddress
+    import random
+
+    rng = random.Random(7)
+    addresses = ["::", "::1", "1::", "0.0.0.0", "255.255.255.255", "1:0:0:1:0:0:0:1",
+                 "1:0:0:0:1:0:0:1", "0:1:2:3:4:5:6:7", "2001:db8::ffff:0:1"]
+    for _ in range(300):
+        addresses.append(str(ipaddress.IPv4Address(rng.getrandbits(32))))
+        addresses.append(str(ipaddress.IPv6Address(rng.getrandbits(128))))
+        hextets = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.getrandbits(16)]) for _ in range(8)]
+        addresses.append(":".join(f"{h:x}" for h in hextets))
+    for address in addresses:
+        ip = ipaddress.ip_address(address)
+        assert covering_networks(ip) == [
+            str(ipaddress.ip_network(f"{ip}/{p}", strict=False))
+            for p in range(ip.max_prefixlen + 1)], address

@@ -444,3 +444,23 @@ def test_check_files_reports_a_broken_site_template(tmp_path):
     text = str(info.value)
     assert "greylist.txt: line 1" in text
     assert "policies.p.templates_dir: directory" in text
+
+
+def test_rendered_texts_are_remembered_by_what_the_template_reads(tmp_path):
+    """A template is rendered once per set of values of the variables it
+    reads; another value (or a template that includes another) renders anew."""
+    (tmp_path / "replies").mkdir()
+    (tmp_path / "replies" / "greylist.txt").write_text("Wait {{ retry_seconds }}s, {{ client_ip }}\n")
+    (tmp_path / "replies" / "part.txt").write_text("from {{ client_ip }}")
+    (tmp_path / "replies" / "access.txt").write_text("No {% include 'replies/part.txt' %}\n")
+    renderer = ReplyRenderer(site_dir=str(tmp_path))
+    base = {"retry_seconds": 300, "client_ip": "192.0.2.1", "sender": "a@x"}
+    texts = [renderer.reply("greylist", dict(base, sender=f"s{i}@x")).text for i in range(3)]
+    assert texts == ["Wait 300s, 192.0.2.1"] * 3
+    assert len(renderer._rendered) == 1
+    assert renderer.reply("greylist", dict(base, client_ip="192.0.2.2")).text == "Wait 300s, 192.0.2.2"
+    assert renderer.reply("greylist", dict(base, client_ip="192.0.2.1\r\n250 ok")).text == \
+        "Wait 300s, 192.0.2.1??250 ok"
+    assert renderer.reply("access", base).text == "No from 192.0.2.1"
+    assert renderer.reply("access", dict(base, client_ip="192.0.2.9")).text == "No from 192.0.2.9"
+    assert len(renderer._rendered) == 3  # the including template is never remembered

@@ -1,5 +1,5 @@
-"""SQLAlchemy engines for the state database, and the dialect-specific
-statements that keep two nodes writing the same row at once from failing.
+"""SQLAlchemy engines for the state database (the stores build their own
+dialect-specific statements: ``greylist.py``, ``blacklist.py``).
 
 SQLite (the default, ``data_dir/state.sqlite``): WAL journal so readers
 never wait for the writer, a busy timeout, and every writing transaction
@@ -15,13 +15,10 @@ open transaction (InnoDB's REPEATABLE READ would hide it); utf8mb4.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any
 
-from sqlalchemy import Table, create_engine, event
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, URL, make_url
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from mppproxy.policy.config import DatabaseConfig
@@ -92,7 +89,11 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
         if not is_memory_sqlite(url):
             cursor.execute("PRAGMA journal_mode = WAL")
-            # Durable enough for state that is rebuilt by the next retry.
+            # WAL with synchronous=NORMAL: a commit is not fsync'ed, only
+            # each checkpoint is.  Greylist and blacklist state is not
+            # mail: losing the last second of it on power loss only
+            # greylists a few triplets again (DESIGN.md promise 1 is about
+            # messages, which never live here).
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
@@ -102,22 +103,3 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
-
-
-def insert_ignore(conn: Connection, table: Table, values: Mapping[str, Any]) -> None:
-    """Insert a row unless one with its primary key exists (another node
-    may have inserted it a moment ago)."""
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        conn.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())
-    elif dialect in ("mysql", "mariadb"):
-        stmt = mysql_insert(table).values(**values)
-        key = list(table.primary_key.columns)[0].name
-        # A no-op update: unlike INSERT IGNORE it hides no other error.
-        conn.execute(stmt.on_duplicate_key_update({key: stmt.inserted[key]}))
-    else:
-        try:
-            with conn.begin_nested():
-                conn.execute(table.insert().values(**values))
-        except IntegrityError:
-            pass

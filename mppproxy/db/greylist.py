@@ -16,19 +16,34 @@ answered from memory for ``cache_seconds``, waiting triplets until their
 delay is over (their first attempt cannot change before then); the
 database hears of a passing triplet or network at most once per cache
 period per node, which is when ``last_seen`` is updated.
+
+Database (``batch.py``): the checks that miss the cache are answered in
+batches, one transaction each: one SELECT for the batch's triplets, one
+for its networks' whitelist rows, a count of passed triplets only for
+networks that may reach ``auto_whitelist_after``, then each attempt is
+decided in Python by the rules above, in the order the attempts came (a
+second attempt of a triplet sees what the first did), and the batch's
+changes are written with one executemany per table.  Every attempt of a
+batch is decided at the batch's time (when its job started: a few
+milliseconds after the call at most).  Two nodes inserting one new
+triplet at once: SQLite's ``BEGIN IMMEDIATE`` lets only one of them
+read before it writes; on MySQL/MariaDB a batch that finds another
+node's row where it inserted its own is rolled back and decided again
+from that row.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
+from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
-from mppproxy.db.engine import WRITE, insert_ignore
+from mppproxy.db.engine import WRITE
 from mppproxy.db.models import ADDRESS_LENGTH, StateTables, clip, triplet_key
 
 if TYPE_CHECKING:
@@ -47,6 +62,16 @@ class GreylistAnswer:
     whitelisted: bool = False
 
 
+class _Attempt(NamedTuple):
+    """One check that missed the cache, for the batch job."""
+
+    key: str
+    client_net: str
+    sender: str
+    recipient: str
+    settings: Any
+
+
 @dataclass(frozen=True)
 class _Cached:
     passed: bool
@@ -60,6 +85,8 @@ class SqlGreylistStore:
         self.cache_seconds = cache_seconds
         self._whitelisted: ExpiringCache[str, bool] = ExpiringCache(cache_size)
         self._triplets: ExpiringCache[str, _Cached] = ExpiringCache(cache_size)
+        self._statements: dict[str, _Statements] = {}
+        self.batcher: Batcher[_Attempt, GreylistAnswer] = Batcher(database, self._job)
 
     async def check(self, client_net: str, sender: str, recipient: str,
                     settings: Any) -> Optional[float]:
@@ -77,8 +104,8 @@ class SqlGreylistStore:
             wait = cached.first_seen + settings.delay - now
             if wait > 0:
                 return wait
-        answer: GreylistAnswer = await self._db.run(
-            _check, self._db.tables, key, client_net, sender, recipient, settings, now)
+        answer: GreylistAnswer = await self.batcher.submit(
+            _Attempt(key, client_net, sender, recipient, settings))
         self._remember(key, client_net, answer, settings, now)
         return answer.wait
 
@@ -99,70 +126,200 @@ class SqlGreylistStore:
         self._whitelisted.clear()
         self._triplets.clear()
 
+    def _job(self, engine: Engine, attempts: list[_Attempt], now: float) -> list[GreylistAnswer]:
+        # In a pool thread; building the statements twice at once is harmless.
+        dialect = engine.dialect.name
+        statements = self._statements.get(dialect)
+        if statements is None:
+            statements = self._statements[dialect] = _Statements(self._db.tables, dialect)
+        return check_batch(engine, statements, attempts, now)
+
 
 # -- in the database thread ----------------------------------------------------
 
-def _check(engine: Engine, t: StateTables, key: str, client_net: str, sender: str,
-           recipient: str, s: Any, now: float) -> GreylistAnswer:
-    g, w = t.greylist, t.greylist_whitelist
-    with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+# A MySQL/MariaDB batch that lost an insert race to another node is decided
+# again this many times at most; the last round keeps the other node's row.
+_RACE_ROUNDS = 3
+
+
+class _Raced(Exception):
+    """Another node inserted a triplet this batch inserted too."""
+
+
+class _Statements:
+    """The batch job's statements for one dialect, built once (SQLAlchemy
+    then finds their compiled form in its cache by identity of structure;
+    the IN lists are expanding parameters)."""
+
+    def __init__(self, t: StateTables, dialect: str):
+        g, w = t.greylist, t.greylist_whitelist
+        self.check_inserts = dialect != "sqlite"
+        self.rows = select(g.c.id, g.c.first_seen, g.c.last_seen, g.c.passed, g.c.expires).where(
+            g.c.id.in_(bindparam("keys", expanding=True)))
+        self.whitelist = select(w.c.client_net, w.c.last_seen).where(
+            w.c.client_net.in_(bindparam("nets", expanding=True)))
+        self.count = (select(g.c.client_net, func.count())
+                      .where(g.c.client_net.in_(bindparam("nets", expanding=True)),
+                             g.c.passed.is_(True), g.c.last_seen >= bindparam("since"))
+                      .group_by(g.c.client_net))
+        self.update = update(g).where(g.c.id == bindparam("b_id")).values(
+            first_seen=bindparam("b_first_seen"), last_seen=bindparam("b_last_seen"),
+            passed=bindparam("b_passed"), expires=bindparam("b_expires"))
+        if dialect == "sqlite":
+            self.insert = sqlite_insert(g).on_conflict_do_nothing(index_elements=[g.c.id])
+            upsert = sqlite_insert(w)
+            self.whitelist_upsert = upsert.on_conflict_do_update(
+                index_elements=[w.c.client_net],
+                set_={"last_seen": upsert.excluded.last_seen, "expires": upsert.excluded.expires})
+        elif dialect in ("mysql", "mariadb"):
+            # A no-op update: unlike INSERT IGNORE it hides no other error.
+            insert = mysql_insert(g)
+            self.insert = insert.on_duplicate_key_update(id=insert.inserted.id)
+            upsert = mysql_insert(w)
+            self.whitelist_upsert = upsert.on_duplicate_key_update(
+                last_seen=upsert.inserted.last_seen, expires=upsert.inserted.expires)
+        else:
+            raise NotImplementedError(f"no greylist statements for {dialect}")
+
+
+def check_batch(engine: Engine, st: _Statements, attempts: list[_Attempt],
+                now: float) -> list[GreylistAnswer]:
+    """The answers to ``attempts``, in order, decided and written in one
+    transaction (see the module docstring)."""
+    for round_ in range(1, _RACE_ROUNDS + 1):
+        try:
+            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                return _decide(conn, st, attempts, now,
+                               check_inserts=st.check_inserts and round_ < _RACE_ROUNDS)
+        except _Raced:
+            continue
+    raise AssertionError("unreachable: the last round does not check its inserts")
+
+
+def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: float,
+            check_inserts: bool) -> list[GreylistAnswer]:
+    # The database's rows as the batch found them, and as it leaves them:
+    # key -> [first_seen, last_seen, passed, expires].
+    before: dict[str, tuple[float, float, bool, float]] = {}
+    keys_of: dict[str, list[str]] = {}
+    for a in attempts:
+        keys = keys_of.setdefault(a.client_net, [])
+        if a.key not in keys:
+            keys.append(a.key)
+    for r in conn.execute(st.rows, {"keys": [k for keys in keys_of.values() for k in keys]}):
+        before[r[0]] = (float(r[1]), float(r[2]), bool(r[3]), float(r[4]))
+    rows: dict[str, list[Any]] = {k: list(v) for k, v in before.items()}
+
+    whitelist: dict[str, float] = {}
+    aw = [a for a in attempts if a.settings.auto_whitelist_after]
+    if aw:
+        nets = list(dict.fromkeys(a.client_net for a in aw))
+        whitelist = {r[0]: float(r[1]) for r in conn.execute(st.whitelist, {"nets": nets})}
+
+    # Passed triplets per (network, since) as the batch found them, asked
+    # at once for the networks that may reach auto_whitelist_after here.
+    counts: dict[tuple[str, float], int] = {}
+    wanted: dict[float, set[str]] = {}
+    for a in aw:
+        s = a.settings
+        last = whitelist.get(a.client_net)
+        if (last is None or now - last > s.lifetime) and _may_pass(before.get(a.key), s, now):
+            wanted.setdefault(now - s.lifetime, set()).add(a.client_net)
+    for since, nets_ in wanted.items():
+        for net in nets_:
+            counts[(net, since)] = 0
+        for r in conn.execute(st.count, {"nets": sorted(nets_), "since": since}):
+            counts[(r[0], since)] = int(r[1])
+
+    def passed_triplets(net: str, since: float) -> int:
+        """Passed triplets of ``net`` used since ``since``, this batch's
+        decisions so far included."""
+        base = counts.get((net, since))
+        if base is None:  # not foreseen (two policies for one triplet)
+            base = counts[(net, since)] = _count_one(conn, st, net, since)
+        for key in keys_of[net]:
+            now_row, was = rows.get(key), before.get(key)
+            base += (now_row is not None and now_row[2] and now_row[1] >= since) - \
+                (was is not None and was[2] and was[1] >= since)
+        return base
+
+    inserted: dict[str, _Attempt] = {}
+    changed: set[str] = set()
+    whitelist_writes: dict[str, float] = {}  # network -> expires
+    answers: list[GreylistAnswer] = []
+    for a in attempts:
+        s = a.settings
         if s.auto_whitelist_after:
-            row = conn.execute(select(w.c.last_seen).where(w.c.client_net == client_net)).first()
-            if row is not None and now - row.last_seen <= s.lifetime:
-                conn.execute(update(w).where(w.c.client_net == client_net)
-                             .values(last_seen=now, expires=now + s.lifetime))
-                return GreylistAnswer(None, whitelisted=True)
-
-        columns = (g.c.first_seen, g.c.last_seen, g.c.passed)
-        row = conn.execute(select(*columns).where(g.c.id == key)).first()
+            last = whitelist.get(a.client_net)
+            if last is not None and now - last <= s.lifetime:
+                whitelist[a.client_net] = now
+                whitelist_writes[a.client_net] = now + s.lifetime
+                answers.append(GreylistAnswer(None, whitelisted=True))
+                continue
+        row = rows.get(a.key)
         if row is None:
-            insert_ignore(conn, g, {
-                "id": key, "client_net": client_net, "sender": clip(sender, ADDRESS_LENGTH),
-                "recipient": clip(recipient, ADDRESS_LENGTH), "first_seen": now,
-                "last_seen": now, "passed": False, "expires": now + s.retry_window})
-            # Ours, or the one another node inserted a moment before.
-            row = conn.execute(select(*columns).where(g.c.id == key)).one()
-        first_seen, last_seen, passed = float(row.first_seen), float(row.last_seen), bool(row.passed)
-
+            row = rows[a.key] = [now, now, False, now + s.retry_window]
+            inserted[a.key] = a
+        first_seen, last_seen, passed = row[0], row[1], row[2]
         if (now - last_seen > s.lifetime) if passed else (now - first_seen > s.retry_window):
             # Too late: unused past its lifetime, or the retry came after
             # the window.  A new round begins.
-            conn.execute(update(g).where(g.c.id == key).values(
-                first_seen=now, last_seen=now, passed=False, expires=now + s.retry_window))
+            row[:] = [now, now, False, now + s.retry_window]
+            changed.add(a.key)
             first_seen, passed = now, False
-
         if not passed:
             waited = now - first_seen
             if waited < s.delay:
-                return GreylistAnswer(s.delay - waited, first_seen=first_seen)
-        conn.execute(update(g).where(g.c.id == key).values(
-            passed=True, last_seen=now, expires=now + s.lifetime))
-        whitelisted = bool(s.auto_whitelist_after) and _auto_whitelist(conn, t, client_net, s, now)
-        return GreylistAnswer(None, whitelisted=whitelisted)
+                answers.append(GreylistAnswer(s.delay - waited, first_seen=first_seen))
+                continue
+        row[1:] = [now, True, now + s.lifetime]
+        changed.add(a.key)
+        whitelisted = False
+        if s.auto_whitelist_after and \
+                passed_triplets(a.client_net, now - s.lifetime) >= s.auto_whitelist_after:
+            whitelist[a.client_net] = now
+            whitelist_writes[a.client_net] = now + s.lifetime
+            whitelisted = True
+        answers.append(GreylistAnswer(None, whitelisted=whitelisted))
+
+    if inserted:
+        conn.execute(st.insert, [
+            {"id": key, "client_net": a.client_net, "sender": clip(a.sender, ADDRESS_LENGTH),
+             "recipient": clip(a.recipient, ADDRESS_LENGTH), "first_seen": rows[key][0],
+             "last_seen": rows[key][1], "passed": rows[key][2], "expires": rows[key][3]}
+            # In key order: two nodes' batches lock rows in the same order.
+            for key, a in sorted(inserted.items())])
+        if check_inserts:
+            # Without SQLite's write lock another node may have inserted
+            # one of them since we looked: its row stands, ours did not.
+            found = conn.execute(st.rows, {"keys": list(inserted)})
+            if any((float(r[1]), float(r[2]), bool(r[3]), float(r[4])) != tuple(rows[r[0]])
+                   for r in found):
+                raise _Raced()
+    updates = [{"b_id": key, "b_first_seen": rows[key][0], "b_last_seen": rows[key][1],
+                "b_passed": rows[key][2], "b_expires": rows[key][3]}
+               for key in sorted(changed) if key not in inserted]
+    if updates:
+        conn.execute(st.update, updates)
+    if whitelist_writes:
+        conn.execute(st.whitelist_upsert, [
+            {"client_net": net, "created": now, "last_seen": now, "expires": expires}
+            for net, expires in sorted(whitelist_writes.items())])
+    return answers
 
 
-def _auto_whitelist(conn: Connection, t: StateTables, client_net: str, s: Any,
-                    now: float) -> bool:
-    """Whitelist ``client_net`` if it has passed enough distinct triplets
-    that are still alive."""
-    g, w = t.greylist, t.greylist_whitelist
-    passed = conn.execute(select(func.count()).select_from(g).where(
-        g.c.client_net == client_net, g.c.passed.is_(True),
-        g.c.last_seen >= now - s.lifetime)).scalar_one()
-    if passed < s.auto_whitelist_after:
+def _count_one(conn: Connection, st: _Statements, net: str, since: float) -> int:
+    row = conn.execute(st.count, {"nets": [net], "since": since}).first()
+    return int(row[1]) if row is not None else 0
+
+
+def _may_pass(row: Optional[tuple[float, float, bool, float]], s: Any, now: float) -> bool:
+    """Whether an attempt of a triplet found as ``row`` can pass now."""
+    if s.delay <= 0:
+        return True
+    if row is None:
         return False
-    values = {"client_net": client_net, "created": now, "last_seen": now,
-              "expires": now + s.lifetime}
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        stmt = sqlite_insert(w).values(**values)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=[w.c.client_net],
-            set_={"last_seen": stmt.excluded.last_seen, "expires": stmt.excluded.expires}))
-    elif dialect in ("mysql", "mariadb"):
-        stmt = mysql_insert(w).values(**values)
-        conn.execute(stmt.on_duplicate_key_update(
-            last_seen=stmt.inserted.last_seen, expires=stmt.inserted.expires))
-    else:
-        raise NotImplementedError(f"no whitelist upsert for {dialect}")
-    return True
+    first_seen, last_seen, passed, _ = row
+    if passed:
+        return now - last_seen <= s.lifetime
+    return s.delay <= now - first_seen <= s.retry_window

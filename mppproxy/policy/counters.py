@@ -8,11 +8,10 @@ period are dropped when the table grows.
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections import deque
 from typing import Any, Optional
 
-from mppproxy.policy.patterns import parse_ip
+from mppproxy.policy.patterns import network_of, parse_ip
 
 MAX_KEYS = 200_000
 # A window never holds more timestamps than this; limits above it are
@@ -26,8 +25,7 @@ def client_key(client_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> Optional[s
     ip = parse_ip(client_ip)
     if ip is None:
         return None
-    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    return network_of(ip, ipv4_prefix if ip.version == 4 else ipv6_prefix)
 
 
 class RateCounters:

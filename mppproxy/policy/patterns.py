@@ -50,6 +50,47 @@ def parse_ip(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return ip
 
 
+# Network masks by prefix length.
+V4_MASKS = tuple(((1 << 32) - 1) ^ ((1 << (32 - p)) - 1) for p in range(33))
+V6_MASKS = tuple(((1 << 128) - 1) ^ ((1 << (128 - p)) - 1) for p in range(129))
+
+
+def v4_text(n: int) -> str:
+    return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+def v6_text(n: int) -> str:
+    """``str(IPv6Address(n))`` without building the object: the longest
+    run of two or more zero hextets (the first of equals) becomes "::"
+    (RFC 5952 section 4.2)."""
+    if n >> 32 == 0xFFFF:
+        # IPv4-mapped: Python versions write these differently.
+        return str(ipaddress.IPv6Address(n))
+    hextets = [n >> shift & 0xFFFF for shift in range(112, -1, -16)]
+    best, best_len, start, length = -1, 1, -1, 0
+    for i, h in enumerate(hextets):
+        if h:
+            length = 0
+            continue
+        if not length:
+            start = i
+        length += 1
+        if length > best_len:
+            best, best_len = start, length
+    words = [f"{h:x}" for h in hextets]
+    if best < 0:
+        return ":".join(words)
+    return ":".join(words[:best]) + "::" + ":".join(words[best + best_len:])
+
+
+def network_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix: int) -> str:
+    """The network of ``ip`` at ``prefix`` as ``str(ipaddress.ip_network(...,
+    strict=False))`` writes it, without building the network object."""
+    if ip.version == 4:
+        return f"{v4_text(int(ip) & V4_MASKS[prefix])}/{prefix}"
+    return f"{v6_text(int(ip) & V6_MASKS[prefix])}/{prefix}"
+
+
 class NetworkSet:
     """A set of IPv4/IPv6 networks; ``in`` takes an address string."""
 
