@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
@@ -20,11 +20,13 @@ from twisted.logger import Logger
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
 from mppproxy.message import HeaderBlockTooLarge, format_header, prepare
-from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy import disclaimer
+from mppproxy.policy.base import CheckResult, Facts, Recorded, TransactionRecord
 from mppproxy.policy.counters import client_key
+from mppproxy.policy.patterns import AddressSet, NetworkSet
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.scan.base import ScanInput
-from mppproxy.verdict import Verdict, decide
+from mppproxy.verdict import Verdict, decide, result_headers
 from mppproxy.relay.lockstep import LockstepRelay
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp import replies
@@ -86,6 +88,9 @@ class GatewayContext:
     # The pre-DATA policy engine and its services; None when policy.enabled
     # is false.
     policy: Optional[PolicyRuntime] = None
+    # Matchers of the do-not-scan and disclaimer lists, built on first use.
+    address_sets: dict = field(default_factory=dict)
+    network_sets: dict = field(default_factory=dict)
 
 
 def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
@@ -217,6 +222,8 @@ class SessionGateway:
         # our Received: (RFC 8601 2.1).
         for name, value in verdict.headers:
             message.prefix += format_header(name, value)
+        if verdict.action in ("relay", "tag", "quarantine"):
+            self._rewrite(session, txn, message, verdict)
         if verdict.action == "discard":
             # Accepted and dropped on purpose (a policy's hard action): logged.
             self._reset_backend()
@@ -243,6 +250,57 @@ class SessionGateway:
                               if reply.is_transient else "reject", reply, timings)
         return reply
 
+    def _policy_name(self, txn: Transaction) -> str:
+        """The policy of the transaction (its first recipient's), or
+        "default" when the policy engine did not run (trusted clients with
+        policy.skip_trusted, or policy.enabled off)."""
+        record: Optional[TransactionRecord] = txn.facts.get("policy")
+        name = record.policy if record is not None and record.policy else "default"
+        return name if name in self.ctx.config.policies else "default"
+
+    def _rewrite(self, session: Session, txn: Transaction, message: Any,
+                 verdict: Verdict) -> None:
+        """Changes to the message itself: the Subject prefix of a tagged
+        message, then the policy's disclaimer."""
+        policy = self.ctx.config.policies[self._policy_name(txn)]
+        try:
+            if verdict.action == "tag" and policy.scoring.subject_prefix:
+                message.add_subject_prefix(policy.scoring.subject_prefix)
+            if policy.disclaimers:
+                self._disclaim(session, txn, message, policy.disclaimers)
+        except HeaderBlockTooLarge:
+            # prepare() read the same header section within the same bound.
+            log.warn("header section too large to rewrite for {queue_id}", queue_id=txn.id)
+
+    def _disclaim(self, session: Session, txn: Transaction, message: Any,
+                  disclaimers: Any) -> None:
+        sender = txn.sender.text
+        for table in disclaimers:
+            if sender not in self._address_set(table.senders):
+                continue
+            if message.size > table.max_size:
+                why = f"size {message.size} > {table.max_size}"
+                new = None
+            else:
+                new, why = disclaimer.apply(message.header_section(), message.body_bytes(),
+                                            table.texts)
+            if new is None:
+                log.info("no disclaimer on {queue_id}: {why}", queue_id=txn.id, why=why,
+                         session_id=session.id)
+                txn.facts["disclaimer"] = f"skipped: {why}"
+            else:
+                message.replace_content(*new)
+                txn.facts["disclaimer"] = "added"
+            return
+
+    def _address_set(self, patterns: tuple[str, ...]) -> AddressSet:
+        # Built once per configuration snapshot: the tuples live as long as it.
+        cache = self.ctx.address_sets
+        found = cache.get(patterns)
+        if found is None:
+            found = cache[patterns] = AddressSet(patterns)
+        return found
+
     def _refuse(self, session: Session, txn: Transaction, verdict: Verdict) -> Reply:
         refusal = self._render_refusal(session, txn, verdict)
         self._reset_backend()
@@ -260,6 +318,10 @@ class SessionGateway:
         scanning = runtime.scanning.get(record.policy)
         if scanning is None:
             return None
+        skip = self._skip_reason(session, txn, scanning.config)
+        if skip is not None:
+            record.recorded.append(Recorded("scan", CheckResult(), skipped=skip))
+            return None
         scan_input = ScanInput(
             chunks=message.chunks, size=message.size, client_ip=session.peer_host,
             helo=session.helo or "", sender=txn.sender.text,
@@ -270,7 +332,11 @@ class SessionGateway:
         scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
         report = await scanning.engine.scan(scan_input, record)
         policy = runtime.engine.policy(record.policy)
-        verdict = decide(record, policy.scoring, report, scanning.config.virus_action)
+        verdict = decide(record, policy.scoring, report, scanning.config.virus_action,
+                         scanning.config.discard_score)
+        if scanning.config.result_headers and verdict.action in ("relay", "tag", "quarantine",
+                                                                  "discard"):
+            verdict = replace(verdict, headers=verdict.headers + result_headers(verdict, report))
         if (scanning.config.count_spam and policy.scoring.tag > 0
                 and verdict.score >= policy.scoring.tag):
             # Feeds the thresholds' max_spam (issue #4's counter API).
@@ -279,6 +345,25 @@ class SessionGateway:
             if key is not None and runtime.services.counters is not None:
                 runtime.services.counters.add_spam(key, record.policy, t.period)
         return verdict
+
+    def _skip_reason(self, session: Session, txn: Transaction, config: Any) -> Optional[str]:
+        """Why the policy's do-not-scan lists exempt this transaction, or None."""
+        if config.skip_clients and session.peer_host in self._network_set(config.skip_clients):
+            return "do-not-scan client"
+        if config.skip_senders and txn.sender.text in self._address_set(config.skip_senders):
+            return "do-not-scan sender"
+        if config.skip_recipients:
+            rcpts = self._address_set(config.skip_recipients)
+            if any(r.text in rcpts for r in txn.recipients):
+                return "do-not-scan recipient"
+        return None
+
+    def _network_set(self, networks: tuple[str, ...]) -> NetworkSet:
+        cache = self.ctx.network_sets
+        found = cache.get(networks)
+        if found is None:
+            found = cache[networks] = NetworkSet(networks)
+        return found
 
     def _verdict(self, txn: Transaction) -> Verdict:
         """What the pre-DATA results mean for the message (verdict.py)."""

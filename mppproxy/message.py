@@ -6,6 +6,7 @@ carry scan state to the archive node, so none may arrive from the internet.
 """
 from __future__ import annotations
 
+import email.header
 import email.utils
 import re
 import time
@@ -160,19 +161,35 @@ def strip_trust_headers(spool: Spool, length: int, out: Spool) -> int:
 
 class OutboundMessage:
     """What goes to the backend or the maildir: a prefix of new or cleaned
-    headers, then the spool's content from ``offset`` on."""
+    headers, then the spool's content from ``offset`` on.
+
+    A rewrite of the message's own header section (the Subject prefix)
+    moves that section, which is bounded (MAX_HEADER_BLOCK), into
+    ``header``; the body still streams from the spool.  A rewrite of the
+    body (a disclaimer) replaces it with ``body`` in memory, bounded by the
+    caller."""
 
     def __init__(self, prefix: bytes, spool: Spool, offset: int):
         self.prefix = prefix
         self.spool = spool
         self.offset = offset
+        self.header = b""
+        self.body: Optional[bytes] = None
+        self._header_split = False
 
     @property
     def size(self) -> int:
-        return len(self.prefix) + self.spool.size - self.offset
+        if self.body is not None:
+            return len(self.prefix) + len(self.header) + len(self.body)
+        return len(self.prefix) + len(self.header) + self.spool.size - self.offset
 
     def chunks(self) -> Iterator[bytes]:
         yield self.prefix
+        if self.header:
+            yield self.header
+        if self.body is not None:
+            yield self.body
+            return
         skip = self.offset
         for chunk in self.spool.chunks():
             if skip >= len(chunk):
@@ -180,6 +197,70 @@ class OutboundMessage:
                 continue
             yield chunk[skip:] if skip else chunk
             skip = 0
+
+    def header_section(self) -> bytes:
+        """The message's own header fields (not the prefix), each line with
+        its CRLF, without the empty line that ends the section."""
+        if not self._header_split:
+            assert self.offset == 0, "header rewrite after an offset was set"
+            lines = list(_header_lines(self.spool))
+            self.header = b"".join(lines)
+            self.offset = len(self.header)
+            self._header_split = True
+        return self.header
+
+    def body_bytes(self) -> bytes:
+        """Everything after the header fields (the empty line first), in
+        memory: only for messages the caller has bounded."""
+        self.header_section()
+        if self.body is not None:
+            return self.body
+        return b"".join(self.chunks_after_header())
+
+    def chunks_after_header(self) -> Iterator[bytes]:
+        skip = self.offset
+        for chunk in self.spool.chunks():
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:] if skip else chunk
+            skip = 0
+
+    def add_subject_prefix(self, prefix: str) -> None:
+        """Put ``prefix`` before the Subject (a tagged message).  The
+        existing value is kept octet for octet, encoded words included
+        (RFC 2047 5: an encoded word must be separated from other text by
+        white space, which the prefix's own trailing space gives; a prefix
+        that is not ASCII is written as an encoded word of its own).  A
+        message without a Subject gets one."""
+        if not prefix:
+            return
+        if prefix.isascii():
+            word = prefix.encode("ascii")
+        else:
+            word = email.header.Header(prefix.rstrip(" "), "utf-8").encode().encode("ascii") + (
+                b" " if prefix.endswith(" ") else b"")
+        header = self.header_section()
+        lines = header.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if line[:8].lower() == b"subject:":
+                value = line[8:]
+                stripped = value.lstrip(b" \t")
+                if stripped.startswith(b"=?") and not word.endswith(b" "):
+                    word += b" "
+                lines[i] = b"Subject: " + word + stripped
+                break
+        else:
+            lines.append(format_header("Subject", "").rstrip(b"\r\n") + b" " + word.rstrip(b" ")
+                         + b"\r\n")
+        self.header = b"".join(lines)
+
+    def replace_content(self, header: bytes, body: bytes) -> None:
+        """Set the message's own header section and body (a rewrite done
+        in memory); the spool is no longer read."""
+        self.header_section()
+        self.header = header
+        self.body = body
 
 
 def prepare(session: Session, txn: Transaction, hostname: Optional[str],

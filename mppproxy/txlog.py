@@ -40,6 +40,8 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         reply_text=str(reply) if reply else reason,
         reason=reason,
         stripped_headers=txn.facts.get("stripped_headers", 0),
+        # "added", "skipped: why", or None when no disclaimer table matched.
+        disclaimer=txn.facts.get("disclaimer"),
         timings=timings,
         policy=record.policy if record is not None else None,
         score=round(record.score, 2) if record is not None else None,

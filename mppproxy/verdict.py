@@ -38,11 +38,13 @@ def _scored_checks(record: TransactionRecord) -> list[str]:
 
 
 def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None,
-           virus_action: str = "reject") -> Verdict:
+           virus_action: str = "reject", discard_score: float = 0.0) -> Verdict:
     """The verdict for a transaction whose pre-DATA results are in
     ``record`` and whose scan report (``scan/engine.py``) is ``report``
     (None when nothing was scanned).  ``virus_action`` "quarantine" holds a
-    message a virus scanner refused instead of refusing it."""
+    message a virus scanner refused instead of refusing it; at or above
+    ``discard_score`` (0: never) the message is dropped, unless the reject
+    threshold is reached too (a refusal tells the sender; a drop does not)."""
     headers = list(record.headers)
     if report is not None:
         headers.extend(report.headers)
@@ -75,7 +77,21 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None
                                       f"tests={','.join(tests) or 'none'}")]
     if scoring.quarantine > 0 and score >= scoring.quarantine:
         action = "quarantine"
+    if discard_score > 0 and score >= discard_score:
+        action = "discard"
     return Verdict(action, score, reasons, headers=tuple(headers))
+
+
+def result_headers(verdict: Verdict, report: Any) -> tuple[tuple[str, str], ...]:
+    """``X-MPP-Scan`` (score, action) and ``X-MPP-Scan-Rules`` (each
+    scanner's rule names) for every accepted message, so administrators
+    tune rules from the message.  Trustworthy downstream because X-MPP-*
+    from outside are stripped at the edge (DESIGN.md promise 7)."""
+    rules = getattr(report, "rules", None) or {}
+    listed = "; ".join(f"{name}={','.join(r.replace(';', ',').replace(' ', '_') for r in names)}"
+                       for name, names in rules.items())
+    return (("X-MPP-Scan", f"score={verdict.score:g}; action={verdict.action}"),
+            ("X-MPP-Scan-Rules", listed or "none"))
 
 
 def refusal_template(verdict: Verdict) -> Optional[str]:

@@ -192,6 +192,12 @@ class SpfConfig:
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
 
 
+def _one_line(value: str) -> Optional[str]:
+    if any(not c.isprintable() for c in value):
+        return "must be one line of printable text"
+    return None
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """The sum of all scores against thresholds; 0 switches one off."""
@@ -202,6 +208,8 @@ class ScoringConfig:
     quarantine: float = field(default=0.0, metadata=_opt(_finite))
     # At or above before DATA: the recipient is refused (550 5.7.1).
     reject: float = field(default=15.0, metadata=_opt(_finite))
+    # Put before the Subject of a tagged message ("[SPAM] "); empty: none.
+    subject_prefix: str = field(default="", metadata=_opt(_one_line))
 
 
 def _on_failure(value: str) -> Optional[str]:
@@ -248,6 +256,69 @@ class ScanConfig:
     virus_action: str = field(default="reject", metadata=_opt(
         lambda v: None if v in ("reject", "quarantine") else
         f"must be 'reject' or 'quarantine', not {v!r}"))
+    # At or above this score (0: never) the message is accepted and dropped,
+    # logged (the "discard" action); a reached scoring.reject wins.
+    discard_score: float = field(default=0.0, metadata=_opt(_finite))
+    # Add X-MPP-Scan (score, action) and X-MPP-Scan-Rules (each engine's
+    # rule names) to every accepted message, not only tagged ones.
+    result_headers: bool = False
+    # Transactions from these senders, to any of these recipients or from
+    # these clients are not scanned (logged as skipped).
+    skip_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    skip_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    skip_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+
+
+def _charset(value: str) -> Optional[str]:
+    import codecs
+
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        return f"{value!r} is not a charset Python knows"
+    return None
+
+
+@dataclass(frozen=True)
+class DisclaimerText:
+    """The disclaimer in one charset (``[[policies.NAME.disclaimers.texts]]``)."""
+
+    charset: str = field(default="utf-8", metadata=_opt(_charset))
+    # Appended to text/plain bodies and added as a new text/plain part.
+    plain: str = ""
+    # Appended to text/html bodies (before </body> when there is one);
+    # empty: the plain text, escaped, in a <pre>.
+    html: str = ""
+
+
+def _texts(values: tuple[DisclaimerText, ...]) -> Optional[str]:
+    from mppproxy.disclaimer import charset_key
+
+    seen = set()
+    for i, t in enumerate(values):
+        key = charset_key(t.charset)
+        if key in seen:
+            return f"[{i}] charset: {t.charset!r} has two texts"
+        seen.add(key)
+        try:
+            t.plain.encode(t.charset)
+            t.html.encode(t.charset)
+        except (UnicodeError, LookupError):
+            return f"[{i}]: the text cannot be written in {t.charset!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class DisclaimerConfig:
+    """A text appended to outgoing mail of some senders
+    (``[[policies.NAME.disclaimers]]``), MIME-correctly; see
+    ``mppproxy/disclaimer.py``."""
+
+    senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    texts: tuple[DisclaimerText, ...] = field(default=(), metadata=_opt(_texts))
+    # Messages larger than this (octets) are left alone: the rewrite holds
+    # the message in memory.
+    max_size: int = field(default=10 * 1024 * 1024, metadata=_opt(_at_least(0)))
 
 
 @dataclass(frozen=True)
@@ -268,6 +339,8 @@ class PolicyConfig:
     greylisting: GreylistConfig = GreylistConfig()
     scoring: ScoringConfig = ScoringConfig()
     scan: ScanConfig = ScanConfig()
+    # The first table whose senders match the envelope sender applies.
+    disclaimers: tuple[DisclaimerConfig, ...] = ()
 
 
 @dataclass(frozen=True)
