@@ -148,8 +148,11 @@ def _append_text(header: bytes, body: bytes, texts: Sequence[DisclaimerText]
         new = decoded + ("" if decoded.endswith("\n") else "\n") + text.plain
         if not new.endswith("\n"):
             new += "\n"
-    if cte == "7bit" and not new.encode(charset).isascii():
-        # RFC 2045 6.7: 8-bit text goes out quoted-printable.
+    if cte in ("7bit", "8bit") and (
+            cte == "7bit" and not new.encode(charset).isascii()
+            or any(len(line.encode(charset)) > 998 for line in new.split("\n"))):
+        # RFC 2045 6.7: 8-bit text in a 7bit body, or a line past SMTP's
+        # 998 octets (RFC 5321 4.5.3.1.6), goes out quoted-printable.
         cte = "quoted-printable"
         header = _set_field(header, "Content-Transfer-Encoding", cte)
     return header, _encode(new, charset, cte)

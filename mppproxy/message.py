@@ -246,6 +246,9 @@ class OutboundMessage:
             if line[:8].lower() == b"subject:":
                 value = line[8:]
                 stripped = value.lstrip(b" \t")
+                if stripped.startswith(word):
+                    # Tagged once already (by us upstream, or a resend).
+                    return
                 if stripped.startswith(b"=?") and not word.endswith(b" "):
                     word += b" "
                 lines[i] = b"Subject: " + word + stripped

@@ -6,6 +6,8 @@ import email
 import email.policy
 from typing import Any, Optional
 
+from twisted.logger import capturedLogs
+
 from fakes_backend import FakeBackend
 from loopback import proxy_config, start_proxy
 from test_policy_loopback import PolicyCase
@@ -78,10 +80,15 @@ class ActionTests(PolicyCase):
                          ({"skip_clients": ["127.0.0.77/32"]}, {"source": "127.0.0.77"})):
             fake, proxy = self.start(_policy(scan))
             rcpts = kw.pop("rcpts", ("a@example.com",))
-            out = await self.run_session(proxy.port, rcpts, message=SPAM, **kw)
+            with capturedLogs() as events:
+                out = await self.run_session(proxy.port, rcpts, message=SPAM, **kw)
             self.assertEqual(out["data"][0], 250)
             [relayed] = fake.messages
             self.assertNotIn(b"X-Spam-Flag", relayed.data, scan)
+            [event] = [e for e in events if e.get("mpp_event") == "transaction"]
+            what = next(iter(scan)).removeprefix("skip_").rstrip("s")
+            self.assertIn({"check": "scan", "score": 0.0, "skipped": f"do-not-scan {what}"},
+                          event["checks"])
             # others are still scanned
             await self.run_session(proxy.port, ("b@example.com",), message=SPAM,
                                    sender="x@other.test", source="127.0.0.78")
@@ -93,10 +100,13 @@ class DisclaimerTests(PolicyCase):
     async def test_disclaimer_appended_for_listed_sender_only(self) -> None:
         """Mail from a listed sender gets the text of its charset; other senders' mail does not."""
         fake, proxy = self.start(_policy(disclaimers=[DISCLAIMER]))
-        out = await self.run_session(proxy.port, ("a@example.com",))
-        self.assertEqual(out["data"][0], 250)
-        await self.run_session(proxy.port, ("a@example.com",), sender="x@other.test")
+        with capturedLogs() as events:
+            out = await self.run_session(proxy.port, ("a@example.com",))
+            self.assertEqual(out["data"][0], 250)
+            await self.run_session(proxy.port, ("a@example.com",), sender="x@other.test")
         mine, other = fake.messages
+        self.assertEqual([e["disclaimer"] for e in events if e.get("mpp_event") == "transaction"],
+                         ["added", None])
         self.assertTrue(mine.data.endswith(b"\r\n\r\nbody\r\n-- \r\nSent through ACME\r\n"),
                         mine.data)
         self.assertTrue(other.data.endswith(b"\r\n\r\nbody\r\n"))
@@ -125,10 +135,13 @@ class DisclaimerTests(PolicyCase):
         msg = (b"From: <s@client.test>\r\nSubject: hi\r\nMIME-Version: 1.0\r\n"
                b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; "
                b"boundary=\"s\"\r\n\r\n" + body)
-        await self.run_session(proxy.port, ("a@example.com",), message=msg)
+        with capturedLogs() as events:
+            await self.run_session(proxy.port, ("a@example.com",), message=msg)
         [relayed] = fake.messages
         self.assertTrue(relayed.data.endswith(b"\r\n\r\n" + body))
         self.assertNotIn(b"ACME", relayed.data)
+        [event] = [e for e in events if e.get("mpp_event") == "transaction"]
+        self.assertEqual(event["disclaimer"], "skipped: multipart/signed is signed or encrypted")
 
     async def test_large_message_left_alone(self) -> None:
         """A message over the disclaimer's max_size passes unchanged."""

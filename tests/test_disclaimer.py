@@ -277,3 +277,22 @@ def test_config_disclaimers():
     with pytest.raises(ConfigError):
         from_mapping({"policies": {"default": {"disclaimers": [{"texts": [
             {"charset": "utf8"}, {"charset": "UTF-8"}]}]}}})
+
+
+def test_long_disclaimer_line_goes_out_quoted_printable():
+    """An 8bit body whose new text has a line over 998 octets is re-encoded quoted-printable."""
+    texts = (DisclaimerText("utf-8", "ü" * 600),)
+    raw = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n"
+    out, _ = _apply(raw, texts)
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in out
+    assert b"Content-Transfer-Encoding: 8bit" not in out
+    assert max(len(line) for line in out.split(b"\r\n")) <= 78
+    assert _text(_parse(out)) == "x\n" + "ü" * 600
+
+
+def test_subject_prefix_not_doubled():
+    """A Subject that already starts with the prefix is left as it is."""
+    msg = _outbound(b"Subject: [SPAM] hello\r\n\r\nbody\r\n")
+    msg.add_subject_prefix("[SPAM] ")
+    assert b"Subject: [SPAM] hello\r\n" in _bytes(msg)
+    assert b"[SPAM] [SPAM]" not in _bytes(msg)

@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from mppproxy.policy.base import Action, CheckResult, TransactionRecord
 from mppproxy.policy.config import ScoringConfig
 from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
-from mppproxy.scan.engine import ScanEngine, SlotSettings
-from mppproxy.verdict import decide
+from mppproxy.scan.engine import ScanEngine, ScanReport, SlotSettings
+from mppproxy.verdict import Verdict, decide, result_headers
 
 MESSAGE = ScanInput(chunks=lambda: [b"Subject: x\r\n\r\nbody\r\n"], size=22, queue_id="Q1")
 
@@ -164,3 +164,25 @@ def test_spooled_message_can_be_read_by_interleaved_readers(tmp_path):
     assert b"".join(got_a) == data and b"".join(got_b) == data
     spool.write(b"more")
     assert spool.getvalue() == data + b"more"
+
+
+def test_discard_score():
+    """At or above discard_score the verdict is discard, unless the reject threshold is reached."""
+    scoring = ScoringConfig(tag=5, quarantine=8, reject=15)
+    for score, action in ((4, "relay"), (6, "discard"), (9, "discard"), (15, "reject")):
+        record = TransactionRecord(policy="default", score=score)
+        assert decide(record, scoring, discard_score=6).action == action, score
+    assert decide(TransactionRecord(policy="default", score=50), ScoringConfig(reject=0),
+                  discard_score=6).action == "discard"
+    assert decide(TransactionRecord(policy="default", score=9), scoring).action == "quarantine"
+
+
+def test_result_headers_name_each_scanners_rules():
+    """X-MPP-Scan has score and action, X-MPP-Scan-Rules each scanner's rule names."""
+    report = ScanReport(score=7.5, rules={"spamd": ("BAYES_99", "URIBL_BLACK"),
+                                          "rspamd": ("R_SPF_FAIL",)})
+    verdict = decide(TransactionRecord(policy="default", score=7.5), ScoringConfig(), report)
+    assert dict(result_headers(verdict, report)) == {
+        "X-MPP-Scan": "score=7.5; action=tag",
+        "X-MPP-Scan-Rules": "spamd=BAYES_99,URIBL_BLACK; rspamd=R_SPF_FAIL"}
+    assert dict(result_headers(Verdict(), None))["X-MPP-Scan-Rules"] == "none"
