@@ -223,7 +223,7 @@ class SessionGateway:
         for name, value in verdict.headers:
             message.prefix += format_header(name, value)
         if verdict.action in ("relay", "tag", "quarantine"):
-            self._rewrite(session, txn, message, verdict)
+            await self._rewrite(session, txn, message, verdict)
         if verdict.action == "discard":
             # Accepted and dropped on purpose (a policy's hard action): logged.
             self._reset_backend()
@@ -258,8 +258,8 @@ class SessionGateway:
         name = record.policy if record is not None and record.policy else "default"
         return name if name in self.ctx.config.policies else "default"
 
-    def _rewrite(self, session: Session, txn: Transaction, message: Any,
-                 verdict: Verdict) -> None:
+    async def _rewrite(self, session: Session, txn: Transaction, message: Any,
+                       verdict: Verdict) -> None:
         """Changes to the message itself: the Subject prefix of a tagged
         message, then the policy's disclaimer."""
         policy = self.ctx.config.policies[self._policy_name(txn)]
@@ -267,13 +267,13 @@ class SessionGateway:
             if verdict.action == "tag" and policy.scoring.subject_prefix:
                 message.add_subject_prefix(policy.scoring.subject_prefix)
             if policy.disclaimers:
-                self._disclaim(session, txn, message, policy.disclaimers)
+                await self._disclaim(session, txn, message, policy.disclaimers)
         except HeaderBlockTooLarge:
             # prepare() read the same header section within the same bound.
             log.warn("header section too large to rewrite for {queue_id}", queue_id=txn.id)
 
-    def _disclaim(self, session: Session, txn: Transaction, message: Any,
-                  disclaimers: Any) -> None:
+    async def _disclaim(self, session: Session, txn: Transaction, message: Any,
+                        disclaimers: Any) -> None:
         sender = txn.sender.text
         for table in disclaimers:
             if sender not in self._address_set(table.senders):
@@ -282,8 +282,12 @@ class SessionGateway:
                 why = f"size {message.size} > {table.max_size}"
                 new = None
             else:
-                new, why = disclaimer.apply(message.header_section(), message.body_bytes(),
-                                            table.texts)
+                header = message.header_section()
+                # Reading the spool and re-encoding up to max_size octets:
+                # off the reactor thread.
+                new, why = await deferToThreadPool(
+                    self.ctx.reactor, self.ctx.threadpool,
+                    lambda texts=table.texts: disclaimer.apply(header, message.body_bytes(), texts))
             if new is None:
                 log.info("no disclaimer on {queue_id}: {why}", queue_id=txn.id, why=why,
                          session_id=session.id)

@@ -296,3 +296,13 @@ def test_subject_prefix_not_doubled():
     msg.add_subject_prefix("[SPAM] ")
     assert b"Subject: [SPAM] hello\r\n" in _bytes(msg)
     assert b"[SPAM] [SPAM]" not in _bytes(msg)
+
+
+def test_subject_prefix_then_disclaimer():
+    """A tagged message from a listed sender gets both the prefix and the text."""
+    msg = _outbound(b"Subject: hi\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
+    msg.add_subject_prefix("[SPAM] ")
+    new, _ = disclaimer.apply(msg.header_section(), msg.body_bytes(), TEXTS)
+    msg.replace_content(*new)
+    assert _bytes(msg) == (b"Received: by us\r\nSubject: [SPAM] hi\r\nContent-Type: text/plain\r\n"
+                           b"\r\nhello\r\n-- \r\nACME Inc.\r\n")
