@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Optional
 
@@ -58,6 +59,10 @@ def _scan(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     try:
+        if args.file != "-" and os.path.getsize(args.file) > config.limits.max_message_size:
+            print(f"mppproxy scan: {args.file} is larger than limits.max_message_size "
+                  f"({config.limits.max_message_size})", file=sys.stderr)
+            return 2
         data = _read_message(args.file)
     except OSError as e:
         print(f"mppproxy scan: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)

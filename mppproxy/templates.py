@@ -219,7 +219,7 @@ class ReplyRenderer:
                 problems.append(f"{key}: directory {d} does not exist")
         for policy in ["default", *self._policy_dirs]:
             env = self._env(policy)
-            for name in REFUSALS:
+            for name in (*REFUSALS, "scan_result"):
                 try:
                     env.get_template(f"replies/{name}.txt")
                 except jinja2.TemplateSyntaxError as e:

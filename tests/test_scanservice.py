@@ -283,6 +283,17 @@ class RuntimeTests(unittest.TestCase):
         self.assertNotIn("\x1b", reply.text)
         self.assertNotIn("\x1b", json.dumps(outcome.as_json(), ensure_ascii=False))
 
+    async def test_site_template_renders_verdict(self) -> None:
+        """A site's scan_result.txt (policy.templates_dir) replaces the built-in text."""
+        site = Path(self.mktemp())
+        (site / "replies").mkdir(parents=True)
+        (site / "replies" / "scan_result.txt").write_text(
+            "verdict {{ action }} ({{ scanners | length }} scanners)\n")
+        runtime = ScanRuntime(from_mapping({"policy": {"templates_dir": str(site.resolve())}}),
+                              reactor)
+        reply = runtime.reply(await runtime.scan(ScanRequest.of_bytes(CLEAN)))
+        self.assertEqual(reply.to_bytes(), b"250 2.0.0 verdict relay (2 scanners)\r\n")
+
 
 # -- the command line
 
@@ -338,12 +349,17 @@ def test_cli_scan_problems(tmp_path):
     empty.write_bytes(b"")
     bad = tmp_path / "bad.toml"
     bad.write_text('mode = "scan"\n[limits]\nmax_message_size = "big"\n')
+    small = tmp_path / "small.toml"
+    small.write_text("[limits]\nmax_message_size = 1024\n")
+    big = tmp_path / "big.eml"
+    big.write_bytes(CLEAN + b"x" * 2048)
     for args, words in [((str(tmp_path / "missing.eml"),), b"cannot read"),
                         ((str(tmp_path),), b"cannot read"),
                         ((str(empty),), b"is empty"),
                         (("-c", str(bad), str(msg)), b"limits.max_message_size"),
                         (("-c", str(tmp_path / "none.toml"), str(msg)), b"none.toml"),
-                        (("--policy", "nope", str(msg)), b"no policy 'nope'")]:
+                        (("--policy", "nope", str(msg)), b"no policy 'nope'"),
+                        (("-c", str(small), str(big)), b"larger than limits.max_message_size")]:
         proc = run_cli(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert words in proc.stderr, (args, proc.stderr)
