@@ -173,6 +173,16 @@ class ScanServiceTests(unittest.TestCase):
 
     # -- HTTP
 
+    async def test_http_scanner_down_503(self) -> None:
+        """Over HTTP a tempfail verdict is answered 503 with the same JSON verdict."""
+        service = self.start({
+            "scanners": {"clamd": {"address": f"tcp:127.0.0.1:{closed_port()}",
+                                   "retries": 0, "connect_timeout": 1.0}},
+            "policies": {"default": {"scan": {"engines": {"clamd": {}}}}}})
+        status, body = await self.http(self.port(service, "http"), "POST", "/scan", CLEAN)
+        self.assertEqual((status, body["action"], body["refusal"]), (503, "tempfail", "tempfail"))
+        self.assertIn("failed:", body["scanners"]["clamd"]["skipped"])
+
     def http(self, port: int, method: str, path: str, body: Optional[bytes] = None,
              headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
         def run() -> tuple[int, Any]:

@@ -187,13 +187,15 @@ class _Root(Resource):
 
 
 def make_site(runtime: Callable[[], ScanRuntime], is_trusted: Callable[[str], bool],
-              max_body: int) -> server.Site:
+              max_body: int, idle_timeout: float = 300.0) -> server.Site:
     """The site of ``scanservice.http_listen``; ``runtime`` gives the
-    runtime of the moment, ``max_body`` bounds a message (octets)."""
+    runtime of the moment, ``max_body`` bounds a message (octets),
+    ``idle_timeout`` closes a silent connection (seconds; twisted.web's own
+    default is 12 hours)."""
     root = _Root({b"scan": ScanResource(runtime, is_trusted),
                   b"health": HealthResource(runtime, is_trusted)})
     request_class = type("ScanSiteRequest", (BoundedRequest,), {"max_body": max_body})
-    site = server.Site(root, requestFactory=request_class)
+    site = server.Site(root, requestFactory=request_class, timeout=idle_timeout)
     site.noisy = False
     site.displayTracebacks = False
     return site

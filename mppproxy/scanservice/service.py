@@ -74,7 +74,9 @@ class ScanService(MultiService):
             self.config, self._make_handler, self.reactor,
             tls_context=server_context(self.config, hostname), counter=self.counter,
             is_trusted=self._is_trusted, hostname=hostname)
-        self.site = make_site(self._runtime, self._is_trusted, self.config.limits.max_message_size)
+        # Idle HTTP connections close after the SMTP command timeout.
+        self.site = make_site(self._runtime, self._is_trusted, self.config.limits.max_message_size,
+                              self.config.timeouts.command)
         wanted = self._wanted(self.config)
         if not wanted:
             log.critical("scanservice.smtp_listen and http_listen are both empty: nothing to serve")
