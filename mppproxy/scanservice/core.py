@@ -189,12 +189,12 @@ class ScanRuntime:
 
     def policy_for(self, recipients: Iterable[str]) -> str:
         """The policy of the first recipient's domain (gateway rule), else default."""
-        for rcpt in recipients:
-            domain = _domain_of(rcpt)
+        first = next(iter(recipients), "")
+        domain = _domain_of(first)
+        if domain:
             for domains, name in self._domains:
-                if domain and domain in domains:
+                if domain in domains:
                     return name
-            break
         return "default"
 
     async def scan(self, request: ScanRequest) -> ScanOutcome:
