@@ -1,4 +1,4 @@
-"""``python -m mppproxy check-config FILE``: the same as the ``mppproxy`` command."""
+"""``python -m mppproxy check-config FILE`` / ``scan FILE``: the same as the ``mppproxy`` command."""
 import sys
 
 from mppproxy.cli import main

@@ -3,12 +3,20 @@
 ``mppproxy check-config FILE`` validates a configuration and prints each
 problem as ``file: key.path: what is wrong``; the exit status is 0 when it
 is valid and 1 when not, so it fits in a deploy script before a reload.
+
+``mppproxy scan FILE`` (``-`` for standard input) scans one message with
+the scanners of a configuration, as ``--mode scan`` does, and prints the
+verdict (``--json`` for JSON).  The exit status says what the proxy would
+do: 0 relay or tag, 1 reject or quarantine, 2 tempfail or an error (an
+unreadable file, a bad configuration, an unknown policy).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from mppproxy.config.load import ConfigError, check_files, load
 
@@ -32,6 +40,71 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_message(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    with open(name, "rb") as f:
+        return f.read()
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from mppproxy.scanservice.core import EXIT_CODES, ScanRequest, UnknownPolicy
+
+    try:
+        config = load(args.config, None)
+        check_files(config)
+    except ConfigError as e:
+        print("mppproxy scan: the configuration has errors:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    try:
+        if args.file != "-" and os.path.getsize(args.file) > config.limits.max_message_size:
+            print(f"mppproxy scan: {args.file} is larger than limits.max_message_size "
+                  f"({config.limits.max_message_size})", file=sys.stderr)
+            return 2
+        data = _read_message(args.file)
+    except OSError as e:
+        print(f"mppproxy scan: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if not data:
+        print(f"mppproxy scan: {args.file} is empty", file=sys.stderr)
+        return 2
+    if len(data) > config.limits.max_message_size:
+        print(f"mppproxy scan: {args.file} is larger than limits.max_message_size "
+              f"({len(data)} > {config.limits.max_message_size})", file=sys.stderr)
+        return 2
+    request = ScanRequest.of_bytes(
+        data, client_ip=args.client_ip, helo=args.helo, sender=args.sender,
+        recipients=tuple(args.rcpt), policy=args.policy, smtputf8=args.smtputf8)
+    status = [2]
+
+    async def run(reactor: Any) -> None:
+        from mppproxy.scanservice.core import ScanRuntime
+
+        runtime = ScanRuntime(config, reactor)
+        try:
+            outcome = await runtime.scan(request)
+        except UnknownPolicy as e:
+            print(f"mppproxy scan: {e}", file=sys.stderr)
+            return
+        if args.json:
+            print(json.dumps(outcome.as_json(), indent=2, sort_keys=True))
+        else:
+            print(outcome.as_text())
+        status[0] = EXIT_CODES.get(outcome.action, 2)
+
+    from twisted.internet import defer, task
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as e:
+        # react() always exits; a failure inside run() was printed by it.
+        if e.code not in (0, None):
+            return 2
+    return status[0]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mppproxy", description="mppproxy tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +112,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     check.add_argument("file", nargs="?", help="TOML configuration file")
     check.add_argument("--config-command", help="command whose output is the configuration")
     check.set_defaults(func=_check_config)
+    scan = sub.add_parser("scan", help="scan one message and print the verdict")
+    scan.add_argument("file", help="the message (RFC 5322), or - for standard input")
+    scan.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")
+    scan.add_argument("--policy", default="", help="policy to scan with (default: by the first --rcpt's domain)")
+    scan.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    scan.add_argument("--sender", default="", help="envelope sender")
+    scan.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
+    scan.add_argument("--client-ip", default="", help="client address the message came from")
+    scan.add_argument("--helo", default="", help="the client's HELO name")
+    scan.add_argument("--smtputf8", action="store_true", help="the message came with SMTPUTF8")
+    scan.set_defaults(func=_scan)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

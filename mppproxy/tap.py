@@ -84,6 +84,11 @@ class Options(usage.Options):
             # The policy server listens on policyd.listen, not the SMTP listeners.
             from dataclasses import replace
             config = replace(config, policyd=replace(config.policyd, listen=tuple(self["listen"])))
+        if config.mode == "scan" and self["listen"]:
+            # The scan service's SMTP listeners are scanservice.smtp_listen.
+            from dataclasses import replace
+            config = replace(config, scanservice=replace(config.scanservice,
+                                                         smtp_listen=tuple(self["listen"])))
         check_files(config)
         return config
 
@@ -132,6 +137,11 @@ def makeService(options: Options) -> Any:
 
         exit_code_hook(reactor)
         return PolicyServerService(config, reactor, reload_config=options.load_config)
+    if config.mode == "scan":
+        from mppproxy.scanservice.service import ScanService
+
+        exit_code_hook(reactor)
+        return ScanService(config, reactor, reload_config=options.load_config)
     inherited: tuple[tuple[int, int], ...] = ()
     if options["worker-fds"]:
         inherited = tuple(tuple(int(x) for x in item.split(":"))  # type: ignore[misc]

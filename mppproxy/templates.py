@@ -77,6 +77,9 @@ _FALLBACK_TEXT.update(greylist="Greylisted, please try again later",
 # with the code and CRLF).
 _MAX_LINE = 480
 _MAX_LINES = 5
+# Templates allowed more lines: the verdict of --mode scan has one per
+# scanner (RFC 5321 4.2.1 sets no bound on the lines of a reply).
+_MAX_LINES_OF = {"scan_result": 40}
 # Rendered texts remembered per renderer; past this many the memory starts
 # afresh (texts that show client data, such as an address, rarely repeat).
 _RENDERED_SIZE = 4096
@@ -196,7 +199,7 @@ class ReplyRenderer:
                 ok = False
                 continue
             lines = [_clean_line(line) for line in text.splitlines()]
-            lines = [line for line in lines if line][:_MAX_LINES]
+            lines = [line for line in lines if line][:_MAX_LINES_OF.get(name, _MAX_LINES)]
             if lines:
                 return "\n".join(lines), ok
         return _FALLBACK_TEXT.get(name, "Refused by policy"), False
@@ -216,7 +219,7 @@ class ReplyRenderer:
                 problems.append(f"{key}: directory {d} does not exist")
         for policy in ["default", *self._policy_dirs]:
             env = self._env(policy)
-            for name in REFUSALS:
+            for name in (*REFUSALS, "scan_result"):
                 try:
                     env.get_template(f"replies/{name}.txt")
                 except jinja2.TemplateSyntaxError as e:

@@ -15,12 +15,13 @@ from typing import Any, Callable, Optional
 from mppproxy.scan.engines_config import ScannersConfig
 from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
 from mppproxy.policyd.config import PolicydConfig
+from mppproxy.scanservice.config import ScanServiceConfig
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
 # DESIGN.md and arrive with their issues; asking for one is a config error
 # that says so, not a half-started process.
-IMPLEMENTED_MODES = ("all-in-one", "edge", "policy")
+IMPLEMENTED_MODES = ("all-in-one", "edge", "policy", "scan")
 
 
 def _choice(*allowed: str) -> Callable[[Any], Optional[str]]:
@@ -260,3 +261,5 @@ class ProxyConfig:
     scanners: ScannersConfig = ScannersConfig()
     # The Postfix policy server of mode "policy" (policyd/config.py).
     policyd: PolicydConfig = PolicydConfig()
+    # The listeners of mode "scan" (scanservice/config.py).
+    scanservice: ScanServiceConfig = ScanServiceConfig()

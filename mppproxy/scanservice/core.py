@@ -1,0 +1,260 @@
+"""One scan, whatever brought the message: the SMTP handler, the HTTP
+resource and the command line all hand a ``ScanRequest`` to a
+``ScanRuntime`` and get a ``ScanOutcome`` back.
+
+Stage: the scan engine and the verdict of the gateway (``gateway._scan``)
+without the pre-DATA checks and without an action: the message is parsed
+once, the policy's scanners run, ``verdict.decide`` sums and decides, and
+the outcome says what the proxy *would* do and why.  Nothing is relayed or
+stored.
+
+The policy is the one named in the request, else the one of the first
+recipient's domain (as in the proxy), else "default".  In this mode a
+policy always scans: its ``scan`` section is used with ``enabled`` forced
+on, since scanning is the whole point of asking.
+
+Construction does no I/O; ``start`` begins watching the engines of
+``[scanners]`` (for ``/health``), ``stop`` ends it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Optional
+
+from twisted.logger import Logger
+
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.policy.base import TransactionRecord
+from mppproxy.policy.patterns import DomainSet
+from mppproxy.policy.runtime import make_renderer
+from mppproxy.scan import factory
+from mppproxy.scan.base import ScanInput
+from mppproxy.scan.factory import PolicyScanning
+from mppproxy.smtp.replies import Reply
+from mppproxy.smtp.session import new_id
+from mppproxy.templates import REFUSALS
+from mppproxy.verdict import Verdict, decide
+
+log = Logger()
+
+# The template of the verdict text (templates/replies/scan_result.txt).
+RESULT_TEMPLATE = "scan_result"
+# RFC 5321 4.2.1 / 4.2.3: the exchange succeeded, whatever the verdict; the
+# verdict is in the text.  RFC 3463 2.0.0: other or undefined success.
+SCANNED = (250, "2.0.0")
+# A scanner could not answer and the policy tempfails (RFC 3463 4.3.0, as
+# the proxy's own tempfail template).
+NOT_SCANNED = REFUSALS["tempfail"]
+
+# The exit status of ``mppproxy scan`` for each action.
+EXIT_CODES = {"relay": 0, "tag": 0, "reject": 1, "quarantine": 1, "discard": 1, "tempfail": 2}
+
+
+class UnknownPolicy(ValueError):
+    """The request named a policy the configuration does not have."""
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """One message to scan and the facts that come with it.  ``chunks``
+    yields the raw RFC 5322 message; ``policy`` empty: by the first
+    recipient's domain; ``queue_id`` empty: a new one."""
+
+    chunks: Callable[[], Iterable[bytes]]
+    size: int
+    client_ip: str = ""
+    helo: str = ""
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    policy: str = ""
+    queue_id: str = ""
+    smtputf8: bool = False
+    path: Optional[str] = None
+
+    @classmethod
+    def of_bytes(cls, data: bytes, **facts: Any) -> "ScanRequest":
+        return cls(chunks=lambda: (data,), size=len(data), **facts)
+
+
+@dataclass(frozen=True)
+class ScannerOutcome:
+    """What one scanner said: its (weighted) score, its rule names or
+    reasons, and why it did not run ("" when it did)."""
+
+    score: float = 0.0
+    rules: tuple[str, ...] = ()
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    verdict: Verdict
+    policy: str
+    queue_id: str
+    scanners: dict[str, ScannerOutcome] = field(default_factory=dict)
+    # The engine's record (every result), for the transaction log line.
+    record: Optional[TransactionRecord] = None
+
+    @property
+    def action(self) -> str:
+        return self.verdict.action
+
+    @property
+    def refusal(self) -> str:
+        """The reply template the proxy would refuse with ("malformed",
+        "virus", "score"...); "" unless the action is reject or tempfail."""
+        return self.verdict.template if self.verdict.action in ("reject", "tempfail") else ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The verdict as the HTTP endpoint and ``--json`` give it."""
+        return {
+            "action": self.verdict.action,
+            "score": self.verdict.score,
+            "reasons": list(self.verdict.reasons),
+            "refusal": self.refusal,
+            "policy": self.policy,
+            "queue_id": self.queue_id,
+            "scanners": {name: {"score": s.score, "rules": list(s.rules), "skipped": s.skipped}
+                         for name, s in self.scanners.items()},
+        }
+
+    def as_text(self) -> str:
+        """Plain text for the command line: one line for the verdict, one
+        per scanner."""
+        lines = [f"action: {self.verdict.action}", f"score: {self.verdict.score:g}",
+                 f"policy: {self.policy}", f"queue_id: {self.queue_id}"]
+        if self.refusal:
+            lines.append(f"refusal: {self.refusal}")
+        if self.verdict.reasons:
+            lines.append("reasons: " + "; ".join(self.verdict.reasons))
+        for name, s in self.scanners.items():
+            line = f"scanner {name}: score {s.score:g}"
+            if s.rules:
+                line += ", rules " + ", ".join(s.rules)
+            if s.skipped:
+                line += f", skipped ({s.skipped})"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    # Rules and reasons may quote the message (an attachment's file name):
+    # no control character may reach a reply line or a terminal.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].rstrip(".").lower() if "@" in address else ""
+
+
+class ScanRuntime:
+    """The scanners of every policy of one configuration, for scanning on
+    request.  A reload builds a new one."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any):
+        self.config = config
+        self.reactor = reactor
+        self.engines = factory.build_engines(config, reactor)
+        self.scanning: dict[str, PolicyScanning] = {}
+        self._domains: list[tuple[DomainSet, str]] = []
+        for name, policy in config.policies.items():
+            built = factory.build(replace(policy.scan, enabled=True), reactor, self.engines)
+            assert built is not None  # enabled is forced on
+            self.scanning[name] = built
+            if name != "default":
+                domains = DomainSet()
+                for d in policy.domains:
+                    domains.add(d)
+                self._domains.append((domains, name))
+        self.renderer = make_renderer(config)
+        self.health: Any = None
+
+    # -- lifetime
+
+    def start(self) -> None:
+        """Watch the engines of ``[scanners]`` (their state for /health)."""
+        from mppproxy.scan.health import HealthMonitor
+
+        if self.engines and self.health is None:
+            self.health = HealthMonitor(list(self.engines.values()), self.reactor,
+                                        self.config.scanners.health)
+            self.health.start()
+
+    def stop(self) -> None:
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+
+    # -- scanning
+
+    def policy_for(self, recipients: Iterable[str]) -> str:
+        """The policy of the first recipient's domain (gateway rule), else default."""
+        first = next(iter(recipients), "")
+        domain = _domain_of(first)
+        if domain:
+            for domains, name in self._domains:
+                if domain in domains:
+                    return name
+        return "default"
+
+    async def scan(self, request: ScanRequest) -> ScanOutcome:
+        """Scan one message; raises ``UnknownPolicy`` for a policy name the
+        configuration lacks.  A scanner that fails is in the outcome (a
+        tempfail verdict, or skipped), not an exception."""
+        name = request.policy or self.policy_for(request.recipients)
+        scanning = self.scanning.get(name)
+        if scanning is None:
+            raise UnknownPolicy(f"no policy {name!r} (known: {', '.join(sorted(self.scanning))})")
+        queue_id = request.queue_id or new_id()
+        record = TransactionRecord(policy=name)
+        scan_input = ScanInput(
+            chunks=request.chunks, size=request.size, client_ip=request.client_ip,
+            helo=request.helo, sender=request.sender, recipients=request.recipients,
+            queue_id=queue_id, policy=name, path=request.path, smtputf8=request.smtputf8)
+        # Parsed once, within bounds, before any scanner sees it (as in the gateway).
+        scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
+        report = await scanning.engine.scan(scan_input, record)
+        verdict = decide(record, self.config.policies[name].scoring, report,
+                         scanning.config.virus_action)
+        verdict = replace(verdict, reasons=tuple(_printable(r) for r in verdict.reasons))
+        scanners = {}
+        for rec in record.recorded:
+            if rec.check.startswith("scan:"):
+                scanners[rec.check[5:]] = ScannerOutcome(
+                    round(rec.result.score, 2), tuple(_printable(r) for r in rec.result.reasons),
+                    rec.skipped)
+        log.info("scanned {queue_id} with policy {policy}: {action}, score {score}",
+                 queue_id=queue_id, policy=name, action=verdict.action, score=verdict.score,
+                 reasons=list(verdict.reasons))
+        return ScanOutcome(verdict, name, queue_id, scanners, record)
+
+    # -- the SMTP reply
+
+    def reply(self, outcome: ScanOutcome) -> Reply:
+        """The reply to the end of DATA: 250 with the verdict rendered by
+        ``scan_result.txt``, or 451 4.3.0 with it when the verdict is a
+        tempfail (the client should try again, as with the proxy)."""
+        v = outcome.verdict
+        context = {
+            "action": v.action, "score": v.score, "policy": outcome.policy,
+            "queue_id": outcome.queue_id, "reasons": list(v.reasons),
+            "refusal": outcome.refusal,
+            "scanners": [{"name": n, "score": s.score, "rules": list(s.rules),
+                          "skipped": s.skipped} for n, s in outcome.scanners.items()],
+        }
+        text = self.renderer.render_text(RESULT_TEMPLATE, context, outcome.policy)
+        code, enhanced = NOT_SCANNED if v.action == "tempfail" else SCANNED
+        return Reply(code, enhanced, text)
+
+    def health_status(self) -> dict[str, Any]:
+        """The engines as the health monitor last saw them, for GET /health."""
+        engines = {}
+        status = self.health.status if self.health is not None else {}
+        for name in self.engines:
+            h = status.get(name)
+            engines[name] = ({"up": None, "detail": "not checked yet"} if h is None else
+                             {"up": h.up, "version": h.version,
+                              "signatures_time": h.signatures_time, "detail": h.detail})
+        down = [n for n, e in engines.items() if e["up"] is False]
+        return {"status": "degraded" if down else "ok", "engines": engines,
+                "policies": sorted(self.scanning)}

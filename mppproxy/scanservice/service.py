@@ -1,0 +1,156 @@
+"""The service of ``--mode scan``: the SMTP and HTTP listeners of
+``[scanservice]`` in front of one ``ScanRuntime``, reload on SIGHUP.
+
+Construction does no I/O (STYLE.md); ``startService`` builds the runtime
+and binds the listeners.  A reload builds the new configuration off the
+reactor thread, then a new runtime; scans in flight finish with the one
+they began with; listeners are opened and closed to match.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mppproxy.config.load import ConfigError
+from mppproxy.config.schema import ProxyConfig, spool_directory
+from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.scanservice.core import ScanRuntime
+from mppproxy.scanservice.http import make_site
+from mppproxy.scanservice.smtp import ScanSessionHandler
+from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
+from mppproxy.tlsconfig import server_context
+
+log = Logger()
+
+
+class ScanService(MultiService):
+    """``twistd mppproxy --mode scan``."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any,
+                 reload_config: Optional[Callable[[], ProxyConfig]] = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.reload_config = reload_config
+        self.runtime: Optional[ScanRuntime] = None
+        self.trusted = TrustedNetworks(config.trusted_networks)
+        self.smtp_factory: Optional[SMTPServerFactory] = None
+        self.site: Any = None
+        # ("smtp" | "http", endpoint description) -> listening port
+        self.ports: dict[tuple[str, str], Any] = {}
+        self.counter = ConnectionCounter()
+
+    def _runtime(self) -> ScanRuntime:
+        assert self.runtime is not None
+        return self.runtime
+
+    def _is_trusted(self, host: str) -> bool:
+        return self.trusted(host)
+
+    def _make_handler(self) -> ScanSessionHandler:
+        return ScanSessionHandler(self._runtime, self.config.limits.max_message_size)
+
+    def _wanted(self, config: ProxyConfig) -> list[tuple[str, str]]:
+        return ([("smtp", d) for d in config.scanservice.smtp_listen]
+                + [("http", d) for d in config.scanservice.http_listen])
+
+    # -- lifetime
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
+        self.runtime = ScanRuntime(self.config, self.reactor)
+        self.runtime.start()
+        hostname = resolve_hostname(self.config)
+        self.smtp_factory = SMTPServerFactory(
+            self.config, self._make_handler, self.reactor,
+            tls_context=server_context(self.config, hostname), counter=self.counter,
+            is_trusted=self._is_trusted, hostname=hostname)
+        # Idle HTTP connections close after the SMTP command timeout.
+        self.site = make_site(self._runtime, self._is_trusted, self.config.limits.max_message_size,
+                              self.config.timeouts.command)
+        wanted = self._wanted(self.config)
+        if not wanted:
+            log.critical("scanservice.smtp_listen and http_listen are both empty: nothing to serve")
+        for key in wanted:
+            self._listen(key)
+        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        log.info("mppproxy scan service starting: nothing is relayed, verdicts only")
+
+    def _listen(self, key: tuple[str, str]) -> defer.Deferred:
+        from mppproxy.service import _stop_with_error, with_backlog
+
+        kind, desc = key
+        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
+        d = endpoint.listen(self.smtp_factory if kind == "smtp" else self.site)
+
+        def listening(port: Any) -> None:
+            self.ports[key] = port
+            log.info("scan service ({kind}) listening on {endpoint}", kind=kind, endpoint=desc)
+
+        def failed(f: Any) -> None:
+            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
+            if not self.ports:
+                self.reactor.callLater(0, _stop_with_error, self.reactor)
+
+        d.addCallbacks(listening, failed)
+        return d
+
+    def reload(self) -> defer.Deferred:
+        """SIGHUP: read the configuration again and swap it in."""
+        if self.reload_config is None:
+            return defer.succeed(None)
+        log.info("SIGHUP: reloading configuration")
+        d = deferToThread(self.reload_config)
+        d.addCallback(self.apply)
+        d.addErrback(self._reload_failed)
+        return d
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Swap in a new, already validated configuration."""
+        assert self.smtp_factory is not None
+        os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
+        old = self.runtime
+        self.runtime = ScanRuntime(config, self.reactor)
+        self.runtime.start()
+        if old is not None:
+            old.stop()
+        self.trusted = TrustedNetworks(config.trusted_networks)
+        self.config = config
+        self.smtp_factory.config = config
+        for request_class in (self.site.requestFactory,):
+            request_class.max_body = config.limits.max_message_size
+        wanted = self._wanted(config)
+        for key in set(self.ports) - set(wanted):
+            self.ports.pop(key).stopListening()
+        for key in wanted:
+            if key not in self.ports:
+                self._listen(key)
+        log.info("configuration reloaded")
+
+    def _reload_failed(self, f: Any) -> None:
+        if f.check(ConfigError):
+            log.error("reload failed, keeping the running configuration:\n{errors}",
+                      errors=str(f.value))
+        else:
+            log.failure("reload failed, keeping the running configuration", f)
+
+    def stopService(self) -> Any:
+        if self.smtp_factory is not None:
+            for session in list(self.smtp_factory.sessions):
+                session.shut_down()
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
+        self.ports.clear()
+        if self.runtime is not None:
+            self.runtime.stop()
+        ds.append(defer.maybeDeferred(super().stopService))
+        return defer.DeferredList(ds)
