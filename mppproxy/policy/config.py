@@ -235,8 +235,10 @@ class ScanConfig:
     checks first (every message is parsed once, within bounds), then the
     attachment rules and header rules on the parsed message.  Their scores
     add to the pre-DATA score; the verdict compares the sum with
-    ``scoring``.  Off by default in this release: the scanner engines
-    (clamd, spamd, rspamd, command) are not wired in yet."""
+    ``scoring``.  The engines of ``[scanners]`` (clamd, spamd, rspamd,
+    command) run after the message checks, per ``engines``.  Off by
+    default: the MIME checks refuse malformed mail, which a site should
+    see in its logs before it turns them on."""
 
     enabled: bool = False
     mime: MimeCheckConfig = MimeCheckConfig()
