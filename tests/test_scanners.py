@@ -97,6 +97,17 @@ class ClamdTests(ScannerCase):
         self.assertTrue(request.startswith(b"zINSTREAM\0\x00\x00\x02\x00"))
         self.assertEqual(instream_payload(request), data)
 
+    async def test_a_scan_logs_no_factory_start_and_stop(self) -> None:
+        """Each connection to an engine has its own client factory; Twisted's
+        "Starting factory"/"Stopping factory" lines for it (two info lines per
+        scan and engine, seen in benchmarks/scan.sh) are not logged."""
+        engine = start_engine(self, clamd_complete, [Reply(b"stream: OK\0")])
+        with capturedLogs() as events:
+            result = await self.scanner(engine).scan(message())
+        self.assertEqual(result, CheckResult())
+        noise = [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
+        self.assertEqual(noise, [])
+
     async def test_virus_rejects_naming_the_signature(self) -> None:
         """FOUND is a hard REJECT with reason "virus <signature>" and template "virus"."""
         engine = start_engine(self, clamd_complete,

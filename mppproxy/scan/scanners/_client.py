@@ -200,6 +200,8 @@ class _Exchange(Protocol):
 
 
 class _OneProtocol(Factory):
+    noisy = False   # one factory per engine connection: no start/stop log lines
+
     def __init__(self, proto: Protocol):
         self._proto = proto
 
