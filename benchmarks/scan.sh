@@ -6,6 +6,7 @@
 #   benchmarks/scan.sh --quick                         # clamd+spamd, first 60 msgs (~12 min)
 #   benchmarks/scan.sh                                 # clamd+spamd, 200 msgs x 1,5,20 (~40 min)
 #   benchmarks/scan.sh --profile relay-only --reps 2   # mppproxy: MIME + attachment checks, no engines
+#   benchmarks/scan.sh --profile clamd-only --mpp-workers 2   # mppproxy with `workers = 2`
 # Other options go to the anchors' scanbench.py (--conc, --count, --anchors,
 # --reps, --workers, --warmup).  mppproxy is configured from
 # benchmarks/scan-mppproxy.toml.in (see its header for what differs from
@@ -49,10 +50,17 @@ if ((${#need[@]})); then
   }
 fi
 
-args=("$@")
-if [ "${1:-}" = "--quick" ]; then
-  args=(--count 60 "${@:2}")
-fi
+# --mpp-workers N (ours, not scanbench.py's): mppproxy's `workers` (default 1)
+mpp_workers=
+args=()
+while (($#)); do
+  case "$1" in
+    --mpp-workers) mpp_workers=$2; shift 2 ;;
+    --mpp-workers=*) mpp_workers=${1#--mpp-workers=}; shift ;;
+    --quick) args+=(--count 60); shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
 profile=clamd+spamd
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
@@ -86,6 +94,10 @@ case "$profile" in
   relay-only) grep -v '#@spamd\|#@clamd' scan-mppproxy.toml.in > "$tmpl"; export MPP_CONFIG_RELAY_ONLY=$tmpl ;;
   *) echo "$0: unknown profile $profile" >&2; exit 1 ;;
 esac
+if [ -n "$mpp_workers" ]; then
+  # a top-level key: it must come before the first table
+  sed -i "0,/^mode = /s//workers = $mpp_workers\nmode = /" "$tmpl"
+fi
 
 stamp=$profile-$(date -u +%Y%m%dT%H%M%SZ)
 out=results/scan-$stamp
@@ -106,7 +118,7 @@ if [ $rc -ne 0 ] || [ ! -s "$out.json" ]; then
   exit 1
 fi
 "$PYTHON" scan_extra.py report --json "$out.json" --mem "$out.mem.json" \
-  --log "$RUN/mppproxy.log" --quarantine "$RUN/mppproxy-data/quarantine" \
+  --log "$RUN/mppproxy.log" --config "$RUN/mppproxy.conf" --quarantine "$RUN/mppproxy-data/quarantine" \
   --count "transactions relayed" ': relay \(' \
   --count "transactions tagged (spam)" ': tag \(' \
   --count "transactions quarantined (virus)" ': quarantine \(' \

@@ -201,6 +201,9 @@ def report(a):
     for b in bars:
         print(f"\n{b}")
 
+    if a.config:
+        _config_note(a.config)
+
     # what the proxy did, from its own log
     if a.log and os.path.exists(a.log):
         with open(a.log, errors="replace") as f:
@@ -216,6 +219,35 @@ def report(a):
               f"virus_action = \"quarantine\"): {n}")
 
 
+def _config_note(path):
+    """What mppproxy's configuration of this run turns on (read with the
+    product's own loader, so defaults are what the product really uses)."""
+    try:
+        import tomllib
+        from mppproxy.config.load import from_mapping
+        with open(path, "rb") as f:
+            c = from_mapping(tomllib.load(f), path)
+    except Exception as e:     # the table stands without this note
+        print(f"\n(configuration not read: {e})")
+        return
+    s = c.policies["default"].scan
+    rules = ", ".join(f"{r.name} ({r.action})" for r in s.attachments.rules)
+    print(f"\n### mppproxy's checks in this run ({path})\n")
+    print(f"- scanning: {'on' if s.enabled else 'OFF'}; trusted_networks "
+          f"{list(c.trusted_networks)} (the load generator, 127.0.0.1, is "
+          f"{'NOT ' if any(n.startswith('127.') for n in c.trusted_networks) else ''}"
+          f"untrusted); workers {c.workers}")
+    print(f"- MIME checks: {'on' if s.mime.enabled else 'off'} (defaults)")
+    print(f"- attachment rules: {'on' if s.attachments.enabled else 'off'}: "
+          f"{rules}")
+    print(f"- header rules: {'on' if s.headers.enabled else 'off'} "
+          f"({len(s.headers.rules)} rules)")
+    print(f"- engines: {', '.join(s.engines) or 'none'}; virus_action "
+          f"{s.virus_action}; scoring.tag "
+          f"{c.policies['default'].scoring.tag:g}, scoring.reject "
+          f"{c.policies['default'].scoring.reject:g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -229,6 +261,7 @@ def main():
     r.add_argument("--mem", required=True)
     r.add_argument("--log")
     r.add_argument("--quarantine")
+    r.add_argument("--config", help="mppproxy's config of the run")
     r.add_argument("--count", nargs=2, action="append", default=[],
                    metavar=("LABEL", "REGEX"),
                    help="count REGEX matches in --log")
