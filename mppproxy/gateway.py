@@ -213,7 +213,8 @@ class SessionGateway:
             txlog.log_transaction(session, txn, "reject", reply, {})
             return reply
         txn.facts["stripped_headers"] = stripped
-        scanned = await self._scan(session, txn, message)
+        scanning = self._scanning_for(txn)
+        scanned = None if scanning is None else await self._scan(session, txn, message, scanning)
         if scanned is not None:
             verdict = scanned
             if verdict.action in ("reject", "tempfail"):
@@ -223,7 +224,10 @@ class SessionGateway:
         for name, value in verdict.headers:
             message.prefix += format_header(name, value)
         if verdict.action in ("relay", "tag", "quarantine"):
-            await self._rewrite(session, txn, message, verdict)
+            policy = self.ctx.config.policies[self._policy_name(txn)]
+            # Most messages need no rewrite: no coroutine for them.
+            if policy.disclaimers or (verdict.action == "tag" and policy.scoring.subject_prefix):
+                await self._rewrite(session, txn, message, verdict, policy)
         if verdict.action == "discard":
             # Accepted and dropped on purpose (a policy's hard action): logged.
             self._reset_backend()
@@ -259,10 +263,9 @@ class SessionGateway:
         return name if name in self.ctx.config.policies else "default"
 
     async def _rewrite(self, session: Session, txn: Transaction, message: Any,
-                       verdict: Verdict) -> None:
+                       verdict: Verdict, policy: Any) -> None:
         """Changes to the message itself: the Subject prefix of a tagged
         message, then the policy's disclaimer."""
-        policy = self.ctx.config.policies[self._policy_name(txn)]
         try:
             if verdict.action == "tag" and policy.scoring.subject_prefix:
                 message.add_subject_prefix(policy.scoring.subject_prefix)
@@ -312,16 +315,23 @@ class SessionGateway:
                               reason="; ".join(verdict.reasons) or None)
         return refusal
 
-    async def _scan(self, session: Session, txn: Transaction, message: Any) -> Optional[Verdict]:
-        """Post-DATA scanning of the policy, then the verdict on everything;
-        None when the policy does not scan."""
+    def _scanning_for(self, txn: Transaction) -> Any:
+        """The scanning of the transaction's policy, or None (no policy ran,
+        or it does not scan): checked without a coroutine, as most
+        messages on a busy relay are not scanned."""
         record: Optional[TransactionRecord] = txn.facts.get("policy")
         runtime = self.ctx.policy
         if record is None or record.policy is None or runtime is None:
             return None
-        scanning = runtime.scanning.get(record.policy)
-        if scanning is None:
-            return None
+        return runtime.scanning.get(record.policy)
+
+    async def _scan(self, session: Session, txn: Transaction, message: Any,
+                    scanning: Any) -> Optional[Verdict]:
+        """Post-DATA scanning of the policy, then the verdict on everything;
+        None when a do-not-scan list skips it."""
+        record: TransactionRecord = txn.facts["policy"]
+        runtime = self.ctx.policy
+        assert runtime is not None
         skip = self._skip_reason(session, txn, scanning.config)
         if skip is not None:
             record.recorded.append(Recorded("scan", CheckResult(), skipped=skip))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from typing import Any, Callable, Optional
 
@@ -113,20 +112,7 @@ class ProxyService(MultiService):
             self.reactor.stop()
 
     def _listen(self, desc: str) -> None:
-        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
-        d = endpoint.listen(self.factory)
-
-        def listening(port: Any) -> None:
-            self.ports[desc] = port
-            log.info("listening on {endpoint}", endpoint=desc)
-
-        def failed(f: Any) -> None:
-            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
-            if not self.ports:
-                # Nothing to serve: exit non-zero rather than run deaf.
-                self.reactor.callLater(0, _stop_with_error, self.reactor)
-
-        d.addCallbacks(listening, failed)
+        listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc)
 
     def _spawn_workers(self) -> None:
         """Start ``workers - 1`` more processes that accept on the same
@@ -251,6 +237,29 @@ class _ParentWatch(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         log.warn("main process is gone; worker {pid} stopping", pid=os.getpid())
         self.on_gone()
+
+
+def listen_on(reactor: Any, desc: str, factory: Any, backlog: int, ports: dict,
+              key: Any, what: str = "") -> defer.Deferred:
+    """Listen on the endpoint ``desc``; the port lands in ``ports[key]``.
+    A listener that cannot be opened is logged; when no listener of the
+    service is open, the process exits non-zero rather than run deaf.
+    Shared by the proxy, the policy server and the scan service."""
+    endpoint = serverFromString(reactor, with_backlog(desc, backlog))
+    d = endpoint.listen(factory)
+    label = f"{what} " if what else ""
+
+    def listening(port: Any) -> None:
+        ports[key] = port
+        log.info("{label}listening on {endpoint}", label=label, endpoint=desc)
+
+    def failed(f: Any) -> None:
+        log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
+        if not ports:
+            reactor.callLater(0, _stop_with_error, reactor)
+
+    d.addCallbacks(listening, failed)
+    return d
 
 
 def with_backlog(desc: str, backlog: int) -> str:

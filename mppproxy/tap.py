@@ -7,7 +7,6 @@ prints each problem with its key and exits non-zero, never a traceback.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from typing import Any, Optional
 

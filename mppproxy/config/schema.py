@@ -10,36 +10,19 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from mppproxy.scan.engines_config import ScannersConfig
 from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
 from mppproxy.policyd.config import PolicydConfig
 from mppproxy.scanservice.config import ScanServiceConfig
+from mppproxy.config.fields import at_least as _at_least, choice as _choice, endpoints as _endpoints, opt as _opt
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
 # DESIGN.md and arrive with their issues; asking for one is a config error
 # that says so, not a half-started process.
 IMPLEMENTED_MODES = ("all-in-one", "edge", "policy", "scan")
-
-
-def _choice(*allowed: str) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value not in allowed:
-            return f"must be one of {', '.join(repr(a) for a in allowed)}, not {value!r}"
-        return None
-
-    return check
-
-
-def _at_least(minimum: float) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value < minimum:
-            return f"must be at least {minimum}, not {value!r}"
-        return None
-
-    return check
 
 
 def _port(value: int) -> Optional[str]:
@@ -65,21 +48,6 @@ def _domains(values: tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def _endpoints(values: tuple[str, ...]) -> Optional[str]:
-    # Parsing a Twisted endpoint description does no I/O; the reactor is only
-    # stored, so a placeholder serves to check the syntax up front.
-    from twisted.internet.endpoints import serverFromString
-
-    if not values:
-        return "needs at least one endpoint, such as 'tcp:25:interface=0.0.0.0'"
-    for v in values:
-        try:
-            serverFromString(object(), v)
-        except (ValueError, TypeError, KeyError) as e:
-            return f"{v!r} is not a Twisted endpoint description ({e})"
-    return None
-
-
 def _mode(value: str) -> Optional[str]:
     if value not in MODES:
         return f"must be one of {', '.join(MODES)}, not {value!r}"
@@ -87,10 +55,6 @@ def _mode(value: str) -> Optional[str]:
         return (f"mode {value!r} is not available in this version yet "
                 f"(available: {', '.join(IMPLEMENTED_MODES)})")
     return None
-
-
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
 
 
 @dataclass(frozen=True)

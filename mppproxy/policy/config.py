@@ -12,27 +12,14 @@ that exempt a client, sender or recipient from that feature only.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from mppproxy.policy.dnsbl import DnsblList, validate_dnsbl_lists
 from mppproxy.policy.patterns import check_address_patterns, check_cidrs, check_helo_patterns
 from mppproxy.scan.config import AttachmentConfig, HeaderFilterConfig, MimeCheckConfig
-
-
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
-
-
-def _at_least(minimum: float) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value < minimum:
-            return f"must be at least {minimum}, not {value!r}"
-        return None
-
-    return check
+from mppproxy.config.fields import at_least as _at_least, finite as _finite, opt as _opt, regexes as _regexes
 
 
 def _prefix(maximum: int) -> Callable[[int], Optional[str]]:
@@ -42,21 +29,6 @@ def _prefix(maximum: int) -> Callable[[int], Optional[str]]:
         return None
 
     return check
-
-
-def _finite(value: float) -> Optional[str]:
-    if not math.isfinite(value):
-        return f"must be a finite number, not {value!r}"
-    return None
-
-
-def _regexes(values: tuple[str, ...]) -> Optional[str]:
-    for v in values:
-        try:
-            re.compile(v)
-        except re.error as e:
-            return f"{v!r} is not a regular expression: {e}"
-    return None
 
 
 def _template_name(value: str) -> Optional[str]:

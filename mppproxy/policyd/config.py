@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
+from mppproxy.config.fields import at_least as _at_least, endpoints as _endpoints, opt as _opt
 
 # access(5) actions a site may choose as the answer to a request we cannot
 # evaluate.  OK is not among them: it would let a malformed request skip
 # the restrictions after check_policy_service (DESIGN.md promise 4).
 _DEFAULT_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT", "DEFER", "DEFER_IF_REJECT", "REJECT")
 _NUMERIC_ACTION = re.compile(r"^[45]\d\d(?: .*)?$")
-
-
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
-
-
-def _at_least(minimum: float) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value < minimum:
-            return f"must be at least {minimum}, not {value!r}"
-        return None
-
-    return check
-
-
-def _endpoints(values: tuple[str, ...]) -> Optional[str]:
-    # schema.py imports this module, so its checker is fetched when called.
-    from mppproxy.config.schema import _endpoints as check
-
-    return check(values)
 
 
 def check_action(value: str) -> Optional[str]:

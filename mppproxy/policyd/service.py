@@ -16,7 +16,6 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -96,22 +95,10 @@ class PolicyServerService(MultiService):
                  "default action {action}", action=self.config.policyd.default_action)
 
     def _listen(self, desc: str) -> defer.Deferred:
-        from mppproxy.service import _stop_with_error, with_backlog
+        from mppproxy.service import listen_on
 
-        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
-        d = endpoint.listen(self.factory)
-
-        def listening(port: Any) -> None:
-            self.ports[desc] = port
-            log.info("policy server listening on {endpoint}", endpoint=desc)
-
-        def failed(f: Any) -> None:
-            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
-            if not self.ports:
-                self.reactor.callLater(0, _stop_with_error, self.reactor)
-
-        d.addCallbacks(listening, failed)
-        return d
+        return listen_on(self.reactor, desc, self.factory, self.config.listen_backlog,
+                         self.ports, desc, "policy server")
 
     def reload(self) -> defer.Deferred:
         """SIGHUP: read the configuration again and swap it in."""

@@ -14,7 +14,7 @@ did not get (DESIGN.md promise 4: failures are loud and safe).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.policy.base import Action, CheckResult
@@ -62,6 +62,19 @@ class ScanInput:
 
     def iter_chunks(self) -> Iterator[bytes]:
         return iter(self.chunks())
+
+    def exact_chunks(self) -> Iterator[bytes]:
+        """The chunks, checked to add up to ``size`` exactly: protocols
+        that announce a length first (SPAMC Content-length, HTTP) must
+        never send more or less than they announced."""
+        sent = 0
+        for chunk in self.chunks():
+            sent += len(chunk)
+            if sent > self.size:
+                raise ValueError(f"message longer than its size {self.size}")
+            yield bytes(chunk)
+        if sent != self.size:
+            raise ValueError(f"message of {sent} octets, not its size {self.size}")
 
     def as_bytes(self) -> bytes:
         return b"".join(self.chunks())

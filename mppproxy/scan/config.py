@@ -16,13 +16,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from mppproxy.policy.base import Action, CheckResult
-
-
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
+from mppproxy.config.fields import at_least as _at_least, opt as _opt, regex as _regex
 
 
 def parse_action(value: str) -> tuple[Optional[Action], float]:
@@ -59,23 +56,6 @@ def check_action(value: str) -> Optional[str]:
         parse_action(value)
     except ValueError:
         return f"must be 'reject', 'tempfail', 'ignore' or 'score:N', not {value!r}"
-    return None
-
-
-def _at_least(minimum: int) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value < minimum:
-            return f"must be at least {minimum}, not {value!r}"
-        return None
-
-    return check
-
-
-def _regex(value: str) -> Optional[str]:
-    try:
-        re.compile(value)
-    except re.error as e:
-        return f"{value!r} is not a regular expression: {e}"
     return None
 
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
+from mppproxy.config.fields import finite as _finite, opt as _opt, regex as _regex
 
 __all__ = ["ClamdConfig", "SpamdConfig", "RspamdConfig", "CommandScannerConfig",
            "ScanHealthConfig", "parse_address", "validate"]
@@ -52,10 +53,6 @@ MAX_PROCESSES_LIMIT = 256
 
 # -- field checks ----------------------------------------------------------------
 
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
-
-
 def _between(low: float, high: float) -> Callable[[Any], Optional[str]]:
     def check(value: Any) -> Optional[str]:
         if isinstance(value, float) and not math.isfinite(value):
@@ -70,12 +67,6 @@ def _between(low: float, high: float) -> Callable[[Any], Optional[str]]:
 def _positive(value: Any) -> Optional[str]:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         return f"must be a positive number, not {value!r}"
-    return None
-
-
-def _finite(value: Any) -> Optional[str]:
-    if not math.isfinite(value):
-        return f"must be a finite number, not {value!r}"
     return None
 
 
@@ -173,16 +164,6 @@ def _command(value: tuple[str, ...]) -> Optional[str]:
 def _exit_codes(value: tuple[int, ...]) -> Optional[str]:
     if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255 for v in value):
         return f"exit codes are whole numbers from 0 to 255, not {list(value)!r}"
-    return None
-
-
-def _regex(value: str) -> Optional[str]:
-    if not value:
-        return None
-    try:
-        re.compile(value)
-    except re.error as e:
-        return f"{value!r} is not a regular expression: {e}"
     return None
 
 

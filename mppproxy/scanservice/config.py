@@ -8,18 +8,8 @@ site's own scripts, not for the internet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
-
-
-def _opt(check: Callable[[Any], Optional[str]], doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
-
-
-def _endpoints(values: tuple[str, ...]) -> Optional[str]:
-    # schema.py imports this module, so its checker is fetched when called.
-    from mppproxy.config.schema import _endpoints as check
-
-    return check(values)
+from typing import Optional
+from mppproxy.config.fields import endpoints as _endpoints, opt as _opt
 
 
 def _endpoints_or_none(values: tuple[str, ...]) -> Optional[str]:

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -87,23 +86,11 @@ class ScanService(MultiService):
         log.info("mppproxy scan service starting: nothing is relayed, verdicts only")
 
     def _listen(self, key: tuple[str, str]) -> defer.Deferred:
-        from mppproxy.service import _stop_with_error, with_backlog
+        from mppproxy.service import listen_on
 
         kind, desc = key
-        endpoint = serverFromString(self.reactor, with_backlog(desc, self.config.listen_backlog))
-        d = endpoint.listen(self.smtp_factory if kind == "smtp" else self.site)
-
-        def listening(port: Any) -> None:
-            self.ports[key] = port
-            log.info("scan service ({kind}) listening on {endpoint}", kind=kind, endpoint=desc)
-
-        def failed(f: Any) -> None:
-            log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
-            if not self.ports:
-                self.reactor.callLater(0, _stop_with_error, self.reactor)
-
-        d.addCallbacks(listening, failed)
-        return d
+        return listen_on(self.reactor, desc, self.smtp_factory if kind == "smtp" else self.site,
+                         self.config.listen_backlog, self.ports, key, f"scan service ({kind})")
 
     def reload(self) -> defer.Deferred:
         """SIGHUP: read the configuration again and swap it in."""

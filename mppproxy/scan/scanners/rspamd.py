@@ -213,14 +213,7 @@ class RspamdScanner(Scanner):
             if safe is not None:
                 extra.append(("Rcpt", safe))
         yield self._head("POST", "/checkv2", extra)
-        sent = 0
-        for chunk in message.iter_chunks():
-            sent += len(chunk)
-            if sent > message.size:
-                raise ValueError(f"message longer than its size {message.size}")
-            yield bytes(chunk)
-        if sent != message.size:
-            raise ValueError(f"message of {sent} octets, not its size {message.size}")
+        yield from message.exact_chunks()
 
     async def scan(self, message: ScanInput) -> CheckResult:
         settings = self.settings

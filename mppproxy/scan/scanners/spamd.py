@@ -217,14 +217,7 @@ class SpamdScanner(Scanner):
         if self.settings.user:
             head.append(f"User: {self.settings.user}")
         yield ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
-        sent = 0
-        for chunk in message.iter_chunks():
-            sent += len(chunk)
-            if sent > message.size:
-                raise ValueError(f"message longer than its size {message.size}")
-            yield bytes(chunk)
-        if sent != message.size:
-            raise ValueError(f"message of {sent} octets, not its size {message.size}")
+        yield from message.exact_chunks()
 
     async def health(self) -> EngineHealth:
         reply: SpamdReply = await self.client.request(
