@@ -60,6 +60,7 @@ BAD_SENDER_DOMAIN = "bad-sender.example"
 MPP_CONFIG = """\
 mode = "policy"
 data_dir = "{data}"
+workers = {workers}
 # the benchmark's clients are 198.18.0.0/15 (RFC 2544), not trusted
 trusted_networks = ["127.0.0.0/8"]
 [policyd]
@@ -237,14 +238,21 @@ class Server:
             return ""
 
     def cpu_seconds(self) -> float:
+        """CPU of every process of the server's session (its workers too)."""
         if self.proc is None:
             return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            return 0.0
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # session id: start_new_session
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -274,14 +282,17 @@ class Postgrey(Server):
 class Mppproxy(Server):
     name = "mppproxy"
 
-    def __init__(self, workdir: str, greylisting: bool, database_url: str = ""):
+    def __init__(self, workdir: str, greylisting: bool, database_url: str = "", workers: int = 1):
         super().__init__(workdir)
         self.greylisting = greylisting
         self.database_url = database_url
+        self.workers = workers
         self.note = ("access lists, spam traps, thresholds, greylisting + auto-blacklist (SQL store"
                      + (f", {_shown_url(database_url)}" if database_url else ", SQLite") + ")"
                      if greylisting else
                      "access lists, spam traps, thresholds; NO greylisting (no SQL store in this build)")
+        if workers > 1:
+            self.note += f"; workers = {workers}"
 
     def config(self) -> str:
         path = os.path.join(self.workdir, "policyd.toml")
@@ -289,7 +300,7 @@ class Mppproxy(Server):
             f.write(MPP_CONFIG.format(data=os.path.join(self.workdir, "data"), port=self.port,
                                       bad=f".{BAD_SENDER_DOMAIN}".lstrip("."), trap=TRAP,
                                       grey="true" if self.greylisting else "false",
-                                      delay=GREY_DELAY))
+                                      delay=GREY_DELAY, workers=self.workers))
             if self.database_url:
                 f.write(f"[database]\nurl = {json.dumps(self.database_url)}\n")
         return path
@@ -327,6 +338,8 @@ def main() -> int:
                     help="greylisting in the 'mppproxy' server (auto: on when mppproxy/db exists)")
     ap.add_argument("--database-url", default="",
                     help="mppproxy's state database ([database] url); default SQLite in its data_dir")
+    ap.add_argument("--mpp-workers", type=int, default=1,
+                    help="mppproxy's workers (processes sharing the listener; 2 uses both cores)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per timed run")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -343,7 +356,7 @@ def main() -> int:
                 return 2
             servers.append(Postgrey(workdir))
         elif n == "mppproxy":
-            servers.append(Mppproxy(workdir, grey, args.database_url))
+            servers.append(Mppproxy(workdir, grey, args.database_url, args.mpp_workers))
         else:
             log(f"unknown server {n}")
             return 2

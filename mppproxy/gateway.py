@@ -8,7 +8,6 @@ The pre-DATA policy engine and the post-DATA scanners hook in here.
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -46,28 +45,12 @@ class TrustedNetworks:
     """Client addresses that may relay anywhere (Postfix's mynetworks)."""
 
     def __init__(self, networks: tuple[str, ...]):
-        self._nets = [ipaddress.ip_network(n, strict=False) for n in networks]
-        # Parsing the peer address per connection showed in profiles; a busy
-        # MX sees the same clients again and again.
-        self._cache: dict[str, bool] = {}
+        # The policy lists' matcher: a set probe per prefix length, on the
+        # address parse the policy checks share (parse_ip's cache).
+        self._nets = NetworkSet(networks)
 
     def __call__(self, host: str) -> bool:
-        known = self._cache.get(host)
-        if known is not None:
-            return known
-        if len(self._cache) > 10000:
-            self._cache.clear()
-        trusted = self._cache[host] = self._match(host)
-        return trusted
-
-    def _match(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self._nets)
+        return host in self._nets
 
 
 def resolve_hostname(config: ProxyConfig) -> str:

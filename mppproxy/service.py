@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -26,6 +23,7 @@ from mppproxy.gateway import SessionGateway, make_context, resolve_hostname
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
+from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
 
 log = Logger()
 
@@ -47,11 +45,10 @@ class ProxyService(MultiService):
         self.factory: Optional[SMTPServerFactory] = None
         self.ports: dict[str, Any] = {}
         self.adopted: list[Any] = []
-        self.workers: list[Any] = []
-        self._worker_failures: dict[int, int] = {}
+        self.workers: Optional[WorkerSupervisor] = None
+        self._stop_once = StopOnce(reactor)
         self._ctx: Any = None
         self.policy: Optional[PolicyRuntime] = None
-        self._stopping = False
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
@@ -83,22 +80,14 @@ class ProxyService(MultiService):
                                          tls_context=tls, counter=self.counter,
                                          is_trusted=ctx.trusted, hostname=ctx.hostname)
         if self.inherited_fds:
-            for fd, family in self.inherited_fds:
-                self.adopted.append(self.reactor.adoptStreamPort(fd, family, self.factory))
-            log.info("worker {pid} serving {n} inherited listeners", pid=os.getpid(), n=len(self.adopted))
-            # A worker gets SIGTERM twice on shutdown (from its process group
-            # and from the main process); Twisted's handler would raise
-            # ReactorNotRunning on the second one.
-            signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._stop_once))
-            # Our stdin is a pipe from the main process: EOF means it died,
-            # and a worker must not serve on alone (an orphan keeps the port).
-            from twisted.internet import stdio
-            self._parent_watch = stdio.StandardIO(_ParentWatch(self._stop_once), reactor=self.reactor)
+            self.adopted = adopt_listeners(self.reactor, self.inherited_fds, self.factory,
+                                           self._stop_once)
         else:
             for desc in self.config.listen:
                 self._listen(desc)
-            if self.config.workers > 1:
-                self._spawn_workers()
+            if self.config.workers > 1 and self.worker_argv is not None:
+                self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv)
+                self.workers.start(self.config.workers - 1)
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         log.info("mppproxy {mode} starting, {target}", mode=self.config.mode,
@@ -106,62 +95,8 @@ class ProxyService(MultiService):
                          if self.config.backend else
                          f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
 
-    def _stop_once(self) -> None:
-        if self.reactor.running and not self._stopping:
-            self._stopping = True
-            self.reactor.stop()
-
     def _listen(self, desc: str) -> None:
         listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc)
-
-    def _spawn_workers(self) -> None:
-        """Start ``workers - 1`` more processes that accept on the same
-        listening sockets (both cores), passed as inherited descriptors."""
-        if not self.ports or self.worker_argv is None:
-            return
-        for i in range(self.config.workers - 1):
-            self._start_worker(i)
-
-    def _worker_command(self) -> tuple[list[str], dict[int, Any]]:
-        """The command line and descriptors for a worker, from the listeners
-        open now (a reload may have closed some)."""
-        fds: list[str] = []
-        # fd 0 is a pipe from us: when we die the worker reads EOF and stops.
-        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
-        for port in self.ports.values():
-            fd = port.fileno()
-            child_fds[fd] = fd
-            fds.append(f"{fd}:{int(port.socket.family)}")
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "mppproxy", *(self.worker_argv or []),
-                "--worker-fds", ",".join(fds)]
-        return argv, child_fds
-
-    def _start_worker(self, index: int) -> None:
-        from twisted.internet.protocol import ProcessProtocol
-
-        service = self
-        started = self.reactor.seconds()
-
-        class Worker(ProcessProtocol):
-            def processEnded(self, reason: Any) -> None:
-                service.workers.remove(self)
-                if service._stopping or not service.ports:
-                    return
-                # Back off when a worker cannot start (say, the file on disk
-                # became invalid): 1, 2, 4 ... 60 s, reset after a good run.
-                failures = service._worker_failures.get(index, 0)
-                failures = 0 if service.reactor.seconds() - started > 30 else failures + 1
-                service._worker_failures[index] = failures
-                delay = min(60.0, 2.0 ** failures)
-                log.warn("worker {index} ended ({reason}); restarting in {delay:.0f} s", index=index,
-                         reason=str(reason.value), delay=delay)
-                service.reactor.callLater(delay, service._start_worker, index)
-
-        argv, child_fds = self._worker_command()
-        w = Worker()
-        self.workers.append(w)
-        self.reactor.spawnProcess(w, sys.executable, argv, env=os.environ.copy(), childFDs=child_fds)
 
     def reload(self) -> defer.Deferred:
         """SIGHUP: read the configuration again and swap it in."""
@@ -189,8 +124,8 @@ class ProxyService(MultiService):
                 for desc in config.listen:
                     if desc not in self.ports:
                         self._listen(desc)
-            for proc in self.workers:
-                proc.transport.signalProcess("HUP")
+            if self.workers is not None:
+                self.workers.signal_all("HUP")
             self.config = config
             if old_ctx is not None and old_ctx.pool is not None:
                 # Idle backend connections follow the old settings; running
@@ -211,12 +146,8 @@ class ProxyService(MultiService):
         return d
 
     def stopService(self) -> Any:
-        self._stopping = True
-        for proc in list(self.workers):
-            try:
-                proc.transport.signalProcess("TERM")
-            except ProcessExitedAlready:
-                pass
+        if self.workers is not None:
+            self.workers.stop()
         if self.factory is not None:
             for session in list(self.factory.sessions):
                 session.shut_down()
@@ -228,15 +159,6 @@ class ProxyService(MultiService):
             ds.append(self.policy.stop())
         ds.append(defer.maybeDeferred(super().stopService))
         return defer.DeferredList(ds)
-
-
-class _ParentWatch(Protocol):
-    def __init__(self, on_gone: Callable[[], None]):
-        self.on_gone = on_gone
-
-    def connectionLost(self, reason: Any = None) -> None:
-        log.warn("main process is gone; worker {pid} stopping", pid=os.getpid())
-        self.on_gone()
 
 
 def listen_on(reactor: Any, desc: str, factory: Any, backlog: int, ports: dict,

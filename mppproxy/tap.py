@@ -126,26 +126,27 @@ def parse_host_port(value: str) -> dict[str, Any]:
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
-    from mppproxy.logsetup import start_json_log
+    from mppproxy.logsetup import batch_text_log, start_json_log
     from mppproxy.service import ProxyService, exit_code_hook
+    from mppproxy.workers import parse_worker_fds
 
     config = options.config
     start_json_log(config)
+    # twistd's text log observer exists once the reactor runs.
+    reactor.callWhenRunning(batch_text_log, reactor)
+    exit_code_hook(reactor)
+    # Workers (``workers`` > 1) run this same command line with the main
+    # process's listening descriptors added (mppproxy/workers.py).
+    inherited = parse_worker_fds(options["worker-fds"] or "")
+    worker_argv = list(options.raw_args)
     if config.mode == "policy":
         from mppproxy.policyd.service import PolicyServerService
 
-        exit_code_hook(reactor)
-        return PolicyServerService(config, reactor, reload_config=options.load_config)
+        return PolicyServerService(config, reactor, reload_config=options.load_config,
+                                   inherited_fds=inherited, worker_argv=worker_argv)
     if config.mode == "scan":
         from mppproxy.scanservice.service import ScanService
 
-        exit_code_hook(reactor)
         return ScanService(config, reactor, reload_config=options.load_config)
-    inherited: tuple[tuple[int, int], ...] = ()
-    if options["worker-fds"]:
-        inherited = tuple(tuple(int(x) for x in item.split(":"))  # type: ignore[misc]
-                          for item in options["worker-fds"].split(","))
-    worker_argv = [a for a in options.raw_args]
-    exit_code_hook(reactor)
     return ProxyService(config, reactor, reload_config=options.load_config,
                         inherited_fds=inherited, worker_argv=worker_argv)

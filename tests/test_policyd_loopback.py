@@ -134,3 +134,73 @@ def test_twistd_policy_mode(tmp_path):
             proc.wait(5)
     text = log.read_text()
     assert "Traceback" not in text, text
+
+
+def _policy_workers(port: int, main_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "--", f"--listen tcp:{port}:"], capture_output=True,
+                         text=True).stdout.split()
+    pids = []
+    for p in map(int, out):
+        try:
+            if p != main_pid and b"--worker-fds" in Path(f"/proc/{p}/cmdline").read_bytes():
+                pids.append(p)
+        except OSError:
+            pass
+    return pids
+
+
+def test_twistd_policy_mode_with_workers(tmp_path):
+    """`workers = 2` in policy mode: a second process answers on the same
+    socket, reloads with the main process, is restarted when it dies, and
+    stops when the main process dies."""
+    port = free_port()
+    conf = tmp_path / "policy.toml"
+    body = ('workers = 2\ntrusted_networks = ["10.255.255.0/24"]\n'
+            f'data_dir = "{tmp_path / "data"}"\n'
+            '[policies.default.blacklist]\nenabled = false\n'
+            '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
+    conf.write_text(body)
+    log = tmp_path / "twistd.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "mppproxy", "--mode", "policy", "-c", str(conf), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+    def answers(recipient: str, network: str, n: int = 12) -> set[str]:
+        # One connection per request: the kernel spreads them over both
+        # processes.  A message (instance) and client each.
+        return {exchange(port, [request(recipient=recipient, client_address=f"{network}.{i + 1}",
+                                         instance=f"{network}-{i}")])[0] for i in range(n)}
+
+    try:
+        first = wait_for(lambda: _policy_workers(port, proc.pid), 20, what="policy worker")
+        wait_for(lambda: log.read_text().count("inherited listeners") == 1, 20, what="worker ready")
+        # (trapped clients are refused for a while: other clients after)
+        assert answers("trap@example.com", "192.0.2") == {"550 5.7.1 access denied"}
+        assert answers("bob@example.com", "198.51.100") == {"DUNNO"}
+        # SIGHUP to the main process reaches the worker too.
+        conf.write_text(body.replace('"^trap@"', '"^bob@"'))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("configuration reloaded") == 2, 20, what="both reloads")
+        assert answers("bob@example.com", "203.0.113") == {"550 5.7.1 access denied"}
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: [p for p in _policy_workers(port, proc.pid) if p not in first], 20,
+                 what="restarted worker")
+        wait_for(lambda: log.read_text().count("inherited listeners") == 2, 20,
+                 what="restarted worker ready")
+        assert "policy worker 0 ended" in log.read_text()
+        # The main process dies hard: its worker must not serve on alone.
+        workers = _policy_workers(port, proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: not _policy_workers(port, -1), 20, what="orphaned worker stopping")
+        assert workers
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        for p in _policy_workers(port, -1):
+            os.kill(p, signal.SIGKILL)
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -24,6 +24,7 @@ from mppproxy.config.schema import ProxyConfig
 from mppproxy.gateway import TrustedNetworks, resolve_hostname
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.policyd.protocol import PolicyServerFactory
+from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
 
 log = Logger()
 
@@ -44,7 +45,9 @@ class PolicyServerService(MultiService):
 
     def __init__(self, config: ProxyConfig, reactor: Any,
                  reload_config: Optional[Callable[[], ProxyConfig]] = None,
-                 database: Optional[Any] = None):
+                 database: Optional[Any] = None,
+                 inherited_fds: tuple[tuple[int, int], ...] = (),
+                 worker_argv: Optional[list[str]] = None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -54,6 +57,13 @@ class PolicyServerService(MultiService):
         self.factory: Optional[PolicyServerFactory] = None
         self.ports: dict[str, Any] = {}
         self.hostname = ""
+        # workers > 1: the main process supervises the workers; a worker
+        # serves the listeners it inherited (mppproxy/workers.py).
+        self.inherited_fds = inherited_fds
+        self.worker_argv = worker_argv
+        self.workers: Optional[WorkerSupervisor] = None
+        self.adopted: list[Any] = []
+        self._stop_once = StopOnce(reactor)
 
     # -- the engine
 
@@ -87,8 +97,16 @@ class PolicyServerService(MultiService):
             log.warn("policy.enabled is false: every policy request is answered DUNNO")
         self.factory = PolicyServerFactory(self.config.policyd, self._engine, self.reactor)
         self._configure_factory(self.config)
-        for desc in self.config.policyd.listen:
-            self._listen(desc)
+        if self.inherited_fds:
+            self.adopted = adopt_listeners(self.reactor, self.inherited_fds, self.factory,
+                                           self._stop_once)
+        else:
+            for desc in self.config.policyd.listen:
+                self._listen(desc)
+            if self.config.workers > 1 and self.worker_argv is not None:
+                self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
+                                                "policy worker")
+                self.workers.start(self.config.workers - 1)
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         log.info("mppproxy policy server starting (Postfix check_policy_service), "
@@ -115,11 +133,15 @@ class PolicyServerService(MultiService):
         assert self.runtime is not None
         self.runtime.reconfigure(config)
         self._configure_factory(config)
-        for desc in set(self.ports) - set(config.policyd.listen):
-            self.ports.pop(desc).stopListening()
-        for desc in config.policyd.listen:
-            if desc not in self.ports:
-                self._listen(desc)
+        if not self.inherited_fds:
+            # A worker's listeners are the main process's.
+            for desc in set(self.ports) - set(config.policyd.listen):
+                self.ports.pop(desc).stopListening()
+            for desc in config.policyd.listen:
+                if desc not in self.ports:
+                    self._listen(desc)
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
         self.config = config
         if not config.policy.enabled:
             log.warn("policy.enabled is false: every policy request is answered DUNNO")
@@ -133,7 +155,9 @@ class PolicyServerService(MultiService):
             log.failure("reload failed, keeping the running configuration", f)
 
     def stopService(self) -> Any:
-        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
+        if self.workers is not None:
+            self.workers.stop()
+        ds = [defer.maybeDeferred(p.stopListening) for p in [*self.ports.values(), *self.adopted]]
         self.ports.clear()
         if self.factory is not None:
             for conn in list(self.factory.connections):

@@ -1,0 +1,131 @@
+"""twistd's text log written in batches (mppproxy/logsetup.py): the same
+lines as twistd's own observer, held for one reactor iteration at most,
+warnings at once."""
+from __future__ import annotations
+
+import io
+import threading
+
+from twisted.internet.task import Clock
+from twisted.logger import (LogLevel, LogPublisher, jsonFileLogObserver, Logger,
+                            textFileLogObserver)
+
+from mppproxy.logsetup import BatchedTextLogObserver, batch_text_log
+
+
+class RunningClock(Clock):
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, f, *args):  # noqa: N802 (Twisted's name)
+        self.triggers.append((phase, event, f))
+
+
+def event(text: str, level: LogLevel = LogLevel.info, when: float = 1_800_000_000.25) -> dict:
+    return {"log_format": text, "log_level": level, "log_namespace": "mpp.test", "log_time": when}
+
+
+def test_lines_are_twistds_and_held_until_the_next_iteration():
+    clock = RunningClock()
+    out, ref = io.StringIO(), io.StringIO()
+    batched = BatchedTextLogObserver(out, clock)
+    plain = textFileLogObserver(ref)
+    for i in range(3):
+        e = event(f"line {i} {{x}}") | {"x": "y"}
+        batched(e)
+        plain(e)
+    assert out.getvalue() == ""
+    clock.advance(0)
+    assert out.getvalue() == ref.getvalue()
+    assert out.getvalue().count("\n") == 3 and "line 2 y" in out.getvalue()
+
+
+def test_timestamp_follows_the_second():
+    clock = RunningClock()
+    out, ref = io.StringIO(), io.StringIO()
+    batched, plain = BatchedTextLogObserver(out, clock), textFileLogObserver(ref)
+    for when in (1_800_000_000.1, 1_800_000_000.9, 1_800_000_001.0, 1_800_003_600.5):
+        batched(event("t", when=when))
+        plain(event("t", when=when))
+    clock.advance(0)
+    assert out.getvalue() == ref.getvalue()
+    assert len(set(line.split(" ")[0] for line in out.getvalue().splitlines())) == 3
+
+
+def test_warning_writes_everything_held_at_once():
+    clock = RunningClock()
+    out = io.StringIO()
+    batched = BatchedTextLogObserver(out, clock)
+    batched(event("first"))
+    batched(event("trouble", LogLevel.warn))
+    lines = out.getvalue().splitlines()
+    assert [line.rsplit("] ", 1)[1] for line in lines] == ["first", "trouble"]
+    clock.advance(0)  # the scheduled flush finds nothing more
+    assert out.getvalue().splitlines() == lines
+
+
+def test_other_threads_and_a_stopped_reactor_write_at_once():
+    clock = RunningClock()
+    out = io.StringIO()
+    batched = BatchedTextLogObserver(out, clock)
+    t = threading.Thread(target=batched, args=(event("from a thread"),))
+    t.start()
+    t.join(10)
+    assert "from a thread" in out.getvalue()
+    clock.running = False
+    batched(event("stopped"))
+    assert "stopped" in out.getvalue()
+
+
+def test_a_large_backlog_is_written_without_waiting():
+    clock = RunningClock()
+    out = io.StringIO()
+    batched = BatchedTextLogObserver(out, clock)
+    for i in range(2000):
+        batched(event("x" * 100))
+    assert out.getvalue().count("\n") > 500
+
+
+def test_a_broken_file_does_not_break_the_caller():
+    class Full(io.StringIO):
+        def write(self, s):
+            raise OSError(28, "No space left on device")
+
+    clock = RunningClock()
+    batched = BatchedTextLogObserver(Full(), clock)
+    batched(event("lost", LogLevel.error))
+    batched(event("held"))
+    clock.advance(0)
+
+
+def test_batch_text_log_replaces_twistds_observer_only():
+    clock = RunningClock()
+    publisher = LogPublisher()
+    text_out, json_out = io.StringIO(), io.StringIO()
+    json_observer = jsonFileLogObserver(json_out)
+    publisher.addObserver(textFileLogObserver(text_out))
+    publisher.addObserver(json_observer)
+    assert batch_text_log(clock, publisher)
+    Logger(namespace="mpp.test", observer=publisher).info("hello {who}", who="admin")
+    assert text_out.getvalue() == "" and "hello" in json_out.getvalue()
+    clock.advance(0)
+    assert text_out.getvalue().endswith("[mpp.test#info] hello admin\n")
+    # Held lines are written when the reactor stops.
+    assert [t[:2] for t in clock.triggers] == [("after", "shutdown")]
+    Logger(namespace="mpp.test", observer=publisher).info("last")
+    clock.triggers[0][2]()
+    assert text_out.getvalue().endswith("last\n")
+    # Nothing more to replace: a second call changes nothing.
+    assert not batch_text_log(clock, publisher)
+
+
+def test_batch_text_log_leaves_syslog_and_custom_observers():
+    publisher = LogPublisher()
+    seen = []
+    publisher.addObserver(seen.append)
+    assert not batch_text_log(RunningClock(), publisher)
+    Logger(observer=publisher).info("x")
+    assert len(seen) == 1
