@@ -320,15 +320,15 @@ class StoreTests:
         await g.check(NET, "a@example.org", "b@example.com", GREY)
         self.advance(300)
         self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
-        calls = db.calls
+        jobs = g.batcher.jobs  # (db.calls counts the blacklist mirror's reloads too)
         for _ in range(5):
             self.advance(10)
             self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
-        self.assertEqual(db.calls, calls)
+        self.assertEqual(g.batcher.jobs, jobs)
         self.assertEqual((await self.row(db, "greylist", id=key)).last_seen, START + 300)
         self.advance(20)
         self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
-        self.assertEqual(db.calls, calls + 2)  # the check and our row() read
+        self.assertEqual(g.batcher.jobs, jobs + 1)
         self.assertEqual((await self.row(db, "greylist", id=key)).last_seen, START + 370)
 
     async def test_waiting_triplet_is_answered_from_the_cache(self) -> None:
@@ -337,13 +337,13 @@ class StoreTests:
         db = await self.make_db(cache_seconds=600)
         g = db.greylist
         await g.check(NET, "a@example.org", "b@example.com", GREY)
-        calls = db.calls
+        jobs = g.batcher.jobs
         self.advance(120)
         self.assertEqual(await g.check(NET, "a@example.org", "b@example.com", GREY), 180.0)
-        self.assertEqual(db.calls, calls)
+        self.assertEqual(g.batcher.jobs, jobs)
         self.advance(180)
         self.assertIsNone(await g.check(NET, "a@example.org", "b@example.com", GREY))
-        self.assertEqual(db.calls, calls + 1)
+        self.assertEqual(g.batcher.jobs, jobs + 1)
 
     async def test_passed_answer_is_not_cached_with_zero_cache_seconds(self) -> None:
         """``cache_seconds = 0`` sends every check to the database."""
@@ -439,10 +439,16 @@ class StoreTests:
         self.assertEqual([(r.network, r.expires, r.reason) for r in rows],
                          [("203.0.113.9/32", START + 107, "r7")])
 
+    def per_client(self, db: StateDatabase) -> None:
+        """Turn the blacklist mirror off: lookups ask the database per client."""
+        db.blacklist.stop_mirror()
+        db.blacklist.mirrored_at = None
+
     async def test_blacklist_cache(self) -> None:
-        """A listing is served from memory until it expires, an absence for
-        ``cache_seconds``; a local add is seen at once."""
+        """Without the mirror: a listing is served from memory until it
+        expires, an absence for ``cache_seconds``; a local add is seen at once."""
         db = await self.make_db(cache_seconds=60)
+        self.per_client(db)
         b = db.blacklist
         calls = db.calls
         self.assertIsNone(await b.lookup("192.0.2.7"))
@@ -462,12 +468,102 @@ class StoreTests:
         """Another node's listing is seen once this node's cached absence
         (``cache_seconds``) runs out."""
         db = await self.make_db(cache_seconds=30)
+        self.per_client(db)
         other = await self.make_db(cache_seconds=30)
         self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
         await other.blacklist.add("192.0.2.0/24", 3600, "threshold messages")
         self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
         self.advance(30)
         self.assertEqual((await db.blacklist.lookup("192.0.2.7")).network, "192.0.2.0/24")
+
+    # -- the blacklist mirror ------------------------------------------------
+
+    async def test_mirror_answers_every_lookup_from_memory(self) -> None:
+        """Loaded at start: listed and unlisted clients alike are answered
+        without a database job; a local add is seen at once."""
+        seed = await self.make_db(cache_seconds=0)
+        await seed.blacklist.add("198.51.100.0/24", 3600, "threshold messages")
+        await seed.blacklist.add("2001:db8::/64", 3600, "spamtrap x@example.com")
+        await seed.blacklist.add("203.0.113.5/32", 10, "already over")
+        self.advance(20)
+        db = await self.make_db(cache_seconds=60, drop=False)
+        b = db.blacklist
+        self.assertEqual(b.mirrored_at, START + 20)
+        jobs = b.batcher.jobs
+        self.assertEqual((await b.lookup("198.51.100.77")).network, "198.51.100.0/24")
+        self.assertEqual((await b.lookup("2001:db8::1")).reason, "spamtrap x@example.com")
+        for client in ("192.0.2.1", "203.0.113.5", "2001:db8:1::1", "::ffff:192.0.2.9"):
+            self.assertIsNone(await b.lookup(client), client)
+        await b.add("192.0.2.1/32", 600, "spamtrap")
+        self.assertEqual((await b.lookup("192.0.2.1")).reason, "spamtrap")
+        self.assertEqual(b.batcher.jobs, jobs + 1)  # the add's write only
+        # An entry runs out in memory as in the database.
+        self.advance(601)
+        self.assertIsNone(await b.lookup("192.0.2.1"))
+
+    async def test_mirror_sees_other_nodes_within_cache_seconds(self) -> None:
+        """Reloaded every half cache_seconds: another node's entry shows by
+        then; a mirror not reloaded for cache_seconds is not trusted for
+        absences (the database is asked)."""
+        db = await self.make_db(cache_seconds=30)
+        other = await self.make_db(cache_seconds=0, drop=False)
+        self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
+        await other.blacklist.add("192.0.2.0/24", 3600, "threshold messages")
+        self.assertIsNone(await db.blacklist.lookup("192.0.2.7"))
+        self.advance(15)  # the reload runs in the pool: wait for it
+        await db.blacklist.refresh_mirror()
+        self.assertEqual((await db.blacklist.lookup("192.0.2.7")).network, "192.0.2.0/24")
+        # No reload for cache_seconds: an absence is asked of the database.
+        db.blacklist.stop_mirror()
+        await other.blacklist.add("198.51.100.99/32", 3600, "spamtrap")
+        self.advance(31)
+        jobs = db.blacklist.batcher.jobs
+        self.assertEqual((await db.blacklist.lookup("198.51.100.99")).reason, "spamtrap")
+        self.assertEqual(db.blacklist.batcher.jobs, jobs + 1)
+
+    async def test_local_add_survives_a_reload_that_missed_it(self) -> None:
+        """A reload that began before this node's add reached the database
+        keeps the add."""
+        db = await self.make_db(cache_seconds=60)
+        b = db.blacklist
+        b._mirror_loaded([], self.clock.seconds() - 1)  # an old load, empty
+        await b.add("192.0.2.7/32", 600, "spamtrap")
+        b._mirror_loaded([], self.clock.seconds())  # read before the add committed
+        self.assertEqual((await b.lookup("192.0.2.7")).reason, "spamtrap")
+
+    async def test_too_large_a_blacklist_is_asked_per_client(self) -> None:
+        db = await self.make_db(cache_seconds=60)
+        b = db.blacklist
+        for i in range(3):
+            await b.add(f"192.0.2.{i}/32", 600, "spamtrap")
+        b.mirror_max_rows = 2
+        await b.refresh_mirror()
+        self.assertIsNone(b.mirrored_at)
+        jobs = b.batcher.jobs
+        self.assertIsNone(await b.lookup("198.51.100.1"))
+        self.assertEqual(b.batcher.jobs, jobs + 1)
+
+    async def test_mirror_load_failure_is_logged_and_ages_out(self) -> None:
+        db = await self.make_db(cache_seconds=30)
+        b = db.blacklist
+        loaded_at = b.mirrored_at
+        from mppproxy.db import blacklist as module
+
+        def broken(*args: Any) -> Any:
+            raise OSError("disk on fire")
+
+        self.patch(module, "_load_all", broken)
+        events: list[dict] = []
+        from twisted.logger import globalLogPublisher
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.advance(16)
+        await b.refresh_mirror()
+        await b.refresh_mirror()
+        warnings = [e for e in events if "blacklist mirror not loaded" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)  # once per outage
+        self.assertEqual(b.mirrored_at, loaded_at)
+        self.assertFalse(b.mirror_fresh(self.clock.seconds() + 15))
 
     # -- batches (mppproxy/db/batch.py) --------------------------------------
 

@@ -7,9 +7,16 @@ Rows are keyed by the network in CIDR form, as ``client_key`` writes it
 for every network that could cover the address (33 for IPv4, 129 for
 IPv6: an IN over the primary key), so any prefix a policy uses is found.
 
-Cache: a listing is kept until it expires, an absence for
-``cache_seconds`` (other nodes' entries show within that time), and a
-local ``add`` is visible at once.  Both are bounded.
+Mirror (the hot path): with ``cache_seconds`` > 0 every unexpired entry
+is held in memory, loaded when the database starts and loaded again every
+half ``cache_seconds`` (one SELECT of the whole table), so a lookup is a
+few set probes and never waits for the database; a local ``add`` is
+visible at once and other nodes' entries within ``cache_seconds``.  An
+auto-blacklist holds the clients of the last hours, thousands of rows, not
+millions; past ``MIRROR_MAX_ROWS`` (or with ``cache_seconds`` = 0, or
+while the last good load is older than ``cache_seconds``: the database is
+not answering) lookups ask the database per client instead, with a
+listing kept until it expires and an absence for ``cache_seconds``.
 
 Database (``batch.py``): lookups that miss the cache and adds are done in
 batches, one transaction each, in the order they came: one SELECT for
@@ -21,12 +28,16 @@ wrote meanwhile) and one SELECT of what the adds left.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
@@ -37,6 +48,12 @@ from mppproxy.policy.services import BlacklistEntry
 
 if TYPE_CHECKING:
     from mppproxy.db.state import StateDatabase
+
+log = Logger()
+
+# Entries held in memory at most (~200 bytes each); a larger blacklist is
+# asked per client.
+MIRROR_MAX_ROWS = 100_000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -82,10 +99,19 @@ class _Add(NamedTuple):
 
 class SqlBlacklistStore:
     def __init__(self, database: "StateDatabase", cache_seconds: float,
-                 cache_size: int = DEFAULT_SIZE):
+                 cache_size: int = DEFAULT_SIZE, mirror_max_rows: int = MIRROR_MAX_ROWS):
         self._db = database
         self.cache_seconds = cache_seconds
         self.cache_size = cache_size
+        self.mirror_max_rows = mirror_max_rows
+        # When the mirror's last good load began (database clock); None:
+        # no mirror, lookups ask the database.
+        self.mirrored_at: Optional[float] = None
+        # Local adds not yet certain to be in a load: network -> (entry, when).
+        self._local: dict[str, tuple[BlacklistEntry, float]] = {}
+        self._mirror_loop = LoopingCall(self.refresh_mirror)
+        self._mirror_loop.clock = database.clock
+        self._mirror_failing = False
         # Known listings by network, and how many use each (version, prefix):
         # a lookup only builds the networks of prefixes in use.
         self._listed: dict[str, BlacklistEntry] = {}
@@ -108,7 +134,7 @@ class SqlBlacklistStore:
         entry = self._cached(ip, now)
         if entry is not None:
             return entry
-        if self._absent.get(str(ip), now):
+        if self.mirror_fresh(now) or self._absent.get(str(ip), now):
             return None
         entry = await self.batcher.submit(_Lookup(covering_networks(ip), now))
         if entry is not None:
@@ -123,7 +149,9 @@ class SqlBlacklistStore:
         network = normalise_network(network)
         now = self._now()
         reason = clip(reason, REASON_LENGTH)
-        self._remember(BlacklistEntry(network, reason, now + seconds), now)
+        entry = BlacklistEntry(network, reason, now + seconds)
+        self._remember(entry, now)
+        self._local[network] = (entry, now)
         entry = await self.batcher.submit(_Add(network, reason, now, now + seconds))
         self._remember(entry, self._now())
 
@@ -135,6 +163,67 @@ class SqlBlacklistStore:
         if statements is None:
             statements = self._statements[dialect] = _Statements(self._db.tables, dialect)
         return blacklist_batch(engine, statements, items)
+
+    # -- the mirror --------------------------------------------------------
+
+    def start_mirror(self) -> defer.Deferred:
+        """Load the mirror now and every half ``cache_seconds`` (nothing
+        with ``cache_seconds`` = 0).  Fires when the first load is done
+        (or failed: logged, lookups then ask the database)."""
+        if self.cache_seconds <= 0 or self._mirror_loop.running:
+            return defer.succeed(None)
+        d = self._mirror_loop.start(self.cache_seconds / 2, now=False)
+        d.addErrback(lambda f: log.failure("blacklist mirror stopped", f))
+        return self.refresh_mirror()
+
+    def stop_mirror(self) -> None:
+        if self._mirror_loop.running:
+            self._mirror_loop.stop()
+
+    def mirror_fresh(self, now: float) -> bool:
+        """Whether an address absent from memory is absent from the
+        database as of less than ``cache_seconds`` ago."""
+        return self.mirrored_at is not None and now - self.mirrored_at < self.cache_seconds
+
+    def refresh_mirror(self) -> defer.Deferred:
+        """Load every unexpired entry; never fails (a failure is logged
+        once per outage and the mirror ages out)."""
+        started = self._now()
+        d = self._db.run(_load_all, self._db.tables, started, self.mirror_max_rows + 1)
+        d.addCallbacks(self._mirror_loaded, self._mirror_failed, callbackArgs=(started,))
+        return d
+
+    def _mirror_loaded(self, rows: list[tuple[str, str, float]], started: float) -> None:
+        if self._mirror_failing:
+            log.info("blacklist mirror loaded again from {database}", database=self._db.name)
+            self._mirror_failing = False
+        if len(rows) > self.mirror_max_rows:
+            if self.mirrored_at is not None:
+                log.info("auto-blacklist holds more than {n} entries: asked per client from "
+                         "now on", n=self.mirror_max_rows)
+            self.mirrored_at = None
+            return
+        self._listed.clear()
+        self._prefixes.clear()
+        self._absent.clear()
+        for network, reason, expires in rows:
+            self._remember(BlacklistEntry(network, reason, expires), started, bounded=False)
+        # A local add whose row the load may have missed (written after
+        # it read) stays until a load that began after the add.
+        now = self._now()
+        for network, (entry, added) in list(self._local.items()):
+            if added < started - self.cache_seconds:
+                del self._local[network]
+            else:
+                self._remember(entry, now, bounded=False)
+        self.mirrored_at = started
+
+    def _mirror_failed(self, failure: Any) -> None:
+        if not self._mirror_failing:
+            log.warn("blacklist mirror not loaded: {error}; lookups ask the database while its "
+                     "last load is older than {seconds}s", error=failure.getErrorMessage(),
+                     seconds=self.cache_seconds)
+            self._mirror_failing = True
 
     # -- the cache ---------------------------------------------------------
 
@@ -153,7 +242,7 @@ class SqlBlacklistStore:
                 best = entry
         return best
 
-    def _remember(self, entry: BlacklistEntry, now: float) -> None:
+    def _remember(self, entry: BlacklistEntry, now: float, bounded: bool = True) -> None:
         old = self._listed.get(entry.network)
         if old is not None:
             if old.expires >= entry.expires:
@@ -161,7 +250,10 @@ class SqlBlacklistStore:
             self._forget(entry.network)
         if entry.expires <= now:
             return
-        if len(self._listed) >= self.cache_size:
+        if self.mirrored_at is not None and len(self._listed) >= self.mirror_max_rows:
+            # Grown past the mirror's bound by adds: a cache from now on.
+            self.mirrored_at = None
+        if bounded and self.mirrored_at is None and len(self._listed) >= self.cache_size:
             for network in [n for n, e in self._listed.items() if e.expires <= now]:
                 self._forget(network)
             while len(self._listed) >= self.cache_size:
@@ -184,6 +276,15 @@ class SqlBlacklistStore:
         self._listed.clear()
         self._prefixes.clear()
         self._absent.clear()
+
+
+def _load_all(engine: Engine, tables: StateTables, now: float,
+              limit: int) -> list[tuple[str, str, float]]:
+    """Every unexpired entry (at most ``limit``), for the mirror."""
+    b = tables.blacklist
+    query = select(b.c.network, b.c.reason, b.c.expires).where(b.c.expires > now).limit(limit)
+    with engine.connect() as conn:
+        return [(r[0], r[1], float(r[2])) for r in conn.execute(query)]
 
 
 def _prefix_key(network: str) -> tuple[int, int]:

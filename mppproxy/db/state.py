@@ -113,8 +113,16 @@ class StateDatabase:
                       "trying again on first use", database=self.name, error=f.getErrorMessage())
             return False
 
+        def mirror(ready: bool) -> defer.Deferred:
+            # The blacklist's lookups are answered from memory once this
+            # load is in (db/blacklist.py); a failed one is tried again.
+            loaded = self.blacklist.start_mirror()
+            loaded.addBoth(lambda _: ready)
+            return loaded
+
         d = self.run(lambda engine: True)
         d.addErrback(failed)
+        d.addCallback(mirror)
         return d
 
     def stop(self) -> defer.Deferred:
@@ -125,6 +133,7 @@ class StateDatabase:
             return defer.succeed(None)
         if self._purge_loop.running:
             self._purge_loop.stop()
+        self.blacklist.stop_mirror()
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
