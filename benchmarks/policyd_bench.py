@@ -426,6 +426,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "greylisting": grey, "results": results}, f, indent=1)
+    for s in servers:
+        # How the state database batched the run (logged by each process at stop).
+        for line in s.tail().splitlines():
+            if "state database" in line and "stopping:" in line:
+                log(f"{s.name}: {line.split('] ', 1)[-1]}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

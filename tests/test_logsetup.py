@@ -129,3 +129,43 @@ def test_batch_text_log_leaves_syslog_and_custom_observers():
     assert not batch_text_log(RunningClock(), publisher)
     Logger(observer=publisher).info("x")
     assert len(seen) == 1
+
+
+def test_every_kind_of_event_reads_as_twisteds_line():
+    """The fast path (str.format_map) and the fallbacks give twistd's text."""
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    events = [
+        event("plain {a} and {b!r} and {c:>5} {d[k]} {e.real}") | {
+            "a": "x", "b": "y", "c": 7, "d": {"k": "v"}, "e": 3},
+        event("a call {f()}") | {"f": lambda: "called"},
+        event("missing {nothing}"),
+        event("positional {0}"),
+        event("two\nlines {a}") | {"a": "x\ny"},
+        event("failed {why}") | {"why": "it", "log_failure": failure},
+        event("system") | {"log_system": "custom"},
+        event("system") | {"log_system": Boom()},
+        event(b"bytes {a}") | {"a": 1},
+        event("") ,
+        {"log_format": "no level", "log_time": 1_800_000_000.0},
+        {"message": ("legacy",), "log_time": 1_800_000_000.0, "log_format": "{log_text}",
+         "log_text": "legacy", "log_legacy": True, "log_level": LogLevel.info},
+        event("flat {a}") | {"a": 1, "log_flattened": {"a!:": "1"}},
+        event("no time") | {"log_time": None},
+    ]
+    for e in events:
+        clock = RunningClock()
+        out, ref = io.StringIO(), io.StringIO()
+        BatchedTextLogObserver(out, clock)(dict(e))
+        textFileLogObserver(ref)(dict(e))
+        clock.advance(0)
+        assert out.getvalue() == ref.getvalue(), e

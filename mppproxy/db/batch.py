@@ -42,8 +42,9 @@ Job = Callable[[Any, list[Any], float], Sequence[Any]]
 class Batcher(Generic[I, R]):
     """Queues ``submit``-ted items and runs ``job`` over them in batches.
 
-    ``jobs`` counts the jobs run and ``largest`` the biggest batch (tests
-    and benchmarks read them).
+    ``jobs`` counts the jobs run, ``items`` the calls they answered and
+    ``largest`` the biggest batch (tests, benchmarks and the log line at
+    stop read them).
     """
 
     def __init__(self, database: "StateDatabase", job: Job, max_batch: int = MAX_BATCH):
@@ -54,6 +55,7 @@ class Batcher(Generic[I, R]):
         self._running = False
         self._scheduled: Optional[Any] = None
         self.jobs = 0
+        self.items = 0
         self.largest = 0
 
     def submit(self, item: I) -> "defer.Deferred[R]":
@@ -76,6 +78,7 @@ class Batcher(Generic[I, R]):
         del self._queue[:self.max_batch]
         self._running = True
         self.jobs += 1
+        self.items += len(batch)
         self.largest = max(self.largest, len(batch))
         items = [item for item, _ in batch]
         d = self._db.run(self._job, items, float(self._db.clock.seconds()))

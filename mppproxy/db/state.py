@@ -134,6 +134,12 @@ class StateDatabase:
         if self._purge_loop.running:
             self._purge_loop.stop()
         self.blacklist.stop_mirror()
+        if state == "running":
+            g, b = self.greylist.batcher, self.blacklist.batcher
+            log.info("state database {database} stopping: greylist {g_items} calls in {g_jobs} "
+                     "jobs (largest {g_largest}), blacklist {b_items} in {b_jobs} (largest "
+                     "{b_largest})", database=self.name, g_items=g.items, g_jobs=g.jobs,
+                     g_largest=g.largest, b_items=b.items, b_jobs=b.jobs, b_largest=b.largest)
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
