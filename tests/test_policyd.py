@@ -106,6 +106,10 @@ class ScriptedEngine:
         self.records: list[TransactionRecord] = []
 
     async def on_recipient(self, facts: Facts, record: TransactionRecord) -> Optional[Reply]:
+        if facts.recipient.startswith("sync"):
+            # Decided from memory: no waiting at all.
+            self.records.append(record)
+            return None
         d: Deferred = Deferred()
         self.waiting.append((facts, d))
         self.records.append(record)
@@ -340,6 +344,32 @@ class FramingTests(SynchronousTestCase):
         self.assertIs(engine.records[0], engine.records[2])
         self.assertIsNot(engine.records[0], engine.records[1])
         self.assertEqual(answers(s.transport), ["DUNNO"] * 3)
+
+    def test_recipients_of_one_message_wait_for_each_other_in_order(self) -> None:
+        """Three recipients of one message behind a waiting one, the middle
+        one decided from memory: each starts only when the one before it is
+        done, and the answers keep the request order."""
+        engine = ScriptedEngine()
+        s = Server(engine=engine)
+        s.proto.dataReceived(request(recipient="a@example.com") + request(recipient="sync@example.com")
+                             + request(recipient="c@example.com")
+                             + request(recipient="sync2@example.com", instance="other"))
+        # The other message's recipient is answered from memory at once,
+        # but after the ones before it.
+        self.assertEqual([f.recipient for f, _ in engine.waiting], ["a@example.com"])
+        self.assertEqual(answers(s.transport), [])
+        engine.release("a@example.com", Reply(451, "4.7.1", "first"))
+        # sync ran as soon as a was done, then c started.
+        self.assertEqual([f.recipient for f, _ in engine.waiting], ["c@example.com"])
+        self.assertEqual(answers(s.transport), ["DEFER_IF_PERMIT first", "DUNNO"])
+        engine.release("c@example.com")
+        self.assertEqual(answers(s.transport), ["DEFER_IF_PERMIT first", "DUNNO", "DUNNO", "DUNNO"])
+        self.assertEqual(engine.most_running, 1)
+        self.assertIs(engine.records[0], engine.records[2])
+        self.assertIs(engine.records[0], engine.records[3])
+        # Nothing is left waiting on the message's record.
+        txn = s.factory.transaction(s.proto.peer, "7a3.5f2c1d.0.0")
+        self.assertIsNone(txn.tail)
 
     def test_many_connections_share_transactions_by_instance(self) -> None:
         """A message's record survives a reconnect from the same Postfix host."""

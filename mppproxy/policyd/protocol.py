@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 
 from mppproxy.policy.base import Facts, TransactionRecord
 from mppproxy.policyd.config import PolicydConfig
@@ -154,8 +155,9 @@ class PolicyTransaction:
     record: TransactionRecord = field(default_factory=TransactionRecord)
     # Headers of record.headers already sent as PREPEND.
     prepended: int = 0
-    # The evaluation still running for this message: the next recipient
-    # waits for it (the record is not safe to share concurrently).
+    # Fires when the evaluation still running for this message is done:
+    # the next recipient waits for it (the record is not safe to share
+    # concurrently).  None when nothing is running.
     tail: Optional[defer.Deferred] = None
 
 
@@ -358,8 +360,11 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._attrs, self._problem = {}, ""
         slot = _Slot()
         self._pending.append(slot)
-        d = self._decide(attrs, problem)
-        d.addCallback(self._answered, slot)
+        decided = self._decide(attrs, problem)
+        if isinstance(decided, str):
+            self._answered(decided, slot)
+        else:
+            decided.addCallback(self._answered, slot)
         if len(self._pending) >= self.factory.config.max_pending and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
@@ -385,25 +390,48 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     # -- deciding
 
-    def _decide(self, attrs: dict[str, str], problem: str) -> defer.Deferred:
-        """A Deferred that always fires with the action (never fails)."""
+    def _decide(self, attrs: dict[str, str], problem: str) -> "str | defer.Deferred":
+        """The action, or a Deferred that fires with it (never fails) when
+        the engine has to wait (DNS, the database)."""
         if not problem:
             problem = self._request_problem(attrs)
         if problem:
-            return defer.succeed(self._malformed(problem, attrs))
+            return self._malformed(problem, attrs)
         if attrs.get("protocol_state") != RCPT_STATE:
-            return defer.succeed(DUNNO)
+            return DUNNO
         factory = self.factory
         engine = factory.engine()
         if engine is None:
-            return defer.succeed(DUNNO)
+            return DUNNO
         client = attrs["client_address"]
         if factory.skip_trusted and factory.trusted(client):
-            return defer.succeed(DUNNO)
+            return DUNNO
         facts = facts_from_request(attrs)
         txn = factory.transaction(self.peer, attrs.get("instance", ""))
-        d = defer.Deferred.fromCoroutine(self._evaluate(engine, facts, txn))
+        coro = self._evaluate(engine, facts, txn)
+        # Most requests are decided from memory without waiting: those need
+        # no Deferred (the same shortcut as PolicyEngine._run_one).
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        except Exception:
+            return self._engine_failed(Failure(), facts)
+        # It waits on a Deferred, which drives the rest.  Later recipients
+        # of this message wait for it: the record is not safe to share
+        # between two evaluations at once.
+        d = defer.Deferred.fromCoroutine(coro)
         d.addErrback(self._engine_failed, facts)
+        gate: defer.Deferred = defer.Deferred()
+        txn.tail = gate
+
+        def release(action: str) -> str:
+            if txn.tail is gate:
+                txn.tail = None
+            gate.callback(None)
+            return action
+
+        d.addCallback(release)
         return d
 
     @staticmethod
@@ -431,35 +459,31 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         return action
 
     async def _evaluate(self, engine: Any, facts: Facts, txn: PolicyTransaction) -> str:
-        previous, done = txn.tail, defer.Deferred()
-        txn.tail = done
-        try:
-            if previous is not None:
-                await previous
-            record = txn.record
-            seen = len(record.recorded)
-            reply = await engine.on_recipient(facts, record)
-            if reply is not None:
-                action = action_for_reply(reply)
-            elif txn.prepended < len(record.headers):
-                name, value = record.headers[txn.prepended]
-                txn.prepended += 1
-                action = header_action(name, value)
-            else:
-                action = DUNNO
-            if action == DUNNO and not self.factory.config.log_dunno:
-                return action
-            log.info("policy {action} for {recipient} from {client}", action=action,
-                     mpp_event="policy_decision",
-                     recipient=facts.recipient, client=facts.client_ip, sender=facts.sender,
-                     helo=facts.helo, policy=record.policy, score=record.score,
-                     session_id=facts.session_id, queue_id=facts.queue_id,
-                     checks=[r.as_log() for r in record.recorded[seen:]])
+        previous = txn.tail
+        if previous is not None:
+            # Another recipient of this message is still being decided
+            # (the last one to wait, which waits for those before it).
+            await previous
+        record = txn.record
+        seen = len(record.recorded)
+        reply = await engine.on_recipient(facts, record)
+        if reply is not None:
+            action = action_for_reply(reply)
+        elif txn.prepended < len(record.headers):
+            name, value = record.headers[txn.prepended]
+            txn.prepended += 1
+            action = header_action(name, value)
+        else:
+            action = DUNNO
+        if action == DUNNO and not self.factory.config.log_dunno:
             return action
-        finally:
-            if txn.tail is done:
-                txn.tail = None
-            done.callback(None)
+        log.info("policy {action} for {recipient} from {client}", action=action,
+                 mpp_event="policy_decision",
+                 recipient=facts.recipient, client=facts.client_ip, sender=facts.sender,
+                 helo=facts.helo, policy=record.policy, score=record.score,
+                 session_id=facts.session_id, queue_id=facts.queue_id,
+                 checks=[r.as_log() for r in record.recorded[seen:]])
+        return action
 
     def _engine_failed(self, failure: Any, facts: Facts) -> str:
         action = self.factory.config.default_action
