@@ -113,9 +113,11 @@ class StateDatabase:
                       "trying again on first use", database=self.name, error=f.getErrorMessage())
             return False
 
-        def mirror(ready: bool) -> defer.Deferred:
+        def mirror(ready: bool) -> Any:
             # The blacklist's lookups are answered from memory once this
             # load is in (db/blacklist.py); a failed one is tried again.
+            if self._state != "running":  # stopped while the check ran
+                return ready
             loaded = self.blacklist.start_mirror()
             loaded.addBoth(lambda _: ready)
             return loaded

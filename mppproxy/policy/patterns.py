@@ -96,15 +96,20 @@ class NetworkSet:
 
     def __init__(self, networks: Iterable[str]):
         # version -> prefix length -> network addresses as integers
-        self._by_prefix: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
+        by_prefix: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
         for text in networks:
             net = ipaddress.ip_network(text.strip(), strict=False)
             if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped:
                 mapped = net.network_address.ipv4_mapped
                 net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
-            self._by_prefix[net.version].setdefault(net.prefixlen, set()).add(
-                int(net.network_address))
-        self._empty = not any(self._by_prefix.values())
+            by_prefix[net.version].setdefault(net.prefixlen, set()).add(int(net.network_address))
+        # version -> [(mask, networks)]: one AND and one set probe per
+        # prefix length in use (asked several times per recipient).
+        masks = {4: V4_MASKS, 6: V6_MASKS}
+        self._probes: dict[int, list[tuple[int, set[int]]]] = {
+            version: [(masks[version][prefix], nets) for prefix, nets in sorted(prefixes.items())]
+            for version, prefixes in by_prefix.items()}
+        self._empty = not any(self._probes.values())
 
     def __bool__(self) -> bool:
         return not self._empty
@@ -115,10 +120,8 @@ class NetworkSet:
         ip = parse_ip(host)
         if ip is None:
             return False
-        bits = 32 if ip.version == 4 else 128
         value = int(ip)
-        for prefix, nets in self._by_prefix[ip.version].items():
-            mask = ((1 << prefix) - 1) << (bits - prefix) if prefix else 0
+        for mask, nets in self._probes[ip.version]:
             if value & mask in nets:
                 return True
         return False
