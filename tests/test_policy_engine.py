@@ -387,6 +387,31 @@ def test_slow_check_times_out_and_scores_nothing():
     assert results == [None]
 
 
+def test_check_cancelled_by_something_else_is_a_failure_not_a_timeout():
+    """Only our own deadline makes a CancelledError a timeout (scores nothing);
+    any other cancellation is a failure (policy.on_error: tempfail)."""
+    clock = Clock()
+
+    class CancelledBlacklist(MemoryBlacklist):
+        async def lookup(self, client_ip: str) -> Optional[BlacklistEntry]:
+            d: Deferred = Deferred()
+            clock.callLater(0.5, d.cancel)
+            await d
+            return None
+
+    engine, _, _ = make_engine({"policy": {"check_timeout": 2}}, blacklist=CancelledBlacklist(clock),
+                               clock=clock)
+    results: list[Any] = []
+    record = TransactionRecord()
+    Deferred.fromCoroutine(engine.on_recipient(facts(), record)).addBoth(results.append)
+    clock.advance(0.6)
+    [reply] = results
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert record.recorded[-1].skipped == "error"
+    clock.advance(3)
+    assert not clock.getDelayedCalls()
+
+
 # -- templates ---------------------------------------------------------------------------------
 
 def test_site_template_overrides_builtin(tmp_path):

@@ -24,10 +24,12 @@ from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mppproxy.policy.base import (Action, Check, CheckResult, Facts, Recorded, Scope,
                                   TransactionRecord)
 from mppproxy.policy.config import PolicyConfig, PolicyEngineConfig
+from mppproxy.policy.deadlines import Deadlines
 from mppproxy.policy.patterns import AddressSet, DomainSet, NetworkSet
 from mppproxy.smtp.replies import Reply
 from mppproxy.templates import ReplyRenderer
@@ -88,6 +90,8 @@ class PolicyEngine:
         self.services = services
         self.renderer = renderer
         self.reactor = reactor
+        # policy.check_timeout for the checks that wait (one timer).
+        self.deadlines = Deadlines(reactor, engine_config.check_timeout)
         classes = check_classes()
         self._policies: dict[str, _PolicyRuntime] = {}
         self._domains: list[tuple[DomainSet, str]] = []
@@ -214,22 +218,28 @@ class PolicyEngine:
         # It waits on a Deferred: the Deferred drives the rest (an awaited
         # Deferred reads its own result, so resuming with None is safe).
         d = defer.Deferred.fromCoroutine(coro)
-        d.addTimeout(self.config.check_timeout, self.reactor)
+        self.deadlines.watch(d)
         try:
             return await d
-        except defer.TimeoutError:
+        except defer.CancelledError:
+            if not self.deadlines.expired(d):
+                return self._failed(check, facts, record, started, sys.exc_info()[1])
             log.warn("check {check} timed out after {seconds}s for {client}; it scores nothing",
                      check=check.name, seconds=self.config.check_timeout, client=facts.client_ip,
                      session_id=facts.session_id, queue_id=facts.queue_id)
             record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="timeout"))
             return CheckResult()
         except Exception as e:  # a failing check must never take the session with it
-            log.failure("check {check} failed for {client} after {ms} ms: {error}",
-                        check=check.name, client=facts.client_ip, error=str(e),
-                        ms=round((time.monotonic() - started) * 1000, 1),
-                        session_id=facts.session_id, queue_id=facts.queue_id)
-            record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
-            return None
+            return self._failed(check, facts, record, started, e)
+
+    def _failed(self, check: Check, facts: Facts, record: TransactionRecord, started: float,
+                error: Any) -> None:
+        log.failure("check {check} failed for {client} after {ms} ms: {error}",
+                    failure=Failure(error), check=check.name, client=facts.client_ip,
+                    error=str(error), ms=round((time.monotonic() - started) * 1000, 1),
+                    session_id=facts.session_id, queue_id=facts.queue_id)
+        record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
+        return None
 
     def _render(self, template: str, facts: Facts, policy: str, **extra: Any) -> Reply:
         context = {"client_ip": facts.client_ip, "helo": facts.helo, "sender": facts.sender,

@@ -125,6 +125,7 @@ class PolicyRuntime:
     def stop(self) -> defer.Deferred:
         if getattr(self, "health", None) is not None:
             self.health.stop()
+        self.engine.deadlines.stop()
         waits = [self.services.resolver.close()]
         if self.database is not None:
             waits.append(defer.maybeDeferred(self.database.stop))
