@@ -509,12 +509,15 @@ def _parse_block(block: bytes, max_line: int, max_attributes: int) -> Optional[d
     The caller then reads the request line by line and names the problem."""
     if not block or _CONTROL_IN_BLOCK.search(block):
         return None
-    lines = block.split(b"\n")
-    if len(lines) > max_attributes or max(map(len, lines)) >= max_line:
+    # A block shorter than max_line holds no over-long line (the usual case:
+    # Postfix's requests are about 1 KiB).
+    if len(block) >= max_line and max(map(len, block.split(b"\n"))) >= max_line:
         return None
     try:
-        pairs = [line.split("=", 1) for line in block.decode("utf-8").split("\n")]
-        attrs = dict(pairs)  # a line without "=" gives a 1-item list: ValueError
+        lines = block.decode("utf-8").split("\n")
+        if len(lines) > max_attributes:
+            return None
+        attrs = dict([line.split("=", 1) for line in lines])  # no "=": ValueError
     except (UnicodeDecodeError, ValueError):
         return None
     if len(attrs) != len(lines) or "" in attrs:
