@@ -82,12 +82,15 @@ class ProxyService(MultiService):
         if self.inherited_fds:
             self.adopted = adopt_listeners(self.reactor, self.inherited_fds, self.factory,
                                            self._stop_once)
+        elif self.config.workers > 1 and self.worker_argv is not None:
+            self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
+                                            self.config.workers)
+            for desc in self.config.listen:
+                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen)
+            self.workers.start()
         else:
             for desc in self.config.listen:
                 self._listen(desc)
-            if self.config.workers > 1 and self.worker_argv is not None:
-                self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv)
-                self.workers.start(self.config.workers - 1)
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         log.info("mppproxy {mode} starting, {target}", mode=self.config.mode,
@@ -121,6 +124,8 @@ class ProxyService(MultiService):
                 for desc in set(self.ports) - set(config.listen):
                     port = self.ports.pop(desc)
                     port.stopListening()
+                    if self.workers is not None:
+                        self.workers.forget(desc)
                 for desc in config.listen:
                     if desc not in self.ports:
                         self._listen(desc)

@@ -10,6 +10,19 @@ process accepting on them.  A connection stays with the process that
 accepted it, so everything kept per connection (an SMTP session, a
 Postfix policy client's per-message record) stays whole.
 
+Spreading the connections.  On one shared listening socket the kernel
+wakes every waiting process and the same one keeps winning the accept()
+race: 40 connections opened one after another all went to one process,
+which for the policy server (Postfix keeps its connections for minutes)
+left the other core idle.  So a TCP listener (``tcp:``/``tcp6:``) gets one
+socket per process, bound together with SO_REUSEPORT, and the kernel
+spreads new connections over them by address hash.  The main process
+binds them all (before twistd drops privileges: port 25 works) and hands
+each worker its own.  While a worker is down the main process accepts on
+that worker's socket too, so connections hashed to it do not wait for the
+restart; it stops a few seconds after the new worker has started.  Other
+listeners (``unix:``) stay one shared socket.
+
 The supervisor restarts a worker that dies (backing off when it cannot
 start), forwards SIGHUP to the workers and stops them with the main
 process.  A worker watches a pipe from the main process on its stdin:
@@ -20,8 +33,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -33,6 +47,9 @@ log = Logger()
 # starts again at 1 s.
 GOOD_RUN_SECONDS = 30
 MAX_BACKOFF_SECONDS = 60.0
+# Seconds the main process keeps accepting on a restarted worker's socket
+# (the new process needs about one to load the configuration and listen).
+TAKEOVER_GRACE_SECONDS = 5.0
 
 
 def parse_worker_fds(text: str) -> tuple[tuple[int, int], ...]:
@@ -43,38 +60,116 @@ def parse_worker_fds(text: str) -> tuple[tuple[int, int], ...]:
                  for fd, family in (item.split(":") for item in text.split(",")))
 
 
-class WorkerSupervisor:
-    """The main process's side: starts, restarts, signals and stops the
-    workers.  ``ports`` is the service's live dict of listening ports (a
-    reload may open or close some; a restarted worker gets those open
-    then); ``argv`` the twistd plugin arguments to repeat."""
+def reuseport_sockets(reactor: Any, desc: str, count: int) -> Optional[list[socket.socket]]:
+    """``count`` listening sockets for the TCP endpoint ``desc``, bound to
+    one address with SO_REUSEPORT (the first picks the port when ``desc``
+    says 0); None for any other kind of endpoint, or where the system has
+    no SO_REUSEPORT.  OSError if the address cannot be bound."""
+    from twisted.internet.endpoints import (TCP4ServerEndpoint, TCP6ServerEndpoint,
+                                            serverFromString)
 
-    def __init__(self, reactor: Any, ports: dict[str, Any], argv: list[str], what: str = "worker"):
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    endpoint = serverFromString(reactor, desc)
+    if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint):
+        return None
+    try:
+        port, interface, backlog = endpoint._port, endpoint._interface, endpoint._backlog
+    except AttributeError:  # a Twisted that keeps them elsewhere
+        return None
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+    if not interface:
+        interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((interface, port))
+            port = sock.getsockname()[1]
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class WorkerSupervisor:
+    """The main process's side: opens the listeners, starts, restarts,
+    signals and stops the workers.  ``ports`` is the service's live dict
+    of listening ports (a reload may open or close some; a restarted
+    worker gets those open then); ``argv`` the twistd plugin arguments to
+    repeat; ``count`` the number of processes, this one included."""
+
+    def __init__(self, reactor: Any, ports: dict[str, Any], argv: list[str], count: int,
+                 what: str = "worker"):
         self.reactor = reactor
         self.ports = ports
         self.argv = argv
+        self.count = count
         self.what = what
         self.processes: list[Any] = []
         self._failures: dict[int, int] = {}
+        # Per TCP listener: each worker's own SO_REUSEPORT socket.
+        self.worker_sockets: dict[str, list[socket.socket]] = {}
+        # Worker index -> ports this process accepts on for it while it is down.
+        self._takeovers: dict[int, list[Any]] = {}
+        self.factory: Any = None
         self.stopping = False
 
-    def start(self, count: int) -> None:
-        """Start ``count`` workers (none when nothing is listening)."""
+    def listen(self, desc: str, factory: Any, backlog: int,
+               fallback: Callable[[str], Any]) -> None:
+        """Open the listener ``desc`` for every process: SO_REUSEPORT
+        sockets for TCP (this process adopts the first), else
+        ``fallback(desc)``, which opens one socket shared by all.  A TCP
+        address that cannot be bound is left to ``fallback`` too, which
+        logs why."""
+        from mppproxy.service import with_backlog
+
+        try:
+            sockets = reuseport_sockets(self.reactor, with_backlog(desc, backlog), self.count)
+        except OSError:
+            sockets = None
+        if sockets is None:
+            fallback(desc)
+            return
+        own = sockets[0]
+        self.ports[desc] = self.reactor.adoptStreamPort(own.fileno(), own.family, factory)
+        own.close()  # adoptStreamPort holds its own copy
+        self.worker_sockets[desc] = sockets[1:]
+        self.factory = factory
+        log.info("listening on {endpoint} ({n} processes, SO_REUSEPORT)", endpoint=desc,
+                 n=self.count)
+
+    def forget(self, desc: str) -> None:
+        """A listener closed by a reload: its workers' sockets are closed
+        here (workers keep serving theirs until they restart)."""
+        for sock in self.worker_sockets.pop(desc, []):
+            sock.close()
+
+    def start(self) -> None:
+        """Start the workers (none when nothing is listening)."""
         if not self.ports:
             return
-        for index in range(count):
+        for index in range(self.count - 1):
             self._start(index)
 
-    def command(self) -> tuple[list[str], dict[int, Any]]:
-        """The command line and descriptors for a worker, from the
+    def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
+        """The command line and descriptors for worker ``index``, from the
         listeners open now."""
         fds: list[str] = []
         # fd 0 is a pipe from us: when we die the worker reads EOF and stops.
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
-        for port in self.ports.values():
-            fd = port.fileno()
+        for desc, port in self.ports.items():
+            own = self.worker_sockets.get(desc)
+            fd = own[index].fileno() if own else port.fileno()
+            family = own[index].family if own else port.socket.family
             child_fds[fd] = fd
-            fds.append(f"{fd}:{int(port.socket.family)}")
+            fds.append(f"{fd}:{int(family)}")
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "mppproxy", *self.argv, "--worker-fds", ",".join(fds)]
         return argv, child_fds
@@ -88,6 +183,7 @@ class WorkerSupervisor:
                 supervisor.processes.remove(self)
                 if supervisor.stopping or not supervisor.ports:
                     return
+                supervisor._take_over(index)
                 # Back off when a worker cannot start (say, the file on disk
                 # became invalid): 1, 2, 4 ... 60 s, reset after a good run.
                 failures = supervisor._failures.get(index, 0)
@@ -99,11 +195,29 @@ class WorkerSupervisor:
                          what=supervisor.what, index=index, reason=str(reason.value), delay=delay)
                 supervisor.reactor.callLater(delay, supervisor._start, index)
 
-        argv, child_fds = self.command()
+        argv, child_fds = self.command(index)
         worker = Worker()
         self.processes.append(worker)
         self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ.copy(),
                                   childFDs=child_fds)
+        if index in self._takeovers:
+            self.reactor.callLater(TAKEOVER_GRACE_SECONDS, self._hand_back, index, worker)
+
+    def _take_over(self, index: int) -> None:
+        """Accept on worker ``index``'s sockets here until it is back."""
+        if index in self._takeovers:
+            return
+        ports = []
+        for sockets in self.worker_sockets.values():
+            sock = sockets[index]
+            ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory))
+        self._takeovers[index] = ports
+
+    def _hand_back(self, index: int, worker: Any) -> None:
+        if worker not in self.processes:  # it died again meanwhile
+            return
+        for port in self._takeovers.pop(index, []):
+            port.stopListening()
 
     def signal_all(self, name: str) -> None:
         for proc in list(self.processes):
@@ -115,6 +229,10 @@ class WorkerSupervisor:
     def stop(self) -> None:
         self.stopping = True
         self.signal_all("TERM")
+        for ports in self._takeovers.values():
+            for port in ports:
+                port.stopListening()
+        self._takeovers.clear()
 
 
 def adopt_listeners(reactor: Any, fds: tuple[tuple[int, int], ...], factory: Any,

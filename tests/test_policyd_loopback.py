@@ -4,6 +4,7 @@ reactor with blocking socket clients in threads, and ``twistd mppproxy
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -149,6 +150,16 @@ def _policy_workers(port: int, main_pid: int) -> list[int]:
     return pids
 
 
+def _connection_owners(port: int) -> dict[int, int]:
+    """pid -> established connections it holds on ``port`` (server side)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    owners: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", out):
+        owners[int(pid)] = owners.get(int(pid), 0) + 1
+    return owners
+
+
 def test_twistd_policy_mode_with_workers(tmp_path):
     """`workers = 2` in policy mode: a second process answers on the same
     socket, reloads with the main process, is restarted when it dies, and
@@ -177,6 +188,18 @@ def test_twistd_policy_mode_with_workers(tmp_path):
     try:
         first = wait_for(lambda: _policy_workers(port, proc.pid), 20, what="policy worker")
         wait_for(lambda: log.read_text().count("inherited listeners") == 1, 20, what="worker ready")
+        assert "(2 processes, SO_REUSEPORT)" in log.read_text()
+        # Long-lived connections opened together land on both processes
+        # (one shared socket gave them all to one).
+        held = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(40)]
+        try:
+            owners = wait_for(lambda: _connection_owners(port), 10, what="accepted connections")
+            wait_for(lambda: sum(_connection_owners(port).values()) == 40, 10, what="all accepted")
+            owners = _connection_owners(port)
+            assert set(owners) == {proc.pid, first[0]} and min(owners.values()) >= 5, owners
+        finally:
+            for s in held:
+                s.close()
         # (trapped clients are refused for a while: other clients after)
         assert answers("trap@example.com", "192.0.2") == {"550 5.7.1 access denied"}
         assert answers("bob@example.com", "198.51.100") == {"DUNNO"}
@@ -186,11 +209,17 @@ def test_twistd_policy_mode_with_workers(tmp_path):
         wait_for(lambda: log.read_text().count("configuration reloaded") == 2, 20, what="both reloads")
         assert answers("bob@example.com", "203.0.113") == {"550 5.7.1 access denied"}
         os.kill(first[0], signal.SIGKILL)
+        # Before the restart (1 s back-off) the main process accepts on the
+        # dead worker's socket: every new connection is answered.
+        wait_for(lambda: "policy worker 0 ended" in log.read_text(), 10, what="worker death noticed")
+        assert answers("bob@example.com", "198.18.7", n=16) == {"550 5.7.1 access denied"}
+        assert not [p for p in _policy_workers(port, proc.pid) if p not in first]
         wait_for(lambda: [p for p in _policy_workers(port, proc.pid) if p not in first], 20,
                  what="restarted worker")
         wait_for(lambda: log.read_text().count("inherited listeners") == 2, 20,
                  what="restarted worker ready")
         assert "policy worker 0 ended" in log.read_text()
+        assert answers("bob@example.com", "198.18.8") == {"550 5.7.1 access denied"}
         # The main process dies hard: its worker must not serve on alone.
         workers = _policy_workers(port, proc.pid)
         os.kill(proc.pid, signal.SIGKILL)

@@ -100,13 +100,15 @@ class PolicyServerService(MultiService):
         if self.inherited_fds:
             self.adopted = adopt_listeners(self.reactor, self.inherited_fds, self.factory,
                                            self._stop_once)
+        elif self.config.workers > 1 and self.worker_argv is not None:
+            self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
+                                            self.config.workers, "policy worker")
+            for desc in self.config.policyd.listen:
+                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen)
+            self.workers.start()
         else:
             for desc in self.config.policyd.listen:
                 self._listen(desc)
-            if self.config.workers > 1 and self.worker_argv is not None:
-                self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
-                                                "policy worker")
-                self.workers.start(self.config.workers - 1)
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         log.info("mppproxy policy server starting (Postfix check_policy_service), "
@@ -137,6 +139,8 @@ class PolicyServerService(MultiService):
             # A worker's listeners are the main process's.
             for desc in set(self.ports) - set(config.policyd.listen):
                 self.ports.pop(desc).stopListening()
+                if self.workers is not None:
+                    self.workers.forget(desc)
             for desc in config.policyd.listen:
                 if desc not in self.ports:
                     self._listen(desc)
