@@ -336,8 +336,10 @@ def test_score_at_reject_threshold_refuses_before_greylisting(monkeypatch):
 
     monkeypatch.setitem(checks.REGISTRY, "dnsbl", Scorer)
     engine, _, _ = make_engine({"policies": {"default": {"greylisting": {"enabled": True}}}})
-    engine._policies["default"].scoring[4] = (Scorer(Settings(), engine.services),
-                                              engine._policies["default"].scoring[4][1])
+    # A scoring check the policy turns on (the engine keeps only enabled ones).
+    from mppproxy.policy.engine import Exemptions
+    engine._policies["default"].scoring.append((Scorer(Settings(), engine.services),
+                                                Exemptions(Settings())))
     reply, record = ask(engine, facts())
     assert (reply.code, reply.enhanced) == (550, "5.7.1")
     assert "listed in test.example" in reply.text

@@ -59,6 +59,8 @@ class Exemptions:
         self.clients = NetworkSet(getattr(settings, "whitelist_clients", ()))
         self.senders = AddressSet(getattr(settings, "whitelist_senders", ()))
         self.recipients = AddressSet(getattr(settings, "whitelist_recipients", ()))
+        # Most features have no exemptions: the engine then asks nothing.
+        self.active = bool(self.clients or self.senders or self.recipients)
 
     def why(self, facts: Facts) -> Optional[str]:
         if facts.client_ip in self.clients:
@@ -96,10 +98,13 @@ class PolicyEngine:
         self._policies: dict[str, _PolicyRuntime] = {}
         self._domains: list[tuple[DomainSet, str]] = []
         for name, policy in policies.items():
+            # Only the checks this policy turns on (a reload builds a new engine).
             self._policies[name] = _PolicyRuntime(
                 name, policy,
-                [self._build(classes[s], getattr(policy, s)) for s in SCORING_ORDER],
-                [self._build(classes[s], getattr(policy, s)) for s in FINAL_ORDER])
+                [self._build(classes[s], getattr(policy, s)) for s in SCORING_ORDER
+                 if getattr(policy, s).enabled],
+                [self._build(classes[s], getattr(policy, s)) for s in FINAL_ORDER
+                 if getattr(policy, s).enabled])
             if name != "default":
                 domains = DomainSet()
                 for d in policy.domains:
@@ -160,18 +165,29 @@ class PolicyEngine:
     async def _run(self, checks: Iterable[tuple[Check, Exemptions]], facts: Facts,
                    record: TransactionRecord) -> Optional[Reply]:
         for check, exemptions in checks:
-            if not check.settings.enabled:
-                continue
             name = check.name
             once = check.scope is Scope.TRANSACTION
             result = record.once.get(name) if once else None
             if result is None:
-                exempt = exemptions.why(facts)
+                exempt = exemptions.why(facts) if exemptions.active else None
                 if exempt is not None:
                     record.recorded.append(Recorded(name, CheckResult(), facts.recipient,
                                                     skipped=f"exempt {exempt}"))
                     continue
-                result = await self._run_one(check, facts, record)
+                started = time.monotonic()
+                coro = check.check(facts)
+                try:
+                    # Most checks finish without waiting (set lookups, cached
+                    # answers): those need no Deferred, no time limit and no
+                    # coroutine of ours.
+                    coro.send(None)
+                except StopIteration as done:
+                    result = done.value
+                except Exception:
+                    result = await self._wait(check, _raise_again(sys.exc_info()[1]), facts,
+                                              record, started)
+                else:
+                    result = await self._wait(check, coro, facts, record, started)
                 if result is None:
                     if self.config.on_error == "tempfail":
                         return self._render("tempfail", facts, facts.policy)
@@ -199,24 +215,14 @@ class PolicyEngine:
                                     facts, facts.policy, **dict(result.template_vars))
         return None
 
-    async def _run_one(self, check: Check, facts: Facts,
-                       record: TransactionRecord) -> Optional[CheckResult]:
-        """The check's result; a timeout scores nothing (a DNS list never
-        blocks mail by itself); another failure gives None (the caller
-        applies policy.on_error) after a log line saying why."""
-        started = time.monotonic()
-        coro = check.check(facts)
-        try:
-            # Most checks finish without waiting (set lookups, cached
-            # answers): those need no Deferred and no timeout timer, which
-            # were most of the engine's cost per recipient.
-            coro.send(None)
-        except StopIteration as done:
-            return done.value
-        except Exception:
-            coro = _raise_again(sys.exc_info()[1])
-        # It waits on a Deferred: the Deferred drives the rest (an awaited
-        # Deferred reads its own result, so resuming with None is safe).
+    async def _wait(self, check: Check, coro: Any, facts: Facts, record: TransactionRecord,
+                    started: float) -> Optional[CheckResult]:
+        """The result of a check that waits (``coro`` started): a timeout
+        scores nothing (a DNS list never blocks mail by itself); another
+        failure gives None (the caller applies policy.on_error) after a log
+        line saying why."""
+        # The Deferred drives the rest (an awaited Deferred reads its own
+        # result, so resuming with None is safe).
         d = defer.Deferred.fromCoroutine(coro)
         self.deadlines.watch(d)
         try:

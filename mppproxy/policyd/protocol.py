@@ -410,7 +410,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         txn = factory.transaction(self.peer, attrs.get("instance", ""))
         coro = self._evaluate(engine, facts, txn)
         # Most requests are decided from memory without waiting: those need
-        # no Deferred (the same shortcut as PolicyEngine._run_one).
+        # no Deferred (the same shortcut as PolicyEngine._run takes per check).
         try:
             coro.send(None)
         except StopIteration as done:
