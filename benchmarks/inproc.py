@@ -11,6 +11,7 @@ share on a busy machine.
     python3 benchmarks/inproc.py                 # us per message, best of 5 rounds
     python3 benchmarks/inproc.py --profile       # cProfile, top functions
     python3 benchmarks/inproc.py --opcodes       # Python opcodes per message (deterministic)
+    python3 benchmarks/inproc.py --corpus DIR    # relay DIR/*.eml (e.g. the scan corpus) instead
 
 Run from the repository (it puts the repository first on sys.path).  The
 numbers are for comparing two versions on the same machine, not absolute.
@@ -75,6 +76,15 @@ class ScriptedBackend:
         return True
 
 
+def _dot_stuffed(message: bytes) -> bytes:
+    """A message as DATA sends it: CRLF lines, dots doubled, the end mark."""
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines) + b".\r\n"
+
+
 def build(data_dir: str) -> tuple[SMTPServerFactory, ScriptedBackend]:
     config = load(None, None, {"backend": {"host": "127.0.0.1", "port": 2526},
                                "relay_domains": ["example.net"],
@@ -95,7 +105,15 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=4000, help="messages per round")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--opcodes", action="store_true")
+    ap.add_argument("--corpus", default="",
+                    help="relay these .eml files (one per session, in turn) instead of 1 KiB")
     a = ap.parse_args()
+    dialogues = [DIALOGUE]
+    if a.corpus:
+        dialogues = [DIALOGUE[:4] + [_dot_stuffed(open(os.path.join(a.corpus, name), "rb").read()),
+                                     DIALOGUE[5]]
+                     for name in sorted(os.listdir(a.corpus)) if name.endswith(".eml")]
+    turn = [0]
     factory, backend = build(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                           "results", "inproc-data"))
 
@@ -103,7 +121,9 @@ def main() -> None:
         session = factory.buildProtocol(CLIENT)
         transport = StringTransport(peerAddress=CLIENT, hostAddress=LOCAL)
         session.makeConnection(transport)
-        for data in DIALOGUE:
+        dialogue = dialogues[turn[0] % len(dialogues)]
+        turn[0] += 1
+        for data in dialogue:
             session.dataReceived(data)
             while backend.answer():
                 pass
