@@ -17,8 +17,8 @@ which for the policy server (Postfix keeps its connections for minutes)
 left the other core idle.  So a TCP listener (``tcp:``/``tcp6:``) gets one
 socket per process, bound together with SO_REUSEPORT, and the kernel
 spreads new connections over them by address hash.  The main process
-binds them all (before twistd drops privileges: port 25 works) and hands
-each worker its own.  While a worker is down the main process accepts on
+binds them all and hands each worker its own (a worker needs no right to
+bind port 25).  While a worker is down the main process accepts on
 that worker's socket too, so connections hashed to it do not wait for the
 restart; it stops a few seconds after the new worker has started.  Other
 listeners (``unix:``) stay one shared socket.
