@@ -37,6 +37,7 @@ TRAP_SECONDS = 2
 CONFIG = """\
 mode = "policy"
 data_dir = "{data}"
+workers = {workers}
 # loopback is not trusted here: Postfix's clients are 127.0.0.1
 trusted_networks = ["10.255.255.0/24"]
 [policyd]
@@ -65,13 +66,16 @@ class PolicyPostfix(PostfixBackend):
         return env
 
 
-@pytest.fixture(scope="module")
-def policy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+# One process, and two sharing the listener and the SQLite file (the setting
+# for a busy node): Postfix's connections then land on either.
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "workers-2"])
+def policy_server(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("policyd")
     conf = workdir / "policyd.toml"
     conf.write_text(CONFIG.format(data=workdir / "data", port=port, delay=GREY_DELAY,
-                                  trap_seconds=TRAP_SECONDS))
+                                  trap_seconds=TRAP_SECONDS, workers=request.param))
     log = workdir / "policyd.log"
     # The real thing: twistd --mode policy with its SQLite state database.
     proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "mppproxy", "--config", str(conf)],
