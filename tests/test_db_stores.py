@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest as stdlib_unittest
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import pytest
 from sqlalchemy import create_engine, event, select
 from twisted.internet import defer, reactor as _reactor, threads
 from twisted.internet.task import Clock, deferLater
@@ -1086,3 +1088,33 @@ def test_covering_networks_are_written_as_ipaddress_writes_them() -> None:
         assert covering_networks(ip) == [
             str(ipaddress.ip_network(f"{ip}/{p}", strict=False))
             for p in range(ip.max_prefixlen + 1)], address
+
+
+def test_begin_immediate_waits_for_another_writer_in_short_steps(tmp_path: Path, monkeypatch) -> None:
+    """SQLite: BEGIN IMMEDIATE is tried again every 0.2 ms while another
+    process writes (no busy handler's 1-100 ms sleeps), and gives up with
+    "database is locked" after SQLITE_BUSY_TIMEOUT."""
+    import sqlite3
+    import threading
+
+    from mppproxy.db import engine as db_engine
+
+    path = str(tmp_path / "state.sqlite")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode = WAL")
+    waiter = sqlite3.connect(path, isolation_level=None)
+    waiter.execute("PRAGMA busy_timeout = 0")
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.05, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    db_engine._begin_immediate(waiter)
+    waited = time.monotonic() - started
+    assert 0.04 < waited < 1.0, waited
+    waiter.execute("COMMIT")
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(db_engine, "SQLITE_BUSY_TIMEOUT", 0.1)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db_engine._begin_immediate(waiter)
+    holder.execute("COMMIT")
+    holder.close()
+    waiter.close()
