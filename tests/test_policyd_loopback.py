@@ -94,6 +94,19 @@ class PolicyServiceLoopbackTests(unittest.TestCase):
                          b"action=550 5.7.1 access denied\n\n")
 
 
+def _start_twistd_policy(tmp_path: Path, conf: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    """``twistd -n mppproxy --mode policy`` as a user starts it, in its own
+    process group (workers included); its log file."""
+    log = tmp_path / "twistd.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "mppproxy", "--mode", "policy", "-c", str(conf), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    return proc, log
+
+
 def test_twistd_policy_mode(tmp_path):
     """`twistd -n mppproxy --mode policy --listen ...` answers Postfix requests and reloads on SIGHUP."""
     port = free_port()
@@ -103,12 +116,7 @@ def test_twistd_policy_mode(tmp_path):
             '[policies.default.blacklist]\nenabled = false\n'
             '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
     conf.write_text(body)
-    log = tmp_path / "twistd.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "mppproxy", "--mode", "policy", "-c", str(conf), "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc, log = _start_twistd_policy(tmp_path, conf, port)
     try:
         def up() -> bool:
             assert proc.poll() is None, log.read_text()
@@ -171,13 +179,7 @@ def test_twistd_policy_mode_with_workers(tmp_path):
             '[policies.default.blacklist]\nenabled = false\n'
             '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
     conf.write_text(body)
-    log = tmp_path / "twistd.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "mppproxy", "--mode", "policy", "-c", str(conf), "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    proc, log = _start_twistd_policy(tmp_path, conf, port)
 
     def answers(recipient: str, network: str, n: int = 12) -> set[str]:
         # One connection per request: the kernel spreads them over both
