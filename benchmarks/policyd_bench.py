@@ -16,6 +16,7 @@ Servers:
 * ``postgrey``  Debian's postgrey (``apt-get install -y postgrey``; the
                 image's policy-rc.d keeps apt from starting it) on its own
                 --dbdir, --delay=300: greylisting only;
+* ``mppproxy-grey``  the same with greylisting only (what postgrey does);
 * ``mppproxy``  ``twistd -n mppproxy --mode policy``: access lists, spam
                 traps, thresholds and, when this build has the SQL store
                 (``mppproxy/db``), greylisting and the auto-blacklist with
@@ -83,6 +84,23 @@ max_messages = 100000
 enabled = {grey}
 [policies.default.greylisting]
 enabled = {grey}
+delay = {delay}
+"""
+
+
+# What postgrey does and nothing else: the same greylisting (SQL store), no
+# access lists, spam traps, thresholds or auto-blacklist.
+MPP_GREY_CONFIG = """\
+mode = "policy"
+data_dir = "{data}"
+workers = {workers}
+trusted_networks = ["127.0.0.0/8"]
+[policyd]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+[policies.default.blacklist]
+enabled = false
+[policies.default.greylisting]
+enabled = true
 delay = {delay}
 """
 
@@ -290,6 +308,7 @@ class Postgrey(Server):
 
 class Mppproxy(Server):
     name = "mppproxy"
+    template = MPP_CONFIG
 
     def __init__(self, workdir: str, greylisting: bool, database_url: str = "", workers: int = 1):
         super().__init__(workdir)
@@ -306,7 +325,7 @@ class Mppproxy(Server):
     def config(self) -> str:
         path = os.path.join(self.workdir, "policyd.toml")
         with open(path, "w") as f:
-            f.write(MPP_CONFIG.format(data=os.path.join(self.workdir, "data"), port=self.port,
+            f.write(self.template.format(data=os.path.join(self.workdir, "data"), port=self.port,
                                       bad=f".{BAD_SENDER_DOMAIN}".lstrip("."), trap=TRAP,
                                       grey="true" if self.greylisting else "false",
                                       delay=GREY_DELAY, workers=self.workers))
@@ -322,6 +341,19 @@ class Mppproxy(Server):
     def command(self) -> list[str]:
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                 "--pidfile=", "mppproxy", "--mode", "policy", "-c", self.config()]
+
+
+class MppproxyGreylisting(Mppproxy):
+    """mppproxy configured to do what postgrey does: greylisting only."""
+
+    name = "mppproxy-grey"
+    template = MPP_GREY_CONFIG
+
+    def __init__(self, workdir: str, database_url: str = "", workers: int = 1):
+        super().__init__(workdir, True, database_url, workers)
+        self.note = ("greylisting only, like postgrey (SQL store"
+                     + (f", {_shown_url(database_url)}" if database_url else ", SQLite") + ")"
+                     + (f"; workers = {workers}" if workers > 1 else ""))
 
 
 def _shown_url(url: str) -> str:
@@ -342,7 +374,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1000, help="untimed requests first")
     ap.add_argument("--conns", type=int, default=40)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--servers", default="postgrey,mppproxy")
+    ap.add_argument("--servers", default="postgrey,mppproxy",
+                    help="comma list of postgrey, mppproxy (the full policy), mppproxy-grey "
+                         "(greylisting only, what postgrey does)")
     ap.add_argument("--greylisting", choices=("auto", "on", "off"), default="auto",
                     help="greylisting in the 'mppproxy' server (auto: on when mppproxy/db exists)")
     ap.add_argument("--database-url", default="",
@@ -366,6 +400,8 @@ def main() -> int:
             servers.append(Postgrey(workdir))
         elif n == "mppproxy":
             servers.append(Mppproxy(workdir, grey, args.database_url, args.mpp_workers))
+        elif n == "mppproxy-grey":
+            servers.append(MppproxyGreylisting(workdir, args.database_url, args.mpp_workers))
         else:
             log(f"unknown server {n}")
             return 2
