@@ -105,7 +105,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.profile_first:
         profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(35)
+        pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(out.getvalue())
     print(f"first pass (database): {first / args.requests * 1e6:.1f} us/request on the reactor "
           f"thread (the database's own work runs in its threads)")
@@ -115,7 +115,7 @@ async def main(args: argparse.Namespace) -> None:
         await one_pass()
         profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(35)
+        pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(out.getvalue())
     else:
         best = min([await one_pass() for _ in range(5)])
@@ -130,6 +130,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--profile", action="store_true", help="cProfile a cached pass")
+    ap.add_argument("--sort", default="tottime", help="cProfile order (tottime, cumtime)")
+    ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--profile-first", action="store_true",
                     help="cProfile the first pass (requests that go to the database)")
     a = ap.parse_args()
