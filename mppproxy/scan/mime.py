@@ -53,7 +53,7 @@ a defect, and the whole parse is fuzzed (tests/test_mime.py).
 The feedparser's internals used (``_input``, ``_cur``, ``_msgstack``,
 ``_new_message``, ``_parse_headers``) are the same from Python 3.8 to
 3.13, and so are ``BufferedSubFile``'s ``_lines``, ``_eofstack`` and
-``_closed``, which ``_BoundedInput.readline`` reads in place of
+``_closed``, which ``_BoundedInput.__next__`` reads in place of
 ``BufferedSubFile.readline`` (the whole class is unchanged from 3.11 to
 3.13); the bound tests fail loudly if that changes.
 """
@@ -232,28 +232,37 @@ class _Stop(Exception):
 class _BoundedInput(BufferedSubFile):
     """The feedparser's line source, with our look at every line it takes.
 
-    ``readline`` is ``BufferedSubFile.readline`` and ``_BoundedParser.keep``
-    in one frame: it runs for every line of every message, and most lines
-    are body lines of a leaf part within the memory bound, which need only
-    their cost counted."""
+    ``__next__`` does ``BufferedSubFile.readline``'s work and
+    ``_BoundedParser.keep``'s in one frame: it runs for nearly every line of
+    every message (``for line in self._input``), and most lines are body
+    lines of a leaf part within the memory bound, which need only their
+    cost counted.  ``readline`` is the same, with "" for the false EOF."""
 
     def __init__(self, parser: "_BoundedParser"):
         super().__init__()
         self._parser = parser
 
     def readline(self) -> Any:
+        try:
+            return self.__next__()
+        except StopIteration:
+            return ""
+
+    def __next__(self) -> Any:
         lines = self._lines
         parser = self._parser
         while True:
             if not lines:
-                return "" if self._closed else NeedMoreData
+                if self._closed:
+                    raise StopIteration
+                return NeedMoreData
             line = lines.popleft()
             # As BufferedSubFile.readline: a boundary of any enclosing
             # multipart (RFC 2046 5.1.2) is a false EOF, innermost first.
             for ateof in reversed(self._eofstack):
                 if ateof(line):
                     lines.appendleft(line)
-                    return ""
+                    raise StopIteration
             cur = parser._cur
             # The common case of keep(), inline: a leaf's content line that
             # fits.  "--" lines may be boundaries of any level: keep() looks.
