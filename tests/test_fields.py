@@ -45,6 +45,8 @@ GRAMMARS = {
     "Sender": ADDRESS_LIST,
     "Message-ID": st.builds("<{}@{}>".format, DOT_ATOM, DOT_ATOM),
     "MIME-Version": st.just("1.0"),
+    "Subject": st.text("".join(map(chr, range(0x20, 0x7f))) + "\t", max_size=40),
+    "X-Mailer": st.text("".join(map(chr, range(0x20, 0x7f))) + "\t", max_size=40),
 }
 
 
@@ -109,6 +111,16 @@ def test_kinds_follow_the_strict_registry():
     assert field_kind("FROM") == "address" and field_kind("resent-bcc") == "address"
     assert field_kind("Date") == field_kind("Resent-Date") == "date"
     assert field_kind("X-Mailer") == field_kind("Received") == "unstructured"
+
+
+def test_header_factory_composes_each_class_once():
+    """The scan policy's registry gives the stock registry's classes, made
+    once per class however many field names come."""
+    factory = SCAN_POLICY.header_factory
+    for name in ("From", "Subject", "X-A", "X-B", "Content-Type"):
+        assert factory[name].__bases__ == STRICT.header_factory[name].__bases__
+    assert factory["X-A"] is factory["X-B"] is factory["Received"]
+    assert len(factory._composed) <= len(set(factory.registry.values())) + 1
 
 
 def test_plain_field_is_the_strict_header_on_demand():

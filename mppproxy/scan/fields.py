@@ -19,8 +19,8 @@ So every field goes through one of two ways:
 - *plain*: the unfolded value matches the small grammar below for its kind
   (a strict subset of what RFC 5322 / RFC 2045 / RFC 2183 allow, with no
   comments, quoting escapes, encoded words, 8-bit or control characters).
-  For such a value the strict parser finds no defect and, for the MIME
-  fields, gives the same text (tests/test_fields.py proves both over values
+  For such a value the strict parser finds no defect and, for the kinds
+  handed out as ``PlainField`` (below), gives the same text (tests/test_fields.py proves both over values
   generated from the grammar, on the running Python);
 - *strict*: anything else goes to the strict parser exactly as
   ``email.policy.default`` would send it.
@@ -30,13 +30,15 @@ on every field, for every field (no field is left unchecked); only the
 work is skipped where its result is known.
 
 ``ScanPolicy`` is ``email.policy.default`` except for
-``header_fetch_parse``: a plain Content-Type, Content-Disposition or
-Content-Transfer-Encoding comes back as a ``PlainField`` -- a ``str`` with
-the strict header's text, whose other attributes (``params``,
-``content_type``, ``defects``...) build the strict header on first use.
-The structure decisions read only the text (``Message.get_content_type``,
-``get_param``, ``get_boundary`` work on ``str(header)``), so they are the
-default policy's.  Every other field comes back as the strict header.
+``header_fetch_parse``: a plain Content-Type, Content-Disposition,
+Content-Transfer-Encoding or unstructured field (Subject, X-*, Received...)
+comes back as a ``PlainField`` -- a ``str`` with the strict header's text,
+whose other attributes (``params``, ``content_type``, ``defects``...)
+build the strict header on first use.  The structure decisions read only
+the text (``Message.get_content_type``, ``get_param``, ``get_boundary``
+work on ``str(header)``), so they are the default policy's; so do the
+header rules.  Every other field (addresses, dates, ids: the strict
+parser renders those its own way) comes back as the strict header.
 """
 from __future__ import annotations
 
@@ -87,8 +89,9 @@ def _printable_ascii(value: str) -> bool:
     return value.isprintable() or value.replace("\t", " ").isprintable()
 
 
-def _unstructured(value: str) -> bool:
-    return _printable_ascii(value)
+def _unstructured_text(value: str) -> Optional[str]:
+    # get_unstructured keeps every character and space of such a value.
+    return value if _printable_ascii(value) else None
 
 
 def _address_list(value: str) -> bool:
@@ -139,16 +142,18 @@ def _cte_text(value: str) -> Optional[str]:
     return value if _CTE.fullmatch(value) is not None else None
 
 
-# MIME kind -> the strict text of a plain value, or None
-_MIME_TEXT: dict[str, Callable[[str], Optional[str]]] = {
+# kind -> the strict header's text of a plain value, or None: the kinds
+# handed out as PlainField
+_PLAIN_TEXT: dict[str, Callable[[str], Optional[str]]] = {
+    "unstructured": _unstructured_text,
     "content-type": lambda value: _parameterized_text(_CONTENT_TYPE, value),
     "content-disposition": lambda value: _parameterized_text(_CONTENT_DISPOSITION, value),
     "content-transfer-encoding": _cte_text,
 }
 
-# other kind -> whether a value of that kind is plain
+# other kinds -> whether a value is plain (their text is the strict
+# parser's own rendering: they always come back as the strict header)
 _PLAIN: dict[str, Callable[[str], bool]] = {
-    "unstructured": _unstructured,
     "address": _address_list,
     "date": _date,
     "message-id": _message_id,
@@ -194,7 +199,7 @@ def is_clean(name: str, value: str) -> bool:
     field ``name: value`` (and not to fail on it); False: ask it."""
     kind = field_kind(name)
     value = unfold(value)
-    text = _MIME_TEXT.get(kind)
+    text = _PLAIN_TEXT.get(kind)
     if text is not None:
         return text(value) is not None
     check = _PLAIN.get(kind)
@@ -202,6 +207,24 @@ def is_clean(name: str, value: str) -> bool:
 
 
 # -- the policy -----------------------------------------------------------------
+
+class _Registry(registry.HeaderRegistry):
+    """``HeaderRegistry`` that composes each header class once: the stock
+    one builds a new class with ``type()`` on every header it parses.
+    Keyed by the registry's class, so it holds at most one entry per class
+    whatever field names a message brings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._composed: dict[type, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        cls = self.registry.get(name.lower(), self.default_class)
+        composed = self._composed.get(cls)
+        if composed is None:
+            composed = self._composed[cls] = super().__getitem__(name)
+        return composed
+
 
 class PlainField(str):
     """A plain MIME field: the strict header's text, and the strict header
@@ -231,17 +254,18 @@ class PlainField(str):
 
 class ScanPolicy(email.policy.EmailPolicy):
     """``email.policy.default`` whose ``header_fetch_parse`` returns a
-    ``PlainField`` for a plain MIME field (see the module docstring)."""
+    ``PlainField`` for a plain MIME or unstructured field (see the module
+    docstring)."""
 
     def header_fetch_parse(self, name: str, value: Any) -> Any:
         if hasattr(value, "name"):
             return value
         value = unfold(value)
-        text = _MIME_TEXT.get(field_kind(name))
+        text = _PLAIN_TEXT.get(field_kind(name))
         plain = text(value) if text is not None else None
         if plain is not None:
             return PlainField(name, plain)
         return self.header_factory(name, value)
 
 
-SCAN_POLICY = ScanPolicy()
+SCAN_POLICY = ScanPolicy(header_factory=_Registry())

@@ -38,9 +38,10 @@ attachment rules.  That parser costs 10-70 us a field, so:
 
 - each part reads each field through the policy once (``BoundedPart.get``;
   the feedparser alone asks for Content-Type several times per part);
-- a Content-Type, Content-Disposition or Content-Transfer-Encoding of the
-  plain forms of ``fields.py`` comes back as a ``PlainField``: the strict
-  header's exact text, the strict header itself made only if asked for;
+- a Content-Type, Content-Disposition, Content-Transfer-Encoding or
+  unstructured field of the plain forms of ``fields.py`` comes back as a
+  ``PlainField``: the strict header's exact text, the strict header itself
+  made only if asked for;
 - the defects of a field are the strict parser's, for every field of every
   part; only a field of a plain form, for which the strict parser is known
   to find nothing, does not run it (tests/test_fields.py checks both ways
@@ -557,7 +558,10 @@ def header_values(part: EmailMessage, name: str) -> list[str]:
         if raw_name.lower() != lower:
             continue
         try:
-            text = str(part.policy.header_fetch_parse(raw_name, raw_value))
+            if isinstance(part, BoundedPart):
+                text = str(part.field(raw_name, raw_value))
+            else:
+                text = str(part.policy.header_fetch_parse(raw_name, raw_value))
         except Exception:  # the strict parser failed: fall back to ours below
             text = ""
         if not text or "\ufffd" in text or not text.isprintable():
