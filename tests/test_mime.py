@@ -163,6 +163,23 @@ def test_chunking_does_not_change_the_result():
         assert again.message.as_bytes() == whole.message.as_bytes()
 
 
+@pytest.mark.parametrize("name", ["msg_05.txt", "msg_43.txt", "msg_02.txt", "msg_10.txt"])
+@pytest.mark.parametrize("size", [1, 13, 65536])
+def test_content_comes_out_as_the_plain_parser_has_it(name, size):
+    """Leaf content handed to the feedparser in runs of lines (delivery-status
+    blocks, "--" lines that are no boundary, blank lines, chunks that end
+    mid-line) comes out exactly as the plain parser has it."""
+    data = crlf((CORPUS / name).read_bytes())
+    data += msg("", "--not-a-boundary", "", "last line")
+    parsed = parse_message([data[i:i + size] for i in range(0, len(data), size)])
+    plain = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    ours = list(walk_parts(parsed.message))
+    theirs = list(plain.walk())
+    assert [p.get_payload() if not p.is_multipart() else p.preamble for p in ours] == [
+        p.get_payload() if not p.is_multipart() else p.preamble for p in theirs]
+    assert parsed.message.as_bytes() == plain.as_bytes()
+
+
 # -- the scanner -------------------------------------------------------------
 
 def test_default_actions_reject_dangerous_and_score_benign():

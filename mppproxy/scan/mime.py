@@ -237,7 +237,8 @@ class _BoundedInput(BufferedSubFile):
     ``_BoundedParser.keep``'s in one frame: it runs for nearly every line of
     every message (``for line in self._input``), and most lines are body
     lines of a leaf part within the memory bound, which need only their
-    cost counted.  ``readline`` is the same, with "" for the false EOF."""
+    cost counted; those go to the feedparser in runs (``_content_run``).
+    ``readline`` is the same, with "" for the false EOF."""
 
     def __init__(self, parser: "_BoundedParser"):
         super().__init__()
@@ -272,9 +273,35 @@ class _BoundedInput(BufferedSubFile):
                 cost = len(line) if line.isascii() else 4 * len(line)
                 if cost <= parser.room:
                     parser.room -= cost
-                    return line
+                    return self._content_run(line)
             if parser.keep(line):
                 return line
+
+    def _content_run(self, first: str) -> str:
+        """``first`` and the content lines after it that need no look
+        either, as one string.  The feedparser only appends a leaf's content
+        lines to its payload (``_parsegen``: "the entire rest of the file
+        contents becomes the payload"), so a run of them is the same to it
+        as the lines one by one, at one pass through its loop instead of
+        one per line.  A run ends before a line that is a false EOF, may be
+        a boundary ("--") or does not fit: that one comes on its own."""
+        lines = self._lines
+        eofstack = self._eofstack
+        parser = self._parser
+        run = [first]
+        while lines:
+            line = lines[0]
+            if line.startswith("--"):
+                break
+            for ateof in eofstack:
+                if ateof(line):
+                    return "".join(run)
+            cost = len(line) if line.isascii() else 4 * len(line)
+            if cost > parser.room:
+                break
+            parser.room -= cost
+            run.append(lines.popleft())
+        return "".join(run)
 
 
 class _BoundedParser(BytesFeedParser):
