@@ -4,6 +4,7 @@ and time, and fuzzing."""
 from __future__ import annotations
 
 import dataclasses
+import email.feedparser
 import email.parser
 import email.policy
 import time
@@ -19,7 +20,8 @@ from twisted.internet.task import Clock
 from mppproxy.policy.base import Action
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.config import DEFECT_KINDS, MimeCheckConfig, MimeDefectActions
-from mppproxy.scan.mime import PROBLEMS, ParsedMessage, header_values, parse_message, walk_parts
+from mppproxy.scan.mime import (PROBLEMS, ParsedMessage, _BoundedParser, _LineEndAtEnd, header_values,
+                                parse_message, walk_parts)
 from mppproxy.scan.scanners.mime_check import MimeCheckScanner, evaluate
 from mppproxy.templates import REFUSALS, ReplyRenderer
 
@@ -178,6 +180,16 @@ def test_content_comes_out_as_the_plain_parser_has_it(name, size):
     assert [p.get_payload() if not p.is_multipart() else p.preamble for p in ours] == [
         p.get_payload() if not p.is_multipart() else p.preamble for p in theirs]
     assert parsed.message.as_bytes() == plain.as_bytes()
+
+
+@given(st.text("\r\nx", max_size=12))
+def test_line_end_search_is_the_feedparsers(text):
+    """The feedparser's end-of-payload line-end search, from two characters
+    before the end, finds what the whole-string search finds."""
+    ours = _LineEndAtEnd(email.feedparser.NLCRE_eol).search(text)
+    theirs = email.feedparser.NLCRE_eol.search(text)
+    assert (ours and (ours.span(), ours.group(0))) == (theirs and (theirs.span(), theirs.group(0)))
+    assert _BoundedParser._parsegen.__code__ is email.feedparser.FeedParser._parsegen.__code__
 
 
 # -- the scanner -------------------------------------------------------------

@@ -56,12 +56,16 @@ The feedparser's internals used (``_input``, ``_cur``, ``_msgstack``,
 3.13, and so are ``BufferedSubFile``'s ``_lines``, ``_eofstack`` and
 ``_closed``, which ``_BoundedInput.__next__`` reads in place of
 ``BufferedSubFile.readline`` (the whole class is unchanged from 3.11 to
-3.13); the bound tests fail loudly if that changes.
+3.13); the bound tests fail loudly if that changes.  ``_parsegen`` runs
+the feedparser's own code with one global read differently
+(``_LineEndAtEnd``).
 """
 from __future__ import annotations
 
 import email.errors
+import email.feedparser
 import re
+import types
 from dataclasses import dataclass
 from email.feedparser import BufferedSubFile, BytesFeedParser, NeedMoreData
 from email.message import EmailMessage
@@ -304,7 +308,33 @@ class _BoundedInput(BufferedSubFile):
         return "".join(run)
 
 
+class _LineEndAtEnd:
+    """``email.feedparser.NLCRE_eol`` -- ``(\\r\\n|\\r|\\n)\\Z`` -- searched
+    from two characters before the end, the only places it can match: the
+    same match, without the regex engine trying every position of a
+    payload of megabytes (the feedparser searches each part's whole
+    payload after the part ends; ~90 us for 30 KiB)."""
+
+    def __init__(self, pattern: re.Pattern[str]):
+        self._pattern = pattern
+
+    def search(self, text: str) -> Optional[re.Match[str]]:
+        return self._pattern.search(text, max(0, len(text) - 2))
+
+
+def _with_fast_line_end(function: Any) -> Any:
+    """The feedparser's own ``function`` (its code, unchanged) reading
+    ``NLCRE_eol`` as ``_LineEndAtEnd``: in a copy of its module's globals,
+    so the email package itself is left as it is."""
+    module = email.feedparser
+    namespace = dict(vars(module), NLCRE_eol=_LineEndAtEnd(module.NLCRE_eol))
+    return types.FunctionType(function.__code__, namespace, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+
 class _BoundedParser(BytesFeedParser):
+    _parsegen = _with_fast_line_end(BytesFeedParser._parsegen)
+
     def __init__(self, limits: MimeCheckConfig, smtputf8: bool):
         super().__init__(_factory=BoundedPart, policy=POLICY)
         self._input = _BoundedInput(self)
