@@ -7,6 +7,7 @@ import dataclasses
 import email.feedparser
 import email.parser
 import email.policy
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -20,8 +21,8 @@ from twisted.internet.task import Clock
 from mppproxy.policy.base import Action
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.config import DEFECT_KINDS, MimeCheckConfig, MimeDefectActions
-from mppproxy.scan.mime import (PROBLEMS, ParsedMessage, _BoundedParser, _LineEndAtEnd, header_values,
-                                parse_message, walk_parts)
+from mppproxy.scan.mime import (PROBLEMS, ParsedMessage, _BoundedParser, _LineEndAtEnd, _unlike_boundaries,
+                                header_values, parse_message, walk_parts)
 from mppproxy.scan.scanners.mime_check import MimeCheckScanner, evaluate
 from mppproxy.templates import REFUSALS, ReplyRenderer
 
@@ -190,6 +191,22 @@ def test_line_end_search_is_the_feedparsers(text):
     theirs = email.feedparser.NLCRE_eol.search(text)
     assert (ours and (ours.span(), ours.group(0))) == (theirs and (theirs.span(), theirs.group(0)))
     assert _BoundedParser._parsegen.__code__ is email.feedparser.FeedParser._parsegen.__code__
+
+
+def test_only_boundary_matchers_are_skipped_in_content_runs():
+    """A content run skips the feedparser's boundary matchers (a line not
+    starting with "--" cannot match them) and asks every other one."""
+    import re
+
+    from mppproxy.scan.mime import _unlike_boundaries
+
+    # as FeedParser._parsegen builds it
+    separator = "--" + "=_b.ö(x)"
+    boundary = re.compile("(?P<sep>" + re.escape(separator)
+                          + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$").match
+    other = re.compile("-?x").match
+    assert _unlike_boundaries([boundary, email.feedparser.NLCRE.match, other, len]) == [
+        email.feedparser.NLCRE.match, other, len]
 
 
 # -- the scanner -------------------------------------------------------------

@@ -290,22 +290,39 @@ class _BoundedInput(BufferedSubFile):
         one per line.  A run ends before a line that is a false EOF, may be
         a boundary ("--") or does not fit: that one comes on its own."""
         lines = self._lines
-        eofstack = self._eofstack
         parser = self._parser
+        matchers = _unlike_boundaries(self._eofstack)
+        room = parser.room
         run = [first]
+        take = lines.popleft
+        keep = run.append
         while lines:
             line = lines[0]
-            if line.startswith("--"):
+            if line.startswith("--") or (matchers and any(m(line) for m in matchers)):
                 break
-            for ateof in eofstack:
-                if ateof(line):
-                    return "".join(run)
             cost = len(line) if line.isascii() else 4 * len(line)
-            if cost > parser.room:
+            if cost > room:
                 break
-            parser.room -= cost
-            run.append(lines.popleft())
+            room -= cost
+            keep(take())
+        parser.room = room
         return "".join(run)
+
+
+# What every boundary matcher of the feedparser's starts with: up to
+# Python 3.12 it builds them as
+# re.compile('(?P<sep>' + re.escape('--' + boundary) + ...).match.
+_BOUNDARY_MATCHER = "(?P<sep>" + re.escape("--")
+
+
+def _unlike_boundaries(eofstack: list[Any]) -> list[Any]:
+    """The false-EOF matchers that might match a line not starting with
+    "--": all but the boundary matchers (which need "--" first).  Any
+    other matcher is kept and asked (3.13's boundary matcher is a plain
+    function: correct, only slower)."""
+    return [m for m in eofstack
+            if not (isinstance(getattr(m, "__self__", None), re.Pattern)
+                    and m.__self__.pattern.startswith(_BOUNDARY_MATCHER))]
 
 
 class _LineEndAtEnd:
