@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from mppproxy.scan import fields, mime
 from mppproxy.scan.config import AttachmentConfig, AttachmentRule, MimeCheckConfig
 from mppproxy.scan.fields import SCAN_POLICY, STRICT, PlainField, field_kind, is_clean
-from mppproxy.scan.mime import parse_message, walk_parts
+from mppproxy.scan.mime import header_values, parse_message, walk_parts
 from mppproxy.scan.scanners.attachments import AttachmentScanner
 from mppproxy.scan.base import ScanInput
 
@@ -141,6 +141,17 @@ def test_plain_field_is_the_strict_header_on_demand():
     assert [p.get_content_type() for p in root.iter_attachments()] == ["application/pdf"]
     assert part.get_content() == b"%PDF-1.4\n"
     assert part["content-type"] is ctype  # read once per part
+
+
+def test_fields_read_in_bulk_are_not_kept():
+    """The defect check and the header rules read every field without
+    keeping the strict parser's objects: a part keeps only the fields asked
+    for by name (memory stays a small multiple of the header text)."""
+    data = msg("From: a@example.com", *[f"X-Enc: =?utf-8?q?value_{i}?=" for i in range(500)],
+               "Content-Type: text/plain; charset=\"=?x?q?y?=\"", "", "body")
+    root = parse_message([data]).message
+    assert len(header_values(root, "x-enc")) == 500
+    assert len(root._mpp_fields) <= 3
 
 
 def _defects_both_ways(data: bytes, monkeypatch, **kw):

@@ -190,11 +190,16 @@ class BoundedPart(EmailMessage):
                 return self.field(*key)
         return failobj
 
-    def field(self, name: str, value: str) -> Any:
-        """The policy's header object for the raw field, made once."""
+    def field(self, name: str, value: str, keep: bool = True) -> Any:
+        """The policy's header object for the raw field, made once.  Kept
+        only for fields asked for by name (``get``: a few per part, so the
+        strict parser's objects, many times their text, stay few); a read
+        of every field (defects, all Received:) passes ``keep=False``."""
         found = self._mpp_fields.get((name, value))
         if found is None:
-            found = self._mpp_fields[(name, value)] = self.policy.header_fetch_parse(name, value)
+            found = self.policy.header_fetch_parse(name, value)
+            if keep:
+                self._mpp_fields[(name, value)] = found
         return found
 
 
@@ -583,7 +588,7 @@ def _strict_field(part: Any, name: str, value: Any) -> Any:
     """The strict header object of a raw field (the one the part already
     made when it has one)."""
     if isinstance(part, BoundedPart):
-        return part.field(name, value)
+        return part.field(name, value, keep=False)
     return STRICT.header_fetch_parse(name, value)
 
 
@@ -633,7 +638,7 @@ def header_values(part: EmailMessage, name: str) -> list[str]:
             continue
         try:
             if isinstance(part, BoundedPart):
-                text = str(part.field(raw_name, raw_value))
+                text = str(part.field(raw_name, raw_value, keep=False))
             else:
                 text = str(part.policy.header_fetch_parse(raw_name, raw_value))
         except Exception:  # the strict parser failed: fall back to ours below
