@@ -105,6 +105,21 @@ def test_clean_table(name, value, clean):
         assert STRICT.header_fetch_parse(name, value).defects == ()
 
 
+@pytest.mark.parametrize("value, text", [
+    ("Sender 0 <s@example.com>", "Sender 0 <s@example.com>"),
+    ("\"Sender\" <s@example.com>", "Sender <s@example.com>"),
+    ("\"Doe, J.\"<j@example.com>,<k@example.com>", "\"Doe, J.\" <j@example.com>, k@example.com"),
+    ("a@example.com,b@example.com", "a@example.com, b@example.com"),
+])
+def test_plain_address_text_is_the_strict_rendering(value, text):
+    """A plain address list reads as the strict header renders it, and
+    its addresses are the strict header's."""
+    field = SCAN_POLICY.header_fetch_parse("To", value)
+    assert isinstance(field, PlainField)
+    assert str(field) == str(STRICT.header_fetch_parse("To", value)) == text
+    assert field.addresses == STRICT.header_fetch_parse("To", value).addresses
+
+
 def test_kinds_follow_the_strict_registry():
     """Each field is checked by the grammar of the class the strict
     registry reads it with; unknown fields are unstructured."""

@@ -12,7 +12,7 @@ decides the structure.  That parser costs 10-70 us a field: on the scan
 benchmark corpus most of the parse.  Yet for the fields real mail is made
 of -- ``text/plain; charset=us-ascii``, ``Name <a@example.com>``, a
 well-formed date -- its answer is known in advance: no defect, and a text
-equal to the unfolded value.
+that follows from the value.
 
 So every field goes through one of two ways:
 
@@ -20,8 +20,9 @@ So every field goes through one of two ways:
   (a strict subset of what RFC 5322 / RFC 2045 / RFC 2183 allow, with no
   comments, quoting escapes, encoded words, 8-bit or control characters).
   For such a value the strict parser finds no defect and, for the kinds
-  handed out as ``PlainField`` (below), gives the same text (tests/test_fields.py proves both over values
-  generated from the grammar, on the running Python);
+  handed out as ``PlainField`` (below), its text is what ``_PLAIN_TEXT``
+  renders; tests/test_fields.py checks both over values built from the
+  grammar, on the running Python;
 - *strict*: anything else goes to the strict parser exactly as
   ``email.policy.default`` would send it.
 
@@ -31,14 +32,17 @@ work is skipped where its result is known.
 
 ``ScanPolicy`` is ``email.policy.default`` except for
 ``header_fetch_parse``: a plain Content-Type, Content-Disposition,
-Content-Transfer-Encoding or unstructured field (Subject, X-*, Received...)
-comes back as a ``PlainField`` -- a ``str`` with the strict header's text,
-whose other attributes (``params``, ``content_type``, ``defects``...)
-build the strict header on first use.  The structure decisions read only
-the text (``Message.get_content_type``, ``get_param``, ``get_boundary``
-work on ``str(header)``), so they are the default policy's; so do the
-header rules.  Every other field (addresses, dates, ids: the strict
-parser renders those its own way) comes back as the strict header.
+Content-Transfer-Encoding, address list (From, To, Cc, Sender, Reply-To,
+Bcc, Resent-*) or unstructured field (Subject, X-*, Received...) comes
+back as a ``PlainField`` -- a ``str`` with the strict header's text (the
+strict parser renders parameters as name="value" and addresses as
+``headerregistry.Address`` does, so that is the text made here), whose
+other attributes (``params``, ``content_type``, ``addresses``,
+``defects``...) build the strict header on first use.  The structure
+decisions read only the text (``Message.get_content_type``,
+``get_param``, ``get_boundary`` work on ``str(header)``), so they are the
+default policy's; so do the header rules.  Dates, message ids and
+anything not plain come back as the strict header.
 """
 from __future__ import annotations
 
@@ -64,6 +68,11 @@ _PHRASE = rf"(?:{_ATEXT}+(?: {_ATEXT}+)*|\"[ !#-\[\]-~]+\")"
 _MAILBOX = rf"(?:{_PHRASE} ?<{_ADDR_SPEC}>|<{_ADDR_SPEC}>|{_ADDR_SPEC})"
 # RFC 5322 3.4 address-list of mailboxes only: no groups, no empty members.
 _ADDRESS_LIST = re.compile(rf"{_MAILBOX}(?:, ?{_MAILBOX})*")
+# One mailbox of such a list: (atoms, quoted text, addr-spec) or (<addr-spec>) or (addr-spec).
+_MAILBOX_PARTS = re.compile(rf"(?:, ?)?(?:(?:({_ATEXT}+(?: {_ATEXT}+)*)|\"([ !#-\[\]-~]+)\") ?"
+                            rf"<({_ADDR_SPEC})>|<({_ADDR_SPEC})>|({_ADDR_SPEC}))")
+# email._header_value_parser.SPECIALS: a display name holding one is quoted.
+_SPECIALS = frozenset('()<>@,:;."[]\\')
 # RFC 5322 3.6.4 msg-id with dot-atom-text on both sides.
 _MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
 # RFC 2045 4: "1.0" is the only version there is.
@@ -96,6 +105,25 @@ def _unstructured_text(value: str) -> Optional[str]:
 
 def _address_list(value: str) -> bool:
     return _printable_ascii(value) and _ADDRESS_LIST.fullmatch(value) is not None
+
+
+def _address_text(value: str) -> Optional[str]:
+    """The strict AddressHeader's text of a plain address list, None when
+    it is not plain: each mailbox as ``str(headerregistry.Address)`` renders
+    it ("Name <a@b>", or "a@b" without a name; a name with a special
+    quoted), joined by ", "."""
+    if not _address_list(value):
+        return None
+    out = []
+    for atoms, quoted, named, bracketed, bare in _MAILBOX_PARTS.findall(value):
+        name = atoms or quoted
+        if not name:
+            out.append(bracketed or bare)
+            continue
+        if not _SPECIALS.isdisjoint(name):
+            name = f'"{name}"'
+        out.append(f"{name} <{named}>")
+    return ", ".join(out)
 
 
 def _date(value: str) -> bool:
@@ -146,6 +174,7 @@ def _cte_text(value: str) -> Optional[str]:
 # handed out as PlainField
 _PLAIN_TEXT: dict[str, Callable[[str], Optional[str]]] = {
     "unstructured": _unstructured_text,
+    "address": _address_text,
     "content-type": lambda value: _parameterized_text(_CONTENT_TYPE, value),
     "content-disposition": lambda value: _parameterized_text(_CONTENT_DISPOSITION, value),
     "content-transfer-encoding": _cte_text,
@@ -154,7 +183,6 @@ _PLAIN_TEXT: dict[str, Callable[[str], Optional[str]]] = {
 # other kinds -> whether a value is plain (their text is the strict
 # parser's own rendering: they always come back as the strict header)
 _PLAIN: dict[str, Callable[[str], bool]] = {
-    "address": _address_list,
     "date": _date,
     "message-id": _message_id,
     "mime-version": _mime_version,

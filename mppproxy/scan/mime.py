@@ -38,9 +38,9 @@ attachment rules.  That parser costs 10-70 us a field, so:
 
 - each part reads each field through the policy once (``BoundedPart.get``;
   the feedparser alone asks for Content-Type several times per part);
-- a Content-Type, Content-Disposition, Content-Transfer-Encoding or
-  unstructured field of the plain forms of ``fields.py`` comes back as a
-  ``PlainField``: the strict header's exact text, the strict header itself
+- a Content-Type, Content-Disposition, Content-Transfer-Encoding,
+  address list or unstructured field of the plain forms of ``fields.py``
+  comes back as a ``PlainField``: the strict header's exact text, the strict header itself
   made only if asked for;
 - the defects of a field are the strict parser's, for every field of every
   part; only a field of a plain form, for which the strict parser is known
