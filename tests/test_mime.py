@@ -4,8 +4,10 @@ and time, and fuzzing."""
 from __future__ import annotations
 
 import dataclasses
+import email.feedparser
 import email.parser
 import email.policy
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -19,7 +21,8 @@ from twisted.internet.task import Clock
 from mppproxy.policy.base import Action
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.config import DEFECT_KINDS, MimeCheckConfig, MimeDefectActions
-from mppproxy.scan.mime import PROBLEMS, ParsedMessage, header_values, parse_message, walk_parts
+from mppproxy.scan.mime import (PROBLEMS, ParsedMessage, _BoundedParser, _LineEndAtEnd, _unlike_boundaries,
+                                header_values, parse_message, walk_parts)
 from mppproxy.scan.scanners.mime_check import MimeCheckScanner, evaluate
 from mppproxy.templates import REFUSALS, ReplyRenderer
 
@@ -161,6 +164,49 @@ def test_chunking_does_not_change_the_result():
         again = parse_message(parts)
         assert again.defects == whole.defects
         assert again.message.as_bytes() == whole.message.as_bytes()
+
+
+@pytest.mark.parametrize("name", ["msg_05.txt", "msg_43.txt", "msg_02.txt", "msg_10.txt"])
+@pytest.mark.parametrize("size", [1, 13, 65536])
+def test_content_comes_out_as_the_plain_parser_has_it(name, size):
+    """Leaf content handed to the feedparser in runs of lines (delivery-status
+    blocks, "--" lines that are no boundary, blank lines, chunks that end
+    mid-line) comes out exactly as the plain parser has it."""
+    data = crlf((CORPUS / name).read_bytes())
+    data += msg("", "--not-a-boundary", "", "last line")
+    parsed = parse_message([data[i:i + size] for i in range(0, len(data), size)])
+    plain = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    ours = list(walk_parts(parsed.message))
+    theirs = list(plain.walk())
+    assert [p.get_payload() if not p.is_multipart() else p.preamble for p in ours] == [
+        p.get_payload() if not p.is_multipart() else p.preamble for p in theirs]
+    assert parsed.message.as_bytes() == plain.as_bytes()
+
+
+@given(st.text("\r\nx", max_size=12))
+def test_line_end_search_is_the_feedparsers(text):
+    """The feedparser's end-of-payload line-end search, from two characters
+    before the end, finds what the whole-string search finds."""
+    ours = _LineEndAtEnd(email.feedparser.NLCRE_eol).search(text)
+    theirs = email.feedparser.NLCRE_eol.search(text)
+    assert (ours and (ours.span(), ours.group(0))) == (theirs and (theirs.span(), theirs.group(0)))
+    assert _BoundedParser._parsegen.__code__ is email.feedparser.FeedParser._parsegen.__code__
+
+
+def test_only_boundary_matchers_are_skipped_in_content_runs():
+    """A content run skips the feedparser's boundary matchers (a line not
+    starting with "--" cannot match them) and asks every other one."""
+    import re
+
+    from mppproxy.scan.mime import _unlike_boundaries
+
+    # as FeedParser._parsegen builds it
+    separator = "--" + "=_b.ö(x)"
+    boundary = re.compile("(?P<sep>" + re.escape(separator)
+                          + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$").match
+    other = re.compile("-?x").match
+    assert _unlike_boundaries([boundary, email.feedparser.NLCRE.match, other, len]) == [
+        email.feedparser.NLCRE.match, other, len]
 
 
 # -- the scanner -------------------------------------------------------------

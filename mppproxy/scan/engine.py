@@ -103,7 +103,11 @@ class ScanEngine:
         """Fires (result, None) or (None, why it failed); never fails."""
         started = time.monotonic()
         d = defer.Deferred.fromCoroutine(scanner.scan(message))
-        d.addTimeout(settings.timeout, self.reactor)
+        if not d.called:
+            # Only a scanner that waits (on an engine) can be late; the
+            # MIME, header and attachment rules answer at once, and a timer
+            # set and cancelled for them cost more than their scan.
+            d.addTimeout(settings.timeout, self.reactor)
 
         def ok(result: CheckResult) -> tuple[CheckResult, None]:
             return result, None

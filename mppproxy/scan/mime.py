@@ -28,35 +28,56 @@ parsed and whether it is in its header or its body, and so:
   SMTPUTF8, and boundary lines that RFC 2046's prefix match would take but
   Python's whole-line match does not.
 
-Policy: ``email.policy.default``, not ``compat32``.  The structure decisions
-(header/body split, content type, boundary) are made by the same feedparser
-and ``Message`` code under both; ``default`` adds the strict header parser,
-which finds header defects (InvalidHeaderDefect & co.) and decodes RFC 2047
-words and RFC 2231 parameters for the header and attachment rules.  That
-parser is the less robust one (it has had crashes on odd input), so every
-header access here is guarded and turns an exception into a defect, and the
-whole parse is fuzzed (tests/test_mime.py).
+Policy: ``email.policy.default``, not ``compat32``, read the cheap way
+where that gives the same answer (``fields.py``).  The structure decisions
+(header/body split, content type, boundary) are made by the same
+feedparser and ``Message`` code under both; ``default`` adds the strict
+header parser, which finds header defects (InvalidHeaderDefect & co.) and
+decodes RFC 2047 words and RFC 2231 parameters for the header and
+attachment rules.  That parser costs 10-70 us a field, so:
+
+- each part reads each field through the policy once (``BoundedPart.get``;
+  the feedparser alone asks for Content-Type several times per part);
+- a Content-Type, Content-Disposition, Content-Transfer-Encoding,
+  address list or unstructured field of the plain forms of ``fields.py``
+  comes back as a ``PlainField``: the strict header's exact text, the strict header itself
+  made only if asked for;
+- the defects of a field are the strict parser's, for every field of every
+  part; only a field of a plain form, for which the strict parser is known
+  to find nothing, does not run it (tests/test_fields.py checks both ways
+  give the same defects and the same structure).
+
+The strict parser is the less robust one (it has had crashes on odd
+input), so every header access here is guarded and turns an exception into
+a defect, and the whole parse is fuzzed (tests/test_mime.py).
 
 The feedparser's internals used (``_input``, ``_cur``, ``_msgstack``,
-``_new_message``, ``_parse_headers``) are the same from Python 3.8 to 3.13;
-the bound tests fail loudly if that changes.
+``_new_message``, ``_parse_headers``) are the same from Python 3.8 to
+3.13, and so are ``BufferedSubFile``'s ``_lines``, ``_eofstack`` and
+``_closed``, which ``_BoundedInput.__next__`` reads in place of
+``BufferedSubFile.readline`` (the whole class is unchanged from 3.11 to
+3.13); the bound tests fail loudly if that changes.  ``_parsegen`` runs
+the feedparser's own code with one global read differently
+(``_LineEndAtEnd``).
 """
 from __future__ import annotations
 
 import email.errors
-import email.policy
+import email.feedparser
 import re
+import types
 from dataclasses import dataclass
 from email.feedparser import BufferedSubFile, BytesFeedParser, NeedMoreData
 from email.message import EmailMessage
 from typing import Any, Iterable, Iterator, Optional
 
 from mppproxy.scan.config import MimeCheckConfig
+from mppproxy.scan.fields import SCAN_POLICY, STRICT, is_clean
 
 __all__ = ["BoundedPart", "Defect", "ParsedMessage", "parse_message", "parse_scan_input",
            "walk_parts", "header_values", "decode_text"]
 
-POLICY = email.policy.default
+POLICY = SCAN_POLICY
 # Slices fed to the parser: the parser's pending lines never hold more.
 FEED_SLICE = 65536
 # A line longer than this cannot be SMTP (RFC 5321 4.5.3.1.6: 1000 octets;
@@ -153,10 +174,33 @@ class BoundedPart(EmailMessage):
         self._mpp_phase = 0
         self._mpp_header_lines = 0
         self._mpp_header_bytes = 0
+        # (name, raw value) -> what the policy made of it
+        self._mpp_fields: dict[tuple[str, str], Any] = {}
 
     @property
     def truncated(self) -> bool:
         return self.elided_bytes > 0
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        """``Message.get``, each field read once: the feedparser alone asks
+        for Content-Type several times per part."""
+        lower = name.lower()
+        for key in self._headers:
+            if key[0].lower() == lower:
+                return self.field(*key)
+        return failobj
+
+    def field(self, name: str, value: str, keep: bool = True) -> Any:
+        """The policy's header object for the raw field, made once.  Kept
+        only for fields asked for by name (``get``: a few per part, so the
+        strict parser's objects, many times their text, stay few); a read
+        of every field (defects, all Received:) passes ``keep=False``."""
+        found = self._mpp_fields.get((name, value))
+        if found is None:
+            found = self.policy.header_fetch_parse(name, value)
+            if keep:
+                self._mpp_fields[(name, value)] = found
+        return found
 
 
 @dataclass(frozen=True)
@@ -196,22 +240,123 @@ class _Stop(Exception):
 
 
 class _BoundedInput(BufferedSubFile):
-    """The feedparser's line source, with our look at every line it takes."""
+    """The feedparser's line source, with our look at every line it takes.
+
+    ``__next__`` does ``BufferedSubFile.readline``'s work and
+    ``_BoundedParser.keep``'s in one frame: it runs for nearly every line of
+    every message (``for line in self._input``), and most lines are body
+    lines of a leaf part within the memory bound, which need only their
+    cost counted; those go to the feedparser in runs (``_content_run``).
+    ``readline`` is the same, with "" for the false EOF."""
 
     def __init__(self, parser: "_BoundedParser"):
         super().__init__()
         self._parser = parser
 
     def readline(self) -> Any:
+        try:
+            return self.__next__()
+        except StopIteration:
+            return ""
+
+    def __next__(self) -> Any:
+        lines = self._lines
+        parser = self._parser
         while True:
-            line = super().readline()
-            if line is NeedMoreData or not line:
+            if not lines:
+                if self._closed:
+                    raise StopIteration
+                return NeedMoreData
+            line = lines.popleft()
+            # As BufferedSubFile.readline: a boundary of any enclosing
+            # multipart (RFC 2046 5.1.2) is a false EOF, innermost first.
+            for ateof in reversed(self._eofstack):
+                if ateof(line):
+                    lines.appendleft(line)
+                    raise StopIteration
+            cur = parser._cur
+            # The common case of keep(), inline: a leaf's content line that
+            # fits.  "--" lines may be boundaries of any level: keep() looks.
+            if cur is not None and cur._mpp_kind == "leaf" and not line.startswith("--"):
+                # UTF-8 and other 8-bit octets come in as surrogates: 4 octets each.
+                cost = len(line) if line.isascii() else 4 * len(line)
+                if cost <= parser.room:
+                    parser.room -= cost
+                    return self._content_run(line)
+            if parser.keep(line):
                 return line
-            if self._parser.keep(line):
-                return line
+
+    def _content_run(self, first: str) -> str:
+        """``first`` and the content lines after it that need no look
+        either, as one string.  The feedparser only appends a leaf's content
+        lines to its payload (``_parsegen``: "the entire rest of the file
+        contents becomes the payload"), so a run of them is the same to it
+        as the lines one by one, at one pass through its loop instead of
+        one per line.  A run ends before a line that is a false EOF, may be
+        a boundary ("--") or does not fit: that one comes on its own."""
+        lines = self._lines
+        parser = self._parser
+        matchers = _unlike_boundaries(self._eofstack)
+        room = parser.room
+        run = [first]
+        take = lines.popleft
+        keep = run.append
+        while lines:
+            line = lines[0]
+            if line.startswith("--") or (matchers and any(m(line) for m in matchers)):
+                break
+            cost = len(line) if line.isascii() else 4 * len(line)
+            if cost > room:
+                break
+            room -= cost
+            keep(take())
+        parser.room = room
+        return "".join(run)
+
+
+# What every boundary matcher of the feedparser's starts with: up to
+# Python 3.12 it builds them as
+# re.compile('(?P<sep>' + re.escape('--' + boundary) + ...).match.
+_BOUNDARY_MATCHER = "(?P<sep>" + re.escape("--")
+
+
+def _unlike_boundaries(eofstack: list[Any]) -> list[Any]:
+    """The false-EOF matchers that might match a line not starting with
+    "--": all but the boundary matchers (which need "--" first).  Any
+    other matcher is kept and asked (3.13's boundary matcher is a plain
+    function: correct, only slower)."""
+    return [m for m in eofstack
+            if not (isinstance(getattr(m, "__self__", None), re.Pattern)
+                    and m.__self__.pattern.startswith(_BOUNDARY_MATCHER))]
+
+
+class _LineEndAtEnd:
+    """``email.feedparser.NLCRE_eol`` -- ``(\\r\\n|\\r|\\n)\\Z`` -- searched
+    from two characters before the end, the only places it can match: the
+    same match, without the regex engine trying every position of a
+    payload of megabytes (the feedparser searches each part's whole
+    payload after the part ends; ~90 us for 30 KiB)."""
+
+    def __init__(self, pattern: re.Pattern[str]):
+        self._pattern = pattern
+
+    def search(self, text: str) -> Optional[re.Match[str]]:
+        return self._pattern.search(text, max(0, len(text) - 2))
+
+
+def _with_fast_line_end(function: Any) -> Any:
+    """The feedparser's own ``function`` (its code, unchanged) reading
+    ``NLCRE_eol`` as ``_LineEndAtEnd``: in a copy of its module's globals,
+    so the email package itself is left as it is."""
+    module = email.feedparser
+    namespace = dict(vars(module), NLCRE_eol=_LineEndAtEnd(module.NLCRE_eol))
+    return types.FunctionType(function.__code__, namespace, function.__name__,
+                              function.__defaults__, function.__closure__)
 
 
 class _BoundedParser(BytesFeedParser):
+    _parsegen = _with_fast_line_end(BytesFeedParser._parsegen)
+
     def __init__(self, limits: MimeCheckConfig, smtputf8: bool):
         super().__init__(_factory=BoundedPart, policy=POLICY)
         self._input = _BoundedInput(self)
@@ -219,8 +364,9 @@ class _BoundedParser(BytesFeedParser):
         self.smtputf8 = smtputf8
         self.parts = 0
         self.depth = 0
-        self.kept = 0
         self.header_total = 0
+        # Octets of memory_bytes not yet taken by header sections or kept content.
+        self.room = limits.memory_bytes
         self.truncated = False
         self.defects: list[Defect] = []
         self.defect_count = 0
@@ -290,8 +436,8 @@ class _BoundedParser(BytesFeedParser):
             return True
         # UTF-8 and other 8-bit octets come in as surrogates: 4 octets each.
         cost = len(line) if line.isascii() else 4 * len(line)
-        if self.kept + self.header_total + cost <= self.limits.memory_bytes:
-            self.kept += cost
+        if cost <= self.room:
+            self.room -= cost
             return True
         cur.elided_bytes += len(line)
         self.truncated = True
@@ -301,6 +447,7 @@ class _BoundedParser(BytesFeedParser):
         cur._mpp_header_lines += 1
         cur._mpp_header_bytes += len(line)
         self.header_total += len(line)
+        self.room -= len(line)
         if cur._mpp_header_lines > self.limits.max_header_lines:
             raise _Stop("too_many_headers", f"more than {self.limits.max_header_lines} header lines"
                         f" in part {cur.part_number}")
@@ -420,8 +567,11 @@ def _collect_defects(parser: _BoundedParser, root: BoundedPart) -> None:
         for name, value in part.raw_items():
             lower = name.lower()
             names[lower] = names.get(lower, 0) + 1
+            if isinstance(value, str) and is_clean(name, value):
+                # fields.py: the strict parser would find nothing here
+                continue
             try:
-                header = part.policy.header_fetch_parse(name, value)
+                header = _strict_field(part, name, value)
                 defects = getattr(header, "defects", ())
             except Exception as e:  # the strict header parser's bug, recorded
                 parser.add_defect("parse_error", f"header {name[:40]!r}: {type(e).__name__}",
@@ -432,6 +582,14 @@ def _collect_defects(parser: _BoundedParser, root: BoundedPart) -> None:
         for lower in sorted(_SINGLE):
             if names.get(lower, 0) > 1:
                 parser.add_defect("header_duplicate", f"{lower} {names[lower]} times", number)
+
+
+def _strict_field(part: Any, name: str, value: Any) -> Any:
+    """The strict header object of a raw field (the one the part already
+    made when it has one)."""
+    if isinstance(part, BoundedPart):
+        return part.field(name, value, keep=False)
+    return STRICT.header_fetch_parse(name, value)
 
 
 def _email_defect(parser: _BoundedParser, defect: Any, part: int, prefix: str = "") -> None:
@@ -479,7 +637,10 @@ def header_values(part: EmailMessage, name: str) -> list[str]:
         if raw_name.lower() != lower:
             continue
         try:
-            text = str(part.policy.header_fetch_parse(raw_name, raw_value))
+            if isinstance(part, BoundedPart):
+                text = str(part.field(raw_name, raw_value, keep=False))
+            else:
+                text = str(part.policy.header_fetch_parse(raw_name, raw_value))
         except Exception:  # the strict parser failed: fall back to ours below
             text = ""
         if not text or "\ufffd" in text or not text.isprintable():
