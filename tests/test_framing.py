@@ -277,6 +277,27 @@ class LineLengthTests(SynchronousTestCase):
         self.assertIs(reader.error, DataError.LINE_TOO_LONG)
         self.assertFalse(reader.done)
 
+    def test_line_length_verdict_matches_a_line_by_line_count(self) -> None:
+        """Random messages (lines around the limit, dot lines, any chunking):
+        LINE_TOO_LONG exactly when some line, unstuffed, passes max_line - 2."""
+        import random
+
+        rng = random.Random(5321)
+        for _ in range(300):
+            max_line = rng.choice((20, 100, 1000))
+            lines = []
+            for _ in range(rng.randrange(1, 12)):
+                n = rng.choice((0, 1, max_line - 3, max_line - 2, max_line - 1, rng.randrange(max_line * 2)))
+                lines.append(("." if rng.random() < 0.2 else "") + "x" * n)
+            # the client's dot-stuffing: a line starting with "." gets another
+            wire = b"".join(b"." + line.encode() + b"\r\n" if line.startswith(".") else
+                            line.encode() + b"\r\n" for line in lines) + b".\r\n"
+            expected = max(len(line) for line in lines) > max_line - 2
+            size = rng.choice((1, 2, 3, 5, 17, 64, 999, 4096))
+            run = feed(by_size(wire, size), max_line=max_line)
+            got = run.error is DataError.LINE_TOO_LONG
+            self.assertEqual(got, expected, (max_line, size, [len(x) for x in lines]))
+
     def test_max_line_is_configurable(self) -> None:
         """The limit follows ``max_line``."""
         wire = b"x" * 1500 + b"\r\n.\r\n"
