@@ -119,20 +119,40 @@ class DataReader:
             self.error = DataError.TOO_BIG
         # RFC 5321 4.5.3.1.6: the 1000 octets do not count the dot added for
         # transparency, so lines are measured after unstuffing.
-        lines = unstuffed.split(b"\r\n")
-        first = self._line_len + len(lines[0])
-        if len(lines) > 1:
-            self._line_len = len(lines[-1])
-            longest = max(first, max(map(len, lines[1:])))
-        else:
-            self._line_len = longest = first
-        if longest > self._max_text and self.error is None:
+        if self._too_long(unstuffed) and self.error is None:
             self.error = DataError.LINE_TOO_LONG
         if self.error is not None:
             return
         # Undo dot-stuffing (RFC 5321 4.5.2): a line that starts with a dot
         # had one added by the client.
         self._sink(unstuffed)
+
+
+    def _too_long(self, content: bytes) -> bool:
+        """Whether a line of ``content`` (CRLF line ends, its first line
+        continuing the chunk before) is longer than max_line allows, and
+        the length of its last, unfinished line for the next chunk."""
+        first_break = content.find(b"\r\n")
+        if first_break < 0:
+            self._line_len += len(content)
+            return self._line_len > self._max_text
+        first = self._line_len + first_break
+        last_break = content.rfind(b"\r\n")
+        self._line_len = len(content) - last_break - 2
+        if first > self._max_text or self._line_len > self._max_text:
+            return True
+        # The lines between.  A line longer than max_text would hold, whole,
+        # one of the stretches of `window` = (max_text + 2) // 2 octets laid
+        # end to end from `start` (a run of 2 * window - 1 octets without LF
+        # covers one), so if every stretch holds an LF no line is too long:
+        # a find in C per stretch instead of a list of every line.  The
+        # exact count runs only when a stretch has no LF.
+        start, end = first_break + 2, last_break
+        window = (self._max_text + 2) // 2
+        if all(content.find(b"\n", i, i + window) >= 0
+               for i in range(start, end - window + 1, window)):
+            return False
+        return max(map(len, content[start:end].split(b"\r\n"))) > self._max_text
 
 
 def dot_stuff(chunk: bytes, at_line_start: bool) -> bytes:
