@@ -6,7 +6,7 @@
 #   benchmarks/scan.sh --quick                         # clamd+spamd, first 60 msgs (~12 min)
 #   benchmarks/scan.sh                                 # clamd+spamd, 200 msgs x 1,5,20 (~40 min)
 #   benchmarks/scan.sh --profile relay-only --reps 2   # mppproxy: MIME + attachment checks, no engines
-#   benchmarks/scan.sh --profile clamd-only --mpp-workers 2   # mppproxy with `workers = 2`
+#   benchmarks/scan.sh --profile clamd-only --mpp-workers 1   # one mppproxy process (default: 2)
 # Other options go to the anchors' scanbench.py (--conc, --count, --anchors,
 # --reps, --workers, --warmup).  mppproxy is configured from
 # benchmarks/scan-mppproxy.toml.in (see its header for what differs from
@@ -50,7 +50,8 @@ if ((${#need[@]})); then
   }
 fi
 
-# --mpp-workers N (ours, not scanbench.py's): mppproxy's `workers` (default 1)
+# --mpp-workers N (ours, not scanbench.py's): mppproxy's `workers` (the
+# template's: 2)
 mpp_workers=
 args=()
 while (($#)); do
@@ -95,8 +96,7 @@ case "$profile" in
   *) echo "$0: unknown profile $profile" >&2; exit 1 ;;
 esac
 if [ -n "$mpp_workers" ]; then
-  # a top-level key: it must come before the first table
-  sed -i "0,/^mode = /s//workers = $mpp_workers\nmode = /" "$tmpl"
+  sed -i "s/^workers = .*/workers = $mpp_workers/" "$tmpl"
 fi
 
 stamp=$profile-$(date -u +%Y%m%dT%H%M%SZ)
