@@ -59,7 +59,8 @@ GREY_DELAY = 300
 TRAP = "spamtrap"
 BAD_SENDER_DOMAIN = "bad-sender.example"
 
-MPP_CONFIG = """\
+# What both mppproxy configurations share.
+_MPP_SERVER = """\
 mode = "policy"
 data_dir = "{data}"
 workers = {workers}
@@ -67,6 +68,9 @@ workers = {workers}
 trusted_networks = ["127.0.0.0/8"]
 [policyd]
 listen = ["tcp:{port}:interface=127.0.0.1"]
+"""
+
+MPP_CONFIG = _MPP_SERVER + """\
 [policies.default.access]
 whitelist_clients = ["192.0.2.0/24", "2001:db8::/32"]
 blacklist_clients = ["203.0.113.0/24"]
@@ -90,13 +94,7 @@ delay = {delay}
 
 # What postgrey does and nothing else: the same greylisting (SQL store), no
 # access lists, spam traps, thresholds or auto-blacklist.
-MPP_GREY_CONFIG = """\
-mode = "policy"
-data_dir = "{data}"
-workers = {workers}
-trusted_networks = ["127.0.0.0/8"]
-[policyd]
-listen = ["tcp:{port}:interface=127.0.0.1"]
+MPP_GREY_CONFIG = _MPP_SERVER + """\
 [policies.default.blacklist]
 enabled = false
 [policies.default.greylisting]
