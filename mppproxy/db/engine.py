@@ -75,21 +75,32 @@ def make_engine(url: URL, config: DatabaseConfig) -> Engine:
 
 # Seconds between tries of BEGIN IMMEDIATE while another process writes.
 SQLITE_RETRY_INTERVAL = 0.0002
+_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT * 1000)
 
 
 def _begin_immediate(dbapi_connection: Any) -> None:
     """BEGIN IMMEDIATE, tried again every SQLITE_RETRY_INTERVAL while
     another process holds the write lock, for at most SQLITE_BUSY_TIMEOUT
-    (then the "database is locked" error goes up, as with a busy timeout)."""
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
-    while True:
-        try:
-            dbapi_connection.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() >= deadline:
-                raise
-            time.sleep(SQLITE_RETRY_INTERVAL)
+    (then the "database is locked" error goes up, as with a busy timeout).
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between tries: long
+    next to a write transaction of ours (well under 1 ms), and two worker
+    processes then spent more time asleep than writing.  So it is off for
+    this statement only; every other statement keeps it (switching the
+    journal to WAL, reading while another process does so)."""
+    dbapi_connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(SQLITE_RETRY_INTERVAL)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
 
 def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
@@ -107,12 +118,7 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         # be a deferred BEGIN only before DML.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        # No busy handler: SQLite's sleeps 1, 2, 5, 10 ... ms between tries,
-        # long next to a write transaction of ours (well under 1 ms), and
-        # two worker processes then spent more time asleep than writing.
-        # _begin_immediate retries every 0.2 ms instead; nothing else of
-        # ours can meet a lock (WAL readers never wait).
-        cursor.execute("PRAGMA busy_timeout = 0")
+        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if not is_memory_sqlite(url):
             cursor.execute("PRAGMA journal_mode = WAL")
             # WAL with synchronous=NORMAL: a commit is not fsync'ed, only
