@@ -204,13 +204,21 @@ class WorkerSupervisor:
             self.reactor.callLater(TAKEOVER_GRACE_SECONDS, self._hand_back, index, worker)
 
     def _take_over(self, index: int) -> None:
-        """Accept on worker ``index``'s sockets here until it is back."""
+        """Accept on worker ``index``'s sockets here until it is back.  A
+        socket that cannot be adopted (no descriptor left) is logged and
+        left to the restarted worker; the restart is scheduled anyway."""
         if index in self._takeovers:
             return
         ports = []
-        for sockets in self.worker_sockets.values():
+        for desc, sockets in self.worker_sockets.items():
             sock = sockets[index]
-            ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory))
+            try:
+                ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                                          self.factory))
+            except OSError as e:
+                log.error("cannot accept on {what} {index}'s socket of {endpoint} while it "
+                          "is down: {error}", what=self.what, index=index, endpoint=desc,
+                          error=str(e))
         self._takeovers[index] = ports
 
     def _hand_back(self, index: int, worker: Any) -> None:
