@@ -8,19 +8,17 @@ running keep the snapshot they began with, and no open session is dropped.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mppproxy.config.load import ConfigError
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.gateway import SessionGateway, make_context, resolve_hostname
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
+from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
@@ -28,7 +26,7 @@ from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
 log = Logger()
 
 
-class ProxyService(MultiService):
+class ProxyService(ReloadOnHup, MultiService):
     """The edge proxy (and, in all-in-one mode, local delivery)."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -91,8 +89,7 @@ class ProxyService(MultiService):
         else:
             for desc in self.config.listen:
                 self._listen(desc)
-        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.reload_on_hup()
         log.info("mppproxy {mode} starting, {target}", mode=self.config.mode,
                  target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
                          if self.config.backend else
@@ -101,54 +98,31 @@ class ProxyService(MultiService):
     def _listen(self, desc: str) -> None:
         listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc)
 
-    def reload(self) -> defer.Deferred:
-        """SIGHUP: read the configuration again and swap it in."""
-        if self.reload_config is None:
-            return defer.succeed(None)
-        log.info("SIGHUP: reloading configuration")
-        d = deferToThread(self.reload_config)
-
-        def apply(config: ProxyConfig) -> None:
-            os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
-            self._update_policy(config)
-            ctx, tls = self._build_factory_parts(config)
-            old_ctx = self._ctx
-            assert self.factory is not None
-            self._ctx = ctx
-            self.factory.config = config
-            self.factory.make_handler = lambda: SessionGateway(ctx)
-            self.factory.tls_context = tls
-            self.factory.is_trusted = ctx.trusted
-            self.factory.hostname = ctx.hostname
-            if not self.inherited_fds:
-                for desc in set(self.ports) - set(config.listen):
-                    port = self.ports.pop(desc)
-                    port.stopListening()
-                    if self.workers is not None:
-                        self.workers.forget(desc)
-                for desc in config.listen:
-                    if desc not in self.ports:
-                        self._listen(desc)
-            if self.workers is not None:
-                self.workers.signal_all("HUP")
-            self.config = config
-            if old_ctx is not None and old_ctx.pool is not None:
-                # Idle backend connections follow the old settings; running
-                # sessions still hold their own and give them back later.
-                old_ctx.pool.close_all()
-            log.info("configuration reloaded")
-
-        def failed(f: Any) -> None:
-            if f.check(ConfigError):
-                log.error("reload failed, keeping the running configuration:\n{errors}",
-                          errors=str(f.value))
-            else:
-                log.failure("reload failed, keeping the running configuration", f)
-
-        # addCallback then addErrback: a failure inside apply() is reported too.
-        d.addCallback(apply)
-        d.addErrback(failed)
-        return d
+    def apply(self, config: ProxyConfig) -> None:
+        """Swap in a new, already validated configuration (``reload``)."""
+        os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
+        self._update_policy(config)
+        ctx, tls = self._build_factory_parts(config)
+        old_ctx = self._ctx
+        assert self.factory is not None
+        self._ctx = ctx
+        self.factory.config = config
+        self.factory.make_handler = lambda: SessionGateway(ctx)
+        self.factory.tls_context = tls
+        self.factory.is_trusted = ctx.trusted
+        self.factory.hostname = ctx.hostname
+        if not self.inherited_fds:
+            # A worker's listeners are the main process's.
+            sync_listeners(self.ports, config.listen, self._listen,
+                           self.workers.forget if self.workers is not None else None)
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
+        self.config = config
+        if old_ctx is not None and old_ctx.pool is not None:
+            # Idle backend connections follow the old settings; running
+            # sessions still hold their own and give them back later.
+            old_ctx.pool.close_all()
+        log.info("configuration reloaded")
 
     def stopService(self) -> Any:
         if self.workers is not None:

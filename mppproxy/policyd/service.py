@@ -11,19 +11,17 @@ stay open and requests in flight finish with the engine they began with.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mppproxy.config.load import ConfigError
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.gateway import TrustedNetworks, resolve_hostname
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.policyd.protocol import PolicyServerFactory
+from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
 
 log = Logger()
@@ -40,7 +38,7 @@ def open_database(config: ProxyConfig, reactor: Any) -> Optional[Any]:
     return database
 
 
-class PolicyServerService(MultiService):
+class PolicyServerService(ReloadOnHup, MultiService):
     """``twistd mppproxy --mode policy``."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -109,8 +107,7 @@ class PolicyServerService(MultiService):
         else:
             for desc in self.config.policyd.listen:
                 self._listen(desc)
-        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.reload_on_hup()
         log.info("mppproxy policy server starting (Postfix check_policy_service), "
                  "default action {action}", action=self.config.policyd.default_action)
 
@@ -120,16 +117,6 @@ class PolicyServerService(MultiService):
         return listen_on(self.reactor, desc, self.factory, self.config.listen_backlog,
                          self.ports, desc, "policy server")
 
-    def reload(self) -> defer.Deferred:
-        """SIGHUP: read the configuration again and swap it in."""
-        if self.reload_config is None:
-            return defer.succeed(None)
-        log.info("SIGHUP: reloading configuration")
-        d = deferToThread(self.reload_config)
-        d.addCallback(self.apply)
-        d.addErrback(self._reload_failed)
-        return d
-
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration."""
         assert self.runtime is not None
@@ -137,26 +124,14 @@ class PolicyServerService(MultiService):
         self._configure_factory(config)
         if not self.inherited_fds:
             # A worker's listeners are the main process's.
-            for desc in set(self.ports) - set(config.policyd.listen):
-                self.ports.pop(desc).stopListening()
-                if self.workers is not None:
-                    self.workers.forget(desc)
-            for desc in config.policyd.listen:
-                if desc not in self.ports:
-                    self._listen(desc)
+            sync_listeners(self.ports, config.policyd.listen, self._listen,
+                           self.workers.forget if self.workers is not None else None)
         if self.workers is not None:
             self.workers.signal_all("HUP")
         self.config = config
         if not config.policy.enabled:
             log.warn("policy.enabled is false: every policy request is answered DUNNO")
         log.info("configuration reloaded")
-
-    def _reload_failed(self, f: Any) -> None:
-        if f.check(ConfigError):
-            log.error("reload failed, keeping the running configuration:\n{errors}",
-                      errors=str(f.value))
-        else:
-            log.failure("reload failed, keeping the running configuration", f)
 
     def stopService(self) -> Any:
         if self.workers is not None:

@@ -9,17 +9,15 @@ they began with; listeners are opened and closed to match.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from mppproxy.config.load import ConfigError
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.scanservice.core import ScanRuntime
 from mppproxy.scanservice.http import make_site
 from mppproxy.scanservice.smtp import ScanSessionHandler
@@ -29,7 +27,7 @@ from mppproxy.tlsconfig import server_context
 log = Logger()
 
 
-class ScanService(MultiService):
+class ScanService(ReloadOnHup, MultiService):
     """``twistd mppproxy --mode scan``."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -81,8 +79,7 @@ class ScanService(MultiService):
             log.critical("scanservice.smtp_listen and http_listen are both empty: nothing to serve")
         for key in wanted:
             self._listen(key)
-        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.reload_on_hup()
         log.info("mppproxy scan service starting: nothing is relayed, verdicts only")
 
     def _listen(self, key: tuple[str, str]) -> defer.Deferred:
@@ -91,16 +88,6 @@ class ScanService(MultiService):
         kind, desc = key
         return listen_on(self.reactor, desc, self.smtp_factory if kind == "smtp" else self.site,
                          self.config.listen_backlog, self.ports, key, f"scan service ({kind})")
-
-    def reload(self) -> defer.Deferred:
-        """SIGHUP: read the configuration again and swap it in."""
-        if self.reload_config is None:
-            return defer.succeed(None)
-        log.info("SIGHUP: reloading configuration")
-        d = deferToThread(self.reload_config)
-        d.addCallback(self.apply)
-        d.addErrback(self._reload_failed)
-        return d
 
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration."""
@@ -116,20 +103,8 @@ class ScanService(MultiService):
         self.smtp_factory.config = config
         for request_class in (self.site.requestFactory,):
             request_class.max_body = config.limits.max_message_size
-        wanted = self._wanted(config)
-        for key in set(self.ports) - set(wanted):
-            self.ports.pop(key).stopListening()
-        for key in wanted:
-            if key not in self.ports:
-                self._listen(key)
+        sync_listeners(self.ports, self._wanted(config), self._listen)
         log.info("configuration reloaded")
-
-    def _reload_failed(self, f: Any) -> None:
-        if f.check(ConfigError):
-            log.error("reload failed, keeping the running configuration:\n{errors}",
-                      errors=str(f.value))
-        else:
-            log.failure("reload failed, keeping the running configuration", f)
 
     def stopService(self) -> Any:
         if self.smtp_factory is not None:
