@@ -190,13 +190,7 @@ class OutboundMessage:
         if self.body is not None:
             yield self.body
             return
-        skip = self.offset
-        for chunk in self.spool.chunks():
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            yield chunk[skip:] if skip else chunk
-            skip = 0
+        yield from self.chunks_after_header()
 
     def header_section(self) -> bytes:
         """The message's own header fields (not the prefix), each line with
@@ -218,6 +212,8 @@ class OutboundMessage:
         return b"".join(self.chunks_after_header())
 
     def chunks_after_header(self) -> Iterator[bytes]:
+        """The spool's content from ``offset`` on (past the header fields
+        once they were split off)."""
         skip = self.offset
         for chunk in self.spool.chunks():
             if skip >= len(chunk):

@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 
+from twisted.logger import Logger
+
 from mppproxy.policy.base import Action, CheckResult
+
+log = Logger()
 
 __all__ = ["Action", "CheckResult", "ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth"]
 
@@ -108,6 +112,18 @@ class Scanner:
 
     async def scan(self, message: ScanInput) -> CheckResult:
         raise NotImplementedError
+
+    def over_max_size(self, message: ScanInput) -> Optional[CheckResult]:
+        """For engines with a ``max_size`` setting: the "not scanned" result
+        (a reason, no score, logged) of a message over it, so the engine's
+        own limit is never the one that speaks; None when it fits."""
+        limit = self.settings.max_size
+        if message.size <= limit:
+            return None
+        log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
+                 scanner=self.name, queue_id=message.queue_id, size=message.size)
+        return CheckResult(reasons=(f"{self.name}: not scanned, {message.size} octets "
+                                    f"over {limit}",))
 
     async def health(self) -> EngineHealth:
         """Version and signature age, for the start-up log and the periodic

@@ -217,6 +217,15 @@ class StreamClient:
     or being opened right now (never more than ``max_connections``).
     """
 
+    @classmethod
+    def for_settings(cls, name: str, reactor: Any, address: str, settings: Any) -> "StreamClient":
+        """The client an engine's settings describe (``timeout``,
+        ``connect_timeout``, ``max_connections``, ``retries``, ``retry_delay``)."""
+        return cls(name, reactor, address, timeout=settings.timeout,
+                   connect_timeout=settings.connect_timeout,
+                   max_connections=settings.max_connections, retries=settings.retries,
+                   retry_delay=settings.retry_delay)
+
     def __init__(self, name: str, reactor: Any, address: str, *, timeout: float,
                  connect_timeout: float, max_connections: int, retries: int,
                  retry_delay: float):

@@ -79,17 +79,12 @@ class ClamdScanner(Scanner):
 
     def __init__(self, settings: ClamdConfig, reactor: Any):
         super().__init__(settings, reactor)
-        self.client = StreamClient(
-            self.name, reactor, settings.address, timeout=settings.timeout,
-            connect_timeout=settings.connect_timeout, max_connections=settings.max_connections,
-            retries=settings.retries, retry_delay=settings.retry_delay)
+        self.client = StreamClient.for_settings(self.name, reactor, settings.address, settings)
 
     async def scan(self, message: ScanInput) -> CheckResult:
-        if message.size > self.settings.max_size:
-            log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
-                     scanner=self.name, queue_id=message.queue_id, size=message.size)
-            return CheckResult(reasons=(f"clamd: not scanned, {message.size} octets "
-                                        f"over {self.settings.max_size}",))
+        too_big = self.over_max_size(message)
+        if too_big is not None:
+            return too_big
         reply = await self.client.request(lambda: self._instream(message), _parse_line, MAX_REPLY)
         if reply == "stream: OK":
             return CheckResult()

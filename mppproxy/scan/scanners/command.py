@@ -119,11 +119,9 @@ class CommandScanner(Scanner):
 
     async def scan(self, message: ScanInput) -> CheckResult:
         settings = self.settings
-        if message.size > settings.max_size:
-            log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
-                     scanner=self.name, queue_id=message.queue_id, size=message.size)
-            return CheckResult(reasons=(f"{self.name}: not scanned, {message.size} octets "
-                                        f"over {settings.max_size}",))
+        too_big = self.over_max_size(message)
+        if too_big is not None:
+            return too_big
         d = Deferred.fromCoroutine(self._scan(message))
         d.addTimeout(settings.timeout, self.reactor)
         try:

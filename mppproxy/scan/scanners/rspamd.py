@@ -188,10 +188,7 @@ class RspamdScanner(Scanner):
         self._host_header = url.netloc
         self._base = url.path.rstrip("/")
         address = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
-        self.client = StreamClient(
-            self.name, reactor, address, timeout=settings.timeout,
-            connect_timeout=settings.connect_timeout, max_connections=settings.max_connections,
-            retries=settings.retries, retry_delay=settings.retry_delay)
+        self.client = StreamClient.for_settings(self.name, reactor, address, settings)
 
     def _head(self, method: str, path: str, extra: list[tuple[str, str]]) -> bytes:
         lines = [f"{method} {self._base}{path} HTTP/1.1", f"Host: {self._host_header}",
@@ -217,11 +214,9 @@ class RspamdScanner(Scanner):
 
     async def scan(self, message: ScanInput) -> CheckResult:
         settings = self.settings
-        if message.size > settings.max_size:
-            log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
-                     scanner=self.name, queue_id=message.queue_id, size=message.size)
-            return CheckResult(reasons=(f"rspamd: not scanned, {message.size} octets "
-                                        f"over {settings.max_size}",))
+        too_big = self.over_max_size(message)
+        if too_big is not None:
+            return too_big
         reply: HttpReply = await self.client.request(lambda: self._request(message),
                                                      parse_http, MAX_REPLY)
         if reply.status != 200:
