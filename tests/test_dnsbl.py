@@ -16,15 +16,15 @@ from typing import Any, Optional
 import dns.message
 import dns.rcode
 import dns.rrset
-from twisted.internet import defer, reactor as _reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs
-from twisted.names import authority, common, dns as tdns, server
+from twisted.names import dns as tdns
 from twisted.trial import unittest
 
+from dnszone import MemoryAuthority, ZoneServer, serve
 from mppproxy.policy.dnsbl import (MAX_DOMAINS, MAX_LISTS, DnsblList, DnsblResolver, DnsCache,
                                    _Answer, classify, normalise_domain, query_name, reverse_ip,
                                    validate_dnsbl_list, validate_dnsbl_lists)
@@ -64,61 +64,15 @@ ZONES: dict[str, dict[str, list[tuple[str, Any, int]]]] = {
 SERVFAIL = {"66.2.0.192.zen.test"}
 
 
-class _MemoryAuthority(authority.FileAuthority):
-    """An authoritative zone built in memory rather than read from a file."""
+class _CountingServer(ZoneServer):
+    """The test zones' server, remembering each question it was asked."""
 
-    def __init__(self, zone: str, records: dict[str, list[tuple[str, Any, int]]]):
-        common.ResolverBase.__init__(self)
-        self._cache: dict[Any, Any] = {}
-        self.soa = (zone.encode(), tdns.Record_SOA(
-            mname=b"ns." + zone.encode(), rname=b"hostmaster." + zone.encode(), serial=1,
-            refresh=3600, retry=600, expire=86400, minimum=SOA_MINIMUM, ttl=SOA_TTL))
-        self.records: dict[bytes, list[Any]] = {
-            zone.encode(): [self.soa[1], tdns.Record_NS(b"ns." + zone.encode(), ttl=SOA_TTL)]}
-        for name, recs in records.items():
-            for rtype, value, ttl in recs:
-                rec = (tdns.Record_A(value, ttl=ttl) if rtype == "A"
-                       else tdns.Record_TXT(*value, ttl=ttl))
-                self.records.setdefault(name.lower().encode(), []).append(rec)
-
-
-class _CountingServer(server.DNSServerFactory):
-    """Twisted Names' server, remembering each question it was asked and
-    adding the SOA to NXDOMAIN answers, as RFC 2308 section 3 asks."""
-
-    def __init__(self, authorities: list[_MemoryAuthority]):
-        super().__init__(authorities=authorities, verbose=0)
+    def __init__(self, authorities: list[MemoryAuthority]):
+        super().__init__(authorities, servfail=SERVFAIL)
         self.asked: list[tuple[str, int, str, Any]] = []  # (name, type, udp|tcp, client)
-        self._soas = {a.soa[0].decode(): a.soa for a in authorities}
 
-    def handleQuery(self, message: Any, protocol: Any, address: Any) -> Any:
-        q = message.queries[0]
-        name = q.name.name.decode().lower()
-        self.asked.append((name, q.type, "udp" if address is not None else "tcp", address))
-        if name in SERVFAIL:
-            self.sendReply(protocol, self._responseFromMessage(message=message, rCode=tdns.ESERVER),
-                           address)
-            return defer.succeed(None)
-        return super().handleQuery(message, protocol, address)
-
-    def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
-        # RFC 1035 4.2.1: a UDP reply without EDNS is at most 512 octets, cut
-        # with TC set.  Twisted Names sends it whole (its ticket #6949), so
-        # the fixture sets the limit itself; over TCP there is none.
-        message.maxSize = 512 if address is not None else 0
-        super().sendReply(protocol, message, address)
-
-    def gotResolverError(self, failure: Any, protocol: Any, message: Any, address: Any) -> None:
-        if not failure.check(tdns.DomainError, tdns.AuthoritativeDomainError):
-            return super().gotResolverError(failure, protocol, message, address)
-        name = message.queries[0].name.name.decode().lower()
-        zone = next((z for z in self._soas if name == z or name.endswith("." + z)), None)
-        authority_section = []
-        if zone is not None:
-            owner, soa = self._soas[zone]
-            authority_section.append(tdns.RRHeader(owner, tdns.SOA, tdns.IN, soa.ttl, soa, auth=True))
-        self.sendReply(protocol, self._responseFromMessage(
-            message=message, rCode=tdns.ENAME, authority=authority_section), address)
+    def record(self, name: str, qtype: int, address: Any) -> None:
+        self.asked.append((name, qtype, "udp" if address is not None else "tcp", address))
 
     def count(self, name: Optional[str] = None, transport: Optional[str] = None,
               qtype: Optional[int] = None) -> int:
@@ -127,21 +81,18 @@ class _CountingServer(server.DNSServerFactory):
                    and (qtype is None or q == qtype))
 
 
+def _records(records: dict[str, list[tuple[str, Any, int]]]) -> dict[str, list[Any]]:
+    """The zone notation above as Twisted Names records."""
+    return {name: [tdns.Record_A(value, ttl=ttl) if rtype == "A" else tdns.Record_TXT(*value, ttl=ttl)
+                   for rtype, value, ttl in recs]
+            for name, recs in records.items()}
+
+
 def start_dns_server(case: unittest.TestCase) -> tuple[_CountingServer, int]:
     """The test zones on UDP and TCP 127.0.0.1:<port>; stopped at cleanup."""
-    factory = _CountingServer([_MemoryAuthority(z, r) for z, r in ZONES.items()])
-    for _ in range(10):  # the TCP port of the same number may be taken: try another
-        udp = reactor.listenUDP(0, tdns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        port = udp.getHost().port
-        try:
-            tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-        except CannotListenError:
-            udp.stopListening()
-            continue
-        case.addCleanup(udp.stopListening)
-        case.addCleanup(tcp.stopListening)
-        return factory, port
-    raise RuntimeError("no port free on UDP and TCP at once")
+    factory = _CountingServer([MemoryAuthority(z, _records(r), SOA_TTL, SOA_MINIMUM)
+                               for z, r in ZONES.items()])
+    return factory, serve(case, factory)
 
 
 def start_silent_server(case: unittest.TestCase) -> int:

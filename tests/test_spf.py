@@ -19,11 +19,10 @@ from typing import Any, Optional
 
 import dns.rdatatype
 from twisted.internet import defer, reactor as _reactor
-from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.names import authority, common, dns as tdns, server
+from twisted.names import dns as tdns
 from twisted.trial import unittest
 
 from mppproxy.policy.base import Action, Facts
@@ -34,6 +33,8 @@ from mppproxy.policy.services import PolicyServices
 from mppproxy.policy.spf import (SpfEvaluator, SpfResult, _Evaluation, _PermError, is_spf_record,
                                  parse_macro_string, parse_record, spf_domain)
 from mppproxy.templates import ReplyRenderer
+
+from dnszone import MemoryAuthority, ZoneServer, serve
 
 reactor: Any = _reactor
 
@@ -356,75 +357,40 @@ ZONES = ("example.com", "example.net", "example.org", "in-addr.arpa", "ip6.arpa"
          "xn--zckzah")
 
 
-class _MemoryAuthority(authority.FileAuthority):
-    """An authoritative zone built in memory rather than read from a file."""
-
-    def __init__(self, zone: str, records: dict[str, list[tuple[str, Any]]]):
-        common.ResolverBase.__init__(self)
-        self._cache: dict[Any, Any] = {}
-        z = zone.encode()
-        self.soa = (z, tdns.Record_SOA(mname=b"ns." + z, rname=b"hostmaster." + z, serial=1,
-                                       refresh=3600, retry=600, expire=86400, minimum=30,
-                                       ttl=TTL))
-        self.records: dict[bytes, list[Any]] = {z: [self.soa[1], tdns.Record_NS(b"ns." + z)]}
-        for name, recs in records.items():
-            for rtype, value in recs:
-                if rtype == "A":
-                    rec = tdns.Record_A(value, ttl=TTL)
-                elif rtype == "AAAA":
-                    rec = tdns.Record_AAAA(value, ttl=TTL)
-                elif rtype == "TXT":
-                    rec = tdns.Record_TXT(*value, ttl=TTL)
-                elif rtype == "MX":
-                    rec = tdns.Record_MX(value[0], value[1].encode(), ttl=TTL)
-                elif rtype == "PTR":
-                    rec = tdns.Record_PTR(value.encode(), ttl=TTL)
-                else:
-                    rec = tdns.Record_CNAME(value.encode(), ttl=TTL)
-                self.records.setdefault(name.lower().encode(), []).append(rec)
+def _records(records: dict[str, list[tuple[str, Any]]]) -> dict[str, list[Any]]:
+    """The zone notation above as Twisted Names records."""
+    out: dict[str, list[Any]] = {}
+    for name, recs in records.items():
+        for rtype, value in recs:
+            if rtype == "A":
+                rec = tdns.Record_A(value, ttl=TTL)
+            elif rtype == "AAAA":
+                rec = tdns.Record_AAAA(value, ttl=TTL)
+            elif rtype == "TXT":
+                rec = tdns.Record_TXT(*value, ttl=TTL)
+            elif rtype == "MX":
+                rec = tdns.Record_MX(value[0], value[1].encode(), ttl=TTL)
+            elif rtype == "PTR":
+                rec = tdns.Record_PTR(value.encode(), ttl=TTL)
+            else:
+                rec = tdns.Record_CNAME(value.encode(), ttl=TTL)
+            out.setdefault(name, []).append(rec)
+    return out
 
 
-class _Server(server.DNSServerFactory):
-    """Twisted Names' server, recording each question; it drops DROP
-    names, SERVFAILs SERVFAIL names and puts the SOA in NXDOMAIN replies."""
+class _Server(ZoneServer):
+    """The test zones' server, recording each question (name, type) and
+    the number asked over TCP."""
 
-    def __init__(self, authorities: list[_MemoryAuthority]):
-        super().__init__(authorities=authorities, verbose=0)
+    def __init__(self, authorities: list[MemoryAuthority]):
+        super().__init__(authorities, servfail=SERVFAIL, drop=DROP)
         self.asked: list[tuple[str, int]] = []
         self.tcp = 0
-        self._soas = {a.soa[0].decode(): a.soa for a in authorities}
 
-    def handleQuery(self, message: Any, protocol: Any, address: Any) -> Any:
-        q = message.queries[0]
-        name = q.name.name.decode("utf-8", "replace").lower()
-        self.asked.append((name, q.type))
+    def record(self, name: str, qtype: int, address: Any) -> None:
+        self.asked.append((name, qtype))
         if address is None:
             self.tcp += 1
-        if name in DROP:
-            return defer.succeed(None)
-        if name in SERVFAIL:
-            self.sendReply(protocol, self._responseFromMessage(message=message, rCode=tdns.ESERVER),
-                           address)
-            return defer.succeed(None)
-        return super().handleQuery(message, protocol, address)
-
-    def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
-        # RFC 1035 4.2.1: a UDP reply without EDNS is at most 512 octets, cut
-        # with TC set (Twisted Names would send it whole); TCP has no limit.
-        message.maxSize = 512 if address is not None else 0
-        super().sendReply(protocol, message, address)
-
-    def gotResolverError(self, failure: Any, protocol: Any, message: Any, address: Any) -> None:
-        if not failure.check(tdns.DomainError, tdns.AuthoritativeDomainError):
-            return super().gotResolverError(failure, protocol, message, address)
-        name = message.queries[0].name.name.decode("utf-8", "replace").lower()
-        zone = next((z for z in self._soas if name == z or name.endswith("." + z)), None)
-        authority_section = []
-        if zone is not None:
-            owner, soa = self._soas[zone]
-            authority_section.append(tdns.RRHeader(owner, tdns.SOA, tdns.IN, soa.ttl, soa, auth=True))
-        self.sendReply(protocol, self._responseFromMessage(
-            message=message, rCode=tdns.ENAME, authority=authority_section), address)
 
 
 def _zone_of(name: str) -> str:
@@ -438,19 +404,8 @@ def start_server(case: unittest.TestCase) -> tuple[_Server, int]:
         by_zone[_zone_of(name.lower())][name] = recs
     for name, target in CNAMES.items():
         by_zone[_zone_of(name)][name] = [("CNAME", target)]
-    factory = _Server([_MemoryAuthority(z, r) for z, r in by_zone.items()])
-    for _ in range(10):
-        udp = reactor.listenUDP(0, tdns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        port = udp.getHost().port
-        try:
-            tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-        except CannotListenError:
-            udp.stopListening()
-            continue
-        case.addCleanup(udp.stopListening)
-        case.addCleanup(tcp.stopListening)
-        return factory, port
-    raise RuntimeError("no port free on UDP and TCP at once")
+    factory = _Server([MemoryAuthority(z, _records(r), TTL, 30) for z, r in by_zone.items()])
+    return factory, serve(case, factory)
 
 
 class SpfCase(unittest.TestCase):
