@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from typing import Callable, TypeVar
 
@@ -36,3 +37,15 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached within {timeout:.1f} s")
         time.sleep(interval)
+
+
+def stop_process(proc: "subprocess.Popen", grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

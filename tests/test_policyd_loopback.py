@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from fakes_policy import MemoryDatabase
-from helpers import free_port, wait_for
+from helpers import free_port, stop_process, wait_for
 from mppproxy.config.load import from_mapping, merge
 from mppproxy.policyd.service import PolicyServerService
 from test_policyd import BASE, request
@@ -135,12 +135,7 @@ def test_twistd_policy_mode(tmp_path):
         wait_for(lambda: "configuration reloaded" in log.read_text(), 20, what="reload")
         assert exchange(port, [request(instance="3")]) == ["550 5.7.1 access denied"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
     text = log.read_text()
     assert "Traceback" not in text, text
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import smtplib
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from helpers import free_port, wait_for
+from helpers import free_port, stop_process, wait_for
 from mppproxy.config.load import from_mapping, merge
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime
 from mppproxy.scanservice.service import ScanService
@@ -417,12 +416,7 @@ def test_twistd_scan_mode(tmp_path):
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
         c.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
     text = log.read_text()
     assert "Traceback" not in text, text
     assert not (tmp_path / "data" / "maildir").exists()

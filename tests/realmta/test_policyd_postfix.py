@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from helpers import free_port, wait_for
+from helpers import free_port, stop_process, wait_for
 
 from .conftest import (TWISTD, PostfixBackend, service_unavailable, _port_open,
                        _subprocess_env, _tail)
@@ -88,12 +88,7 @@ def policy_server(request: pytest.FixtureRequest,
             pytest.fail(f"policy server exited:\n{_tail(log.read_text())}")
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         print(_tail(log.read_text(errors="replace"), 40))
 
 
