@@ -37,6 +37,7 @@ from twisted.logger import globalLogBeginner  # noqa: E402
 import policyd_bench  # noqa: E402
 from mppproxy.config.load import load  # noqa: E402
 from mppproxy.gateway import TrustedNetworks  # noqa: E402
+from mppproxy.gctune import tune_for_server  # noqa: E402
 from mppproxy.logsetup import BatchedTextLogObserver  # noqa: E402
 from mppproxy.policy.runtime import PolicyRuntime, make_database  # noqa: E402
 from mppproxy.policyd.protocol import PolicyServerFactory  # noqa: E402
@@ -72,6 +73,8 @@ async def main(args: argparse.Namespace) -> None:
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         proto.makeConnection(transport)
         connections.append((proto, transport))
+    # The collector as the server sets it once running (mppproxy/gctune.py).
+    tune_for_server()
     passes = 0
 
     def feed() -> list:

@@ -126,6 +126,7 @@ def parse_host_port(value: str) -> dict[str, Any]:
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
+    from mppproxy.gctune import tune_for_server
     from mppproxy.logsetup import batch_text_log, start_json_log
     from mppproxy.service import ProxyService, exit_code_hook
     from mppproxy.workers import parse_worker_fds
@@ -134,6 +135,8 @@ def makeService(options: Options) -> Any:
     start_json_log(config)
     # twistd's text log observer exists once the reactor runs.
     reactor.callWhenRunning(batch_text_log, reactor)
+    # After start-up, before the first request (mppproxy/gctune.py).
+    reactor.callWhenRunning(tune_for_server)
     exit_code_hook(reactor)
     # Workers (``workers`` > 1) run this same command line with the main
     # process's listening descriptors added (mppproxy/workers.py).

@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mppproxy._wire import send_now
 from mppproxy.policy.base import Facts, TransactionRecord
 from mppproxy.policyd.config import PolicydConfig
 from mppproxy.smtp.replies import Reply
@@ -374,10 +375,16 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     def _answered(self, action: str, slot: _Slot) -> None:
         slot.answer = _DUNNO_BYTES if action == DUNNO else encode_answer(action)
         pending = self._pending
+        if pending[0] is not slot:
+            return  # an earlier request is still being decided
+        ready = []
         while pending and pending[0].answer is not None:
-            answer = pending.popleft().answer
-            if not self._closed:
-                self.transport.write(answer)  # type: ignore[arg-type]
+            ready.append(pending.popleft().answer)
+        if not self._closed:
+            # At once, not on the next reactor turn (_wire.send_now): with
+            # Postfix's one request per connection, Twisted's buffered write
+            # was two epoll_ctl calls and a loop turn per answer.
+            send_now(self.transport, ready[0] if len(ready) == 1 else b"".join(ready))
         if self._paused and len(pending) < self.factory.config.max_pending and not self._closed:
             self._paused = False
             self.transport.resumeProducing()
