@@ -683,14 +683,21 @@ class StoreTests:
         """When the database fails in the middle of a job, every check of
         that job gets a StateDatabaseError; the next job works again."""
         db = await self.make_db()
-        failing = [True]
+        table = db.tables.greylist.name
+        trigger = f"{table}_fails"
+        # The database itself refuses the batch's INSERT (a trigger).
+        if self.backend == "sqlite":
+            create = (f"CREATE TRIGGER {trigger} BEFORE INSERT ON {table} "
+                      "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+        else:
+            create = (f"CREATE TRIGGER {trigger} BEFORE INSERT ON {table} FOR EACH ROW "
+                      "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'disk on fire'")
 
-        def fail(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
-            if failing[0] and "greylist" in statement and statement.lstrip().startswith("INSERT"):
-                raise OSError("disk on fire")
+        def ddl(engine: Any, statement: str) -> None:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(statement)
 
-        event.listen(db.engine, "before_cursor_execute", fail)
-        self.addCleanup(event.remove, db.engine, "before_cursor_execute", fail)
+        await db.run(ddl, create)
         results = await defer.DeferredList(
             [defer.Deferred.fromCoroutine(db.greylist.check(NET, f"s{i}@example.org",
                                                             "b@example.com", GREY))
@@ -701,7 +708,7 @@ class StoreTests:
             result.trap(StateDatabaseError)
             self.assertIn("disk on fire", result.getErrorMessage())
         self.assertEqual(await self.all_rows(db, "greylist"), [])  # rolled back
-        failing[0] = False
+        await db.run(ddl, f"DROP TRIGGER {trigger}")
         self.assertEqual(await db.greylist.check(NET, "s1@example.org", "b@example.com", GREY),
                          300.0)
 
@@ -1093,29 +1100,38 @@ def test_covering_networks_are_written_as_ipaddress_writes_them() -> None:
 def test_begin_immediate_waits_for_another_writer_in_short_steps(tmp_path: Path, monkeypatch) -> None:
     """SQLite: BEGIN IMMEDIATE is tried again every 0.2 ms while another
     process writes (no busy handler's 1-100 ms sleeps), and gives up with
-    "database is locked" after SQLITE_BUSY_TIMEOUT."""
+    "database is locked" after SQLITE_BUSY_TIMEOUT.  Without WAL the busy
+    handler is back at once; with WAL it stays off until a read needs it."""
     import sqlite3
     import threading
 
     from mppproxy.db import engine as db_engine
 
+    busy_ms = int(db_engine.SQLITE_BUSY_TIMEOUT * 1000)
     path = str(tmp_path / "state.sqlite")
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("PRAGMA journal_mode = WAL")
     waiter = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    threading.Timer(0.05, lambda: holder.execute("COMMIT")).start()
-    started = time.monotonic()
-    db_engine._begin_immediate(waiter)
-    waited = time.monotonic() - started
-    assert 0.04 < waited < 1.0, waited
-    # Only that statement went without SQLite's busy handler.
-    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == int(db_engine.SQLITE_BUSY_TIMEOUT * 1000)
-    waiter.execute("COMMIT")
+    waiter.execute(f"PRAGMA busy_timeout = {busy_ms}")
+
+    def busy_timeout() -> int:
+        return waiter.execute("PRAGMA busy_timeout").fetchone()[0]
+
+    for info, after in (({}, busy_ms), ({db_engine._WAL: True}, 0)):
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.05, lambda: holder.execute("COMMIT")).start()
+        started = time.monotonic()
+        db_engine._begin_immediate(waiter, info)
+        waited = time.monotonic() - started
+        assert 0.04 < waited < 1.0, waited
+        assert busy_timeout() == after, info
+        waiter.execute("COMMIT")
+    db_engine._busy_timeout_on(waiter, info)
+    assert busy_timeout() == busy_ms
     holder.execute("BEGIN IMMEDIATE")
     monkeypatch.setattr(db_engine, "SQLITE_BUSY_TIMEOUT", 0.1)
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        db_engine._begin_immediate(waiter)
+        db_engine._begin_immediate(waiter, {})
     holder.execute("COMMIT")
     holder.close()
     waiter.close()

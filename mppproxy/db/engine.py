@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from mppproxy.policy.config import DatabaseConfig
@@ -76,9 +78,12 @@ def make_engine(url: URL, config: DatabaseConfig) -> Engine:
 # Seconds between tries of BEGIN IMMEDIATE while another process writes.
 SQLITE_RETRY_INTERVAL = 0.0002
 _BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT * 1000)
+# Connection-record info keys: the journal is WAL; busy_timeout is now 0.
+_WAL = "mpp_wal"
+_BUSY_OFF = "mpp_busy_off"
 
 
-def _begin_immediate(dbapi_connection: Any) -> None:
+def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
     """BEGIN IMMEDIATE, tried again every SQLITE_RETRY_INTERVAL while
     another process holds the write lock, for at most SQLITE_BUSY_TIMEOUT
     (then the "database is locked" error goes up, as with a busy timeout).
@@ -86,9 +91,14 @@ def _begin_immediate(dbapi_connection: Any) -> None:
     SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between tries: long
     next to a write transaction of ours (well under 1 ms), and two worker
     processes then spent more time asleep than writing.  So it is off for
-    this statement only; every other statement keeps it (switching the
-    journal to WAL, reading while another process does so)."""
-    dbapi_connection.execute("PRAGMA busy_timeout = 0")
+    writing transactions.  Holding the write lock of a WAL database, none
+    of their statements can meet another's lock, so it stays off until a
+    reading transaction needs it back (``_busy_timeout_on``): the two
+    PRAGMAs per write were a fifth of the database thread's time.  Without
+    WAL (COMMIT then waits for readers) it is restored at once."""
+    if not info.get(_BUSY_OFF):
+        dbapi_connection.execute("PRAGMA busy_timeout = 0")
+        info[_BUSY_OFF] = True
     try:
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
         while True:
@@ -100,7 +110,49 @@ def _begin_immediate(dbapi_connection: Any) -> None:
                     raise
                 time.sleep(SQLITE_RETRY_INTERVAL)
     finally:
+        if not info.get(_WAL):
+            _busy_timeout_on(dbapi_connection, info)
+
+
+def _busy_timeout_on(dbapi_connection: Any, info: dict) -> None:
+    # Reads wait for a lock the usual way (switching the journal to WAL,
+    # reading while another process recovers the WAL).
+    if info.get(_BUSY_OFF):
         dbapi_connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        info[_BUSY_OFF] = False
+
+
+@contextmanager
+def write_cursor(engine: Engine) -> Iterator[Any]:
+    """A DB-API cursor in a writing transaction (SQLite: BEGIN IMMEDIATE),
+    committed when the block ends, rolled back if it raises.
+
+    For the batch jobs of the hot path (``greylist.py``): SQLAlchemy's
+    work around each statement (~40 µs, holding the GIL that the reactor
+    thread waits for after each of its socket calls) was most of a job's
+    Python time.  Driver errors come out as ``DBAPIError``, as from
+    SQLAlchemy, so ``StateDatabase`` handles them the same way."""
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    raw = engine.raw_connection()
+    try:
+        try:
+            if engine.dialect.name == "sqlite":
+                _begin_immediate(raw.dbapi_connection, raw.info)
+            cursor = raw.cursor()
+            yield cursor
+            cursor.close()
+            raw.commit()
+        except BaseException:
+            try:
+                raw.rollback()
+            except dbapi_error:
+                # A connection that cannot roll back is not handed out again.
+                raw.invalidate()
+            raise
+    except dbapi_error as e:
+        raise DBAPIError.instance(None, None, e, dbapi_error) from e
+    finally:
+        raw.close()
 
 
 def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
@@ -120,7 +172,8 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if not is_memory_sqlite(url):
-            cursor.execute("PRAGMA journal_mode = WAL")
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            record.info[_WAL] = bool(mode) and str(mode[0]).lower() == "wal"
             # WAL with synchronous=NORMAL: a commit is not fsync'ed, only
             # each checkpoint is.  Greylist and blacklist state is not
             # mail: losing the last second of it on power loss only
@@ -131,9 +184,11 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
+        pooled = conn.connection
         if not conn.get_execution_options().get("mpp_write", False):
+            _busy_timeout_on(pooled.dbapi_connection, pooled.info)
             conn.exec_driver_sql("BEGIN")
             return
-        _begin_immediate(conn.connection.dbapi_connection)
+        _begin_immediate(pooled.dbapi_connection, pooled.info)
 
     return engine

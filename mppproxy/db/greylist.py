@@ -36,14 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
-from mppproxy.db.engine import WRITE
+from mppproxy.db.engine import write_cursor
 from mppproxy.db.models import ADDRESS_LENGTH, StateTables, clip, triplet_key
 
 if TYPE_CHECKING:
@@ -85,7 +82,7 @@ class SqlGreylistStore:
         self.cache_seconds = cache_seconds
         self._whitelisted: ExpiringCache[str, bool] = ExpiringCache(cache_size)
         self._triplets: ExpiringCache[str, _Cached] = ExpiringCache(cache_size)
-        self._statements: dict[str, _Statements] = {}
+        self._sql: dict[str, _Sql] = {}
         self.batcher: Batcher[_Attempt, GreylistAnswer] = Batcher(database, self._job)
 
     async def check(self, client_net: str, sender: str, recipient: str,
@@ -128,11 +125,10 @@ class SqlGreylistStore:
 
     def _job(self, engine: Engine, attempts: list[_Attempt], now: float) -> list[GreylistAnswer]:
         # In a pool thread; building the statements twice at once is harmless.
-        dialect = engine.dialect.name
-        statements = self._statements.get(dialect)
-        if statements is None:
-            statements = self._statements[dialect] = _Statements(self._db.tables, dialect)
-        return check_batch(engine, statements, attempts, now)
+        sql = self._sql.get(engine.dialect.name)
+        if sql is None:
+            sql = self._sql[engine.dialect.name] = _Sql(self._db.tables, engine.dialect)
+        return check_batch(engine, sql, attempts, now)
 
 
 # -- in the database thread ----------------------------------------------------
@@ -146,57 +142,72 @@ class _Raced(Exception):
     """Another node inserted a triplet this batch inserted too."""
 
 
-class _Statements:
-    """The batch job's statements for one dialect, built once (SQLAlchemy
-    then finds their compiled form in its cache by identity of structure;
-    the IN lists are expanding parameters)."""
+class _Sql:
+    """The batch job's statements for one dialect, as the DB-API driver
+    takes them (``engine.write_cursor``: no SQLAlchemy work per statement
+    on the hot path); built once per store and dialect."""
 
-    def __init__(self, t: StateTables, dialect: str):
-        g, w = t.greylist, t.greylist_whitelist
-        self.check_inserts = dialect != "sqlite"
-        self.rows = select(g.c.id, g.c.first_seen, g.c.last_seen, g.c.passed, g.c.expires).where(
-            g.c.id.in_(bindparam("keys", expanding=True)))
-        self.whitelist = select(w.c.client_net, w.c.last_seen).where(
-            w.c.client_net.in_(bindparam("nets", expanding=True)))
-        self.count = (select(g.c.client_net, func.count())
-                      .where(g.c.client_net.in_(bindparam("nets", expanding=True)),
-                             g.c.passed.is_(True), g.c.last_seen >= bindparam("since"))
-                      .group_by(g.c.client_net))
-        self.update = update(g).where(g.c.id == bindparam("b_id")).values(
-            first_seen=bindparam("b_first_seen"), last_seen=bindparam("b_last_seen"),
-            passed=bindparam("b_passed"), expires=bindparam("b_expires"))
-        if dialect == "sqlite":
-            self.insert = sqlite_insert(g).on_conflict_do_nothing(index_elements=[g.c.id])
-            upsert = sqlite_insert(w)
-            self.whitelist_upsert = upsert.on_conflict_do_update(
-                index_elements=[w.c.client_net],
-                set_={"last_seen": upsert.excluded.last_seen, "expires": upsert.excluded.expires})
-        elif dialect in ("mysql", "mariadb"):
+    def __init__(self, t: StateTables, dialect: Any):
+        q = dialect.identifier_preparer.quote
+        g, w = q(t.greylist.name), q(t.greylist_whitelist.name)
+        self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        m = self.mark
+        self.check_inserts = dialect.name != "sqlite"
+        self._rows = f"SELECT id, first_seen, last_seen, passed, expires FROM {g} WHERE id IN "
+        self._whitelist = f"SELECT client_net, last_seen FROM {w} WHERE client_net IN "
+        self._count = (f"SELECT client_net, COUNT(*) FROM {g} WHERE passed = 1 AND last_seen >= {m} "
+                       "AND client_net IN ")
+        self.update = (f"UPDATE {g} SET first_seen = {m}, last_seen = {m}, passed = {m}, "
+                       f"expires = {m} WHERE id = {m}")
+        insert = (f"INSERT INTO {g} (id, client_net, sender, recipient, first_seen, last_seen, "
+                  f"passed, expires) VALUES ({', '.join([m] * 8)})")
+        upsert = (f"INSERT INTO {w} (client_net, created, last_seen, expires) "
+                  f"VALUES ({m}, {m}, {m}, {m})")
+        if dialect.name == "sqlite":
+            self.insert = insert + " ON CONFLICT (id) DO NOTHING"
+            self.whitelist_upsert = upsert + (" ON CONFLICT (client_net) DO UPDATE SET "
+                                              "last_seen = excluded.last_seen, "
+                                              "expires = excluded.expires")
+        elif dialect.name in ("mysql", "mariadb"):
             # A no-op update: unlike INSERT IGNORE it hides no other error.
-            insert = mysql_insert(g)
-            self.insert = insert.on_duplicate_key_update(id=insert.inserted.id)
-            upsert = mysql_insert(w)
-            self.whitelist_upsert = upsert.on_duplicate_key_update(
-                last_seen=upsert.inserted.last_seen, expires=upsert.inserted.expires)
+            self.insert = insert + " ON DUPLICATE KEY UPDATE id = id"
+            self.whitelist_upsert = upsert + (" ON DUPLICATE KEY UPDATE "
+                                              "last_seen = VALUES(last_seen), "
+                                              "expires = VALUES(expires)")
         else:
-            raise NotImplementedError(f"no greylist statements for {dialect}")
+            raise NotImplementedError(f"no greylist statements for {dialect.name}")
+
+    def _in(self, n: int) -> str:
+        return f"({', '.join([self.mark] * n)})"
+
+    def rows(self, cur: Any, keys: list[str]) -> list[tuple]:
+        cur.execute(self._rows + self._in(len(keys)), keys)
+        return cur.fetchall()
+
+    def whitelist(self, cur: Any, nets: list[str]) -> list[tuple]:
+        cur.execute(self._whitelist + self._in(len(nets)), nets)
+        return cur.fetchall()
+
+    def count(self, cur: Any, nets: list[str], since: float) -> list[tuple]:
+        cur.execute(self._count + self._in(len(nets)) + " GROUP BY client_net", [since, *nets])
+        return cur.fetchall()
 
 
-def check_batch(engine: Engine, st: _Statements, attempts: list[_Attempt],
+def check_batch(engine: Engine, sql: _Sql, attempts: list[_Attempt],
                 now: float) -> list[GreylistAnswer]:
     """The answers to ``attempts``, in order, decided and written in one
     transaction (see the module docstring)."""
     for round_ in range(1, _RACE_ROUNDS + 1):
         try:
-            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-                return _decide(conn, st, attempts, now,
-                               check_inserts=st.check_inserts and round_ < _RACE_ROUNDS)
+            with write_cursor(engine) as cur:
+                return _decide(cur, sql, attempts, now,
+                               check_inserts=sql.check_inserts and round_ < _RACE_ROUNDS)
         except _Raced:
             continue
     raise AssertionError("unreachable: the last round does not check its inserts")
 
 
-def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: float,
+def _decide(cur: Any, sql: _Sql, attempts: list[_Attempt], now: float,
             check_inserts: bool) -> list[GreylistAnswer]:
     # The database's rows as the batch found them, and as it leaves them:
     # key -> [first_seen, last_seen, passed, expires].
@@ -206,7 +217,7 @@ def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: fl
         keys = keys_of.setdefault(a.client_net, [])
         if a.key not in keys:
             keys.append(a.key)
-    for r in conn.execute(st.rows, {"keys": [k for keys in keys_of.values() for k in keys]}):
+    for r in sql.rows(cur, [k for keys in keys_of.values() for k in keys]):
         before[r[0]] = (float(r[1]), float(r[2]), bool(r[3]), float(r[4]))
     rows: dict[str, list[Any]] = {k: list(v) for k, v in before.items()}
 
@@ -214,7 +225,7 @@ def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: fl
     aw = [a for a in attempts if a.settings.auto_whitelist_after]
     if aw:
         nets = list(dict.fromkeys(a.client_net for a in aw))
-        whitelist = {r[0]: float(r[1]) for r in conn.execute(st.whitelist, {"nets": nets})}
+        whitelist = {r[0]: float(r[1]) for r in sql.whitelist(cur, nets)}
 
     # Passed triplets per (network, since) as the batch found them, asked
     # at once for the networks that may reach auto_whitelist_after here.
@@ -228,7 +239,7 @@ def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: fl
     for since, nets_ in wanted.items():
         for net in nets_:
             counts[(net, since)] = 0
-        for r in conn.execute(st.count, {"nets": sorted(nets_), "since": since}):
+        for r in sql.count(cur, sorted(nets_), since):
             counts[(r[0], since)] = int(r[1])
 
     def passed_triplets(net: str, since: float) -> int:
@@ -236,7 +247,7 @@ def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: fl
         decisions so far included."""
         base = counts.get((net, since))
         if base is None:  # not foreseen (two policies for one triplet)
-            base = counts[(net, since)] = _count_one(conn, st, net, since)
+            base = counts[(net, since)] = _count_one(cur, sql, net, since)
         for key in keys_of[net]:
             now_row, was = rows.get(key), before.get(key)
             base += (now_row is not None and now_row[2] and now_row[1] >= since) - \
@@ -283,34 +294,30 @@ def _decide(conn: Connection, st: _Statements, attempts: list[_Attempt], now: fl
         answers.append(GreylistAnswer(None, whitelisted=whitelisted))
 
     if inserted:
-        conn.execute(st.insert, [
-            {"id": key, "client_net": a.client_net, "sender": clip(a.sender, ADDRESS_LENGTH),
-             "recipient": clip(a.recipient, ADDRESS_LENGTH), "first_seen": rows[key][0],
-             "last_seen": rows[key][1], "passed": rows[key][2], "expires": rows[key][3]}
+        cur.executemany(sql.insert, [
+            (key, a.client_net, clip(a.sender, ADDRESS_LENGTH), clip(a.recipient, ADDRESS_LENGTH),
+             *rows[key])
             # In key order: two nodes' batches lock rows in the same order.
             for key, a in sorted(inserted.items())])
         if check_inserts:
             # Without SQLite's write lock another node may have inserted
             # one of them since we looked: its row stands, ours did not.
-            found = conn.execute(st.rows, {"keys": list(inserted)})
+            found = sql.rows(cur, list(inserted))
             if any((float(r[1]), float(r[2]), bool(r[3]), float(r[4])) != tuple(rows[r[0]])
                    for r in found):
                 raise _Raced()
-    updates = [{"b_id": key, "b_first_seen": rows[key][0], "b_last_seen": rows[key][1],
-                "b_passed": rows[key][2], "b_expires": rows[key][3]}
-               for key in sorted(changed) if key not in inserted]
+    updates = [(*rows[key], key) for key in sorted(changed) if key not in inserted]
     if updates:
-        conn.execute(st.update, updates)
+        cur.executemany(sql.update, updates)
     if whitelist_writes:
-        conn.execute(st.whitelist_upsert, [
-            {"client_net": net, "created": now, "last_seen": now, "expires": expires}
-            for net, expires in sorted(whitelist_writes.items())])
+        cur.executemany(sql.whitelist_upsert, [
+            (net, now, now, expires) for net, expires in sorted(whitelist_writes.items())])
     return answers
 
 
-def _count_one(conn: Connection, st: _Statements, net: str, since: float) -> int:
-    row = conn.execute(st.count, {"nets": [net], "since": since}).first()
-    return int(row[1]) if row is not None else 0
+def _count_one(cur: Any, sql: _Sql, net: str, since: float) -> int:
+    found = sql.count(cur, [net], since)
+    return int(found[0][1]) if found else 0
 
 
 def _may_pass(row: Optional[tuple[float, float, bool, float]], s: Any, now: float) -> bool:
