@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
+from mppproxy.logsetup import Logger
 from mppproxy.message import HeaderBlockTooLarge, format_header, prepare
 from mppproxy import disclaimer
 from mppproxy.policy.base import CheckResult, Facts, Recorded, TransactionRecord

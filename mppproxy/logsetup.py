@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from typing import Any, Optional
 
+from twisted.logger import Logger as _TwistedLogger
 from twisted.logger import (FileLogObserver, ILogObserver, LogLevel, formatEventAsClassicLogText,
                             formatTime, globalLogPublisher, jsonFileLogObserver,
                             timeFormatRFC3339)
@@ -13,6 +15,26 @@ from twisted.python.compat import ioType
 from zope.interface import implementer
 
 _started: list[Any] = []
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class Logger(_TwistedLogger):
+    """Twisted's ``Logger`` (same events, same observers), used by every
+    module of ours.  Its ``emit`` checks the level against
+    ``LogLevel.iterconstants()``, which sorts the constants again for
+    every event: 2-3 % of a policy-server request, whose decision is
+    logged.  Here the check is a set lookup; a level that fails it takes
+    Twisted's path, which reports it."""
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+        if level not in _LEVELS:
+            super().emit(level, format, **kwargs)
+            return
+        kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
+                      log_source=self.source, log_format=format, log_time=time.time())
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))
+        self.observer(kwargs)
 
 
 def start_json_log(config: Any) -> None:

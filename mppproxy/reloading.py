@@ -13,9 +13,9 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 
 from mppproxy.config.load import ConfigError
+from mppproxy.logsetup import Logger
 
 log = Logger()
 

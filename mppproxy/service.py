@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.gateway import SessionGateway, make_context, resolve_hostname
+from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory

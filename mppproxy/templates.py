@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional
 import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
-from twisted.logger import Logger
 
+from mppproxy.logsetup import Logger
 from mppproxy.smtp.replies import Reply
 
 log = Logger()

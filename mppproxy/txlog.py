@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import checks_for_log
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction

@@ -39,7 +39,8 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.logger import Logger
+
+from mppproxy.logsetup import Logger
 
 log = Logger()
 

@@ -169,3 +169,44 @@ def test_every_kind_of_event_reads_as_twisteds_line():
         textFileLogObserver(ref)(dict(e))
         clock.advance(0)
         assert out.getvalue() == ref.getvalue(), e
+
+
+def test_our_logger_emits_twisteds_events():
+    """mppproxy.logsetup.Logger: the events Twisted's Logger emits, key for
+    key (namespace from the calling module, source, level, time), and an
+    invalid level still reported the Twisted way."""
+    from mppproxy.logsetup import Logger as OurLogger
+
+    ours, theirs = [], []
+    a = OurLogger(observer=LogPublisher(ours.append))
+    b = Logger(observer=LogPublisher(theirs.append))
+    assert a.namespace == b.namespace == __name__
+    for log in (a, b):
+        log.info("policy {action} for {rcpt}", action="DUNNO", rcpt="a@example.com")
+        log.warn("warned {n}", n=1)
+        log.emit("not a level", "x")
+    assert len(ours) == len(theirs) == 3
+    for mine, twisted_event in zip(ours, theirs):
+        assert mine.keys() == twisted_event.keys()
+        for key in mine:
+            if key not in ("log_logger", "log_time", "log_failure", "logger"):
+                assert mine[key] == twisted_event[key], key
+        assert abs(mine["log_time"] - twisted_event["log_time"]) < 5
+    assert ours[2]["log_level"] is LogLevel.critical  # Twisted's invalid-level report
+    assert "invalid log level" in ours[2]["log_format"].lower()
+
+
+def test_our_logger_as_a_class_attribute_names_the_class():
+    from mppproxy.logsetup import Logger as OurLogger
+
+    class Thing:
+        log = OurLogger()
+
+    events: list = []
+    thing = Thing()
+    bound = Thing.__dict__["log"].__get__(thing, Thing)
+    bound.observer = LogPublisher(events.append)
+    bound.info("hello")
+    assert isinstance(bound, OurLogger)
+    assert events[0]["log_namespace"].endswith("Thing")
+    assert events[0]["log_source"] is thing

@@ -37,12 +37,12 @@ from sqlalchemy.engine import Engine
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
 from mppproxy.db.engine import WRITE
 from mppproxy.db.models import REASON_LENGTH, StateTables, clip
+from mppproxy.logsetup import Logger
 from mppproxy.policy.patterns import V4_MASKS, V6_MASKS, network_of, parse_ip, v4_text, v6_text
 from mppproxy.policy.services import BlacklistEntry
 

@@ -20,13 +20,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError, SQLAl
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mppproxy.db.blacklist import SqlBlacklistStore
 from mppproxy.db.engine import WRITE, database_url, is_memory_sqlite, make_engine
 from mppproxy.db.greylist import SqlGreylistStore
 from mppproxy.db.models import StateTables
+from mppproxy.logsetup import Logger
 from mppproxy.policy.config import DatabaseConfig
 
 log = Logger()

@@ -43,8 +43,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from mppproxy.logsetup import Logger
 
 log = Logger()
 

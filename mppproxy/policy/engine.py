@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import (Action, Check, CheckResult, Facts, Recorded, Scope,
                                   TransactionRecord)
 from mppproxy.policy.config import PolicyConfig, PolicyEngineConfig

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import dns.resolver
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig, parse_nameserver
+from mppproxy.logsetup import Logger
 from mppproxy.policy.counters import RateCounters
 from mppproxy.policy.dnsbl import DnsblResolver
 from mppproxy.policy.engine import PolicyEngine

@@ -39,8 +39,8 @@ import dns.reversename
 import idna
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
+from mppproxy.logsetup import Logger
 from mppproxy.policy.dnsbl import DnsAnswer, DnsError, to_query_name
 
 log = Logger()

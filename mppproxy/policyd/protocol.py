@@ -37,11 +37,11 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mppproxy._wire import send_now
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Facts, TransactionRecord
 from mppproxy.policyd.config import PolicydConfig
 from mppproxy.smtp.replies import Reply

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.policyd.protocol import PolicyServerFactory
 from mppproxy.reloading import ReloadOnHup, sync_listeners

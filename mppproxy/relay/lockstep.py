@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.logger import Logger
 
 from mppproxy.config.schema import BackendConfig
+from mppproxy.logsetup import Logger
 from mppproxy.message import OutboundMessage
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp.address import Address

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.logger import Logger
 
 from mppproxy.config.schema import BackendConfig
+from mppproxy.logsetup import Logger
 from mppproxy.smtp.client import BackendError, BackendProtocol, connect_backend
 
 log = Logger()

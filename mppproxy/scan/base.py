@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult
 
 log = Logger()

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult, Recorded, TransactionRecord
 from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
+from mppproxy.logsetup import Logger
 from mppproxy.scan.base import EngineHealth, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import ScanHealthConfig
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import TransactionRecord
 from mppproxy.policy.patterns import DomainSet
 from mppproxy.policy.runtime import make_renderer

@@ -21,10 +21,10 @@ import json
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from mppproxy.logsetup import Logger
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime, UnknownPolicy
 
 log = Logger()

@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.logsetup import Logger
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.scanservice.core import ScanRuntime
 from mppproxy.scanservice.http import make_site

@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from twisted.logger import Logger
 
 from mppproxy import txlog
+from mppproxy.logsetup import Logger
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address

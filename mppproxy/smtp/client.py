@@ -17,12 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mppproxy._wire import send_now
 from mppproxy.config.schema import BackendConfig
+from mppproxy.logsetup import Logger
 from mppproxy.smtp import replies
 from mppproxy.smtp.framing import dot_stuff
 from mppproxy.smtp.replies import Reply, parse_reply_lines

@@ -19,11 +19,11 @@ from typing import Any, Awaitable, Callable, Coroutine, Optional, Protocol as Ty
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mppproxy._wire import close_now, send_now
 from mppproxy.config.schema import ProxyConfig, spool_directory
+from mppproxy.logsetup import Logger
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
 from mppproxy.smtp.commands import Command, parse_command

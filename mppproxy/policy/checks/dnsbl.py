@@ -1,8 +1,7 @@
 """DNS block lists (RBL and RHSBL), each listing worth its score."""
 from __future__ import annotations
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Check, CheckResult, Facts, MISS, Scope
 from mppproxy.policy.patterns import parse_ip
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
 from mppproxy.policy.patterns import parse_ip
 

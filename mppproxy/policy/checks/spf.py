@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, Check, CheckResult, Facts, Scope
 
 log = Logger()

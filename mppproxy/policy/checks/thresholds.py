@@ -1,8 +1,7 @@
 """Message and spam-verdict rates per client with auto-blacklisting."""
 from __future__ import annotations
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
 from mppproxy.policy.counters import client_key
 

@@ -29,10 +29,10 @@ from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TC
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mppproxy.logsetup import Logger
 from mppproxy.scan.base import ScannerUnavailable
 from mppproxy.scan.engines_config import parse_address
 

@@ -24,8 +24,7 @@ import struct
 import time
 from typing import Any, ClassVar, Iterator, Optional
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult
 from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import ClamdConfig

@@ -32,9 +32,9 @@ from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult
 from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import CommandScannerConfig

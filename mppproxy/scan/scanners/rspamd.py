@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 from urllib.parse import urlsplit
 
-from twisted.logger import Logger
-
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import CheckResult
 from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import RspamdConfig
