@@ -279,6 +279,8 @@ class EngineOutcomeTests(SynchronousTestCase):
         self.assertEqual((event["client"], event["recipient"], event["action"]),
                          ("192.0.2.10", "trap@example.com", "550 5.7.1 access denied"))
         self.assertIn("spamtrap", [c["check"] for c in event["checks"]])
+        # The checks that found nothing, by name (as in the transaction log).
+        self.assertIn("access", event["checks_passed"])
 
 
     def test_dunno_logged_only_when_asked(self) -> None:

@@ -174,20 +174,19 @@ class PolicyEngine:
                     record.recorded.append(Recorded(name, CheckResult(), facts.recipient,
                                                     skipped=f"exempt {exempt}"))
                     continue
-                started = time.monotonic()
                 coro = check.check(facts)
                 try:
                     # Most checks finish without waiting (set lookups, cached
-                    # answers): those need no Deferred, no time limit and no
-                    # coroutine of ours.
+                    # answers): those need no Deferred, no time limit, no
+                    # clock reading and no coroutine of ours.
                     coro.send(None)
                 except StopIteration as done:
                     result = done.value
                 except Exception:
                     result = await self._wait(check, _raise_again(sys.exc_info()[1]), facts,
-                                              record, started)
+                                              record, time.monotonic())
                 else:
-                    result = await self._wait(check, coro, facts, record, started)
+                    result = await self._wait(check, coro, facts, record, time.monotonic())
                 if result is None:
                     if self.config.on_error == "tempfail":
                         return self._render("tempfail", facts, facts.policy)
@@ -195,7 +194,8 @@ class PolicyEngine:
                 if once:
                     record.once[name] = result
                 record.score += result.score
-                record.headers.extend(result.headers)
+                if result.headers:
+                    record.headers.extend(result.headers)
                 if result.blacklisted:
                     record.blacklisted_during = True
                 record.recorded.append(Recorded(name, result, facts.recipient))

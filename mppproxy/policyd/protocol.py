@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from mppproxy._wire import send_now
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy.policy.base import Facts, TransactionRecord, checks_for_log
 from mppproxy.policyd.config import PolicydConfig
 from mppproxy.smtp.replies import Reply
 
@@ -489,7 +489,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                  recipient=facts.recipient, client=facts.client_ip, sender=facts.sender,
                  helo=facts.helo, policy=record.policy, score=record.score,
                  session_id=facts.session_id, queue_id=facts.queue_id,
-                 checks=[r.as_log() for r in record.recorded[seen:]])
+                 # As the transaction log has them: hits in full, misses by name.
+                 **checks_for_log(record.recorded[seen:]))
         return action
 
     def _engine_failed(self, failure: Any, facts: Facts) -> str:
