@@ -30,9 +30,7 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
-from sqlalchemy import bindparam, case, func, select
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from twisted.internet import defer
@@ -40,7 +38,7 @@ from twisted.internet.task import LoopingCall
 
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
-from mppproxy.db.engine import WRITE
+from mppproxy.db.engine import cursor_in_transaction, placeholders
 from mppproxy.db.models import REASON_LENGTH, StateTables, clip
 from mppproxy.logsetup import Logger
 from mppproxy.policy.patterns import V4_MASKS, V6_MASKS, network_of, parse_ip, v4_text, v6_text
@@ -118,7 +116,7 @@ class SqlBlacklistStore:
         self._prefixes: dict[tuple[int, int], int] = {}
         # Addresses the database did not list a moment ago.
         self._absent: ExpiringCache[str, bool] = ExpiringCache(cache_size)
-        self._statements: dict[str, _Statements] = {}
+        self._sql: dict[str, _Sql] = {}
         self.batcher: Batcher[Union[_Lookup, _Add], Optional[BlacklistEntry]] = \
             Batcher(database, self._job)
 
@@ -158,11 +156,10 @@ class SqlBlacklistStore:
     def _job(self, engine: Engine, items: list[Union[_Lookup, _Add]],
              now: float) -> list[Optional[BlacklistEntry]]:
         # In a pool thread; building the statements twice at once is harmless.
-        dialect = engine.dialect.name
-        statements = self._statements.get(dialect)
-        if statements is None:
-            statements = self._statements[dialect] = _Statements(self._db.tables, dialect)
-        return blacklist_batch(engine, statements, items)
+        sql = self._sql.get(engine.dialect.name)
+        if sql is None:
+            sql = self._sql[engine.dialect.name] = _Sql(self._db.tables, engine.dialect)
+        return blacklist_batch(engine, sql, items)
 
     # -- the mirror --------------------------------------------------------
 
@@ -299,50 +296,56 @@ def _prefix_key(network: str) -> tuple[int, int]:
 _IN_CHUNK = 2000
 
 
-class _Statements:
-    """The batch job's statements for one dialect, built once."""
+class _Sql:
+    """The batch job's statements for one dialect, as the DB-API driver
+    takes them (``engine.cursor_in_transaction``), built once."""
 
-    def __init__(self, t: StateTables, dialect: str):
-        b = t.blacklist
-        self.rows = select(b.c.network, b.c.reason, b.c.expires).where(
-            b.c.network.in_(bindparam("networks", expanding=True)))
+    def __init__(self, t: StateTables, dialect: Any):
+        b = dialect.identifier_preparer.quote(t.blacklist.name)
+        self._dialect = dialect
+        self._rows = f"SELECT network, reason, expires FROM {b} WHERE network IN "
+        insert = (f"INSERT INTO {b} (network, reason, created, expires) "
+                  f"VALUES {placeholders(dialect, 4)}")
         # Insert, or extend (never shorten) the existing entry in one
         # statement, so two nodes listing one network at once both succeed.
-        if dialect == "sqlite":
-            stmt = sqlite_insert(b)
-            new = stmt.excluded
-            self.upsert = stmt.on_conflict_do_update(index_elements=[b.c.network], set_={
-                # A listing that had run out starts again.
-                "created": case((b.c.expires <= new.created, new.created), else_=b.c.created),
-                "reason": case((new.expires > b.c.expires, new.reason), else_=b.c.reason),
-                "expires": func.max(b.c.expires, new.expires),
-            })
-        elif dialect in ("mysql", "mariadb"):
-            stmt = mysql_insert(b)
-            new = stmt.inserted
+        # A listing that had run out starts again (created).
+        if dialect.name == "sqlite":
+            self.upsert = insert + (
+                " ON CONFLICT (network) DO UPDATE SET "
+                f"created = CASE WHEN {b}.expires <= excluded.created THEN excluded.created "
+                f"ELSE {b}.created END, "
+                f"reason = CASE WHEN excluded.expires > {b}.expires THEN excluded.reason "
+                f"ELSE {b}.reason END, "
+                f"expires = max({b}.expires, excluded.expires)")
+        elif dialect.name in ("mysql", "mariadb"):
             # MySQL assigns left to right, each seeing the ones before: expires last.
-            self.upsert = stmt.on_duplicate_key_update([
-                ("created", case((b.c.expires <= new.created, new.created), else_=b.c.created)),
-                ("reason", case((new.expires > b.c.expires, new.reason), else_=b.c.reason)),
-                ("expires", func.greatest(b.c.expires, new.expires)),
-            ])
+            self.upsert = insert + (
+                " ON DUPLICATE KEY UPDATE "
+                "created = CASE WHEN expires <= VALUES(created) THEN VALUES(created) "
+                "ELSE created END, "
+                "reason = CASE WHEN VALUES(expires) > expires THEN VALUES(reason) ELSE reason END, "
+                "expires = GREATEST(expires, VALUES(expires))")
         else:
-            raise NotImplementedError(f"no blacklist upsert for {dialect}")
+            raise NotImplementedError(f"no blacklist upsert for {dialect.name}")
+
+    def rows(self, cur: Any, networks: list[str]) -> list[tuple]:
+        cur.execute(self._rows + placeholders(self._dialect, len(networks)), networks)
+        return cur.fetchall()
 
 
-def blacklist_batch(engine: Engine, st: _Statements,
+def blacklist_batch(engine: Engine, sql: _Sql,
                     items: list[Union[_Lookup, _Add]]) -> list[Optional[BlacklistEntry]]:
     """Each lookup's entry (None: not listed) and each add's entry as the
     database now holds it, in order, in one transaction."""
     adds = [item for item in items if isinstance(item, _Add)]
     networks = sorted({n for item in items
                        for n in (item.networks if isinstance(item, _Lookup) else (item.network,))})
-    with engine.connect().execution_options(**(WRITE if adds else {})) as conn, conn.begin():
+    with cursor_in_transaction(engine, write=bool(adds)) as cur:
         # network -> (reason, expires), as the batch found them and as its
         # adds so far leave them.
         listed: dict[str, tuple[str, float]] = {}
         for i in range(0, len(networks), _IN_CHUNK):
-            for r in conn.execute(st.rows, {"networks": networks[i:i + _IN_CHUNK]}):
+            for r in sql.rows(cur, networks[i:i + _IN_CHUNK]):
                 listed[r[0]] = (r[1], float(r[2]))
         answers: list[Optional[BlacklistEntry]] = []
         for item in items:
@@ -362,10 +365,9 @@ def blacklist_batch(engine: Engine, st: _Statements,
             return answers
         # In network order (stable: one network's adds keep theirs), so two
         # nodes' batches lock rows in the same order.
-        conn.execute(st.upsert, [
-            {"network": a.network, "reason": a.reason, "created": a.now, "expires": a.expires}
-            for a in sorted(adds, key=lambda a: a.network)])
-        written = {r[0]: BlacklistEntry(r[0], r[1], float(r[2])) for r in conn.execute(
-            st.rows, {"networks": sorted({a.network for a in adds})})}
+        cur.executemany(sql.upsert, [(a.network, a.reason, a.now, a.expires)
+                                     for a in sorted(adds, key=lambda a: a.network)])
+        written = {r[0]: BlacklistEntry(r[0], r[1], float(r[2]))
+                   for r in sql.rows(cur, sorted({a.network for a in adds}))}
     return [written[item.network] if isinstance(item, _Add) else answer
             for item, answer in zip(items, answers)]

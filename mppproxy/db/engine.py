@@ -125,21 +125,25 @@ def _busy_timeout_on(dbapi_connection: Any, info: dict) -> None:
 
 
 @contextmanager
-def write_cursor(engine: Engine) -> Iterator[Any]:
-    """A DB-API cursor in a writing transaction (SQLite: BEGIN IMMEDIATE),
-    committed when the block ends, rolled back if it raises.
+def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
+    """A DB-API cursor in a transaction: writing (SQLite: BEGIN IMMEDIATE)
+    or reading, committed when the block ends, rolled back if it raises.
 
-    For the batch jobs of the hot path (``greylist.py``): SQLAlchemy's
-    work around each statement (~40 µs, holding the GIL that the reactor
-    thread waits for after each of its socket calls) was most of a job's
-    Python time.  Driver errors come out as ``DBAPIError``, as from
-    SQLAlchemy, so ``StateDatabase`` handles them the same way."""
+    For the stores' batch jobs (``greylist.py``, ``blacklist.py``):
+    SQLAlchemy's work around each statement (~40 µs, holding the GIL that
+    the reactor thread waits for after each of its socket calls) was most
+    of a job's Python time.  Driver errors come out as ``DBAPIError``, as
+    from SQLAlchemy, so ``StateDatabase`` handles them the same way."""
     dbapi_error = engine.dialect.loaded_dbapi.Error
     raw = engine.raw_connection()
     try:
         try:
             if engine.dialect.name == "sqlite":
-                _begin_immediate(raw.dbapi_connection, raw.info)
+                if write:
+                    _begin_immediate(raw.dbapi_connection, raw.info)
+                else:
+                    _busy_timeout_on(raw.dbapi_connection, raw.info)
+                    raw.dbapi_connection.execute("BEGIN")
             cursor = raw.cursor()
             yield cursor
             cursor.close()
@@ -155,6 +159,12 @@ def write_cursor(engine: Engine) -> Iterator[Any]:
         raise DBAPIError.instance(None, None, e, dbapi_error) from e
     finally:
         raw.close()
+
+
+def placeholders(dialect: Any, n: int) -> str:
+    """``(?, ?, ...)`` (or ``%s``) for ``n`` values in the driver's style."""
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    return f"({', '.join([mark] * n)})"
 
 
 def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:

@@ -40,7 +40,7 @@ from sqlalchemy.engine import Engine
 
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
-from mppproxy.db.engine import write_cursor
+from mppproxy.db.engine import cursor_in_transaction, placeholders
 from mppproxy.db.models import ADDRESS_LENGTH, StateTables, clip, triplet_key
 
 if TYPE_CHECKING:
@@ -149,14 +149,14 @@ class _Raced(Exception):
 
 class _Sql:
     """The batch job's statements for one dialect, as the DB-API driver
-    takes them (``engine.write_cursor``: no SQLAlchemy work per statement
+    takes them (``engine.cursor_in_transaction``: no SQLAlchemy work per statement
     on the hot path); built once per store and dialect."""
 
     def __init__(self, t: StateTables, dialect: Any):
         q = dialect.identifier_preparer.quote
         g, w = q(t.greylist.name), q(t.greylist_whitelist.name)
-        self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        m = self.mark
+        self._dialect = dialect
+        m = "?" if dialect.paramstyle == "qmark" else "%s"
         self.check_inserts = dialect.name != "sqlite"
         self._rows = f"SELECT id, first_seen, last_seen, passed, expires FROM {g} WHERE id IN "
         self._whitelist = f"SELECT client_net, last_seen FROM {w} WHERE client_net IN "
@@ -166,7 +166,7 @@ class _Sql:
                        f"expires = {m} WHERE id = {m}")
         self._insert = (f"INSERT INTO {g} (id, client_net, sender, recipient, first_seen, "
                         "last_seen, passed, expires) VALUES ")
-        self._one_row = f"({', '.join([m] * 8)})"
+        self._one_row = placeholders(dialect, 8)
         upsert = (f"INSERT INTO {w} (client_net, created, last_seen, expires) "
                   f"VALUES ({m}, {m}, {m}, {m})")
         if dialect.name == "sqlite":
@@ -184,7 +184,7 @@ class _Sql:
             raise NotImplementedError(f"no greylist statements for {dialect.name}")
 
     def _in(self, n: int) -> str:
-        return f"({', '.join([self.mark] * n)})"
+        return placeholders(self._dialect, n)
 
     def rows(self, cur: Any, keys: list[str]) -> list[tuple]:
         cur.execute(self._rows + self._in(len(keys)), keys)
@@ -215,7 +215,7 @@ def check_batch(engine: Engine, sql: _Sql, attempts: list[_Attempt],
     transaction (see the module docstring)."""
     for round_ in range(1, _RACE_ROUNDS + 1):
         try:
-            with write_cursor(engine) as cur:
+            with cursor_in_transaction(engine) as cur:
                 return _decide(cur, sql, attempts, now,
                                check_inserts=sql.check_inserts and round_ < _RACE_ROUNDS)
         except _Raced:
