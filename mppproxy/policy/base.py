@@ -125,9 +125,16 @@ class Recorded(NamedTuple):
 def checks_for_log(recorded: list[Recorded]) -> dict[str, Any]:
     """The transaction log's view of the results: every hit (and skip) in
     full, the misses by name only (score 0, nothing found)."""
-    hits = [r.as_log() for r in recorded if not r.is_miss]
-    passed = sorted({r.check for r in recorded if r.is_miss})
-    return {"checks": hits, "checks_passed": passed}
+    hits = []
+    passed = set()
+    # One pass, is_miss inline: this runs for every logged decision.
+    for r in recorded:
+        result = r.result
+        if r.skipped or result.reasons or result.action is not None or result.score != 0.0:
+            hits.append(r.as_log())
+        else:
+            passed.add(r.check)
+    return {"checks": hits, "checks_passed": sorted(passed)}
 
 
 class Check:

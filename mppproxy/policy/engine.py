@@ -199,8 +199,11 @@ class PolicyEngine:
                 if result.blacklisted:
                     record.blacklisted_during = True
                 record.recorded.append(Recorded(name, result, facts.recipient))
-            if result.action in (Action.WHITELIST, Action.WHITELIST_RECIPIENT):
-                if result.action is Action.WHITELIST:
+            action = result.action
+            if action is None:  # most results: the score decides
+                continue
+            if action in (Action.WHITELIST, Action.WHITELIST_RECIPIENT):
+                if action is Action.WHITELIST:
                     record.whitelisted = True
                 else:
                     record.rcpt_whitelisted = True
@@ -209,8 +212,8 @@ class PolicyEngine:
                          client=facts.client_ip, session_id=facts.session_id,
                          queue_id=facts.queue_id)
                 return None
-            if result.action in (Action.REJECT, Action.TEMPFAIL):
-                return self._render(result.template or ("tempfail" if result.action is Action.TEMPFAIL
+            if action in (Action.REJECT, Action.TEMPFAIL):
+                return self._render(result.template or ("tempfail" if action is Action.TEMPFAIL
                                                         else "access"),
                                     facts, facts.policy, **dict(result.template_vars))
         return None
