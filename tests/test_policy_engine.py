@@ -358,6 +358,28 @@ def test_greylisting_defers_with_451_4_7_1_and_retry_seconds():
     assert ask(engine, facts())[0] is None
 
 
+def test_greylisting_results_are_shared_per_retry_time(monkeypatch):
+    """Each "retry in N s" result is built once and shared (they are
+    immutable), the texts stay per N, and the shared set is bounded."""
+    from mppproxy.policy.checks import greylisting
+
+    engine, _, clock = make_engine({"policies": {"default": {"greylisting": {"enabled": True, "delay": 300}}}})
+    first = [ask(engine, facts(sender=f"s{i}@sender.example"))[1].recorded[-1].result for i in range(3)]
+    assert first[0] is first[1] is first[2]
+    clock.advance(10)
+    _, record = ask(engine, facts(sender="s0@sender.example"))
+    later = record.recorded[-1].result
+    assert later is not first[0]
+    assert (later.reasons, first[0].reasons) == (("greylisted, retry in 290s",),
+                                                 ("greylisted, retry in 300s",))
+    monkeypatch.setattr(greylisting, "_MAX_SHARED", 2)
+    for _ in range(5):
+        clock.advance(1)
+        ask(engine, facts(sender="s0@sender.example"))
+    check = next(c for c, _ in engine._policies["default"].final if c.name == "greylisting")
+    assert len(check._waits) <= 2
+
+
 # -- failures --------------------------------------------------------------------------------
 
 def test_failing_check_tempfails_by_default():

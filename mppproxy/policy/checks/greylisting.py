@@ -1,8 +1,13 @@
 """Greylisting (RFC 6647) of (client network, sender, recipient)."""
 from __future__ import annotations
 
+from typing import Any
+
 from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
 from mppproxy.policy.counters import client_key
+
+# Shared "retry in N s" results kept at most (a delay of hours has more Ns).
+_MAX_SHARED = 4096
 
 
 class GreylistCheck(Check):
@@ -12,6 +17,13 @@ class GreylistCheck(Check):
 
     name = "greylisting"
     scope = Scope.RECIPIENT
+
+    def __init__(self, settings: Any, services: Any):
+        super().__init__(settings, services)
+        # The result for each "retry in N s": most answers are these, and a
+        # CheckResult is immutable, so one per N is shared (at most
+        # ``delay`` of them; a reload builds a new check).
+        self._waits: dict[int, CheckResult] = {}
 
     async def check(self, facts: Facts) -> CheckResult:
         store = self.services.greylist
@@ -25,5 +37,11 @@ class GreylistCheck(Check):
         if wait is None:
             return MISS
         seconds = max(1, int(wait + 0.999))
-        return CheckResult(reasons=(f"greylisted, retry in {seconds}s",), action=Action.TEMPFAIL,
-                           template="greylist", template_vars=(("retry_seconds", seconds),))
+        result = self._waits.get(seconds)
+        if result is None:
+            if len(self._waits) >= _MAX_SHARED:
+                self._waits.clear()
+            result = self._waits[seconds] = CheckResult(
+                reasons=(f"greylisted, retry in {seconds}s",), action=Action.TEMPFAIL,
+                template="greylist", template_vars=(("retry_seconds", seconds),))
+        return result
