@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Policy-server benchmark: mppproxy --mode policy next to Debian's postgrey, 40 connections.
-#   benchmarks/policyd.sh                       # 20000 requests x 2 reps per server (~1 min)
+#   benchmarks/policyd.sh                       # 20000 requests x 2 reps per server (~1.5 min):
+#                                               # postgrey, mppproxy-grey, mppproxy; workers = cores
+#   benchmarks/policyd.sh --mpp-workers 1       # mppproxy as one process
 #   benchmarks/policyd.sh --requests 5000 --reps 1 --servers postgrey,mppproxy
 # Installs postgrey if missing (the image's policy-rc.d keeps apt from starting it).
 # Loopback only; every process it starts is stopped by pid.  Output: the table on

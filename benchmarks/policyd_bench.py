@@ -26,7 +26,8 @@ Loopback only, free high ports; bounded by --requests and --timeout per
 run; every process started is stopped by pid at the end, also on Ctrl-C.
 
 usage: python3 policyd_bench.py [--requests N] [--conns 40] [--reps N]
-          [--servers postgrey,mppproxy] [--greylisting auto|on|off]
+          [--servers postgrey,mppproxy-grey,mppproxy] [--greylisting auto|on|off]
+          [--mpp-workers N (default: one per core)]
           [--database-url URL] [--timeout S] [--json FILE]
 
 ``--database-url`` puts ``[database] url = URL`` in mppproxy's config (the
@@ -372,15 +373,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1000, help="untimed requests first")
     ap.add_argument("--conns", type=int, default=40)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--servers", default="postgrey,mppproxy",
+    ap.add_argument("--servers", default="postgrey,mppproxy-grey,mppproxy",
                     help="comma list of postgrey, mppproxy (the full policy), mppproxy-grey "
                          "(greylisting only, what postgrey does)")
     ap.add_argument("--greylisting", choices=("auto", "on", "off"), default="auto",
                     help="greylisting in the 'mppproxy' server (auto: on when mppproxy/db exists)")
     ap.add_argument("--database-url", default="",
                     help="mppproxy's state database ([database] url); default SQLite in its data_dir")
-    ap.add_argument("--mpp-workers", type=int, default=1,
-                    help="mppproxy's workers (processes sharing the listener; 2 uses both cores)")
+    # As docs/configuration.md advises for a busy node: one process per core.
+    ap.add_argument("--mpp-workers", type=int, default=os.cpu_count() or 1,
+                    help="mppproxy's workers (processes sharing the listener; default: one per "
+                         "core, as the docs advise; 1 for one process)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per timed run")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
