@@ -899,6 +899,19 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
 
         self.assertEqual(await db.run(mode), "wal")
 
+    async def test_sqlite_connection_settings(self) -> None:
+        """Statement journals in memory (no temporary file per multi-row
+        INSERT); after a write (busy handler off) a read has it back."""
+        db = await self.make_db()
+        await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+
+        def settings(engine: Any) -> tuple[int, int]:
+            with engine.connect() as conn:
+                return (conn.exec_driver_sql("PRAGMA temp_store").scalar(),
+                        conn.exec_driver_sql("PRAGMA busy_timeout").scalar())
+
+        self.assertEqual(await db.run(settings), (2, 5000))  # 2: MEMORY
+
     async def test_unusable_data_dir_raises_a_clear_error(self) -> None:
         """A data_dir that cannot hold the database: start() says False, and
         each use fails with a StateDatabaseError naming the file."""
