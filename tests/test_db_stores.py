@@ -712,6 +712,24 @@ class StoreTests:
         self.assertEqual(await db.greylist.check(NET, "s1@example.org", "b@example.com", GREY),
                          300.0)
 
+    async def test_batch_statements_with_nothing_to_ask(self) -> None:
+        """The jobs' SELECT helpers asked about no key send nothing (an
+        empty IN () is an error on MySQL) and find nothing; the cursor's
+        transaction commits."""
+        from mppproxy.db.blacklist import _Sql as BlacklistSql
+        from mppproxy.db.engine import cursor_in_transaction
+        from mppproxy.db.greylist import _Sql as GreylistSql
+
+        db = await self.make_db()
+
+        def ask(engine: Any) -> list:
+            grey, black = GreylistSql(db.tables, engine.dialect), BlacklistSql(db.tables, engine.dialect)
+            with cursor_in_transaction(engine) as cur:
+                return [grey.rows(cur, []), grey.whitelist(cur, []), grey.count(cur, [], 0.0),
+                        black.rows(cur, [])]
+
+        self.assertEqual(await db.run(ask), [[], [], [], []])
+
     async def test_a_cancelled_caller_leaves_its_batch_alone(self) -> None:
         """A check cancelled while its job runs (a timed-out check) gets
         CancelledError; the others of its batch get their answers."""

@@ -329,6 +329,8 @@ class _Sql:
             raise NotImplementedError(f"no blacklist upsert for {dialect.name}")
 
     def rows(self, cur: Any, networks: list[str]) -> list[tuple]:
+        if not networks:  # an empty IN () is an error on MySQL
+            return []
         cur.execute(self._rows + placeholders(self._dialect, len(networks)), networks)
         return cur.fetchall()
 

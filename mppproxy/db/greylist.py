@@ -186,15 +186,22 @@ class _Sql:
     def _in(self, n: int) -> str:
         return placeholders(self._dialect, n)
 
+    # An empty IN () is an error on MySQL: nothing asked, nothing found.
     def rows(self, cur: Any, keys: list[str]) -> list[tuple]:
+        if not keys:
+            return []
         cur.execute(self._rows + self._in(len(keys)), keys)
         return cur.fetchall()
 
     def whitelist(self, cur: Any, nets: list[str]) -> list[tuple]:
+        if not nets:
+            return []
         cur.execute(self._whitelist + self._in(len(nets)), nets)
         return cur.fetchall()
 
     def count(self, cur: Any, nets: list[str], since: float) -> list[tuple]:
+        if not nets:
+            return []
         cur.execute(self._count + self._in(len(nets)) + " GROUP BY client_net", [since, *nets])
         return cur.fetchall()
 
