@@ -917,6 +917,88 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
 
         self.assertEqual(await db.run(mode), "wal")
 
+    # -- batch jobs on the reactor thread (database.sqlite_in_reactor) --------
+
+    async def test_jobs_run_on_the_reactor_thread_while_the_lock_is_free(self) -> None:
+        import threading
+        db = await self.make_db()
+        self.assertTrue(db.in_reactor)
+        seen: list[int] = []
+        original = db.greylist._job
+
+        def job(engine: Any, items: list, now: float) -> list:
+            seen.append(threading.get_ident())
+            return original(engine, items, now)
+
+        db.greylist.batcher._job = job
+        self.assertEqual(await db.greylist.check(NET, "a@example.org", "b@example.com", GREY), 300)
+        self.assertEqual(seen, [threading.get_ident()])
+        self.assertEqual((db.jobs_in_reactor, db.jobs_deferred_to_pool), (1, 0))
+
+    async def test_a_job_that_finds_the_lock_taken_goes_to_the_pool(self) -> None:
+        """Another process holds SQLite's write lock: the job does not wait
+        on the reactor thread (a timer fires meanwhile); the pool waits for
+        the lock and the answer comes once the holder commits."""
+        import sqlite3
+        db = await self.make_db()
+        holder = sqlite3.connect(os.path.join(self.data_dir, "state.sqlite"), isolation_level=None,
+                                 check_same_thread=False)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        answer = defer.Deferred.fromCoroutine(
+            db.greylist.check(NET, "a@example.org", "b@example.com", GREY))
+        ticked = await deferLater(reactor, 0.05, lambda: True)
+        self.assertTrue(ticked)
+        self.assertFalse(answer.called)
+        self.assertEqual(db.jobs_deferred_to_pool, 1)
+        holder.execute("COMMIT")
+        self.assertEqual(await answer, 300)
+        self.assertEqual(len(await self.all_rows(db, "greylist")), 1)
+
+    async def test_jobs_in_the_pool_when_turned_off(self) -> None:
+        import threading
+        db = await self.make_db(sqlite_in_reactor=False)
+        self.assertFalse(db.in_reactor)
+        seen: list[int] = []
+        original = db.greylist._job
+
+        def job(engine: Any, items: list, now: float) -> list:
+            seen.append(threading.get_ident())
+            return original(engine, items, now)
+
+        db.greylist.batcher._job = job
+        await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.assertNotEqual(seen, [threading.get_ident()])
+        self.assertEqual(db.jobs_in_reactor, 0)
+
+    async def test_checkpoints_run_in_the_pool(self) -> None:
+        """With jobs on the reactor thread SQLite does not checkpoint at
+        commit (wal_autocheckpoint = 0); _checkpoint copies the WAL back."""
+        db = await self.make_db()
+        for i in range(20):
+            await db.greylist.check(NET, f"s{i}@example.org", "b@example.com", GREY)
+
+        def autocheckpoint(engine: Any) -> int:
+            raw = engine.raw_connection()
+            try:
+                return raw.dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            finally:
+                raw.close()
+
+        self.assertEqual(await db.run(autocheckpoint), 0)
+        async def idle() -> None:
+            for _ in range(1000):  # at most 10 s
+                if not db._checkpointing:
+                    return
+                await deferLater(reactor, 0.01, lambda: None)
+
+        await idle()  # the loop's own checkpoint, if one is running now
+        db._checkpoint()
+        await idle()
+        busy, frames, done = db.last_checkpoint
+        self.assertGreater(frames, 0)  # the jobs' commits were still in the WAL
+        self.assertEqual((busy, done), (0, frames))
+
     async def test_sqlite_connection_settings(self) -> None:
         """Statement journals in memory (no temporary file per multi-row
         INSERT); after a write (busy handler off) a read has it back."""

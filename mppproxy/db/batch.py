@@ -81,7 +81,7 @@ class Batcher(Generic[I, R]):
         self.items += len(batch)
         self.largest = max(self.largest, len(batch))
         items = [item for item, _ in batch]
-        d = self._db.run(self._job, items, float(self._db.clock.seconds()))
+        d = self._db.run_job(self._job, items, float(self._db.clock.seconds()))
         d.addBoth(self._finished, batch)
 
     def _finished(self, result: Any, batch: list[tuple[I, defer.Deferred]]) -> None:

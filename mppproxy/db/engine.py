@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -83,6 +84,26 @@ _WAL = "mpp_wal"
 _BUSY_OFF = "mpp_busy_off"
 
 
+class WriteLockBusy(Exception):
+    """Another connection holds SQLite's write lock, and this thread may
+    not wait for it (``no_lock_wait``)."""
+
+
+_no_wait = threading.local()
+
+
+@contextmanager
+def no_lock_wait() -> Iterator[None]:
+    """Within this block (on this thread), a writing transaction that
+    finds SQLite's write lock taken raises ``WriteLockBusy`` at once
+    instead of trying again: the reactor thread never waits for it."""
+    _no_wait.on = True
+    try:
+        yield
+    finally:
+        _no_wait.on = False
+
+
 def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
     """BEGIN IMMEDIATE, tried again every SQLITE_RETRY_INTERVAL while
     another process holds the write lock, for at most SQLITE_BUSY_TIMEOUT
@@ -106,7 +127,11 @@ def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() >= deadline:
+                if "locked" not in str(e):
+                    raise
+                if getattr(_no_wait, "on", False):
+                    raise WriteLockBusy() from e
+                if time.monotonic() >= deadline:
                     raise
                 time.sleep(SQLITE_RETRY_INTERVAL)
     finally:
@@ -195,6 +220,11 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
             # greylists a few triplets again (DESIGN.md promise 1 is about
             # messages, which never live here).
             cursor.execute("PRAGMA synchronous = NORMAL")
+        if not is_memory_sqlite(url) and config.sqlite_in_reactor:
+            # The commit that crosses the WAL's checkpoint threshold would
+            # copy pages back and fsync on the reactor thread: checkpoints
+            # run in the pool instead (StateDatabase, every second).
+            cursor.execute("PRAGMA wal_autocheckpoint = 0")
         # Statement journals (a multi-row INSERT with ON CONFLICT needs one)
         # in memory: on disk each was a temporary file created, unlinked
         # and closed per statement, eight system calls per greylist job.

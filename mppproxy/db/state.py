@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mppproxy.db.blacklist import SqlBlacklistStore
-from mppproxy.db.engine import WRITE, database_url, is_memory_sqlite, make_engine
+from mppproxy.db.engine import (WRITE, WriteLockBusy, database_url, is_memory_sqlite,
+                                make_engine, no_lock_wait)
 from mppproxy.db.greylist import SqlGreylistStore
 from mppproxy.db.models import StateTables
 from mppproxy.logsetup import Logger
@@ -36,6 +37,10 @@ T = TypeVar("T")
 # MySQL/MariaDB: deadlock found, lock wait timeout: the transaction is
 # retried (InnoDB's advice for both).  SQLite: "database is locked" past
 # the busy timeout is not retried (it already waited).
+# Seconds between WAL checkpoints when batch jobs run on the reactor
+# thread (SQLite's own threshold, 1000 pages, is a few seconds of a busy
+# policy server's writes).
+CHECKPOINT_INTERVAL = 1.0
 _RETRY_CODES = (1213, 1205)
 _ATTEMPTS = 3
 
@@ -73,6 +78,20 @@ class StateDatabase:
                                 name="mppproxy-db")
         self._purge_loop = LoopingCall(self._purge_logged)
         self._purge_loop.clock = self.clock
+        # SQLite file: batch jobs on the reactor thread while the write lock
+        # is free (run_job); WAL checkpoints then run in the pool.
+        self.in_reactor = (db_config.sqlite_in_reactor and self.url.get_backend_name() == "sqlite"
+                           and not is_memory_sqlite(self.url))
+        self._checkpoint_loop = LoopingCall(self._checkpoint)
+        self._checkpoint_loop.clock = reactor
+        self._checkpointing = False
+        self._checkpoint_failing = False
+        # The last checkpoint's (busy, WAL frames, frames checkpointed).
+        self.last_checkpoint: Optional[tuple[int, int, int]] = None
+        # Jobs run on the reactor thread, and those that found the write
+        # lock taken and went to the pool (tests, the log line at stop).
+        self.jobs_in_reactor = 0
+        self.jobs_deferred_to_pool = 0
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._state = "new"
@@ -104,9 +123,13 @@ class StateDatabase:
         self._shutdown_trigger = self.reactor.addSystemEventTrigger(
             "before", "shutdown", self._stop_at_shutdown)
         self._purge_loop.start(self.config.purge_interval, now=False)
-        log.info("state database {database}: {threads} threads, purge every {interval}s",
+        if self.in_reactor:
+            self._checkpoint_loop.start(CHECKPOINT_INTERVAL, now=False)
+        log.info("state database {database}: {threads} threads, purge every {interval}s{how}",
                  database=self.name, threads=self._pool.max,
-                 interval=self.config.purge_interval)
+                 interval=self.config.purge_interval,
+                 how=", batch jobs on the reactor thread while the write lock is free"
+                 if self.in_reactor else "")
 
         def failed(f: Any) -> bool:
             log.error("state database {database} is not ready: {error}; "
@@ -135,13 +158,18 @@ class StateDatabase:
             return defer.succeed(None)
         if self._purge_loop.running:
             self._purge_loop.stop()
+        if self._checkpoint_loop.running:
+            self._checkpoint_loop.stop()
         self.blacklist.stop_mirror()
         if state == "running":
             g, b = self.greylist.batcher, self.blacklist.batcher
             log.info("state database {database} stopping: greylist {g_items} calls in {g_jobs} "
                      "jobs (largest {g_largest}), blacklist {b_items} in {b_jobs} (largest "
-                     "{b_largest})", database=self.name, g_items=g.items, g_jobs=g.jobs,
-                     g_largest=g.largest, b_items=b.items, b_jobs=b.jobs, b_largest=b.largest)
+                     "{b_largest}){where}", database=self.name, g_items=g.items, g_jobs=g.jobs,
+                     g_largest=g.largest, b_items=b.items, b_jobs=b.jobs, b_largest=b.largest,
+                     where=f"; {self.jobs_in_reactor} jobs on the reactor thread, "
+                           f"{self.jobs_deferred_to_pool} found the write lock taken"
+                     if self.in_reactor else "")
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
@@ -168,6 +196,59 @@ class StateDatabase:
             return defer.fail(StateDatabaseError(f"state database {self.name} is {self._state}"))
         self.calls += 1
         return deferToThreadPool(self.reactor, self._pool, self._call, fn, args)
+
+    def run_job(self, fn: Callable[..., T], *args: Any) -> defer.Deferred:
+        """``run`` for the stores' batch jobs.  With a SQLite file
+        (``database.sqlite_in_reactor``) the job runs here, on the reactor
+        thread, if SQLite's write lock is free: a job is a few hundred
+        microseconds of SQLite's own work, and in a pool thread each of its
+        SQLite calls handed the GIL over and back (the reactor thread then
+        waited for the pool thread's Python), plus a thread wake-up each
+        way and a reactor turn before the answers were read.  On two cores
+        the policy server answered ~20 % more requests per second this way.
+        The reactor never waits for the lock: a job that finds it taken (a
+        job of another process, the purge) goes to the pool, which tries
+        again as before.  Its pages are read from the OS cache and its WAL
+        written without fsync (synchronous = NORMAL); checkpoints, which
+        fsync, run in the pool (``_checkpoint``)."""
+        if not self.in_reactor or not self._schema_ready or self._state != "running":
+            return self.run(fn, *args)
+        try:
+            with no_lock_wait():
+                result = self._call(fn, args)
+        except WriteLockBusy:
+            self.jobs_deferred_to_pool += 1
+            return self.run(fn, *args)
+        except Exception:
+            self.calls += 1
+            return defer.fail()
+        self.calls += 1
+        self.jobs_in_reactor += 1
+        return defer.succeed(result)
+
+    def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint in the pool (jobs on the reactor thread
+        leave them to us): copies what no reader still needs from the WAL
+        into the database file, waits for nobody."""
+        if self._checkpointing or self._state != "running":
+            return
+        self._checkpointing = True
+
+        def done(result: tuple[int, int, int]) -> None:
+            self._checkpointing = False
+            self.last_checkpoint = result
+            if self._checkpoint_failing:
+                log.info("state database {database} checkpoints work again", database=self.name)
+                self._checkpoint_failing = False
+
+        def failed(f: Any) -> None:
+            self._checkpointing = False
+            if not self._checkpoint_failing:
+                log.warn("state database {database} checkpoint failed: {error}; the WAL file "
+                         "grows until one works", database=self.name, error=f.getErrorMessage())
+                self._checkpoint_failing = True
+
+        self.run(_checkpoint).addCallbacks(done, failed)
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         attempt = 0
@@ -228,6 +309,17 @@ class StateDatabase:
 
     def __repr__(self) -> str:
         return f"<StateDatabase {self.name} {self._state}>"
+
+
+def _checkpoint(engine: Engine) -> tuple[int, int, int]:
+    """(busy, frames in the WAL, frames checkpointed)."""
+    raw = engine.raw_connection()
+    try:
+        # In autocommit (no transaction of ours holds the WAL).
+        row = raw.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return (int(row[0]), int(row[1]), int(row[2]))
+    finally:
+        raw.close()
 
 
 def _purge(engine: Engine, tables: StateTables, now: float) -> dict[str, int]:

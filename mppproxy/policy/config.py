@@ -360,3 +360,7 @@ class DatabaseConfig:
     cache_seconds: float = field(default=30.0, metadata=_opt(_at_least(0)))
     # Expired rows are deleted this often (seconds).
     purge_interval: float = field(default=3600.0, metadata=_opt(_at_least(10)))
+    # SQLite: run the stores' batch jobs on the reactor thread while the
+    # write lock is free (db/state.py says why; a job that would wait goes
+    # to the thread pool).  MySQL/MariaDB always use the pool.
+    sqlite_in_reactor: bool = True
