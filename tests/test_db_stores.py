@@ -1248,3 +1248,46 @@ def test_begin_immediate_waits_for_another_writer_in_short_steps(tmp_path: Path,
     holder.execute("COMMIT")
     holder.close()
     waiter.close()
+
+
+def test_no_lock_wait_never_waits_for_a_lock(tmp_path: Path) -> None:
+    """Under no_lock_wait (the reactor thread), a SQLite transaction that
+    meets a lock held elsewhere is rolled back and raises WriteLockBusy at
+    once, reading or writing; outside it the same read waits as usual."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy.engine import URL
+
+    from mppproxy.db.engine import (WriteLockBusy, cursor_in_transaction, make_engine,
+                                    no_lock_wait)
+
+    path = str(tmp_path / "state.sqlite")
+    engine = make_engine(URL.create("sqlite", database=path), DatabaseConfig())
+    with cursor_in_transaction(engine) as cur:
+        cur.execute("CREATE TABLE t (x)")
+    engine.dispose()  # an open WAL connection would keep the holder out
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Exclusive locking: nobody else may even read (or open the database
+    # in WAL mode: the connection's own set-up) while it holds the lock.
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    try:
+        for write in (False, True):
+            started = time.monotonic()
+            with pytest.raises(WriteLockBusy), no_lock_wait():
+                with cursor_in_transaction(engine, write=write) as cur:
+                    cur.execute("SELECT x FROM t").fetchall()
+            assert time.monotonic() - started < 1.0, write
+        # Without it the read waits (busy handler) until the holder lets go.
+        # (A WAL connection in exclusive locking mode lets go when it closes.)
+        threading.Timer(0.2, lambda: (holder.execute("COMMIT"), holder.close())).start()
+        started = time.monotonic()
+        with cursor_in_transaction(engine, write=False) as cur:
+            rows = cur.execute("SELECT x FROM t").fetchall()
+        assert rows == [(1,)]
+        assert time.monotonic() - started >= 0.15
+    finally:
+        holder.close()
+        engine.dispose()

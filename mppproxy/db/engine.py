@@ -94,9 +94,11 @@ _no_wait = threading.local()
 
 @contextmanager
 def no_lock_wait() -> Iterator[None]:
-    """Within this block (on this thread), a writing transaction that
-    finds SQLite's write lock taken raises ``WriteLockBusy`` at once
-    instead of trying again: the reactor thread never waits for it."""
+    """Within this block (on this thread), a transaction of
+    ``cursor_in_transaction`` that finds a SQLite lock taken (the write
+    lock, or any other a statement would wait for) is rolled back and
+    raises ``WriteLockBusy`` at once: SQLite's busy handler is off and
+    nothing is tried again, so the reactor thread never waits for it."""
     _no_wait.on = True
     try:
         yield
@@ -117,9 +119,7 @@ def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
     reading transaction needs it back (``_busy_timeout_on``): the two
     PRAGMAs per write were a fifth of the database thread's time.  Without
     WAL (COMMIT then waits for readers) it is restored at once."""
-    if not info.get(_BUSY_OFF):
-        dbapi_connection.execute("PRAGMA busy_timeout = 0")
-        info[_BUSY_OFF] = True
+    _busy_timeout_off(dbapi_connection, info)
     try:
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
         while True:
@@ -135,8 +135,14 @@ def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
                     raise
                 time.sleep(SQLITE_RETRY_INTERVAL)
     finally:
-        if not info.get(_WAL):
+        if not info.get(_WAL) and not getattr(_no_wait, "on", False):
             _busy_timeout_on(dbapi_connection, info)
+
+
+def _busy_timeout_off(dbapi_connection: Any, info: dict) -> None:
+    if not info.get(_BUSY_OFF):
+        dbapi_connection.execute("PRAGMA busy_timeout = 0")
+        info[_BUSY_OFF] = True
 
 
 def _busy_timeout_on(dbapi_connection: Any, info: dict) -> None:
@@ -158,14 +164,27 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
     of a job's Python time.  Driver errors come out as ``DBAPIError``, as
     from SQLAlchemy, so ``StateDatabase`` handles them the same way."""
     dbapi_error = engine.dialect.loaded_dbapi.Error
-    raw = engine.raw_connection()
+    sqlite = engine.dialect.name == "sqlite"
+    no_wait = sqlite and getattr(_no_wait, "on", False)
+    try:
+        raw = engine.raw_connection()
+    except (DBAPIError, dbapi_error) as e:  # a new connection's set-up failed
+        orig = e.orig if isinstance(e, DBAPIError) else e
+        if no_wait and isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
+            raise WriteLockBusy() from e  # it met a lock
+        if isinstance(e, DBAPIError):
+            raise
+        raise DBAPIError.instance(None, None, e, dbapi_error) from e
     try:
         try:
-            if engine.dialect.name == "sqlite":
+            if sqlite:
                 if write:
                     _begin_immediate(raw.dbapi_connection, raw.info)
                 else:
-                    _busy_timeout_on(raw.dbapi_connection, raw.info)
+                    if no_wait:
+                        _busy_timeout_off(raw.dbapi_connection, raw.info)
+                    else:
+                        _busy_timeout_on(raw.dbapi_connection, raw.info)
                     raw.dbapi_connection.execute("BEGIN")
             cursor = raw.cursor()
             yield cursor
@@ -179,6 +198,10 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
                 raw.invalidate()
             raise
     except dbapi_error as e:
+        if no_wait and isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            # SQLITE_BUSY ("database is locked") or SQLITE_LOCKED: rolled
+            # back above; the caller runs the transaction where it may wait.
+            raise WriteLockBusy() from e
         raise DBAPIError.instance(None, None, e, dbapi_error) from e
     finally:
         raw.close()
@@ -210,7 +233,11 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         # be a deferred BEGIN only before DML.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # A connection opened on the reactor thread (no_lock_wait) does
+        # not wait either: switching to WAL waits for a lock.
+        busy_off = getattr(_no_wait, "on", False)
+        cursor.execute(f"PRAGMA busy_timeout = {0 if busy_off else _BUSY_TIMEOUT_MS}")
+        record.info[_BUSY_OFF] = busy_off
         if not is_memory_sqlite(url):
             mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
             record.info[_WAL] = bool(mode) and str(mode[0]).lower() == "wal"
