@@ -919,10 +919,10 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
 
     # -- batch jobs on the reactor thread (database.sqlite_in_reactor) --------
 
-    async def test_jobs_run_on_the_reactor_thread_while_the_lock_is_free(self) -> None:
+    @staticmethod
+    def job_threads(db: StateDatabase) -> list[int]:
+        """The thread each greylist job of ``db`` runs in, from now on."""
         import threading
-        db = await self.make_db()
-        self.assertTrue(db.in_reactor)
         seen: list[int] = []
         original = db.greylist._job
 
@@ -931,6 +931,13 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
             return original(engine, items, now)
 
         db.greylist.batcher._job = job
+        return seen
+
+    async def test_jobs_run_on_the_reactor_thread_while_the_lock_is_free(self) -> None:
+        import threading
+        db = await self.make_db()
+        self.assertTrue(db.in_reactor)
+        seen = self.job_threads(db)
         self.assertEqual(await db.greylist.check(NET, "a@example.org", "b@example.com", GREY), 300)
         self.assertEqual(seen, [threading.get_ident()])
         self.assertEqual((db.jobs_in_reactor, db.jobs_deferred_to_pool), (1, 0))
@@ -959,15 +966,9 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
         import threading
         db = await self.make_db(sqlite_in_reactor=False)
         self.assertFalse(db.in_reactor)
-        seen: list[int] = []
-        original = db.greylist._job
-
-        def job(engine: Any, items: list, now: float) -> list:
-            seen.append(threading.get_ident())
-            return original(engine, items, now)
-
-        db.greylist.batcher._job = job
+        seen = self.job_threads(db)
         await db.greylist.check(NET, "a@example.org", "b@example.com", GREY)
+        self.assertEqual(len(seen), 1)
         self.assertNotEqual(seen, [threading.get_ident()])
         self.assertEqual(db.jobs_in_reactor, 0)
 
