@@ -817,6 +817,25 @@ class StoreTests:
         self.assertEqual([r.network for r in await self.all_rows(db, "blacklist")],
                          ["192.0.2.8/32"])
 
+    async def test_purge_deletes_in_chunks(self) -> None:
+        """The purge deletes PURGE_CHUNK rows per transaction (the write
+        lock is free between two), until none is left."""
+        from mppproxy.db import state as state_module
+
+        self.patch(state_module, "PURGE_CHUNK", 10)
+        db = await self.make_db()
+        for i in range(25):
+            await db.blacklist.add(f"192.0.2.{i}/32", 100, "short")
+        await db.blacklist.add("192.0.2.200/32", 100_000, "long")
+        self.advance(101)
+        sent = self.count_statements(db)
+        counts = await db.purge()
+        self.assertEqual(counts[f"{self.prefix}blacklist"], 25)
+        self.assertEqual(len([q for q in sent if q.lstrip().upper().startswith("DELETE")
+                              and "blacklist" in q]), 3)
+        self.assertEqual([r.network for r in await self.all_rows(db, "blacklist")],
+                         ["192.0.2.200/32"])
+
     async def test_purge_runs_every_purge_interval(self) -> None:
         """started, the database purges on its own every ``purge_interval``."""
         db = await self.make_db(purge_interval=600)

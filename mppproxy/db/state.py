@@ -14,7 +14,7 @@ import os
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError, SQLAlchemyError
 from twisted.internet import defer
@@ -41,6 +41,8 @@ T = TypeVar("T")
 # thread (SQLite's own threshold, 1000 pages, is a few seconds of a busy
 # policy server's writes).
 CHECKPOINT_INTERVAL = 1.0
+# Expired rows deleted per purge transaction.
+PURGE_CHUNK = 1000
 _RETRY_CODES = (1213, 1205)
 _ATTEMPTS = 3
 
@@ -323,9 +325,21 @@ def _checkpoint(engine: Engine) -> tuple[int, int, int]:
 
 
 def _purge(engine: Engine, tables: StateTables, now: float) -> dict[str, int]:
+    """Delete expired rows, PURGE_CHUNK per transaction: between two, the
+    write lock is free for the stores' batches (a whole large table in
+    one transaction held it for seconds, and batches waiting on SQLite's
+    lock give up after its busy timeout)."""
     counts: dict[str, int] = {}
     for table in (tables.blacklist, tables.greylist, tables.greylist_whitelist):
-        with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-            counts[table.name] = conn.execute(delete(table).where(table.c.expires <= now)).rowcount
+        key = next(iter(table.primary_key.columns))
+        expired = select(key).where(table.c.expires <= now).limit(PURGE_CHUNK)
+        deleted = 0
+        while True:
+            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                keys = [r[0] for r in conn.execute(expired)]
+                if keys:
+                    deleted += conn.execute(delete(table).where(key.in_(keys))).rowcount
+            if len(keys) < PURGE_CHUNK:
+                break
+        counts[table.name] = deleted
     return counts
-
