@@ -107,15 +107,21 @@ def _start_twistd_policy(tmp_path: Path, conf: Path, port: int) -> tuple[subproc
     return proc, log
 
 
+def _policy_config(tmp_path, top: str = "") -> Path:
+    """policy.toml for the twistd tests: a spam trap, no auto-blacklist."""
+    conf = tmp_path / "policy.toml"
+    conf.write_text(top + 'trusted_networks = ["10.255.255.0/24"]\n'
+                    f'data_dir = "{tmp_path / "data"}"\n'
+                    '[policies.default.blacklist]\nenabled = false\n'
+                    '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
+    return conf
+
+
 def test_twistd_policy_mode(tmp_path):
     """`twistd -n mppproxy --mode policy --listen ...` answers Postfix requests and reloads on SIGHUP."""
     port = free_port()
-    conf = tmp_path / "policy.toml"
-    body = ('trusted_networks = ["10.255.255.0/24"]\n'
-            f'data_dir = "{tmp_path / "data"}"\n'
-            '[policies.default.blacklist]\nenabled = false\n'
-            '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
-    conf.write_text(body)
+    conf = _policy_config(tmp_path)
+    body = conf.read_text()
     proc, log = _start_twistd_policy(tmp_path, conf, port)
     try:
         def up() -> bool:
@@ -168,12 +174,8 @@ def test_twistd_policy_mode_with_workers(tmp_path):
     socket, reloads with the main process, is restarted when it dies, and
     stops when the main process dies."""
     port = free_port()
-    conf = tmp_path / "policy.toml"
-    body = ('workers = 2\ntrusted_networks = ["10.255.255.0/24"]\n'
-            f'data_dir = "{tmp_path / "data"}"\n'
-            '[policies.default.blacklist]\nenabled = false\n'
-            '[policies.default.spamtrap]\nenabled = true\npatterns = ["^trap@"]\n')
-    conf.write_text(body)
+    conf = _policy_config(tmp_path, "workers = 2\n")
+    body = conf.read_text()
     proc, log = _start_twistd_policy(tmp_path, conf, port)
 
     def answers(recipient: str, network: str, n: int = 12) -> set[str]:

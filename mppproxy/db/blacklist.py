@@ -116,7 +116,8 @@ class SqlBlacklistStore:
         self._prefixes: dict[tuple[int, int], int] = {}
         # Addresses the database did not list a moment ago.
         self._absent: ExpiringCache[str, bool] = ExpiringCache(cache_size)
-        self._sql: dict[str, _Sql] = {}
+        # The engine exists before the stores; its dialect needs no connection.
+        self._sql = _Sql(database.tables, database.engine.dialect)
         self.batcher: Batcher[Union[_Lookup, _Add], Optional[BlacklistEntry]] = \
             Batcher(database, self._job)
 
@@ -155,11 +156,7 @@ class SqlBlacklistStore:
 
     def _job(self, engine: Engine, items: list[Union[_Lookup, _Add]],
              now: float) -> list[Optional[BlacklistEntry]]:
-        # In a pool thread; building the statements twice at once is harmless.
-        sql = self._sql.get(engine.dialect.name)
-        if sql is None:
-            sql = self._sql[engine.dialect.name] = _Sql(self._db.tables, engine.dialect)
-        return blacklist_batch(engine, sql, items)
+        return blacklist_batch(engine, self._sql, items)
 
     # -- the mirror --------------------------------------------------------
 

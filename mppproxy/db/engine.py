@@ -89,7 +89,17 @@ class WriteLockBusy(Exception):
     not wait for it (``no_lock_wait``)."""
 
 
-_no_wait = threading.local()
+class _NoWait(threading.local):
+    on = False  # in a no_lock_wait block, on this thread
+
+
+_no_wait = _NoWait()
+
+
+def _is_lock_error(error: BaseException) -> bool:
+    # SQLITE_BUSY ("database is locked") or SQLITE_LOCKED ("database
+    # table is locked").
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
 
 @contextmanager
@@ -127,15 +137,15 @@ def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e):
+                if not _is_lock_error(e):
                     raise
-                if getattr(_no_wait, "on", False):
+                if _no_wait.on:
                     raise WriteLockBusy() from e
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(SQLITE_RETRY_INTERVAL)
     finally:
-        if not info.get(_WAL) and not getattr(_no_wait, "on", False):
+        if not info.get(_WAL) and not _no_wait.on:
             _busy_timeout_on(dbapi_connection, info)
 
 
@@ -165,12 +175,11 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
     from SQLAlchemy, so ``StateDatabase`` handles them the same way."""
     dbapi_error = engine.dialect.loaded_dbapi.Error
     sqlite = engine.dialect.name == "sqlite"
-    no_wait = sqlite and getattr(_no_wait, "on", False)
+    no_wait = sqlite and _no_wait.on
     try:
         raw = engine.raw_connection()
     except (DBAPIError, dbapi_error) as e:  # a new connection's set-up failed
-        orig = e.orig if isinstance(e, DBAPIError) else e
-        if no_wait and isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
+        if no_wait and _is_lock_error(e.orig if isinstance(e, DBAPIError) else e):
             raise WriteLockBusy() from e  # it met a lock
         if isinstance(e, DBAPIError):
             raise
@@ -198,9 +207,8 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
                 raw.invalidate()
             raise
     except dbapi_error as e:
-        if no_wait and isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-            # SQLITE_BUSY ("database is locked") or SQLITE_LOCKED: rolled
-            # back above; the caller runs the transaction where it may wait.
+        if no_wait and _is_lock_error(e):
+            # Rolled back above; the caller runs it where it may wait.
             raise WriteLockBusy() from e
         raise DBAPIError.instance(None, None, e, dbapi_error) from e
     finally:
@@ -235,7 +243,7 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
         cursor = dbapi_connection.cursor()
         # A connection opened on the reactor thread (no_lock_wait) does
         # not wait either: switching to WAL waits for a lock.
-        busy_off = getattr(_no_wait, "on", False)
+        busy_off = _no_wait.on
         cursor.execute(f"PRAGMA busy_timeout = {0 if busy_off else _BUSY_TIMEOUT_MS}")
         record.info[_BUSY_OFF] = busy_off
         if not is_memory_sqlite(url):

@@ -82,7 +82,8 @@ class SqlGreylistStore:
         self.cache_seconds = cache_seconds
         self._whitelisted: ExpiringCache[str, bool] = ExpiringCache(cache_size)
         self._triplets: ExpiringCache[str, _Cached] = ExpiringCache(cache_size)
-        self._sql: dict[str, _Sql] = {}
+        # The engine exists before the stores; its dialect needs no connection.
+        self._sql = _Sql(database.tables, database.engine.dialect)
         self.batcher: Batcher[_Attempt, GreylistAnswer] = Batcher(database, self._job)
 
     async def check(self, client_net: str, sender: str, recipient: str,
@@ -124,11 +125,7 @@ class SqlGreylistStore:
         self._triplets.clear()
 
     def _job(self, engine: Engine, attempts: list[_Attempt], now: float) -> list[GreylistAnswer]:
-        # In a pool thread; building the statements twice at once is harmless.
-        sql = self._sql.get(engine.dialect.name)
-        if sql is None:
-            sql = self._sql[engine.dialect.name] = _Sql(self._db.tables, engine.dialect)
-        return check_batch(engine, sql, attempts, now)
+        return check_batch(engine, self._sql, attempts, now)
 
 
 # -- in the database thread ----------------------------------------------------
@@ -168,7 +165,7 @@ class _Sql:
                         "last_seen, passed, expires) VALUES ")
         self._one_row = placeholders(dialect, 8)
         upsert = (f"INSERT INTO {w} (client_net, created, last_seen, expires) "
-                  f"VALUES ({m}, {m}, {m}, {m})")
+                  f"VALUES {placeholders(dialect, 4)}")
         if dialect.name == "sqlite":
             self._insert_end = " ON CONFLICT (id) DO NOTHING"
             self.whitelist_upsert = upsert + (" ON CONFLICT (client_net) DO UPDATE SET "

@@ -34,15 +34,15 @@ log = Logger()
 
 T = TypeVar("T")
 
-# MySQL/MariaDB: deadlock found, lock wait timeout: the transaction is
-# retried (InnoDB's advice for both).  SQLite: "database is locked" past
-# the busy timeout is not retried (it already waited).
 # Seconds between WAL checkpoints when batch jobs run on the reactor
 # thread (SQLite's own threshold, 1000 pages, is a few seconds of a busy
 # policy server's writes).
 CHECKPOINT_INTERVAL = 1.0
 # Expired rows deleted per purge transaction.
 PURGE_CHUNK = 1000
+# MySQL/MariaDB: deadlock found, lock wait timeout: the transaction is
+# retried (InnoDB's advice for both).  SQLite: "database is locked" past
+# the busy timeout is not retried (it already waited).
 _RETRY_CODES = (1213, 1205)
 _ATTEMPTS = 3
 
