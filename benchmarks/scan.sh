@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Scanning benchmark (issue #5): mppproxy in the slot of the shared scan
-# anchors (/work/shared/bench/scan: amavisd-new, spampd, the engines alone),
+# anchors (../shared/bench/scan beside the checkout: amavisd-new, spampd, the engines alone),
 # with the anchors' own clamd (+ spamd) and smtp-sink, in one run.
 #   benchmarks/scan.sh --profile clamd-only --reps 2   # sink, amavis, mppproxy, eng-clamd (~2 min)
 #   benchmarks/scan.sh --quick                         # clamd+spamd, first 60 msgs (~12 min)
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$PWD
 REPO=$(cd .. && pwd)
-ANCHORS=${MPP_SCAN_ANCHORS:-/work/shared/bench/scan}
+ANCHORS=${MPP_SCAN_ANCHORS:-$REPO/../shared/bench/scan}
 PYTHON=${PYTHON:-python3}
 export PATH=$PATH:/usr/sbin:/sbin
 

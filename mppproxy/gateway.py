@@ -1,7 +1,7 @@
 """The gateway: what the session state machine asks at each SMTP phase.
 
 Stage: between the session and the actions.  For each session it applies
-relay control (DESIGN.md promise 3), hands MAIL/RCPT/message to the lockstep
+relay control (docs/design.md promise 3), hands MAIL/RCPT/message to the lockstep
 relay or the local Maildir, prepares the outbound message (Received:, X-MPP-*
 stripped) and writes the one structured log line per transaction (promise 5).
 The pre-DATA policy engine and the post-DATA scanners hook in here.
@@ -220,7 +220,7 @@ class SessionGateway:
             return reply
         if verdict.action == "quarantine":
             # Held, not relayed: a durable copy in the local quarantine
-            # (DESIGN.md promise 1) before the 250.
+            # (docs/design.md promise 1) before the 250.
             self._reset_backend()
             reply = await self._deliver_local(session, txn, message, QUARANTINE_MAILDIR)
             action = "quarantine"

@@ -1,7 +1,7 @@
 """The message as it leaves the proxy: our Received: header on top, X-MPP-*
 headers from outside removed, the rest of the spool untouched.
 
-Stage: between DATA and the action.  DESIGN.md promise 7: ``X-MPP-*`` headers
+Stage: between DATA and the action.  docs/design.md promise 7: ``X-MPP-*`` headers
 carry scan state to the archive node, so none may arrive from the internet.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _header_lines(spool: Spool) -> Iterator[bytes]:
                 # A leading folded line is kept in the header section: under
                 # our Received: header it becomes that field's continuation,
                 # and the fields after it are headers downstream, so they
-                # must be checked here too (DESIGN.md promise 7).
+                # must be checked here too (docs/design.md promise 7).
                 pass
             elif not _FIELD.match(line):
                 return
@@ -136,7 +136,7 @@ def _has_trust_headers(spool: Spool) -> tuple[bool, int]:
 def strip_trust_headers(spool: Spool, length: int, out: Spool) -> int:
     """Copy the message into ``out`` without X-MPP-* fields (and their
     folded continuation lines); return how many fields went.  ``out`` is a
-    spool like the client's, so memory stays bounded (DESIGN.md promise 6)."""
+    spool like the client's, so memory stays bounded (docs/design.md promise 6)."""
     removed = 0
     skipping = False
     for line in _header_lines(spool):

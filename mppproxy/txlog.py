@@ -1,4 +1,4 @@
-"""The one structured log event per transaction (DESIGN.md promise 5).
+"""The one structured log event per transaction (docs/design.md promise 5).
 
 Every field is a stable snake_case key; client-supplied text travels only in
 fields, never in the format string (a ``{`` in a HELO must not break it).

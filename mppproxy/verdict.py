@@ -86,7 +86,7 @@ def result_headers(verdict: Verdict, report: Any) -> tuple[tuple[str, str], ...]
     """``X-MPP-Scan`` (score, action) and ``X-MPP-Scan-Rules`` (each
     scanner's rule names) for every accepted message, so administrators
     tune rules from the message.  Trustworthy downstream because X-MPP-*
-    from outside are stripped at the edge (DESIGN.md promise 7)."""
+    from outside are stripped at the edge (docs/design.md promise 7)."""
     rules = getattr(report, "rules", None) or {}
     listed = "; ".join(f"{name}={','.join(r.replace(';', ',').replace(' ', '_') for r in names)}"
                        for name, names in rules.items())

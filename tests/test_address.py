@@ -1,6 +1,6 @@
 """Envelope addresses (``mppproxy.smtp.address``): MAIL/RCPT argument
 splitting, path parsing (RFC 5321 4.1.2), relay domains and the relay
-refusal rules behind DESIGN.md promise 3."""
+refusal rules behind docs/design.md promise 3."""
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
@@ -259,7 +259,7 @@ class RelayDomainsTests(SynchronousTestCase):
 
 
 class RelayRefusalTests(SynchronousTestCase):
-    """``relay_refusal_reason``: DESIGN.md promise 3, whatever the address holds."""
+    """``relay_refusal_reason``: docs/design.md promise 3, whatever the address holds."""
 
     domains = RelayDomains(["example.com", ".example.org"])
 

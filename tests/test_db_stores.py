@@ -1202,7 +1202,7 @@ class EngineTests(unittest.TestCase):
 
     async def test_database_failure_is_a_tempfail(self) -> None:
         """With the database gone every recipient gets a 4xx, never a pass
-        (DESIGN.md promise 4)."""
+        (docs/design.md promise 4)."""
         await self.runtime.database.stop()
         reply = await self.ask("user@example.com")
         self.assertEqual(reply.code // 100, 4)

@@ -187,7 +187,7 @@ BARE_CASES = [
 
 
 class BareNewlineTests(SynchronousTestCase):
-    """Strict mode refuses bare CR and LF (RFC 5321 2.3.8, DESIGN.md promise 2)."""
+    """Strict mode refuses bare CR and LF (RFC 5321 2.3.8, docs/design.md promise 2)."""
 
     def test_bare_newline_is_an_error(self) -> None:
         """A bare CR or LF anywhere in the data ends reading at once with BARE_NEWLINE."""

@@ -2,7 +2,7 @@
 message (``mppproxy.message.prepare``) and Maildir delivery
 (``mppproxy.delivery.maildir``).
 
-DESIGN.md promises tested here: 3 (not an open relay, whatever the address
+docs/design.md promises tested here: 3 (not an open relay, whatever the address
 holds), 7 (X-MPP-* from outside stripped) and 1 for local delivery (a 250
 only after the copy is on disk; a 4xx when it cannot be written).
 """
@@ -138,7 +138,7 @@ INSIDE = [
 
 
 class RelayControlTests(SynchronousTestCase):
-    """DESIGN.md promise 3 at the gateway."""
+    """docs/design.md promise 3 at the gateway."""
 
     def rcpt(self, gateway: SessionGateway, session: Session, path: str) -> replies.Reply:
         txn = make_txn()
@@ -208,7 +208,7 @@ class TrustedNetworksTests(SynchronousTestCase):
             self.assertFalse(trusted(host), host)
 
     def test_set_list_replaces_default(self) -> None:
-        """A configured list replaces loopback rather than adding to it (DESIGN.md promise 3)."""
+        """A configured list replaces loopback rather than adding to it (docs/design.md promise 3)."""
         trusted = TrustedNetworks(("192.0.2.0/24",))
         self.assertTrue(trusted("192.0.2.77"))
         self.assertFalse(trusted("127.0.0.1"))

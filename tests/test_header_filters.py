@@ -130,7 +130,7 @@ def test_country_rules_without_database_never_match():
 
 def test_unreadable_database_makes_the_scanner_unavailable(tmp_path):
     """A configured database that cannot be opened is a scanner failure,
-    loud (DESIGN.md promise 4), not a silent miss."""
+    loud (docs/design.md promise 4), not a silent miss."""
     bad = tmp_path / "bad.mmdb"
     bad.write_bytes(b"not a database")
     for path in (str(bad), str(tmp_path / "missing.mmdb")):

@@ -246,7 +246,7 @@ def test_configured_actions_apply():
 
 def test_parser_failure_is_a_tempfail(monkeypatch):
     """An exception inside the email package is a ``parse_error`` defect,
-    tempfailed by default (DESIGN.md promise 4), never a crash."""
+    tempfailed by default (docs/design.md promise 4), never a crash."""
     from email.message import Message
 
     def boom(self):

@@ -1,4 +1,4 @@
-"""SMTP smuggling through the proxy (DESIGN.md promise 2: one message in, at most one out).
+"""SMTP smuggling through the proxy (docs/design.md promise 2: one message in, at most one out).
 
 Each case sends, after ``DATA``, a legitimate message whose end is a look-alike
 terminator followed by a whole second transaction (``MAIL FROM:<smuggled@evil.test>``,

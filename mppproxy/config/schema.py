@@ -20,7 +20,7 @@ from mppproxy.config.fields import at_least as _at_least, choice as _choice, end
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
-# DESIGN.md and arrive with their issues; asking for one is a config error
+# docs/design.md and arrive with their issues; asking for one is a config error
 # that says so, not a half-started process.
 IMPLEMENTED_MODES = ("all-in-one", "edge", "policy", "scan")
 
@@ -209,7 +209,7 @@ class ProxyConfig:
     workers: int = field(default=1, metadata=_opt(_at_least(1)))
     backend: Optional[BackendConfig] = None
     relay_domains: tuple[str, ...] = field(default=(), metadata=_opt(_domains))
-    # Like Postfix's mynetworks: setting it replaces the default (DESIGN.md 3).
+    # Like Postfix's mynetworks: setting it replaces the default (docs/design.md 3).
     trusted_networks: tuple[str, ...] = field(default=("127.0.0.0/8", "::1/128"), metadata=_opt(_networks))
     smtp: SmtpConfig = SmtpConfig()
     limits: LimitsConfig = LimitsConfig()

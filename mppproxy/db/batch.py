@@ -12,7 +12,7 @@ wake-up reading many connections) share it and a lone call waits for
 nothing else.
 
 A job that fails fails every call in it with the ``StateDatabaseError``
-of ``StateDatabase.run`` (DESIGN.md promise 4: each caller's check then
+of ``StateDatabase.run`` (docs/design.md promise 4: each caller's check then
 applies ``policy.on_error``).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A bounded in-process cache whose entries expire: the hot path's answer
-before the database is asked (DESIGN.md, "with an in-process cache")."""
+before the database is asked (docs/design.md, "with an in-process cache")."""
 from __future__ import annotations
 
 from collections import OrderedDict

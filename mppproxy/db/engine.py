@@ -252,7 +252,7 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
             # WAL with synchronous=NORMAL: a commit is not fsync'ed, only
             # each checkpoint is.  Greylist and blacklist state is not
             # mail: losing the last second of it on power loss only
-            # greylists a few triplets again (DESIGN.md promise 1 is about
+            # greylists a few triplets again (docs/design.md promise 1 is about
             # messages, which never live here).
             cursor.execute("PRAGMA synchronous = NORMAL")
         if not is_memory_sqlite(url) and config.sqlite_in_reactor:

@@ -3,10 +3,10 @@ periodic purge, and the two stores the policy checks use.
 
 All database work runs in the pool's threads (``deferToThreadPool``); the
 reactor thread only reads the in-process caches and waits on Deferreds
-(DESIGN.md: "the reactor never blocks on I/O").  A failure comes back as a
+(docs/design.md: "the reactor never blocks on I/O").  A failure comes back as a
 ``StateDatabaseError`` naming the database (without its password) and the
 driver's reason; the policy engine turns it into a tempfail or a skip per
-``policy.on_error`` (DESIGN.md promise 4).
+``policy.on_error`` (docs/design.md promise 4).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class StateDatabase:
 
         Fires with True once the tables exist, or False (logged) when the
         database cannot be reached now: the stores then try again on each
-        use, and fail until it can (checks tempfail, DESIGN.md promise 4).
+        use, and fail until it can (checks tempfail, docs/design.md promise 4).
         """
         if self._state != "new":
             raise RuntimeError(f"state database {self.name} already {self._state}")

@@ -1,6 +1,6 @@
 """Local Maildir delivery, used when no backend MTA is configured.
 
-Stage: action (the all-in-one default).  DESIGN.md promise 1: the client
+Stage: action (the all-in-one default).  docs/design.md promise 1: the client
 hears 250 only after every recipient's copy is written, fsync'ed, moved from
 tmp/ into new/ and the directory fsync'ed, so a crash at any instant after
 that loses nothing.  The disk work runs in the thread pool; the reactor never
@@ -101,7 +101,7 @@ def deliver(chunks_factory, sender: Address, recipients: list[Address],
 
     Every copy is written and fsync'ed in tmp/ before any is moved into
     new/, so a failure for one recipient leaves no copy for the others and
-    the client's retry cannot duplicate them (DESIGN.md promise 1)."""
+    the client's retry cannot duplicate them (docs/design.md promise 1)."""
     staged: list[tuple[str, str, str]] = []
     try:
         for rcpt in recipients:

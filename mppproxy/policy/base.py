@@ -25,7 +25,7 @@ class Action(enum.Enum):
     # Refuse the recipient for good (5xx).
     REJECT = "reject"
     # Refuse the recipient for now (4xx): greylisting, a DNS or database
-    # failure that a policy turns into a tempfail (DESIGN.md promise 4).
+    # failure that a policy turns into a tempfail (docs/design.md promise 4).
     TEMPFAIL = "tempfail"
 
 
@@ -95,7 +95,7 @@ MISS = CheckResult()
 
 class Recorded(NamedTuple):
     """One check's result as the engine recorded it on the transaction:
-    hits and misses alike (DESIGN.md promise 5).  A named tuple: the engine
+    hits and misses alike (docs/design.md promise 5).  A named tuple: the engine
     makes several per recipient, and a frozen dataclass costs three times
     as much to build."""
 

@@ -217,7 +217,7 @@ class ScanConfig:
     attachments: AttachmentConfig = AttachmentConfig()
     headers: HeaderFilterConfig = HeaderFilterConfig()
     # A scanner that cannot answer (a GeoIP file that cannot be read, a
-    # parse failure): "tempfail" (451 4.3.0, DESIGN.md promise 4) or "skip".
+    # parse failure): "tempfail" (451 4.3.0, docs/design.md promise 4) or "skip".
     on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
     # Spam verdicts (score at or above scoring.tag) count for the
     # thresholds' max_spam.
@@ -329,7 +329,7 @@ class PolicyEngineConfig:
     # logged (a DNS list never blocks mail by itself).
     check_timeout: float = field(default=10.0, metadata=_opt(_at_least(0.1)))
     # A check that fails (database down, say): "tempfail" answers 451 4.3.0
-    # (DESIGN.md promise 4) or "skip" logs it and goes on.
+    # (docs/design.md promise 4) or "skip" logs it and goes on.
     on_error: str = field(default="tempfail", metadata=_opt(_on_failure))
     # Site-wide reply templates overriding the built-in ones; relative to data_dir.
     templates_dir: str = ""

@@ -7,7 +7,7 @@ score, the return codes, an optional TXT reason and an error name.
 
 A list that times out, fails or answers nonsense scores nothing and is logged:
 a broken list never blocks mail by itself, and the error travels in the result
-so the engine records it (DESIGN.md promises 4 and 5).
+so the engine records it (docs/design.md promises 4 and 5).
 
 dnspython builds and parses the messages; Twisted carries them, one UDP
 datagram per query (random source port, renewed every ROTATE_AFTER queries;

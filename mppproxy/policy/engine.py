@@ -5,7 +5,7 @@ engine decides, the checks only report).
 The gateway (SMTP proxy) and the Postfix policy server (``policyd/``) both
 ask ``PolicyEngine.on_recipient`` for each recipient.  A transaction gets
 the policy of its first recipient; a recipient of another policy is answered
-``452 4.5.3`` so the client sends it in a later transaction (DESIGN.md).
+``452 4.5.3`` so the client sends it in a later transaction (docs/design.md).
 
 Order per recipient:
   1. the checks in ``SCORING_ORDER`` (access lists, auto-blacklist, spam

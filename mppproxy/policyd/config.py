@@ -1,7 +1,7 @@
 """``[policyd]``: the Postfix policy-delegation server (``--mode policy``).
 
 A frozen dataclass like the rest of ``config/schema.py``, which imports it.
-The limits bound what one policy client can make us hold (DESIGN.md
+The limits bound what one policy client can make us hold (docs/design.md
 promise 6); the defaults follow Postfix's own policy client settings
 (postconf(5), ``smtpd_policy_service_*``).
 """
@@ -14,7 +14,7 @@ from mppproxy.config.fields import at_least as _at_least, endpoints as _endpoint
 
 # access(5) actions a site may choose as the answer to a request we cannot
 # evaluate.  OK is not among them: it would let a malformed request skip
-# the restrictions after check_policy_service (DESIGN.md promise 4).
+# the restrictions after check_policy_service (docs/design.md promise 4).
 _DEFAULT_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT", "DEFER", "DEFER_IF_REJECT", "REJECT")
 _NUMERIC_ACTION = re.compile(r"^[45]\d\d(?: .*)?$")
 

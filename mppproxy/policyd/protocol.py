@@ -16,7 +16,7 @@ What the engine answers becomes (docs/configuration.md, "[policyd]"):
 * 5xx: ``5NN X.Y.Z text`` (access(5) "5NN text"), so the reply code and
   the RFC 3463 enhanced code survive; Postfix adds ``<rcpt>: Recipient
   address rejected:`` itself;
-* 452 4.5.3 (recipient of another policy group, DESIGN.md): ``452 4.5.3
+* 452 4.5.3 (recipient of another policy group, docs/design.md): ``452 4.5.3
   text``, so the client sends that recipient in a later transaction;
 * any other 4xx (greylisting, a check's tempfail): ``DEFER_IF_PERMIT
   text``, as postgrey answers: a later restriction that rejects wins.

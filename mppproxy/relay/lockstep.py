@@ -4,7 +4,7 @@ client waits, and the client hears the backend's own reply.
 Stage: relay (one instance per client session).  The backend connection is
 taken from the pool at the first MAIL (so an unreachable backend is found out
 before the client sends a body) and given back when the session ends.
-DESIGN.md promise 1: the client hears 250 at the end of DATA only after the
+docs/design.md promise 1: the client hears 250 at the end of DATA only after the
 backend's 250 for that message; any failure on the way becomes a 4xx.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ class LockstepRelay:
     def _out_of_protocol(self, reply: Reply, session: Session, what: str) -> Reply:
         """A reply code that makes no sense at this step (a 3yz to MAIL, a
         2yz to DATA): the backend's state is unknown, so the connection is
-        dropped and the client keeps its message (DESIGN.md promise 1)."""
+        dropped and the client keeps its message (docs/design.md promise 1)."""
         log.warn("backend answered {what} with {reply}; dropping the connection", what=what,
                  reply=str(reply), session_id=session.id)
         self._drop()
@@ -160,7 +160,7 @@ class LockstepRelay:
     def client_gone(self) -> None:
         """Stop a message still being sent before its final dot: with no
         client to hear the 250, completing it would only make the client's
-        retry a duplicate (DESIGN.md promise 1)."""
+        retry a duplicate (docs/design.md promise 1)."""
         self._client_gone = True
 
     def reset(self) -> None:

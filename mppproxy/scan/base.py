@@ -1,4 +1,4 @@
-"""The contract every post-DATA scanner keeps (STYLE.md, DESIGN.md).
+"""The contract every post-DATA scanner keeps (STYLE.md, docs/design.md).
 
 A scanner is a small object with a ``name`` and one ``async`` method that
 takes the ``ScanInput`` of one message and returns the same frozen
@@ -10,7 +10,7 @@ pre-DATA score; the verdict turns the sum into one action.
 
 A scanner that cannot answer (engine down, timeout, garbage) raises
 ``ScannerUnavailable`` with a reason; it never returns a clean result it
-did not get (DESIGN.md promise 4: failures are loud and safe).
+did not get (docs/design.md promise 4: failures are loud and safe).
 """
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ class MimeDefectActions:
     line_too_long: str = field(default="reject", metadata=_ACTION)
     too_large: str = field(default="reject", metadata=_ACTION)
     # The parser itself failed (a bug, ours or the email package's): the
-    # message could not be checked.  DESIGN.md promise 4: tempfail, loudly.
+    # message could not be checked.  docs/design.md promise 4: tempfail, loudly.
     parse_error: str = field(default="tempfail", metadata=_ACTION)
     # Any defect the email package reports that has no kind above.
     other: str = field(default="score:1", metadata=_ACTION)
@@ -170,7 +170,7 @@ class MimeCheckConfig:
     # message keeps in memory for the later scanners.  Past it, body lines
     # are checked for structure but left out of the parsed parts (which are
     # marked truncated), so memory stays bounded whatever the message size
-    # (DESIGN.md promise 6).  Header sections past it stop the parse
+    # (docs/design.md promise 6).  Header sections past it stop the parse
     # (``header_block_too_big``): they cannot be left out.
     memory_bytes: int = field(default=10 * 1024 * 1024, metadata=_opt(_at_least(65536)))
     # A message longer than this is not read further and gets the

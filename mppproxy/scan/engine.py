@@ -7,7 +7,7 @@ the first hard action (a virus, a malformed message) and the failures;
 ``mppproxy/verdict.py`` turns those and the pre-DATA score into one action.
 
 A scanner that fails (down, slow past its timeout, garbage) is logged with
-the reason and, by default, makes the verdict a tempfail (DESIGN.md promise
+the reason and, by default, makes the verdict a tempfail (docs/design.md promise
 4: a failure never lets mail through unscanned); ``on_failure = "skip"``
 goes on without it.
 """

@@ -7,7 +7,7 @@ Stage: first step of the scan engine.  Takes the raw message as chunks
 and counts.  ``parse_message`` never raises, whatever the input (a parser
 failure is itself a defect, ``parse_error``).
 
-How the bounds hold (DESIGN.md promise 6).  The message is fed to the
+How the bounds hold (docs/design.md promise 6).  The message is fed to the
 standard library's ``BytesFeedParser`` in slices of at most 64 KiB.  That
 parser reads lines through a ``BufferedSubFile``; ours (``_BoundedInput``)
 sees each line just before the parser takes it, knows which part is being

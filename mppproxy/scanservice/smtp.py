@@ -9,7 +9,7 @@ At the end of DATA the message is scanned with the policy of the first
 recipient's domain and the reply carries the verdict: 250 for every
 verdict (the exchange succeeded), 451 4.3.0 when a scanner could not
 answer and the policy tempfails.  Nothing is relayed or stored; each
-transaction gets its one log line (DESIGN.md promise 5).
+transaction gets its one log line (docs/design.md promise 5).
 """
 from __future__ import annotations
 

@@ -245,7 +245,7 @@ _ROUTING_CHARS = ("%", "!", "@")
 def relay_refusal_reason(address: Address, domains: RelayDomains) -> Optional[str]:
     """Why an untrusted client may not send to ``address``, or None.
 
-    DESIGN.md promise 3: whatever the address form, a recipient outside the
+    docs/design.md promise 3: whatever the address form, a recipient outside the
     relay domains is refused before the backend hears of it."""
     if not address.domain:
         if address.local.lower() == "postmaster":

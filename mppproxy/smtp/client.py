@@ -4,7 +4,7 @@ Stage: relay.  The lockstep forwarder sends one command at a time and hands
 the backend's reply (code, enhanced code, text) back to the client.  Every
 wait has a timeout from RFC 5321 4.5.3.2; a lost connection, a timeout or a
 421 become ``BackendError`` carrying the 4xx reply the client should get
-(DESIGN.md promise 1: the client keeps its message).
+(docs/design.md promise 1: the client keeps its message).
 """
 from __future__ import annotations
 
@@ -417,7 +417,7 @@ async def _ehlo(proto: BackendProtocol, config: BackendConfig, helo_name: str) -
 
 def _as_transient(reply: Reply) -> Reply:
     """A session-level failure of the backend is never the client's fault:
-    the client gets a 4xx and keeps its message (DESIGN.md promise 1)."""
+    the client gets a 4xx and keeps its message (docs/design.md promise 1)."""
     if reply.is_transient and reply.code != 421:
         return reply
     return Reply(451, "4.4.0" if not reply.enhanced else "4" + reply.enhanced[1:],

@@ -3,7 +3,7 @@ smuggling, count size and line length, all while streaming.
 
 Stage: between the session (which hands over the raw bytes after ``354``) and
 the spool (which gets the message as it will be relayed: CRLF line ends,
-dot-stuffing removed).  Promise 2 of DESIGN.md lives here: the end of data is
+dot-stuffing removed).  Promise 2 of docs/design.md lives here: the end of data is
 ``CRLF . CRLF`` and nothing else (RFC 5321 4.1.1.4 and 2.3.8), so a bare CR or
 LF can never make the proxy and the backend disagree on where a message ends.
 

@@ -39,7 +39,7 @@ log = Logger()
 _HELO_ARGUMENT = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9:.]+\])$")
 
 # While a command is in flight, a client may pipeline this much before we
-# stop reading from its socket (flat memory, DESIGN.md promise 6).
+# stop reading from its socket (flat memory, docs/design.md promise 6).
 PIPELINE_BUFFER = 262144
 # Seconds a closing connection may take to flush our last reply.
 CLOSE_GRACE = 10.0
@@ -156,7 +156,7 @@ class SessionHandler(TypingProtocol):
 
 class ConnectionCounter:
     """Open connections in total and per client address, shared by all
-    listeners of one process (DESIGN.md promise 6)."""
+    listeners of one process (docs/design.md promise 6)."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -257,7 +257,7 @@ class SMTPServerProtocol(Protocol):
             transport.setTcpNoDelay(True)
         # Flow control for our replies: when the client does not read them
         # and the socket's buffer fills, Twisted calls pauseProducing and we
-        # stop reading commands until it drains (DESIGN.md promise 6).
+        # stop reading commands until it drains (docs/design.md promise 6).
         transport.registerProducer(self, True)
         factory = getattr(self, "factory", None)
         if factory is not None:

@@ -3,7 +3,7 @@
 Stage: DATA.  The framing reader writes unstuffed message content here; the
 relay and (later) the scanners read it back.  Past ``memory_limit`` bytes the
 content moves to an anonymous temporary file, so a large or hostile message
-cannot pin memory (DESIGN.md promise 6).
+cannot pin memory (docs/design.md promise 6).
 """
 from __future__ import annotations
 

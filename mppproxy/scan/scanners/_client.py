@@ -6,7 +6,7 @@ the pieces of its request (an iterator of bytes, sent with flow control so
 a 25 MB message is not copied into the socket buffer at once) and a
 ``parse`` function that turns the bytes received so far into a reply, or
 None while the reply is incomplete.  It gets the reply back, or
-``ScannerUnavailable`` with a reason for the log (DESIGN.md promise 4).
+``ScannerUnavailable`` with a reason for the log (docs/design.md promise 4).
 
 * At most ``max_connections`` connections per engine at once; more scans
   wait for a slot (a ``DeferredSemaphore``), inside their timeout.

@@ -9,7 +9,7 @@ octets of its decoded content.  Zip archives are opened and each member is
 an item too, nested archives to ``max_archive_depth``.  Each rule of
 ``AttachmentConfig.rules`` is checked against every item.
 
-Bounds (DESIGN.md promise 6): the parsed parts hold at most
+Bounds (docs/design.md promise 6): the parsed parts hold at most
 ``scan.mime.memory_bytes``; an archive's central directory is sized from
 its end record before ``zipfile`` reads it, so a directory of a million
 entries is never loaded; at most ``max_archive_entries`` members are looked

@@ -14,7 +14,7 @@ expression, case-insensitively, in:
 
 Each rule that matches adds its score or asks for its hard action; the
 strongest action wins (reject over tempfail).  A configured database that
-cannot be opened makes the scanner unavailable (DESIGN.md promise 4: the
+cannot be opened makes the scanner unavailable (docs/design.md promise 4: the
 engine's failure action, tempfail by default), it never silently stops the
 country rules.
 """
