@@ -7,6 +7,20 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 PY=${PYTHON:-python3}
+
+# tox's py311/py312/py313 environments look for python3.X on PATH, where pyenv's
+# shims may answer "command not found": links to pyenv's interpreters
+# (~/.pyenv/versions/3.X.Y) go in a directory of their own, first on PATH, so
+# `python3` itself stays what it was.
+LINKS=.tox/.interpreters
+mkdir -p "$LINKS"
+for v in 3.11 3.12 3.13; do
+    for py in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v"; do
+        if [ -x "$py" ]; then ln -sfn "$py" "$LINKS/python$v"; break; fi
+    done
+done
+PATH=$PWD/$LINKS:$PATH
+export PATH
 BOOT=.tox/.bootstrap-venv
 
 if command -v tox >/dev/null 2>&1 && tox --version >/dev/null 2>&1; then
