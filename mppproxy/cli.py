@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from mppproxy.config.load import ConfigError, check_files, load
+from mppproxy.config.load import ConfigError, check_files, load, source_name
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -27,17 +27,35 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load(args.file, args.config_command)
-        check_files(config)
+        check_files(config, source_name(args.file, args.config_command))
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
         print(f"{len(e.errors)} error(s); the configuration is not valid", file=sys.stderr)
         return 1
-    source = args.file or f"config command {args.config_command!r}"
+    source = source_name(args.file, args.config_command)
+    print(f"{source}: OK (mode {config.mode}, {summary(config)})")
+    return 0
+
+
+def summary(config: Any) -> str:
+    """What the checked configuration would run, in the words of its own
+    mode: the listeners that mode opens and where mail (or answers) go."""
+    # The default first: it takes every domain the others do not name.
+    policies = f"policies {', '.join(sorted(config.policies, key=lambda n: n != 'default'))}"
+    if config.mode == "policy":
+        return f"policy server on {_endpoints(config.policyd.listen)}, {policies}"
+    if config.mode == "scan":
+        service = config.scanservice
+        return (f"scan service: SMTP {_endpoints(service.smtp_listen)}, "
+                f"HTTP {_endpoints(service.http_listen)}, {policies}")
     target = (f"relay to {config.backend.host}:{config.backend.port}" if config.backend
               else "local Maildir delivery")
-    print(f"{source}: OK (mode {config.mode}, listen {', '.join(config.listen)}, {target})")
-    return 0
+    return f"listen {_endpoints(config.listen)}, {target}"
+
+
+def _endpoints(listen: Any) -> str:
+    return ", ".join(listen) if listen else "off"
 
 
 def _read_message(name: str) -> bytes:
@@ -52,7 +70,7 @@ def _scan(args: argparse.Namespace) -> int:
 
     try:
         config = load(args.config, None)
-        check_files(config)
+        check_files(config, source_name(args.config))
     except ConfigError as e:
         print("mppproxy scan: the configuration has errors:", file=sys.stderr)
         for line in e.errors:

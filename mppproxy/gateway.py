@@ -18,14 +18,16 @@ from twisted.internet.threads import deferToThreadPool
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.delivery import maildir
 from mppproxy.logsetup import Logger
-from mppproxy.message import HeaderBlockTooLarge, format_header, prepare
+from mppproxy.message import (HeaderBlockTooLarge, HeaderRules, TooManyHops, format_header, header_rules,
+                              prepare)
 from mppproxy import disclaimer
 from mppproxy.policy.base import CheckResult, Facts, Recorded, TransactionRecord
 from mppproxy.policy.counters import client_key
 from mppproxy.policy.patterns import AddressSet, NetworkSet
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.scan.base import ScanInput
-from mppproxy.verdict import Verdict, decide, result_headers
+from mppproxy.scan.postdata import scan_and_decide
+from mppproxy.verdict import Verdict, decide
 from mppproxy.relay.lockstep import LockstepRelay
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp import replies
@@ -94,8 +96,24 @@ def make_context(config: ProxyConfig, reactor: Any, threadpool: Any,
 QUARANTINE_MAILDIR = "quarantine/%D%/%U%"
 
 
+def _not_stored(session: Session, txn: Transaction, error: OSError, what: str) -> Reply:
+    """Log a write of the message that failed as our fault (the path and
+    errno, the queue id) and give the client's 4xx: 452 4.3.1 for a full
+    disk, 451 4.3.0 otherwise (``replies.storage_failure``); never a 250."""
+    log.error("message {queue_id} not stored: {what} failed on {path}: {error} (errno {errno})",
+              queue_id=txn.id, what=what, path=error.filename, error=error.strerror or str(error),
+              errno=error.errno, session_id=session.id)
+    return replies.storage_failure(error)
+
+
 def _domain_of(address: Address) -> str:
     return address.domain.rstrip(".").lower()
+
+
+def _note_refusal(txn: Transaction, rcpt: Address, decided_by: str, reply: Reply) -> None:
+    """Remember a recipient refused before the backend heard of it, and
+    what decided it, for the transaction's log line (txlog.py)."""
+    txn.facts.setdefault("refusals", []).append((rcpt.text, decided_by, reply))
 
 
 class SessionGateway:
@@ -155,6 +173,7 @@ class SessionGateway:
                 log.info("relay denied for {rcpt} from {client}: {reason}", rcpt=rcpt.text,
                          client=session.peer_host, reason=reason, session_id=session.id,
                          queue_id=txn.id)
+                _note_refusal(txn, rcpt, "relay control", replies.RELAY_DENIED)
                 return replies.RELAY_DENIED
         runtime = self.ctx.policy
         if runtime is not None and not (session.trusted and self.ctx.config.policy.skip_trusted):
@@ -179,6 +198,7 @@ class SessionGateway:
             log.info("policy {policy} refused {rcpt} from {client}: {reply}",
                      policy=record.policy, rcpt=rcpt.text, client=session.peer_host,
                      reply=str(refusal), session_id=session.id, queue_id=txn.id)
+            _note_refusal(txn, rcpt, record.refused_by or "policy", refusal)
         return refusal
 
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
@@ -189,11 +209,25 @@ class SessionGateway:
         try:
             cfg = self.ctx.config
             message, stripped = prepare(session, txn, self.ctx.hostname if cfg.smtp.received_header else None,
-                                        cfg.limits.memory_spool_bytes, spool_directory(cfg))
+                                        cfg.limits.memory_spool_bytes, spool_directory(cfg),
+                                        rules=self._header_rules())
         except HeaderBlockTooLarge:
             reply = Reply(552, "5.3.4", "Message header block too large")
             self._reset_backend()
             txlog.log_transaction(session, txn, "reject", reply, {})
+            return reply
+        except TooManyHops as loop:
+            # Refused before the backend hears DATA (or a Maildir file is
+            # written): a looping message must stop here (RFC 5321 6.3).
+            self._reset_backend()
+            txlog.log_transaction(session, txn, "reject", loop.reply, {},
+                                  reason=f"mail loop: {loop}")
+            return loop.reply
+        except OSError as e:
+            # The cleaned copy of the spool (X-MPP-* removed) met a full disk.
+            reply = _not_stored(session, txn, e, "spool copy")
+            self._reset_backend()
+            txlog.log_transaction(session, txn, "tempfail", reply, {})
             return reply
         txn.facts["stripped_headers"] = stripped
         scanning = self._scanning_for(txn)
@@ -236,6 +270,15 @@ class SessionGateway:
         txlog.log_transaction(session, txn, action if reply.is_positive else "tempfail"
                               if reply.is_transient else "reject", reply, timings)
         return reply
+
+    def _header_rules(self) -> HeaderRules:
+        """The edge's rules for the client's header section: fields to
+        remove (smtp.strip_headers; Authentication-Results of our own
+        authserv-id, the name our own carry, and smtp.authserv_ids) and
+        limits.max_hop_count (docs/design.md promise 7)."""
+        cfg = self.ctx.config
+        return header_rules(cfg.limits.max_hop_count, cfg.smtp.strip_headers,
+                            (self.ctx.hostname, *cfg.smtp.authserv_ids))
 
     def _policy_name(self, txn: Transaction) -> str:
         """The policy of the transaction (its first recipient's), or
@@ -324,16 +367,13 @@ class SessionGateway:
             helo=session.helo or "", sender=txn.sender.text,
             recipients=tuple(r.text for r in txn.recipients), queue_id=txn.id,
             policy=record.policy, smtputf8=txn.smtputf8)
-        # Every message is parsed once, within bounds, before any scanner
-        # sees it; the scanners share the parse.
-        scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
-        report = await scanning.engine.scan(scan_input, record)
+        # The same post-DATA step as scan mode's (parse, guard, engines,
+        # decide, result headers), so both give one message one verdict.
         policy = runtime.engine.policy(record.policy)
-        verdict = decide(record, policy.scoring, report, scanning.config.virus_action,
-                         scanning.config.discard_score)
-        if scanning.config.result_headers and verdict.action in ("relay", "tag", "quarantine",
-                                                                  "discard"):
-            verdict = replace(verdict, headers=verdict.headers + result_headers(verdict, report))
+        scanned = await scan_and_decide(scanning, scan_input, record, policy.scoring)
+        verdict = scanned.verdict
+        # Engines not consulted, with why, for the transaction log line.
+        txn.facts["scan_skipped"] = scanned.skipped
         if (scanning.config.count_spam and policy.scoring.tag > 0
                 and verdict.score >= policy.scoring.tag):
             # Feeds the thresholds' max_spam (issue #4's counter API).
@@ -398,9 +438,9 @@ class SessionGateway:
                 self.ctx.reactor, self.ctx.threadpool, maildir.deliver, message.chunks,
                 txn.sender, list(txn.recipients), template or cfg.delivery.maildir, cfg.data_dir)
         except OSError as e:
-            log.error("maildir delivery failed: {error}", error=str(e), session_id=session.id,
-                      queue_id=txn.id)
-            return replies.STORAGE_ERROR
+            # deliver() removed every copy: nothing of it is on disk.
+            return _not_stored(session, txn, e,
+                               "quarantine" if template == QUARANTINE_MAILDIR else "maildir delivery")
         txn.facts["delivered_to"] = paths
         return Reply(250, "2.0.0", f"Ok: queued as {txn.id}")
 
@@ -412,7 +452,14 @@ class SessionGateway:
         if txn is not None:
             # Every transaction that began with MAIL gets its one log event,
             # also when MAIL itself was refused or nothing was sent.
-            txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
+            refusals = txn.facts.get("refusals")
+            if refusals and not txn.recipients:
+                # Nothing accepted and something refused: policy or relay
+                # control ended it, whatever the client said next (QUIT,
+                # RSET); the line names the check and the refused recipients.
+                txlog.log_transaction(session, txn, "refused", refusals[-1][2], {}, reason=reason)
+            else:
+                txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
         self._reset_backend()
 
     def on_client_gone(self, session: Session) -> None:

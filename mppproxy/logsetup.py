@@ -3,8 +3,10 @@ twistd's text log written in batches."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
+from collections import deque
 from typing import Any, Optional
 
 from twisted.logger import Logger as _TwistedLogger
@@ -56,31 +58,65 @@ def start_json_log(config: Any) -> None:
 _FLUSH_LEVELS = frozenset([LogLevel.warn, LogLevel.error, LogLevel.critical])
 # Bytes held before a write whatever the level.
 _MAX_HELD = 64 * 1024
+# Bytes of lines waiting for a log sink that does not take them (a pipe
+# nobody reads): past this, new lines are dropped and counted, so memory
+# stays flat (docs/design.md promise 6) and the service goes on.
+MAX_BACKLOG = 8 * 1024 * 1024
+# Seconds the writer gets, once the reactor has stopped, to write what is
+# held.  A sink that takes longer loses it rather than hold up the stop.
+EXIT_DRAIN_SECONDS = 2.0
+_UNKNOWN = object()
+# How often a wait for the writer looks again (only while the reactor is
+# stopped, and in tests).
+WAIT_POLL_SECONDS = 0.002
 
 
 @implementer(ILogObserver)
 class BatchedTextLogObserver:
-    """twistd's text log, same lines, cheaper per line.
+    """twistd's text log, same lines, cheaper per line, and never able to
+    block the reactor or a stop.
 
     twistd's ``textFileLogObserver`` writes and flushes every event at once
     (a system call per line) and formats its timestamp anew for each (a
     time zone lookup per line): together about a fifth of the policy
     server's CPU at full load.  This observer formats the timestamp once
-    per second and writes the lines of one reactor iteration together, at
-    the start of the next (``callLater(0)``), so a busy node writes a few
+    per second and hands the lines of one reactor iteration over together,
+    at the start of the next (``callLater(0)``), so a busy node writes a few
     hundred times a second rather than once per line.  Warnings and errors
-    are written at once, with everything before them; events from other
-    threads too (their order then stays that of the calls)."""
+    are handed over at once, with everything before them; events from
+    other threads too (their order then stays that of the calls).
 
-    def __init__(self, out_file: Any, reactor: Any):
+    Writing is a thread of its own (``_LogWriter``), and the two sides share
+    a ``deque``, whose ``append`` and ``popleft`` are atomic and take no
+    lock.  Why (issue 15): with a lock here, a signal handler that logs
+    while the reactor thread held it (Twisted's SIGTERM handler does) waited
+    for itself for ever; and with the write on the reactor thread, a pipe
+    whose reader paused, or a slow disk, held the whole service, its stop
+    included.  Now a sink that takes nothing only fills the backlog, up to
+    ``MAX_BACKLOG`` bytes; lines beyond are dropped and counted, and the
+    count is written as soon as the sink takes lines again.  A write that
+    fails (a full disk) drops its lines the same way."""
+
+    def __init__(self, out_file: Any, reactor: Any, max_backlog: int = MAX_BACKLOG):
         self._out = out_file
         self._reactor = reactor
         self._binary = ioType(out_file) is not str
-        self._held: list[str] = []
+        self._max_backlog = max_backlog
+        # Lines not yet written, oldest first (see the class docstring).
+        self._held: deque[str] = deque()
+        # Bytes in ``_held``; only an estimate when threads race (``+=`` is
+        # not atomic), which is all a bound needs.
         self._held_bytes = 0
+        # Bytes held since the last hand-over to the writer.
+        self._batch_bytes = 0
+        self.dropped = 0
         self._scheduled = False
-        self._lock = threading.Lock()
+        # A drain timed out: the sink takes nothing (see ``drain``).
+        self._stalled = False
         self._reactor_thread = threading.get_ident()
+        self._writer: Optional[_LogWriter] = None
+        # The descriptor the writer uses (``_raw_fd``), found on its first write.
+        self._fd: Any = _UNKNOWN
         self._second = -1
         self._stamp = ""
 
@@ -124,38 +160,157 @@ class BatchedTextLogObserver:
         text = self._line(event)
         if not text:
             return
-        with self._lock:
-            self._held.append(text)
-            self._held_bytes += len(text)
-            urgent = (event.get("log_level") in _FLUSH_LEVELS or self._held_bytes > _MAX_HELD
-                      or threading.get_ident() != self._reactor_thread
-                      or not self._reactor.running)
-            if urgent:
-                self._write_held()
-                return
-            if not self._scheduled:
-                self._scheduled = True
-                self._reactor.callLater(0, self.flush)
+        if self._held_bytes > self._max_backlog:
+            self.dropped += 1
+            return
+        self._held.append(text)
+        self._held_bytes += len(text)
+        self._batch_bytes += len(text)
+        urgent = (event.get("log_level") in _FLUSH_LEVELS or self._batch_bytes > _MAX_HELD
+                  or threading.get_ident() != self._reactor_thread
+                  or not self._reactor.running)
+        if urgent:
+            self.flush()
+            if not self._reactor.running and not self._stalled:
+                # The reactor has stopped (twistd's last lines: "Main loop
+                # terminated.", "Server Shut Down."): twistd may end the
+                # process right after, so the line is written before this
+                # returns, unless the sink has already failed to keep up.
+                self.drain(EXIT_DRAIN_SECONDS)
+        elif not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
-        with self._lock:
-            self._scheduled = False
-            self._write_held()
+        """Hand what is held to the writer thread; returns at once."""
+        self._scheduled = False
+        self._batch_bytes = 0
+        if self._writer is None:
+            self._writer = _LogWriter(self)
+        self._writer.wake()
 
-    def _write_held(self) -> None:
-        # Called with the lock held.
-        if not self._held:
-            return
-        text = "".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
+    def drain(self, timeout: float) -> bool:
+        """Hand over what is held and wait, at most ``timeout`` seconds,
+        until it is written (or dropped).  True if it was.  The reactor
+        calls it once it has stopped.  A sink that did not keep up is
+        marked stalled and not waited for again: the exit's lines cost
+        ``timeout`` once, not per line."""
+        if self._stalled:
+            return False
+        self.flush()
+        assert self._writer is not None
+        done = self._writer.wait_idle(timeout)
+        self._stalled = not done
+        return done
+
+    def _take(self) -> str:
+        """The writer's side: every held line, oldest first, as one text."""
+        held = self._held
+        lines = []
         try:
-            self._out.write(text.encode("utf-8") if self._binary else text)
-            self._out.flush()
+            while True:
+                lines.append(held.popleft())
+        except IndexError:
+            pass
+        text = "".join(lines)
+        self._held_bytes = max(0, self._held_bytes - len(text))
+        return text
+
+    def _write(self, text: str) -> None:
+        """The writer's side: write ``text`` (and, first, how many lines were
+        dropped since the last write that worked)."""
+        if self.dropped:
+            dropped = self.dropped
+            text = (f"{self._time(time.time())} [mppproxy.logsetup#warn] {dropped} log "
+                    f"line(s) dropped: the log output did not take them\n{text}")
+        else:
+            dropped = 0
+        try:
+            data = text.encode("utf-8") if self._binary else text
+            if self._fd is _UNKNOWN:
+                self._fd = _raw_fd(self._out)
+            fd = self._fd
+            if fd is None:
+                self._out.write(data)
+                self._out.flush()
+            else:
+                _write_all(fd, data.encode("utf-8") if isinstance(data, str) else data)
+            self.dropped -= dropped
         except (OSError, ValueError):
             # A full disk or a closed file: nothing better to do with a log
-            # line than drop it; the service carries on.
-            pass
+            # line than drop it and say so later; the service carries on.
+            self.dropped += text.count("\n") - (1 if dropped else 0)
+
+
+def _raw_fd(out: Any) -> Optional[int]:
+    """The descriptor under a plain Python file (twistd's stdout), written
+    with ``os.write`` so that a writer blocked on a stalled pipe holds no
+    lock of the ``io`` object: the interpreter would abort at exit waiting
+    for it.  None for anything else (twistd's rotating ``LogFile``: its own
+    ``write`` rotates), which is written through its methods."""
+    if not isinstance(out, (io.TextIOBase, io.BufferedIOBase, io.RawIOBase)):
+        return None
+    try:
+        fd = out.fileno()
+        out.flush()  # whatever the io object still buffers goes first
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _LogWriter:
+    """The thread that writes a ``BatchedTextLogObserver``'s lines.
+
+    Woken through a pipe of its own, whose write end does not block: a
+    wake-up is one ``os.write``, safe from any thread and from a signal
+    handler, with no lock.  A daemon thread: one blocked for ever on a
+    stalled log pipe does not keep the process alive."""
+
+    def __init__(self, observer: BatchedTextLogObserver):
+        self._observer = observer
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._writing = False
+        self._thread = threading.Thread(target=self._run, name="mppproxy log writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the thread will run
+
+    def _run(self) -> None:
+        observer = self._observer
+        while True:
+            os.read(self._wake_r, 4096)
+            while True:
+                self._writing = True
+                text = observer._take()
+                if not text:
+                    self._writing = False
+                    break
+                observer._write(text)
+                self._writing = False
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until everything handed over is written, at most
+        ``timeout`` seconds; True if it was.  It polls, briefly, rather than
+        wait on a ``threading.Event``, so that it too takes no lock."""
+        deadline = time.monotonic() + timeout
+        self.wake()
+        while self._observer._held or self._writing:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(WAIT_POLL_SECONDS)
+        return True
 
 
 def batch_text_log(reactor: Any, publisher: Any = globalLogPublisher) -> bool:
@@ -173,8 +328,10 @@ def batch_text_log(reactor: Any, publisher: Any = globalLogPublisher) -> bool:
                 and getattr(formatter, "__qualname__", "") == _TWISTD_FORMATTER):
             batched = BatchedTextLogObserver(observer._outFile, reactor)
             observers[i] = batched
-            # Whatever is held when the reactor stops is written then.
-            reactor.addSystemEventTrigger("after", "shutdown", batched.flush)
+            # Whatever is held when the reactor stops is written then, if
+            # the log sink takes it soon enough (EXIT_DRAIN_SECONDS).
+            reactor.addSystemEventTrigger("after", "shutdown", batched.drain,
+                                          EXIT_DRAIN_SECONDS)
             return True
     return False
 

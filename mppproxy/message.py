@@ -3,15 +3,26 @@ headers from outside removed, the rest of the spool untouched.
 
 Stage: between DATA and the action.  docs/design.md promise 7: ``X-MPP-*`` headers
 carry scan state to the archive node, so none may arrive from the internet.
+The same holds for the other verdicts downstream trusts (``HeaderRules``):
+``X-Spam-*`` fields and ``Authentication-Results`` claiming our authserv-id
+(RFC 8601 section 5) are removed too, and a message that has looped (more
+Received: fields than limits.max_hop_count, RFC 5321 6.3) is refused before
+anything of it is relayed or delivered.
 """
 from __future__ import annotations
 
 import email.header
 import email.utils
+import fnmatch
+import functools
 import re
 import time
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
+import authres  # type: ignore[import-untyped]  # no stubs or py.typed
+
+from mppproxy.smtp import replies
 from mppproxy.smtp.session import Session, Transaction
 from mppproxy.spool.spool import Spool
 
@@ -26,6 +37,128 @@ _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 class HeaderBlockTooLarge(Exception):
     pass
+
+
+class TooManyHops(Exception):
+    """The message carries more Received: fields than the limit: a mail
+    loop (RFC 5321 6.3).  Carries the refusal and the count for the log."""
+
+    def __init__(self, hops: int, limit: int):
+        super().__init__(f"{hops} Received: header fields, more than limits.max_hop_count {limit}")
+        self.hops = hops
+        self.limit = limit
+        # The count in the reply: the sender's bounce and our text log line
+        # both say why.
+        self.reply = replies.TOO_MANY_HOPS.with_text(
+            f"Too many hops ({hops} Received: header fields, limit {limit}): mail loop suspected")
+
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """What ``prepare`` enforces on the client's header section, besides
+    removing X-MPP-* (always).  The default does nothing more; the gateway
+    builds the configured one with ``header_rules``."""
+
+    # More Received: fields than this: refused (0: no limit).
+    max_hops: int = 0
+    # Field names to remove, as one case-insensitive regular expression
+    # (from glob patterns); None removes none.
+    strip: Optional[re.Pattern[bytes]] = None
+    # Lower-case authserv-ids whose Authentication-Results are removed.
+    authserv_ids: frozenset[str] = frozenset()
+    # Lower-case byte strings, each after a b"\n", that a header section
+    # must contain for any field in it to be removed (the fast path).
+    markers: tuple[bytes, ...] = (b"\n" + TRUST_PREFIX,)
+
+    def removes(self, name: bytes, field: bytes) -> bool:
+        """Whether the field named ``name`` (lower case), whose lines are
+        ``field``, is removed."""
+        if name.startswith(TRUST_PREFIX):
+            return True
+        if self.strip is not None and self.strip.fullmatch(name):
+            return True
+        return (name == b"authentication-results" and bool(self.authserv_ids)
+                and _claims_authserv_id(field, self.authserv_ids))
+
+
+@functools.lru_cache(maxsize=16)
+def header_rules(max_hops: int, strip: tuple[str, ...], authserv_ids: tuple[str, ...]) -> HeaderRules:
+    """The rules for smtp.strip_headers, smtp.authserv_ids (with our own
+    name among them) and limits.max_hop_count; built once per distinct
+    configuration."""
+    pattern = None
+    markers = [b"\n" + TRUST_PREFIX]
+    if strip:
+        regex = "|".join(fnmatch.translate(p.lower()) for p in strip)
+        pattern = re.compile(regex.encode("ascii"), re.IGNORECASE)
+        # The literal part of each pattern before its first wildcard; a
+        # pattern that starts with one makes every message take the slow path.
+        markers += [b"\n" + re.split(r"[*?\[]", p.lower(), maxsplit=1)[0].encode("ascii") for p in strip]
+    ids = frozenset(_normal_id(i) for i in authserv_ids if i)
+    if ids:
+        markers.append(b"\nauthentication-results")
+    return HeaderRules(max_hops, pattern, ids, tuple(markers))
+
+
+def _normal_id(authserv_id: str) -> str:
+    # Host names compare without case and trailing dot (RFC 4343, RFC 1034 3.1).
+    return authserv_id.strip().lower().rstrip(".")
+
+
+# Characters of an Authentication-Results value looked at for its
+# authserv-id, which comes first (RFC 8601 2.2).  Bounds the work a forged
+# field can cause: authres needs ~3 ms per KiB of results, and recursion
+# per nested comment.
+_ID_SECTION = 1024
+_FIRST_TOKEN = re.compile(r'\s*"?([^\s;"]+)')
+
+
+def _id_section(value: str) -> tuple[str, str]:
+    """The value up to its first ";" outside comments and quoted strings
+    ("authserv-id [version]", RFC 8601 2.2), as it is and with its RFC 5322
+    comments (3.2.2, nested, with quoted pairs) blanked out."""
+    depth, quoted, escaped = 0, False, False
+    bare: list[str] = []
+    for i, c in enumerate(value):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+            c = " "
+        elif depth == 0 and c == '"':
+            quoted = True
+        elif depth == 0 and c == ";":
+            return value[:i], "".join(bare)
+        bare.append(" " if depth else c)
+    return value, "".join(bare)
+
+
+def _claims_authserv_id(field: bytes, ids: frozenset[str]) -> bool:
+    """Whether an Authentication-Results field (its lines, name included)
+    names one of ``ids`` as its authserv-id, parsed by authres.  Only the
+    id section goes to it (with "; none" for the results, which do not
+    matter here).  A section authres cannot parse (a quoted id, say) is
+    read as its first token after comments, and one that hides its id
+    past _ID_SECTION behind comments is taken as ours: a forgery need not
+    be well formed to fool a filter downstream (the safe side)."""
+    value = field.partition(b":")[2]
+    section, bare = _id_section(value[:_ID_SECTION].decode("utf-8", "replace"))
+    try:
+        found: Optional[str] = authres.AuthenticationResultsHeader.parse(
+            f"Authentication-Results:{section}; none").authserv_id
+    except (authres.AuthResError, RecursionError):
+        # RecursionError: authres recurses per nested comment.
+        match = _FIRST_TOKEN.match(bare)
+        found = match.group(1) if match else None
+    if found is None:
+        return len(value) > _ID_SECTION
+    return _normal_id(found) in ids
 
 
 _date_cache: list = [0, ""]
@@ -113,42 +246,69 @@ def _header_lines(spool: Spool) -> Iterator[bytes]:
             raise HeaderBlockTooLarge()
 
 
-def _has_trust_headers(spool: Spool) -> tuple[bool, int]:
-    """Whether the header section holds an X-MPP-* field, and its length
-    (only needed, and only exact, when one is found)."""
-    # Fast path for nearly every message: the header section ends at the
-    # first empty line at the latest, so if "x-mpp-" occurs nowhere before
-    # it, no field needs reading line by line.
-    for first in spool.chunks():
-        end = first.find(b"\r\n\r\n")
-        if end >= 0 and TRUST_PREFIX not in first[:end + 2].lower():
-            return False, 0
-        break
-    found = False
-    length = 0
-    for line in _header_lines(spool):
-        length += len(line)
-        if line[:6].lower() == TRUST_PREFIX:
-            found = True
-    return found, length
-
-
-def strip_trust_headers(spool: Spool, length: int, out: Spool) -> int:
-    """Copy the message into ``out`` without X-MPP-* fields (and their
-    folded continuation lines); return how many fields went.  ``out`` is a
-    spool like the client's, so memory stays bounded (docs/design.md promise 6)."""
-    removed = 0
-    skipping = False
+def _fields(spool: Spool) -> Iterator[tuple[bytes, list[bytes]]]:
+    """The header section's fields: each one's name (lower case, without
+    the colon) and its lines (the first and its folded continuations, each
+    with CRLF).  Continuation lines before the first field come with the
+    name b"" (they are no field of their own)."""
+    name = b""
+    lines: list[bytes] = []
     for line in _header_lines(spool):
         if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.write(line)
+            lines.append(line)
             continue
-        skipping = line[:6].lower() == TRUST_PREFIX
-        if skipping:
+        if lines:
+            yield name, lines
+        name = line[:line.index(b":")].rstrip(b" \t").lower()
+        lines = [line]
+    if lines:
+        yield name, lines
+
+
+def _needs_reading(spool: Spool, rules: HeaderRules) -> bool:
+    """Whether the header section must be read field by field.  False for
+    nearly every message: its first chunk holds the whole section, and
+    that shows no field name that may be removed and too few Received:
+    fields to matter.  Looked for at line starts up to the first empty
+    line, a superset of the header section, so False is always exact."""
+    for first in spool.chunks():
+        end = first.find(b"\r\n\r\n")
+        if end < 0:
+            return True
+        head = b"\n" + first[:end + 2].lower()
+        if rules.max_hops and head.count(b"\nreceived") > rules.max_hops:
+            return True
+        return any(marker in head for marker in rules.markers)
+    return False
+
+
+def _survey(spool: Spool, rules: HeaderRules) -> tuple[int, int, int]:
+    """How many fields ``rules`` remove, how many Received: fields there
+    are, and the header section's length."""
+    removed = hops = length = 0
+    for name, lines in _fields(spool):
+        field = b"".join(lines)
+        length += len(field)
+        if name == b"received":
+            hops += 1
+        if name and rules.removes(name, field):
+            removed += 1
+    return removed, hops, length
+
+
+def strip_trust_headers(spool: Spool, length: int, out: Spool,
+                        rules: HeaderRules = HeaderRules()) -> int:
+    """Copy the message into ``out`` without the fields ``rules`` remove
+    (X-MPP-* always), folded lines included; return how many went.
+    ``out`` is a spool like the client's, so memory stays bounded
+    (docs/design.md promise 6)."""
+    removed = 0
+    for name, lines in _fields(spool):
+        field = b"".join(lines)
+        if name and rules.removes(name, field):
             removed += 1
         else:
-            out.write(line)
+            out.write(field)
     skip = length
     for chunk in spool.chunks():
         if skip >= len(chunk):
@@ -264,21 +424,31 @@ class OutboundMessage:
 
 def prepare(session: Session, txn: Transaction, hostname: Optional[str],
             spool_limit: int = 1048576, spool_dir: Optional[str] = None,
-            extra_headers: Iterable[tuple[str, str]] = ()) -> tuple[OutboundMessage, int]:
-    """The outbound message and the number of X-MPP-* headers removed.  When
-    some were removed, ``txn.spool`` is replaced by the cleaned copy.
-    ``extra_headers`` (Authentication-Results, X-Spam-*) go right below our
-    Received:, as trace and result fields belong on top (RFC 8601 2.1)."""
+            extra_headers: Iterable[tuple[str, str]] = (),
+            rules: HeaderRules = HeaderRules()) -> tuple[OutboundMessage, int]:
+    """The outbound message and the number of header fields removed (X-MPP-*
+    and what ``rules`` name).  When some were removed, ``txn.spool`` is
+    replaced by the cleaned copy.  ``extra_headers`` (Authentication-Results,
+    X-Spam-*) go right below our Received:, as trace and result fields
+    belong on top (RFC 8601 2.1); added after the removal, they stay.
+    Raises ``TooManyHops`` for a looping message, before anything is
+    written, ``HeaderBlockTooLarge``, and the ``OSError`` of a cleaned copy
+    the disk cannot take (a full spool disk): that copy is then closed and
+    ``txn.spool`` left as it was, and the gateway answers 452 4.3.1."""
     assert txn.spool is not None
     prefix = received_header(session, txn, hostname) if hostname else b""
     for name, value in extra_headers:
         prefix += format_header(name, value)
-    found, length = _has_trust_headers(txn.spool)
+    if not _needs_reading(txn.spool, rules):
+        return OutboundMessage(prefix, txn.spool, 0), 0
+    found, hops, length = _survey(txn.spool, rules)
+    if rules.max_hops and hops > rules.max_hops:
+        raise TooManyHops(hops, rules.max_hops)
     if not found:
         return OutboundMessage(prefix, txn.spool, 0), 0
     cleaned = Spool(spool_limit, spool_dir)
     try:
-        removed = strip_trust_headers(txn.spool, length, cleaned)
+        removed = strip_trust_headers(txn.spool, length, cleaned, rules)
     except BaseException:
         cleaned.close()
         raise

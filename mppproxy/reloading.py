@@ -1,5 +1,13 @@
 """What the three top services (proxy, policy server, scan service) share
-about reload on SIGHUP and the set of open listeners.
+about signals (reload on SIGHUP, stop on SIGTERM/SIGINT) and the set of
+open listeners.
+
+A signal handler only schedules work on the reactor thread
+(``reactor.callFromThread``: a list append and a non-blocking write to the
+reactor's waker) and does nothing else: no logging, no lock.  Python runs a
+handler between two bytecodes of the main thread, wherever it was, so
+anything that takes a lock there can wait for itself for ever (issue 15:
+Twisted's own SIGTERM handler logs, and the log observer's lock was held).
 
 A reload reads and validates the whole configuration off the reactor
 thread (``reload_config``, the same loader twistd used at start), then
@@ -45,6 +53,29 @@ class ReloadOnHup:
         d.addCallback(self.apply)
         d.addErrback(_reload_failed)
         return d
+
+
+def stop_on_signals(reactor: Any, stop: Callable[[], None]) -> None:
+    """Make SIGTERM and SIGINT call ``stop`` on the reactor thread, in place
+    of the handlers Twisted installs as the reactor starts (so call this
+    once it runs: ``reactor.callWhenRunning``).  ``stop`` stops the reactor
+    once (``workers.StopOnce``); the services' ``stopService`` then let the
+    messages in flight finish within ``timeouts.shutdown_grace``."""
+    def handler(number: int, frame: Any) -> None:
+        # twistd ends the process with this signal once the reactor has
+        # stopped (twisted.application.app: _exitWithSignal), as after
+        # Twisted's own handler.
+        reactor._exitSignal = number
+        reactor.callFromThread(_stop_for_signal, stop, number)
+
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), handler)
+
+
+def _stop_for_signal(stop: Callable[[], None], number: int) -> None:
+    # On the reactor thread: logging is safe here.
+    log.info("{signal} received, stopping", signal=signal.Signals(number).name)
+    stop()
 
 
 def _reload_failed(f: Any) -> None:

@@ -1,9 +1,13 @@
 """The top service of one node: listeners, the gateway, reload on SIGHUP.
 
 Construction does no I/O (STYLE.md): ``make_service`` only builds objects;
-``startService`` binds the listeners.  A reload builds a complete new
-configuration and context and swaps them into the factory; sessions already
-running keep the snapshot they began with, and no open session is dropped.
+``privilegedStartService`` binds the TCP listeners (before twistd's
+``--uid``/``--gid`` gives up root, so port 25 needs no capability);
+``startService`` builds the rest and accepts on them.  A reload builds a
+complete new configuration and context and swaps them into the factory;
+sessions already running keep the snapshot they began with, and no open
+session is dropped.  ``stopService`` lets the messages in flight finish
+within ``timeouts.shutdown_grace`` and fires when they have.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
-from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
+from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
+                              close_sockets)
 
 log = Logger()
 
@@ -47,6 +52,8 @@ class ProxyService(ReloadOnHup, MultiService):
         self._stop_once = StopOnce(reactor)
         self._ctx: Any = None
         self.policy: Optional[PolicyRuntime] = None
+        # Listening sockets bound by privilegedStartService, by endpoint.
+        self.prebound: dict[str, Any] = {}
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
@@ -67,6 +74,15 @@ class ProxyService(ReloadOnHup, MultiService):
         else:
             self.policy.reconfigure(config)
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if not self.inherited_fds:  # a worker's listeners are the main process's
+            self.prebound = bind_listeners(self.reactor, self.config.listen,
+                                           self.config.listen_backlog, self._processes())
+
+    def _processes(self) -> int:
+        return self.config.workers if self.config.workers > 1 and self.worker_argv is not None else 1
+
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -84,7 +100,8 @@ class ProxyService(ReloadOnHup, MultiService):
             self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
                                             self.config.workers)
             for desc in self.config.listen:
-                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen)
+                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen,
+                                    self.prebound)
             self.workers.start()
         else:
             for desc in self.config.listen:
@@ -96,7 +113,8 @@ class ProxyService(ReloadOnHup, MultiService):
                          f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
 
     def _listen(self, desc: str) -> None:
-        listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc)
+        listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc,
+                  prebound=self.prebound)
 
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration (``reload``)."""
@@ -124,31 +142,49 @@ class ProxyService(ReloadOnHup, MultiService):
             old_ctx.pool.close_all()
         log.info("configuration reloaded")
 
-    def stopService(self) -> Any:
-        if self.workers is not None:
-            self.workers.stop()
-        if self.factory is not None:
-            for session in list(self.factory.sessions):
-                session.shut_down()
+    def stopService(self) -> defer.Deferred:
+        """Stop accepting, let the messages in flight finish (at most
+        ``timeouts.shutdown_grace``), then close the backend pool and the
+        policy engine, which those messages still use.  twistd waits for
+        the Deferred (a 'before shutdown' trigger)."""
+        grace = self.config.timeouts.shutdown_grace
+        close_sockets(self.prebound)
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
         ds += [defer.maybeDeferred(p.stopListening) for p in self.adopted]
+        if self.workers is not None:
+            ds.append(self.workers.stop(grace))
+        if self.factory is not None:
+            ds.append(self.factory.shut_down(grace))
+        d = defer.DeferredList(ds)
+        d.addBoth(lambda _: self._stop_the_rest())
+        return d
+
+    def _stop_the_rest(self) -> defer.Deferred:
         if self._ctx is not None and self._ctx.pool is not None:
             self._ctx.pool.close_all()
+        ds = [defer.maybeDeferred(super().stopService)]
         if self.policy is not None:
             ds.append(self.policy.stop())
-        ds.append(defer.maybeDeferred(super().stopService))
         return defer.DeferredList(ds)
 
 
 def listen_on(reactor: Any, desc: str, factory: Any, backlog: int, ports: dict,
-              key: Any, what: str = "") -> defer.Deferred:
+              key: Any, what: str = "", prebound: Optional[dict] = None) -> defer.Deferred:
     """Listen on the endpoint ``desc``; the port lands in ``ports[key]``.
-    A listener that cannot be opened is logged; when no listener of the
-    service is open, the process exits non-zero rather than run deaf.
+    A socket ``bind_listeners`` bound already (in ``prebound``) is adopted
+    instead.  A listener that cannot be opened is logged; when no listener
+    of the service is open, the process exits non-zero rather than run deaf.
     Shared by the proxy, the policy server and the scan service."""
+    label = f"{what} " if what else ""
+    sockets = (prebound or {}).pop(desc, None)
+    if sockets:
+        sock = sockets[0]
+        ports[key] = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+        sock.close()  # adoptStreamPort holds its own copy
+        log.info("{label}listening on {endpoint}", label=label, endpoint=desc)
+        return defer.succeed(None)
     endpoint = serverFromString(reactor, with_backlog(desc, backlog))
     d = endpoint.listen(factory)
-    label = f"{what} " if what else ""
 
     def listening(port: Any) -> None:
         ports[key] = port

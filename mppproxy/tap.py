@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from twisted.python import usage
 
-from mppproxy.config.load import ConfigError, check_files, load
+from mppproxy.config.load import ConfigError, check_files, load, source_name
+from mppproxy.config.schema import IMPLEMENTED_MODES
 
 MPP_HOME_ENV = "MPP_HOME"
 
@@ -25,7 +26,9 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
         ["config-command", None, None, "Command whose standard output is the TOML configuration."],
-        ["mode", "m", None, "all-in-one (default), edge, archive, policy or scan."],
+        # Only the modes this version runs (the loader refuses the others,
+        # e.g. archive, naming the ones there are): --help promises no more.
+        ["mode", "m", None, f"{' | '.join(IMPLEMENTED_MODES)} (default {IMPLEMENTED_MODES[0]})."],
         ["backend", "b", None, "Backend MTA as HOST:PORT ([v6addr]:PORT for IPv6); relay in lockstep to it."],
         ["data-dir", "d", None, "Data directory (default ./mppproxy-data or $MPP_HOME)."],
         ["workers", "w", None, "Processes sharing the listening sockets.", int],
@@ -88,7 +91,7 @@ class Options(usage.Options):
             from dataclasses import replace
             config = replace(config, scanservice=replace(config.scanservice,
                                                          smtp_listen=tuple(self["listen"])))
-        check_files(config)
+        check_files(config, source_name(self["config"], self["config-command"]))
         return config
 
     def postOptions(self) -> None:
@@ -128,8 +131,9 @@ def makeService(options: Options) -> Any:
 
     from mppproxy.gctune import tune_for_server
     from mppproxy.logsetup import batch_text_log, start_json_log
+    from mppproxy.reloading import stop_on_signals
     from mppproxy.service import ProxyService, exit_code_hook
-    from mppproxy.workers import parse_worker_fds
+    from mppproxy.workers import StopOnce, parse_worker_fds
 
     config = options.config
     start_json_log(config)
@@ -138,6 +142,9 @@ def makeService(options: Options) -> Any:
     # After start-up, before the first request (mppproxy/gctune.py).
     reactor.callWhenRunning(tune_for_server)
     exit_code_hook(reactor)
+    # After Twisted's own handlers, which log inside the signal handler
+    # (mppproxy/reloading.py says why that can hang a stop).
+    reactor.callWhenRunning(stop_on_signals, reactor, StopOnce(reactor))
     # Workers (``workers`` > 1) run this same command line with the main
     # process's listening descriptors added (mppproxy/workers.py).
     inherited = parse_worker_fds(options["worker-fds"] or "")

@@ -19,6 +19,7 @@ try again in 300 seconds" once, not for every deferral.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -73,9 +74,12 @@ _FALLBACK_TEXT.update(greylist="Greylisted, please try again later",
                       spf_temperror="Temporary SPF lookup failure, please try again later",
                       policy_group="Please send this recipient in a separate transaction")
 
-# Replies are at most this long per line (RFC 5321 4.5.3.1.5: 512 octets
-# with the code and CRLF).
+# Octets of text per reply line (RFC 5321 4.5.3.1.5: a reply line is at
+# most 512 octets with the code and CRLF; "554-" and an enhanced code of
+# at most "5.999.999 " (RFC 3463 2) take 14, CRLF 2).
 _MAX_LINE = 480
+# The reference the default refusals end with (templates/replies/*.txt).
+_REF_AT_END = re.compile(r" ?\(ref [^()]*\)$")
 _MAX_LINES = 5
 # Templates allowed more lines: the verdict of --mode scan has one per
 # scanner (RFC 5321 4.2.1 sets no bound on the lines of a reply).
@@ -98,7 +102,16 @@ def _clean_line(line: str) -> str:
     # Text from the client (addresses, HELO) may be shown: keep it printable,
     # never let it carry CR/LF into the reply (Reply.to_bytes splits lines).
     cleaned = "".join(c if c.isprintable() else "?" for c in line.strip())
-    return cleaned[:_MAX_LINE]
+    # The bound is in octets (UTF-8 on the wire: SMTPUTF8 addresses).
+    if len(cleaned) <= _MAX_LINE // 4 or len(cleaned.encode("utf-8", "replace")) <= _MAX_LINE:
+        return cleaned
+    # Too long: shortened in the middle, so the "(ref ...)" a refusal ends
+    # with survives and still finds the transaction's log line.
+    ref = _REF_AT_END.search(cleaned)
+    tail = "..." + ref.group() if ref is not None and len(ref.group()) <= _MAX_LINE // 4 else ""
+    cut = cleaned.encode("utf-8", "replace")[:_MAX_LINE - len(tail.encode("utf-8", "replace"))]
+    # A character cut in half is dropped, not turned into garbage.
+    return cut.decode("utf-8", "ignore") + tail
 
 
 def _clean_value(value: Any) -> Any:
@@ -209,21 +222,61 @@ class ReplyRenderer:
         return Reply(code, enhanced, self.render_text(name, context, policy))
 
     def check_templates(self) -> list[str]:
-        """Problems with the reply templates each policy would use (for
-        check-config): a missing directory or a syntax error."""
-        problems = []
+        """Problems with the reply templates each policy would use, each as
+        ``key: problem`` naming the setting whose directory holds the file
+        (check-config and start-up prefix the config file): a missing
+        directory, a syntax error, a file whose name is no reply template
+        (a typo there would silently never be used)."""
+        problems: list[str] = []
         dirs = {"policy.templates_dir": self._site_dir}
         dirs.update({f"policies.{p}.templates_dir": d for p, d in self._policy_dirs.items()})
         for key, d in dirs.items():
             if d and not os.path.isdir(d):
                 problems.append(f"{key}: directory {d} does not exist")
+            elif d:
+                problems.extend(f"{key}: {problem}" for problem in _unknown_names(d))
         for policy in ["default", *self._policy_dirs]:
             env = self._env(policy)
-            for name in (*REFUSALS, "scan_result"):
+            for name in TEMPLATE_NAMES:
                 try:
                     env.get_template(f"replies/{name}.txt")
                 except jinja2.TemplateSyntaxError as e:
-                    problems.append(f"template {e.filename or name}: line {e.lineno}: {e.message}")
-                except jinja2.TemplateNotFound:
-                    problems.append(f"template replies/{name}.txt: not found")
+                    where = e.filename or f"replies/{name}.txt"
+                    problem = (f"{_key_of(where, dirs)}: template {where}: line {e.lineno}: "
+                               f"{e.message}")
+                    if problem not in problems:  # a site file is in every policy's path
+                        problems.append(problem)
+                except jinja2.TemplateNotFound as e:
+                    problem = f"built-in templates: replies/{name}.txt not found ({e})"
+                    if problem not in problems:
+                        problems.append(problem)
         return problems
+
+
+# Every template a reply is rendered from: the refusals and the verdict of
+# --mode scan.
+TEMPLATE_NAMES = (*REFUSALS, "scan_result")
+
+
+def _unknown_names(directory: str) -> list[str]:
+    """``replies/*.txt`` files of a site directory that no reply uses.
+    Names starting with "_" are left alone: partials that templates
+    include."""
+    replies = os.path.join(directory, "replies")
+    try:
+        names = sorted(os.listdir(replies))
+    except OSError:
+        return []  # no replies/ yet: every template is the built-in one
+    known = set(TEMPLATE_NAMES)
+    return [f"{os.path.join(replies, n)}: {n[:-4]!r} is not a reply template name "
+            f"(known: {', '.join(sorted(known))}; start a partial's name with '_')"
+            for n in names if n.endswith(".txt") and not n.startswith("_") and n[:-4] not in known]
+
+
+def _key_of(path: str, dirs: Mapping[str, str]) -> str:
+    """The setting whose directory holds ``path``."""
+    full = os.path.abspath(path)
+    for key, d in dirs.items():
+        if d and os.path.commonpath([full, os.path.abspath(d)]) == os.path.abspath(d):
+            return key
+    return "built-in templates"

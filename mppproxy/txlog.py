@@ -15,13 +15,25 @@ from mppproxy.smtp.session import Session, Transaction
 
 log = Logger(namespace="mppproxy.transaction")
 _NO_CHECKS: dict[str, Any] = {"checks": [], "checks_passed": []}
+# The text line by action.  A refused transaction (no recipient accepted,
+# some refused by policy or relay control) names its sender, the refused
+# recipients and what decided, so the "(ref <queue id>)" of a refusal finds
+# all of it in one line; the client's text comes in as fields only.
+_FORMATS = {
+    "refused": ("transaction {queue_id} from {client}: refused <{sender}> to {refused_text} "
+                "by {decided_by} ({reply_text}; then {reason})"),
+}
+_FORMAT = "transaction {queue_id} from {client}: {action} ({reply_text})"
 
 
 def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
                     timings: dict[str, Any], reason: Optional[str] = None) -> None:
     record = txn.facts.get("policy")
+    # (recipient, what decided, reply) per recipient refused before the
+    # backend heard of it (gateway._note_refusal).
+    refusals = txn.facts.get("refusals", ())
     log.info(
-        "transaction {queue_id} from {client}: {action} ({reply_text})",
+        _FORMATS.get(action, _FORMAT),
         mpp_event="transaction",
         session_id=session.id,
         queue_id=txn.id,
@@ -38,9 +50,17 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         reply_code=reply.code if reply else None,
         reply_text=str(reply) if reply else reason,
         reason=reason,
+        refused_recipients=[r for r, _, _ in refusals],
+        refused_text=", ".join(f"<{r}>" for r, _, _ in refusals),
+        # Each check (or "relay control") that refused one, in order, once.
+        decided_by=", ".join(dict.fromkeys(by for _, by, _ in refusals)) or None,
         stripped_headers=txn.facts.get("stripped_headers", 0),
         # "added", "skipped: why", or None when no disclaimer table matched.
         disclaimer=txn.facts.get("disclaimer"),
+        # Scanner -> "kind: reason" of every scanner not consulted after
+        # DATA (down, timeout, over max_size, garbage, not sent); {} when
+        # all answered or nothing was scanned.
+        scan_skipped=txn.facts.get("scan_skipped", {}),
         timings=timings,
         policy=record.policy if record is not None else None,
         score=round(record.score, 2) if record is not None else None,

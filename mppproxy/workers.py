@@ -32,12 +32,12 @@ on the port.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from typing import Any, Callable, Optional
 
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet import defer
+from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol, Protocol
 
 from mppproxy.logsetup import Logger
@@ -51,6 +51,10 @@ MAX_BACKOFF_SECONDS = 60.0
 # Seconds the main process keeps accepting on a restarted worker's socket
 # (the new process needs about one to load the configuration and listen).
 TAKEOVER_GRACE_SECONDS = 5.0
+# Seconds past the shutdown grace a stopping worker gets to exit (its own
+# grace started a moment later, and twistd's exit takes a little) before
+# the main process kills it.
+WORKER_STOP_MARGIN = 3.0
 
 
 def parse_worker_fds(text: str) -> tuple[tuple[int, int], ...]:
@@ -61,15 +65,18 @@ def parse_worker_fds(text: str) -> tuple[tuple[int, int], ...]:
                  for fd, family in (item.split(":") for item in text.split(",")))
 
 
-def reuseport_sockets(reactor: Any, desc: str, count: int) -> Optional[list[socket.socket]]:
+def reuseport_sockets(reactor: Any, desc: str, count: int,
+                      reuseport: bool = True) -> Optional[list[socket.socket]]:
     """``count`` listening sockets for the TCP endpoint ``desc``, bound to
     one address with SO_REUSEPORT (the first picks the port when ``desc``
     says 0); None for any other kind of endpoint, or where the system has
-    no SO_REUSEPORT.  OSError if the address cannot be bound."""
+    no SO_REUSEPORT.  OSError if the address cannot be bound.  With
+    ``reuseport=False`` (one socket, one process) no SO_REUSEPORT: a second
+    instance started by mistake must fail to bind, not share the port."""
     from twisted.internet.endpoints import (TCP4ServerEndpoint, TCP6ServerEndpoint,
                                             serverFromString)
 
-    if not hasattr(socket, "SO_REUSEPORT"):
+    if reuseport and not hasattr(socket, "SO_REUSEPORT"):
         return None
     endpoint = serverFromString(reactor, desc)
     if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint):
@@ -87,7 +94,8 @@ def reuseport_sockets(reactor: Any, desc: str, count: int) -> Optional[list[sock
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((interface, port))
             port = sock.getsockname()[1]
             sock.listen(backlog)
@@ -97,6 +105,37 @@ def reuseport_sockets(reactor: Any, desc: str, count: int) -> Optional[list[sock
             sock.close()
         raise
     return sockets
+
+
+def bind_listeners(reactor: Any, descs: Any, backlog: int,
+                   count: int) -> dict[str, list[socket.socket]]:
+    """Bind the TCP listeners ``descs`` now, ``count`` sockets each (one per
+    process; SO_REUSEPORT when more than one): a service's
+    ``privilegedStartService``, which twistd runs before it gives up root
+    for ``--uid``/``--gid``, so port 25 needs no capability.  The sockets
+    are adopted later (``service.listen_on``, ``WorkerSupervisor.listen``).
+    Other endpoints (``unix:``), and an address that cannot be bound, are
+    left to ``startService``'s ordinary listen, which logs why it fails."""
+    from mppproxy.service import with_backlog
+
+    bound: dict[str, list[socket.socket]] = {}
+    for desc in descs:
+        try:
+            sockets = reuseport_sockets(reactor, with_backlog(desc, backlog), count,
+                                        reuseport=count > 1)
+        except (OSError, ValueError):
+            continue
+        if sockets:
+            bound[desc] = sockets
+    return bound
+
+
+def close_sockets(bound: dict[str, list[socket.socket]]) -> None:
+    """Close pre-bound sockets nobody adopted (the service stopped first)."""
+    for sockets in bound.values():
+        for sock in sockets:
+            sock.close()
+    bound.clear()
 
 
 class WorkerSupervisor:
@@ -121,20 +160,26 @@ class WorkerSupervisor:
         self._takeovers: dict[int, list[Any]] = {}
         self.factory: Any = None
         self.stopping = False
+        self._stop_waiters: list[defer.Deferred] = []
+        self._kill_call: Any = None
 
     def listen(self, desc: str, factory: Any, backlog: int,
-               fallback: Callable[[str], Any]) -> None:
+               fallback: Callable[[str], Any],
+               prebound: Optional[dict[str, list[socket.socket]]] = None) -> None:
         """Open the listener ``desc`` for every process: SO_REUSEPORT
-        sockets for TCP (this process adopts the first), else
+        sockets for TCP (this process adopts the first; taken from
+        ``prebound`` when ``bind_listeners`` bound them already), else
         ``fallback(desc)``, which opens one socket shared by all.  A TCP
         address that cannot be bound is left to ``fallback`` too, which
         logs why."""
         from mppproxy.service import with_backlog
 
-        try:
-            sockets = reuseport_sockets(self.reactor, with_backlog(desc, backlog), self.count)
-        except OSError:
-            sockets = None
+        sockets = (prebound or {}).pop(desc, None)
+        if sockets is None:
+            try:
+                sockets = reuseport_sockets(self.reactor, with_backlog(desc, backlog), self.count)
+            except OSError:
+                sockets = None
         if sockets is None:
             fallback(desc)
             return
@@ -182,7 +227,10 @@ class WorkerSupervisor:
         class Worker(ProcessProtocol):
             def processEnded(self, reason: Any) -> None:
                 supervisor.processes.remove(self)
-                if supervisor.stopping or not supervisor.ports:
+                if supervisor.stopping:
+                    supervisor._worker_stopped()
+                    return
+                if not supervisor.ports:
                     return
                 supervisor._take_over(index)
                 # Back off when a worker cannot start (say, the file on disk
@@ -235,26 +283,53 @@ class WorkerSupervisor:
             except ProcessExitedAlready:
                 pass
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> defer.Deferred:
+        """SIGTERM to every worker, each of which finishes its messages in
+        flight within ``grace`` (``timeouts.shutdown_grace``) like this
+        process.  Fires when all have ended; one still running
+        ``WORKER_STOP_MARGIN`` seconds after the grace is killed."""
         self.stopping = True
         self.signal_all("TERM")
         for ports in self._takeovers.values():
             for port in ports:
                 port.stopListening()
         self._takeovers.clear()
+        d: defer.Deferred = defer.Deferred()
+        self._stop_waiters.append(d)
+        if not self.processes:
+            self._worker_stopped()
+        elif self._kill_call is None:
+            self._kill_call = self.reactor.callLater(grace + WORKER_STOP_MARGIN, self._kill_rest)
+        return d
+
+    def _kill_rest(self) -> None:
+        self._kill_call = None
+        log.warn("{what}s still running after the shutdown grace: killing them", what=self.what)
+        self.signal_all("KILL")
+        self._stop_waiters, waiters = [], self._stop_waiters
+        for d in waiters:
+            d.callback(None)
+
+    def _worker_stopped(self) -> None:
+        if self.processes:
+            return
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        self._stop_waiters, waiters = [], self._stop_waiters
+        for d in waiters:
+            d.callback(None)
 
 
 def adopt_listeners(reactor: Any, fds: tuple[tuple[int, int], ...], factory: Any,
                     on_parent_gone: Callable[[], None]) -> list[Any]:
     """The worker's side: accept on the inherited descriptors with
-    ``factory``, and call ``on_parent_gone`` when the main process dies or
-    SIGTERM arrives.  Returns the adopted ports."""
+    ``factory``, and call ``on_parent_gone`` when the main process dies.
+    Returns the adopted ports.  SIGTERM is ``reloading.stop_on_signals``'s,
+    as in any process (a worker hears it twice, from its process group and
+    from the main process: ``StopOnce`` stops once)."""
     ports = [reactor.adoptStreamPort(fd, family, factory) for fd, family in fds]
     log.info("worker {pid} serving {n} inherited listeners", pid=os.getpid(), n=len(ports))
-    # A worker gets SIGTERM twice on shutdown (from its process group and
-    # from the main process); Twisted's handler would raise
-    # ReactorNotRunning on the second one.
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(on_parent_gone))
     from twisted.internet import stdio
 
     # Kept alive by the reactor's reader set.
@@ -282,4 +357,7 @@ class StopOnce:
     def __call__(self) -> None:
         if self.reactor.running and not self.done:
             self.done = True
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass  # stopped meanwhile by someone else (another StopOnce)

@@ -557,14 +557,15 @@ class LocalDeliveryTests(SynchronousTestCase):
         self.assertEqual((tx["action"], tx["reply_code"], tx["stripped_headers"]), ("deliver", 250, 1))
 
     def test_disk_failure_tempfails(self) -> None:
-        """When the Maildir cannot be written the client gets 452 4.3.1, never 250."""
+        """When the Maildir cannot be made (its data_dir is a file: not a full disk) the client gets 451 4.3.0, never 250."""
         blocker = os.path.join(self.data_dir, "not-a-dir")
         with open(blocker, "w") as f:
             f.write("x")
         gateway, _ = make_gateway(make_config(data_dir=blocker))
         reply = self.successResultOf(Deferred.fromCoroutine(gateway.on_data_end(make_session(), make_txn(b"S: s\r\n\r\nb\r\n"))))
-        self.assertEqual(reply, replies.STORAGE_ERROR)
-        self.assertEqual((reply.code, reply.enhanced), (452, "4.3.1"))
+        # A full disk is 452 4.3.1 (tests/test_disk_full.py); ENOTDIR is not.
+        self.assertEqual(reply, replies.LOCAL_ERROR)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
 
     def test_template_from_config(self) -> None:
         """The delivery.maildir template from the configuration decides the path."""

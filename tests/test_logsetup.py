@@ -4,13 +4,14 @@ warnings at once."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 
 from twisted.internet.task import Clock
 from twisted.logger import (LogLevel, LogPublisher, jsonFileLogObserver, Logger,
                             textFileLogObserver)
 
-from mppproxy.logsetup import BatchedTextLogObserver, batch_text_log
+from mppproxy.logsetup import EXIT_DRAIN_SECONDS, BatchedTextLogObserver, batch_text_log
 
 
 class RunningClock(Clock):
@@ -21,7 +22,13 @@ class RunningClock(Clock):
         self.triggers: list = []
 
     def addSystemEventTrigger(self, phase, event, f, *args):  # noqa: N802 (Twisted's name)
-        self.triggers.append((phase, event, f))
+        self.triggers.append((phase, event, f, args))
+
+
+def written(batched: BatchedTextLogObserver, out: io.StringIO) -> str:
+    """What the writer thread has written once it has written everything handed to it."""
+    assert batched._writer is None or batched._writer.wait_idle(10)
+    return out.getvalue()
 
 
 def event(text: str, level: LogLevel = LogLevel.info, when: float = 1_800_000_000.25) -> dict:
@@ -37,9 +44,9 @@ def test_lines_are_twistds_and_held_until_the_next_iteration():
         e = event(f"line {i} {{x}}") | {"x": "y"}
         batched(e)
         plain(e)
-    assert out.getvalue() == ""
+    assert written(batched, out) == ""
     clock.advance(0)
-    assert out.getvalue() == ref.getvalue()
+    assert written(batched, out) == ref.getvalue()
     assert out.getvalue().count("\n") == 3 and "line 2 y" in out.getvalue()
 
 
@@ -51,7 +58,7 @@ def test_timestamp_follows_the_second():
         batched(event("t", when=when))
         plain(event("t", when=when))
     clock.advance(0)
-    assert out.getvalue() == ref.getvalue()
+    assert written(batched, out) == ref.getvalue()
     assert len(set(line.split(" ")[0] for line in out.getvalue().splitlines())) == 3
 
 
@@ -61,10 +68,10 @@ def test_warning_writes_everything_held_at_once():
     batched = BatchedTextLogObserver(out, clock)
     batched(event("first"))
     batched(event("trouble", LogLevel.warn))
-    lines = out.getvalue().splitlines()
+    lines = written(batched, out).splitlines()
     assert [line.rsplit("] ", 1)[1] for line in lines] == ["first", "trouble"]
     clock.advance(0)  # the scheduled flush finds nothing more
-    assert out.getvalue().splitlines() == lines
+    assert written(batched, out).splitlines() == lines
 
 
 def test_other_threads_and_a_stopped_reactor_write_at_once():
@@ -74,9 +81,10 @@ def test_other_threads_and_a_stopped_reactor_write_at_once():
     t = threading.Thread(target=batched, args=(event("from a thread"),))
     t.start()
     t.join(10)
-    assert "from a thread" in out.getvalue()
+    assert "from a thread" in written(batched, out)
     clock.running = False
     batched(event("stopped"))
+    # Written before the call returns: twistd may end the process next.
     assert "stopped" in out.getvalue()
 
 
@@ -86,19 +94,104 @@ def test_a_large_backlog_is_written_without_waiting():
     batched = BatchedTextLogObserver(out, clock)
     for i in range(2000):
         batched(event("x" * 100))
-    assert out.getvalue().count("\n") > 500
+    # No reactor iteration has passed, yet the writer had the lines.
+    assert written(batched, out).count("\n") > 500
 
 
-def test_a_broken_file_does_not_break_the_caller():
+def test_a_broken_file_drops_lines_counts_them_and_says_so_later():
+    """A log file that fails (a full disk) costs its lines, not the caller; the count is written once it works again."""
     class Full(io.StringIO):
+        full = True
+
         def write(self, s):
-            raise OSError(28, "No space left on device")
+            if self.full:
+                raise OSError(28, "No space left on device")
+            return super().write(s)
 
     clock = RunningClock()
-    batched = BatchedTextLogObserver(Full(), clock)
+    out = Full()
+    batched = BatchedTextLogObserver(out, clock)
     batched(event("lost", LogLevel.error))
     batched(event("held"))
     clock.advance(0)
+    assert written(batched, out) == "" and batched.dropped == 2
+    out.full = False
+    batched(event("back", LogLevel.warn))
+    text = written(batched, out)
+    assert "2 log line(s) dropped" in text and text.endswith("back\n")
+    assert batched.dropped == 0
+
+
+def _in_thread(target, seconds: float = 5.0) -> bool:
+    """Run ``target`` in a daemon thread; True if it returned within ``seconds``."""
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+def test_logging_from_inside_a_write_does_not_deadlock():
+    """An event logged while the observer is writing, on the same thread (a signal handler that interrupted it), completes."""
+    class Reentrant(io.StringIO):
+        def write(self, s):
+            if "outer" in s and not self.getvalue():
+                batched(event("from the signal handler", LogLevel.warn))
+            return super().write(s)
+
+    out = Reentrant()
+    observers: list[BatchedTextLogObserver] = []
+
+    def batched(e: dict) -> None:
+        observers[0](e)
+
+    def run() -> None:
+        observers.append(BatchedTextLogObserver(out, RunningClock()))
+        batched(event("outer", LogLevel.warn))
+        assert observers[0].drain(5)
+
+    assert _in_thread(run), "the observer deadlocked on itself"
+    assert "from the signal handler" in out.getvalue()
+
+
+def test_a_pipe_nobody_reads_neither_blocks_the_caller_nor_grows_without_bound():
+    """With the log pipe full and unread, logging returns at once, lines past the backlog bound are dropped and counted, and reported once the reader reads."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"f" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    sink = open(w, "w", encoding="utf-8")
+    batched = BatchedTextLogObserver(sink, RunningClock(), max_backlog=20_000)
+
+    def log_a_lot() -> None:
+        for i in range(1000):
+            batched(event(f"line {i} " + "x" * 60, LogLevel.warn))
+
+    try:
+        assert _in_thread(log_a_lot), "logging blocked on the full pipe"
+        assert batched.dropped > 500
+        assert batched._held_bytes < 20_000 + 200
+        assert batched.drain(0.2) is False  # the sink takes nothing
+        got = bytearray()
+
+        def read_until_idle() -> None:
+            while not batched._writer.wait_idle(0.05):
+                got.extend(os.read(r, 1 << 16))
+            os.set_blocking(r, False)
+            try:
+                while True:
+                    got.extend(os.read(r, 1 << 16))
+            except BlockingIOError:
+                pass
+
+        assert _in_thread(read_until_idle, 10)
+        assert b"log line(s) dropped" in got and b"line 0 " in got
+    finally:
+        sink.close()
+        os.close(r)
 
 
 def test_batch_text_log_replaces_twistds_observer_only():
@@ -111,12 +204,15 @@ def test_batch_text_log_replaces_twistds_observer_only():
     assert batch_text_log(clock, publisher)
     Logger(namespace="mpp.test", observer=publisher).info("hello {who}", who="admin")
     assert text_out.getvalue() == "" and "hello" in json_out.getvalue()
+    (batched,) = [o for o in publisher._observers if isinstance(o, BatchedTextLogObserver)]
     clock.advance(0)
-    assert text_out.getvalue().endswith("[mpp.test#info] hello admin\n")
-    # Held lines are written when the reactor stops.
+    assert written(batched, text_out).endswith("[mpp.test#info] hello admin\n")
+    # Held lines are written when the reactor stops, the wait bounded.
     assert [t[:2] for t in clock.triggers] == [("after", "shutdown")]
     Logger(namespace="mpp.test", observer=publisher).info("last")
-    clock.triggers[0][2]()
+    phase, name, drain, args = clock.triggers[0]
+    assert args == (EXIT_DRAIN_SECONDS,)
+    assert drain(*args) is True
     assert text_out.getvalue().endswith("last\n")
     # Nothing more to replace: a second call changes nothing.
     assert not batch_text_log(clock, publisher)
@@ -165,10 +261,11 @@ def test_every_kind_of_event_reads_as_twisteds_line():
     for e in events:
         clock = RunningClock()
         out, ref = io.StringIO(), io.StringIO()
-        BatchedTextLogObserver(out, clock)(dict(e))
+        batched = BatchedTextLogObserver(out, clock)
+        batched(dict(e))
         textFileLogObserver(ref)(dict(e))
         clock.advance(0)
-        assert out.getvalue() == ref.getvalue(), e
+        assert written(batched, out) == ref.getvalue(), e
 
 
 def test_our_logger_emits_twisteds_events():

@@ -396,6 +396,8 @@ def test_failing_check_skipped_when_configured():
 
 
 def test_slow_check_times_out_and_scores_nothing():
+    """A check whose on_timeout is "pass" scores nothing past check_timeout
+    and the recipient goes on (tests/test_check_timeouts.py: the defaults)."""
     clock = Clock()
 
     class SlowBlacklist(MemoryBlacklist):
@@ -403,7 +405,9 @@ def test_slow_check_times_out_and_scores_nothing():
             await Deferred()  # never fires
             return None
 
-    engine, _, _ = make_engine({"policy": {"check_timeout": 2}}, blacklist=SlowBlacklist(clock), clock=clock)
+    engine, _, _ = make_engine({"policy": {"check_timeout": 2},
+                                "policies": {"default": {"blacklist": {"on_timeout": "pass"}}}},
+                               blacklist=SlowBlacklist(clock), clock=clock)
     results: list[Any] = []
     Deferred.fromCoroutine(engine.on_recipient(facts(), TransactionRecord())).addBoth(results.append)
     assert not results
@@ -503,7 +507,9 @@ def test_rendered_texts_are_remembered_by_what_the_template_reads(tmp_path):
     (tmp_path / "replies" / "part.txt").write_text("from {{ client_ip }}")
     (tmp_path / "replies" / "access.txt").write_text("No {% include 'replies/part.txt' %}\n")
     renderer = ReplyRenderer(site_dir=str(tmp_path))
-    base = {"retry_seconds": 300, "client_ip": "192.0.2.1", "sender": "a@x"}
+    # queue_id: read by the built-in fallback's "(ref ...)"; the engine
+    # always passes it.
+    base = {"retry_seconds": 300, "client_ip": "192.0.2.1", "sender": "a@x", "queue_id": ""}
     texts = [renderer.reply("greylist", dict(base, sender=f"s{i}@x")).text for i in range(3)]
     assert texts == ["Wait 300s, 192.0.2.1"] * 3
     assert len(renderer._rendered) == 1

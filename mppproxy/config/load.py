@@ -208,6 +208,11 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
             if key in owner and owner[key] != name:
                 problems.append(f"policies.{name}.domains: {d!r} is already in policies.{owner[key]}")
             owner[key] = name
+    problems.extend(_unfed_max_spam(config))
+    problems.extend(_unknown_templates(config))
+    # Thresholds that could never act (the verdict ladder, verdict.py).
+    from mppproxy.verdict import config_ladder_problems
+    problems.extend(config_ladder_problems(config))
     for i, ns in enumerate(config.dns.nameservers):
         if parse_nameserver(ns) is None:
             problems.append(f"dns.nameservers[{i}]: {ns!r} is not IP or IP:PORT ([IPv6]:PORT)")
@@ -226,17 +231,50 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
     return problems
 
 
-def check_files(config: ProxyConfig) -> None:
-    """Check what the configuration names on disk: certificates load, log
-    and data directories can be written.  Done before starting (and by
-    ``mppproxy check-config``), so a bad path is a message, not a traceback."""
-    from mppproxy.tlsconfig import load_server_certificate, load_ca_certificate
+def _unknown_templates(config: ProxyConfig) -> list[str]:
+    """Template names a setting picks must be refusals the renderer knows:
+    their reply codes are fixed there (templates.REFUSALS), so an unknown
+    name would fail at the first refusal, in front of a client."""
+    from mppproxy.templates import REFUSALS
 
-    errors = []
-    if config.tls.enabled and config.tls.cert_file:
-        problem = load_server_certificate(config.tls.cert_file, config.tls.key_file or config.tls.cert_file)[1]
-        if problem:
-            errors.append(f"tls.cert_file: {problem}")
+    return [f"scanners.command[{i}].template: {c.template!r} is not a reply template "
+            f"(one of: {', '.join(sorted(REFUSALS))})"
+            for i, c in enumerate(config.scanners.command) if c.template not in REFUSALS]
+
+
+def _unfed_max_spam(config: ProxyConfig) -> list[str]:
+    """``thresholds.max_spam`` counts spam verdicts, which only the scanning
+    after DATA gives; the Postfix policy server (mode "policy") never sees
+    a message, so the limit could never be reached there."""
+    if config.mode != "policy":
+        return []
+    default = config.policies["default"].thresholds.max_spam
+    problems = []
+    for name, policy in config.policies.items():
+        value = policy.thresholds.max_spam
+        # A named policy inherits the default's value: named once, where set.
+        if value and (name == "default" or value != default):
+            problems.append(f"policies.{name}.thresholds.max_spam: mode 'policy' scans no "
+                            "messages, so no spam verdict is ever counted; remove it (or set "
+                            "it to 0) and use thresholds.max_messages")
+    return problems
+
+
+def check_files(config: ProxyConfig, source: str = "<config>") -> None:
+    """Check what the configuration names on disk: certificates load, log
+    and data directories can be written, reply templates parse.  Done
+    before starting (and by ``mppproxy check-config``), so a bad path is a
+    message naming ``source`` (the config file) and the key, as every other
+    error is, not a traceback."""
+    errors = _file_problems(config)
+    if errors:
+        raise ConfigError([f"{source}: {problem}" for problem in errors])
+
+
+def _file_problems(config: ProxyConfig) -> list[str]:
+    from mppproxy.tlsconfig import load_ca_certificate
+
+    errors = _certificate_problems(config)
     if config.backend is not None and config.backend.tls_ca_file:
         problem = load_ca_certificate(config.backend.tls_ca_file)[1]
         if problem:
@@ -245,10 +283,11 @@ def check_files(config: ProxyConfig) -> None:
         problem = _writable_dir(os.path.dirname(os.path.abspath(config.logging.json_file)))
         if problem:
             errors.append(f"logging.json_file: {problem}")
-    if config.policy.enabled:
+    if config.policy.enabled or config.mode == "scan":
         from mppproxy.policy.runtime import make_renderer
 
-        # Reply templates: directories exist, every template parses.
+        # Reply templates (the policy's refusals, scan mode's verdict):
+        # directories exist, every template parses, no file is misnamed.
         errors.extend(make_renderer(config).check_templates())
     problem = _creatable_dir(config.data_dir)
     if problem:
@@ -257,8 +296,33 @@ def check_files(config: ProxyConfig) -> None:
         problem = _creatable_dir(config.spool_dir)
         if problem:
             errors.append(f"spool_dir: {problem}")
-    if errors:
-        raise ConfigError(errors)
+    return errors
+
+
+def _certificate_problems(config: ProxyConfig) -> list[str]:
+    """The STARTTLS certificate and key, each named by its own key when it
+    cannot be read, the pair by tls.cert_file when it does not load."""
+    from mppproxy.tlsconfig import load_server_certificate
+
+    tls = config.tls
+    if not tls.enabled or not tls.cert_file:
+        return []  # none configured: a self-signed one is made at start
+    key_file = tls.key_file or tls.cert_file
+    unreadable = [f"{key}: cannot read {path}: {problem}"
+                  for key, path in (("tls.cert_file", tls.cert_file), ("tls.key_file", key_file))
+                  if (problem := _unreadable(path))]
+    if unreadable:
+        return unreadable[:1] if key_file == tls.cert_file else unreadable
+    problem = load_server_certificate(tls.cert_file, key_file)[1]
+    return [f"tls.cert_file: {problem}"] if problem else []
+
+
+def _unreadable(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def _writable_dir(path: str) -> Optional[str]:
@@ -335,17 +399,24 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def source_name(path: Optional[str] = None, command: Optional[str] = None) -> str:
+    """How errors name where the configuration came from, as ``load`` does."""
+    if path:
+        return path
+    return f"config command {command!r}" if command else "<defaults>"
+
+
 def load(path: Optional[str] = None, command: Optional[str] = None,
          overrides: Optional[Mapping[str, Any]] = None) -> ProxyConfig:
     """The one entry point: file or command, then overrides, then validation."""
     data: dict[str, Any] = {}
-    source = "<defaults>"
+    source = source_name(path, command)
     if path and command:
         raise ConfigError(["--config and --config-command: give one, not both"])
     if path:
-        data, source = read_file(path), path
+        data = read_file(path)
     elif command:
-        data, source = read_command(command), f"config command {command!r}"
+        data = read_command(command)
     if overrides:
         data = merge(data, overrides)
     return from_mapping(data, source)

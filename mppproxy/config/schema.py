@@ -9,6 +9,7 @@ configuration.md lists every key; tests/test_config.py checks the two agree.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,6 +46,25 @@ def _domains(values: tuple[str, ...]) -> Optional[str]:
         d = v.strip().rstrip(".")
         if not d or any(c.isspace() for c in d) or "@" in d:
             return f"{v!r} is not a domain name"
+    return None
+
+
+# RFC 5322 2.2: a field name is printable ASCII but ":"; a glob adds *?[].
+_FIELD_GLOB = re.compile(r"^[!-9;-~]+$")
+
+
+def _field_globs(values: tuple[str, ...]) -> Optional[str]:
+    for v in values:
+        if not _FIELD_GLOB.match(v):
+            return f"{v!r} is not a header field name pattern (such as 'X-Spam-*')"
+    return None
+
+
+def _authserv_ids(values: tuple[str, ...]) -> Optional[str]:
+    # RFC 8601 2.5: the authserv-id is a token, in practice a host name.
+    for v in values:
+        if not v or any(c.isspace() or c in ';()"' for c in v):
+            return f"{v!r} is not an authserv-id (a host name such as 'mx.example.com')"
     return None
 
 
@@ -101,6 +121,16 @@ class SmtpConfig:
     # Seconds to wait before the greeting; a client that talks first is an
     # early talker and refused (0 turns the test off).
     greet_pause: float = field(default=0.0, metadata=_opt(_at_least(0)))
+    # Header fields removed from every client's message (glob patterns of
+    # field names, any case): downstream filters and users trust X-Spam-*
+    # as a spam filter's verdict, so one from outside is a forgery.  Ours,
+    # added after the removal, stay.  X-MPP-* go always (design promise 7).
+    strip_headers: tuple[str, ...] = field(default=("X-Spam-*",), metadata=_opt(_field_globs))
+    # Authentication-Results fields claiming one of these authserv-ids are
+    # removed (RFC 8601 section 5: a forgery of our own verdict).  Our own
+    # name (smtp.hostname), which our Authentication-Results carry, is
+    # always among them; list here the other names of our ADMD.
+    authserv_ids: tuple[str, ...] = field(default=(), metadata=_opt(_authserv_ids))
 
 
 @dataclass(frozen=True)
@@ -113,8 +143,14 @@ class LimitsConfig:
     max_message_size: int = field(default=52428800, metadata=_opt(_at_least(1024)))
     # RFC 5321 4.5.3.1.8: at least 100 recipients must be accepted.
     max_recipients: int = field(default=100, metadata=_opt(_at_least(1)))
-    # Postfix's smtpd_hard_error_limit is 20.
+    # Postfix's smtpd_hard_error_limit is 20.  Only 5xx replies count (a
+    # 452 "send it later" does not): smtp/server.py counts_as_error.
     max_errors: int = field(default=20, metadata=_opt(_at_least(1)))
+    # A message with more Received: fields than this is refused with 554
+    # 5.4.6 as a mail loop (RFC 5321 6.3).  Postfix's hopcount_limit is 50
+    # (Exim's received_headers_max 30); RFC 5321 6.3 suggests "normally at
+    # least 100" -- raise it if legitimate mail ever hits it.
+    max_hop_count: int = field(default=50, metadata=_opt(_at_least(1)))
     # RFC 5321 4.5.3.1.4: 512 octets with CRLF.
     max_command_line: int = field(default=512, metadata=_opt(_at_least(512)))
     # RFC 5321 4.5.3.1.6: 1000 octets with CRLF.
@@ -135,6 +171,11 @@ class TimeoutsConfig:
     # otherwise restart data_block).  50 MiB at 256 kbit/s takes ~27 min.
     data_total: float = field(default=3600.0, metadata=_opt(_at_least(1)))
     tls_handshake: float = field(default=60.0, metadata=_opt(_at_least(0.1)))
+    # How long a stop (SIGTERM/SIGINT) waits for messages in flight to get
+    # the backend's reply to their client before the rest is cut.  30 s
+    # covers a backend's end-of-DATA answer in practice and stays well under
+    # systemd's default TimeoutStopSec (90 s), after which it sends SIGKILL.
+    shutdown_grace: float = field(default=30.0, metadata=_opt(_at_least(0)))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ import threading
 import time
 from typing import Iterable, Iterator
 
+from mppproxy.logsetup import Logger
 from mppproxy.smtp.address import Address, normalise_domain
+
+log = Logger()
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -97,12 +100,18 @@ def _to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def deliver(chunks_factory, sender: Address, recipients: list[Address],
             template: str, data_dir: str) -> list[str]:
     """Write one copy per recipient; return the final paths.  Runs in a
-    thread.  Any OSError propagates and the client gets a 4xx.
+    thread.  Any OSError propagates, with the file or directory it concerns
+    as its ``filename``, and the client gets a 4xx (452 4.3.1 for a full
+    disk, ``replies.storage_failure``).
 
-    Every copy is written and fsync'ed in tmp/ before any is moved into
-    new/, so a failure for one recipient leaves no copy for the others and
-    the client's retry cannot duplicate them (docs/design.md promise 1)."""
+    All recipients or none: every copy is written and fsync'ed in tmp/
+    before any is moved into new/, and a failure at any step (a full disk
+    in the middle of a copy, a rename that finds no room for the directory
+    entry, an fsync that fails) removes every copy of this message, in tmp/
+    and in new/, so the client's retry cannot duplicate them
+    (docs/design.md promise 1)."""
     staged: list[tuple[str, str, str]] = []
+    done: list[str] = []
     try:
         for rcpt in recipients:
             root = expand_path(template, rcpt, data_dir)
@@ -111,24 +120,53 @@ def deliver(chunks_factory, sender: Address, recipients: list[Address],
             tmp_path = os.path.join(root, "tmp", name)
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             staged.append((tmp_path, os.path.join(root, "new", name), root))
-            with os.fdopen(fd, "wb") as f:
-                # RFC 5321 4.4: the final delivery adds Return-Path.
-                f.write(f"Return-Path: <{sender.text}>\nDelivered-To: {rcpt.text}\n".encode("utf-8"))
-                for block in _to_lf(chunks_factory()):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        for tmp_path, _, _ in staged:
             try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
+                _write_copy(fd, sender, rcpt, chunks_factory())
+            except OSError as e:
+                _name_file(e, tmp_path)
+                raise
+        for tmp_path, new_path, root in staged:
+            try:
+                # rename(2) may need room for the new directory entry (ENOSPC).
+                os.rename(tmp_path, new_path)
+                done.append(new_path)
+                _fsync_dir(os.path.join(root, "new"))
+            except OSError as e:
+                _name_file(e, new_path)
+                raise
+    except BaseException:
+        _remove([tmp for tmp, _, _ in staged] + done)
         raise
-    done = []
-    for tmp_path, new_path, root in staged:
-        # rename(2) within one directory tree does not fail for lack of space.
-        os.rename(tmp_path, new_path)
-        _fsync_dir(os.path.join(root, "new"))
-        done.append(new_path)
     return done
+
+
+def _write_copy(fd: int, sender: Address, rcpt: Address, chunks: Iterable[bytes]) -> None:
+    """One recipient's copy into the open file ``fd``, fsync'ed; closes it."""
+    with os.fdopen(fd, "wb") as f:
+        # RFC 5321 4.4: the final delivery adds Return-Path.
+        f.write(f"Return-Path: <{sender.text}>\nDelivered-To: {rcpt.text}\n".encode("utf-8"))
+        for block in _to_lf(chunks):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _name_file(error: OSError, path: str) -> None:
+    """Say which file a write or fsync failed on (their errors carry no
+    name), for the log line."""
+    if error.filename is None:
+        error.filename = path
+
+
+def _remove(paths: list[str]) -> None:
+    """Unlink the copies of a message that failed; a path already gone
+    (moved to new/, or never created) is fine."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            # Nothing more can be done here; the delivery error goes up.
+            log.error("could not remove {path} after a failed delivery: {error}",
+                      path=path, error=str(e))

@@ -175,3 +175,6 @@ class TransactionRecord:
     once: dict[str, CheckResult] = field(default_factory=dict)
     recorded: list[Recorded] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # What decided the engine's last refusal: a check's name, "score" (the
+    # reject threshold) or "policy_group"; the transaction log names it.
+    refused_by: str = ""

@@ -14,12 +14,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from mppproxy.policy.dnsbl import DnsblList, validate_dnsbl_lists
 from mppproxy.policy.patterns import check_address_patterns, check_cidrs, check_helo_patterns
 from mppproxy.scan.config import AttachmentConfig, HeaderFilterConfig, MimeCheckConfig
-from mppproxy.config.fields import at_least as _at_least, finite as _finite, opt as _opt, regexes as _regexes
+from mppproxy.config.fields import (at_least as _at_least, choice as _choice, finite as _finite,
+                                    opt as _opt, regexes as _regexes)
+
+# What a check that waits does when it has not answered within
+# policy.check_timeout (policies.NAME.<check>.on_timeout): "pass" goes on
+# as if it found nothing, "tempfail" refuses the recipient for now with
+# 451 4.3.0 (RFC 5321 4.2.2 451 "local error in processing"; RFC 3463
+# 4.3.0 "other or undefined mail system status").
+ON_TIMEOUT = ("pass", "tempfail")
+
+
+def _on_timeout(default: str) -> Any:
+    """The ``on_timeout`` field of a check's section, with its default."""
+    return field(default=default, metadata=_opt(_choice(*ON_TIMEOUT)))
 
 
 def _prefix(maximum: int) -> Callable[[int], Optional[str]]:
@@ -66,6 +79,9 @@ class BlacklistConfig:
     5.7.1 until their entry expires."""
 
     enabled: bool = True
+    # The store (SQL) did not answer in policy.check_timeout: passing would
+    # let a listed client through while the database hangs (promise 4).
+    on_timeout: str = _on_timeout("tempfail")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -80,6 +96,9 @@ class SpamtrapConfig:
     enabled: bool = False
     patterns: tuple[str, ...] = field(default=(), metadata=_opt(_regexes))
     blacklist_seconds: float = field(default=3600.0, metadata=_opt(_at_least(1)))
+    # Listing the client (SQL) did not finish in policy.check_timeout:
+    # passing would accept mail to the trap itself.
+    on_timeout: str = _on_timeout("tempfail")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -100,6 +119,9 @@ class ThresholdsConfig:
     # Count per address (32 / 128) or per network (24 / 64, say).
     ipv4_prefix: int = field(default=32, metadata=_opt(_prefix(32)))
     ipv6_prefix: int = field(default=128, metadata=_opt(_prefix(128)))
+    # Listing a client over a limit (SQL) did not finish in
+    # policy.check_timeout: passing would accept the flood it stops.
+    on_timeout: str = _on_timeout("tempfail")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -122,6 +144,9 @@ class GreylistConfig:
     auto_whitelist_after: int = field(default=5, metadata=_opt(_at_least(0)))
     ipv4_prefix: int = field(default=24, metadata=_opt(_prefix(32)))
     ipv6_prefix: int = field(default=64, metadata=_opt(_prefix(128)))
+    # The triplet store (SQL) did not answer in policy.check_timeout:
+    # passing would skip greylisting whenever the database hangs.
+    on_timeout: str = _on_timeout("tempfail")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -136,6 +161,9 @@ class DnsblConfig:
     # Ask the "domain" lists (RHSBL) about the sender domain and the HELO.
     check_sender_domain: bool = True
     check_helo: bool = False
+    # The lists did not answer in policy.check_timeout: a DNS list never
+    # blocks mail by itself, so the check scores nothing.
+    on_timeout: str = _on_timeout("pass")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -159,6 +187,9 @@ class SpfConfig:
     # A DNS failure (temperror) is a 451 4.4.3 instead of a score.
     tempfail_on_temperror: bool = False
     add_header: bool = True
+    # No result in policy.check_timeout (SPF's own bound is shorter, so
+    # this is rare): scored nothing, as a DNS failure is by default.
+    on_timeout: str = _on_timeout("pass")
     whitelist_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
     whitelist_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     whitelist_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
@@ -231,7 +262,9 @@ class ScanConfig:
         lambda v: None if v in ("reject", "quarantine") else
         f"must be 'reject' or 'quarantine', not {v!r}"))
     # At or above this score (0: never) the message is accepted and dropped,
-    # logged (the "discard" action); a reached scoring.reject wins.
+    # logged (the "discard" action).  Above scoring.reject it drops the worst
+    # silently; below, a reached reject wins.  Combinations in which a
+    # threshold could never act are refused (verdict.ladder_problems).
     discard_score: float = field(default=0.0, metadata=_opt(_finite))
     # Add X-MPP-Scan (score, action) and X-MPP-Scan-Rules (each engine's
     # rule names) to every accepted message, not only tagged ones.
@@ -325,8 +358,9 @@ class PolicyEngineConfig:
     # Clients in trusted_networks (they relay outbound mail) skip the
     # pre-DATA checks, like Postfix's permit_mynetworks first.
     skip_trusted: bool = True
-    # Seconds one check may take; past it the check scores nothing and is
-    # logged (a DNS list never blocks mail by itself).
+    # Seconds one check may take; past it the check's own on_timeout
+    # decides (pass for DNS lists and SPF, tempfail for the checks of the
+    # state database) and it is logged.
     check_timeout: float = field(default=10.0, metadata=_opt(_at_least(0.1)))
     # A check that fails (database down, say): "tempfail" answers 451 4.3.0
     # (docs/design.md promise 4) or "skip" logs it and goes on.

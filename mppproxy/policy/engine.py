@@ -14,6 +14,11 @@ Order per recipient:
   2. the score so far against the policy's reject threshold;
   3. the checks in ``FINAL_ORDER`` (greylisting), which should only see
      mail that would otherwise be accepted.
+
+A check still waiting after ``policy.check_timeout`` gets what its
+section's ``on_timeout`` says: "pass" (DNS lists, SPF) or "tempfail", 451
+4.3.0 (the state-database checks; docs/design.md promise 4), logged with
+the check, the seconds, the client and the queue id.
 """
 from __future__ import annotations
 
@@ -138,11 +143,13 @@ class PolicyEngine:
             record.recorded.append(Recorded("policy_group", CheckResult(reasons=(
                 f"policy {policy_name} differs from the transaction's {record.policy}",)),
                 facts.recipient))
+            record.refused_by = "policy_group"
             return self._render("policy_group", facts, record.policy)
         facts = _with_policy(facts, policy_name)
         if record.blacklisted_during:
             # A spam trap or threshold listed the client in this very
             # transaction: its other recipients are refused too.
+            record.refused_by = "blacklist"
             return self._render("blacklist", facts, policy_name, reason="policy violation")
         if record.whitelisted:
             return None
@@ -156,6 +163,7 @@ class PolicyEngine:
         reject_at = runtime.config.scoring.reject
         if reject_at > 0 and record.score >= reject_at:
             reasons = [r for rec in record.recorded if rec.result.score > 0 for r in rec.result.reasons]
+            record.refused_by = "score"
             return self._render("score", facts, policy_name, score=round(record.score, 2),
                                 reasons=_public(reasons))
         refusal = await self._run(runtime.final, facts, record)
@@ -189,16 +197,22 @@ class PolicyEngine:
                     result = await self._wait(check, coro, facts, record, time.monotonic())
                 if result is None:
                     if self.config.on_error == "tempfail":
+                        record.refused_by = name
                         return self._render("tempfail", facts, facts.policy)
                     continue
                 if once:
+                    # A timeout too: later recipients get its outcome at
+                    # once instead of waiting check_timeout again.
                     record.once[name] = result
                 record.score += result.score
                 if result.headers:
                     record.headers.extend(result.headers)
                 if result.blacklisted:
                     record.blacklisted_during = True
-                record.recorded.append(Recorded(name, result, facts.recipient))
+                # Identity, not equality: every result of the hot path is recorded.
+                record.recorded.append(Recorded(
+                    name, result, facts.recipient,
+                    "timeout" if result is _TIMEOUT_PASS or result is _TIMEOUT_TEMPFAIL else ""))
             action = result.action
             if action is None:  # most results: the score decides
                 continue
@@ -213,6 +227,7 @@ class PolicyEngine:
                          queue_id=facts.queue_id)
                 return None
             if action in (Action.REJECT, Action.TEMPFAIL):
+                record.refused_by = name
                 return self._render(result.template or ("tempfail" if action is Action.TEMPFAIL
                                                         else "access"),
                                     facts, facts.policy, **dict(result.template_vars))
@@ -220,8 +235,8 @@ class PolicyEngine:
 
     async def _wait(self, check: Check, coro: Any, facts: Facts, record: TransactionRecord,
                     started: float) -> Optional[CheckResult]:
-        """The result of a check that waits (``coro`` started): a timeout
-        scores nothing (a DNS list never blocks mail by itself); another
+        """The result of a check that waits (``coro`` started): on a
+        timeout, the result its section's ``on_timeout`` asks for; another
         failure gives None (the caller applies policy.on_error) after a log
         line saying why."""
         # The Deferred drives the rest (an awaited Deferred reads its own
@@ -233,13 +248,22 @@ class PolicyEngine:
         except defer.CancelledError:
             if not self.deadlines.expired(d):
                 return self._failed(check, facts, record, started, sys.exc_info()[1])
-            log.warn("check {check} timed out after {seconds}s for {client}; it scores nothing",
-                     check=check.name, seconds=self.config.check_timeout, client=facts.client_ip,
-                     session_id=facts.session_id, queue_id=facts.queue_id)
-            record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="timeout"))
-            return CheckResult()
+            return self._timed_out(check, facts)
         except Exception as e:  # a failing check must never take the session with it
             return self._failed(check, facts, record, started, e)
+
+    def _timed_out(self, check: Check, facts: Facts) -> CheckResult:
+        """The outcome of a check past policy.check_timeout, logged with
+        what the operator needs to find the transaction.  Checks that never
+        wait (access lists) have no ``on_timeout``: tempfail, the safe side
+        (docs/design.md promise 4)."""
+        outcome = getattr(check.settings, "on_timeout", "tempfail")
+        log.warn("check {check} timed out after {seconds}s for {client} (queue {queue_id}): "
+                 "{outcome}", mpp_event="check_timeout", check=check.name,
+                 seconds=self.config.check_timeout, client=facts.client_ip, outcome=outcome,
+                 recipient=facts.recipient, session_id=facts.session_id,
+                 queue_id=facts.queue_id)
+        return _TIMEOUT_TEMPFAIL if outcome == "tempfail" else _TIMEOUT_PASS
 
     def _failed(self, check: Check, facts: Facts, record: TransactionRecord, started: float,
                 error: Any) -> None:
@@ -258,6 +282,12 @@ class PolicyEngine:
                    "retry_seconds": 0, "score": 0}
         context.update(extra)
         return self.renderer.reply(template, context, policy)
+
+
+# The results of a timeout, by the section's on_timeout (policy/config.py).
+_TIMEOUT_PASS = CheckResult(reasons=("timed out",))
+# 451 4.3.0 from the "tempfail" template (templates.py cites the RFCs).
+_TIMEOUT_TEMPFAIL = CheckResult(reasons=("timed out",), action=Action.TEMPFAIL, template="tempfail")
 
 
 async def _raise_again(error: Any) -> Any:

@@ -1,9 +1,10 @@
 """The service of ``--mode policy``: the policy listeners, the engine's
 runtime, reload on SIGHUP.
 
-Construction does no I/O (STYLE.md); ``startService`` builds the runtime
-(``policy/runtime.py``, the one way to get an engine) and binds
-``policyd.listen``.  A reload builds the new configuration off the reactor
+Construction does no I/O (STYLE.md); ``privilegedStartService`` binds the
+TCP listeners of ``policyd.listen`` (before twistd's ``--uid``/``--gid``
+gives up root); ``startService`` builds the runtime (``policy/runtime.py``,
+the one way to get an engine) and accepts on them.  A reload builds the new configuration off the reactor
 thread, then rebuilds the engine (``PolicyRuntime.reconfigure``, which keeps
 the DNS cache and the database) and opens or closes listeners; connections
 stay open and requests in flight finish with the engine they began with.
@@ -22,7 +23,8 @@ from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.policyd.protocol import PolicyServerFactory
 from mppproxy.reloading import ReloadOnHup, sync_listeners
-from mppproxy.workers import StopOnce, WorkerSupervisor, adopt_listeners
+from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
+                              close_sockets)
 
 log = Logger()
 
@@ -62,6 +64,8 @@ class PolicyServerService(ReloadOnHup, MultiService):
         self.workers: Optional[WorkerSupervisor] = None
         self.adopted: list[Any] = []
         self._stop_once = StopOnce(reactor)
+        # Listening sockets bound by privilegedStartService, by endpoint.
+        self.prebound: dict[str, Any] = {}
 
     # -- the engine
 
@@ -86,6 +90,14 @@ class PolicyServerService(ReloadOnHup, MultiService):
 
     # -- lifetime
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if not self.inherited_fds:  # a worker's listeners are the main process's
+            count = (self.config.workers
+                     if self.config.workers > 1 and self.worker_argv is not None else 1)
+            self.prebound = bind_listeners(self.reactor, self.config.policyd.listen,
+                                           self.config.listen_backlog, count)
+
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -102,7 +114,8 @@ class PolicyServerService(ReloadOnHup, MultiService):
             self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
                                             self.config.workers, "policy worker")
             for desc in self.config.policyd.listen:
-                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen)
+                self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen,
+                                    self.prebound)
             self.workers.start()
         else:
             for desc in self.config.policyd.listen:
@@ -115,7 +128,7 @@ class PolicyServerService(ReloadOnHup, MultiService):
         from mppproxy.service import listen_on
 
         return listen_on(self.reactor, desc, self.factory, self.config.listen_backlog,
-                         self.ports, desc, "policy server")
+                         self.ports, desc, "policy server", self.prebound)
 
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration."""
@@ -134,9 +147,10 @@ class PolicyServerService(ReloadOnHup, MultiService):
         log.info("configuration reloaded")
 
     def stopService(self) -> Any:
-        if self.workers is not None:
-            self.workers.stop()
+        close_sockets(self.prebound)
         ds = [defer.maybeDeferred(p.stopListening) for p in [*self.ports.values(), *self.adopted]]
+        if self.workers is not None:
+            ds.append(self.workers.stop(self.config.timeouts.shutdown_grace))
         self.ports.clear()
         if self.factory is not None:
             for conn in list(self.factory.connections):

@@ -22,17 +22,33 @@ from mppproxy.policy.base import Action, CheckResult
 
 log = Logger()
 
-__all__ = ["Action", "CheckResult", "ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth"]
+__all__ = ["Action", "CheckResult", "ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth",
+           "DOWN", "TIMEOUT", "GARBAGE", "ERROR", "TOO_LARGE", "NOT_SENT"]
+
+
+# Why a scanner was not consulted, the first word of each entry of
+# ``ScanReport.skipped`` (the X-MPP-Scan-Skipped field and the log line's
+# ``scan_skipped``), so an administrator tells a dead engine from a message
+# that was never meant to reach it.
+DOWN = "down"                 # no connection, or closed before any answer
+TIMEOUT = "timeout"           # no whole answer within the time allowed
+GARBAGE = "garbage"           # an answer we cannot read
+ERROR = "error"               # the engine's own error, or ours
+TOO_LARGE = "over max_size"   # the message is larger than the engine takes
+NOT_SENT = "not sent"         # a guard refused the message first
 
 
 class ScannerUnavailable(Exception):
     """The engine could not give an answer; ``reason`` says why, for the log
-    ("connection refused", "timeout after 30s", "bad reply: ...")."""
+    ("connection refused", "timeout after 30s", "bad reply: ..."), and
+    ``kind`` which kind of failure it was (``DOWN``, ``TIMEOUT``,
+    ``GARBAGE``, ``ERROR``, ``TOO_LARGE``)."""
 
-    def __init__(self, scanner: str, reason: str):
+    def __init__(self, scanner: str, reason: str, kind: str = ERROR):
         super().__init__(f"{scanner}: {reason}")
         self.scanner = scanner
         self.reason = reason
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,11 @@ class Scanner:
     """
 
     name: ClassVar[str] = ""
+    # True for the engines of ``[scanners]`` (clamd, spamd, rspamd, command):
+    # the message leaves this process, so a message a guard (the MIME check)
+    # refused is never handed to one, and a ``max_size`` in ``settings``
+    # keeps larger messages from it (the scan engine records both).
+    external: ClassVar[bool] = False
 
     def __init__(self, settings: Any, reactor: Any):
         self.settings = settings

@@ -9,7 +9,15 @@ the first hard action (a virus, a malformed message) and the failures;
 A scanner that fails (down, slow past its timeout, garbage) is logged with
 the reason and, by default, makes the verdict a tempfail (docs/design.md promise
 4: a failure never lets mail through unscanned); ``on_failure = "skip"``
-goes on without it.
+goes on without it.  Every scanner that was not consulted, for whatever
+reason, is listed in ``ScanReport.skipped`` (kind and reason), so a message
+that went on without an engine says so (X-MPP-Scan-Skipped, the log line).
+
+Guards run first (the MIME check, ``SlotSettings.guard``): when one refuses
+the message or cannot check it, no external engine (``Scanner.external``)
+is asked; a malformed message never reaches clamd, spamd or rspamd.  The
+message checks that read only the parsed tree (attachment and header rules)
+still run, so every hard hit is reported.
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ from twisted.internet import defer
 
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult, Recorded, TransactionRecord
-from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.base import (ERROR, NOT_SENT, TIMEOUT, TOO_LARGE, ScanInput, Scanner,
+                                ScannerUnavailable)
 
 log = Logger()
 
@@ -42,6 +51,10 @@ class SlotSettings:
     # Seconds the engine waits for its answer (the scanner has its own
     # connection timeouts too).
     timeout: float = 120.0
+    # Runs before the other scanners; a hard action or a tempfailing
+    # failure here keeps the message from every external engine (the MIME
+    # check: malformed mail never reaches a scanner).
+    guard: bool = False
 
 
 @dataclass
@@ -51,8 +64,15 @@ class ScanReport:
     score: float = 0.0
     # The first hard action in scanner order, with its result.
     hard: Optional[tuple[str, CheckResult]] = None
+    # Every hard action (the first one included), in scanner order: a
+    # message both malformed and carrying a refused attachment names both.
+    hard_hits: list[tuple[str, CheckResult]] = field(default_factory=list)
     # (scanner, reason) of each scanner that could not answer and tempfails.
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # (scanner, "kind: reason") of each scanner that was not consulted:
+    # failed (whatever its failure action), over a size bound, or not sent
+    # because a guard refused the message.  Kinds: scan/base.py.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
     # scanner -> its rule names / reasons (for X-MPP-* and X-Spam-Status).
     rules: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -67,40 +87,53 @@ class ScanEngine:
 
     async def scan(self, message: ScanInput, record: TransactionRecord) -> ScanReport:
         report = ScanReport()
+        guards = [slot for slot in self.slots if slot[1].guard]
+        others = [slot for slot in self.slots if not slot[1].guard]
+        await self._run(guards, message, record, report)
+        refused = self._guard_refusal(report)
+        if refused is not None:
+            for scanner, _ in others:
+                if scanner.external:
+                    _skip(record, report, scanner.name, NOT_SENT, refused)
+            others = [slot for slot in others if not slot[0].external]
+        await self._run(others, message, record, report)
+        return report
+
+    @staticmethod
+    def _guard_refusal(report: ScanReport) -> Optional[str]:
+        """Why the guards (the only scanners run so far) keep the message
+        from the engines, or None."""
+        if report.hard is not None:
+            return f"refused by {report.hard[0]}"
+        if report.failures:
+            return f"{report.failures[0][0]} could not check it"
+        return None
+
+    async def _run(self, slots: Sequence[tuple[Scanner, SlotSettings]], message: ScanInput,
+                   record: TransactionRecord, report: ScanReport) -> None:
+        """Run ``slots`` at once and add what they said to ``report``."""
         runs = []
-        for scanner, settings in self.slots:
-            if settings.max_size and message.size > settings.max_size:
-                record.recorded.append(Recorded(f"scan:{scanner.name}", CheckResult(),
-                                                skipped=f"size {message.size} > {settings.max_size}"))
+        for scanner, settings in slots:
+            limit = _size_limit(scanner, settings)
+            if limit and message.size > limit:
+                _skip(record, report, scanner.name, TOO_LARGE, f"size {message.size} > {limit}")
                 continue
             runs.append((scanner, settings, self._run_one(scanner, settings, message)))
         if not runs:
-            return report
+            return
         outcomes = await defer.gatherResults([d for _, _, d in runs])
         for (scanner, settings, _), (result, failure) in zip(runs, outcomes):
-            name = f"scan:{scanner.name}"
             if failure is not None:
-                record.recorded.append(Recorded(name, CheckResult(), skipped=f"failed: {failure}"))
+                kind, why = failure
+                _skip(record, report, scanner.name, kind, why, recorded=f"failed: {why}")
                 if settings.on_failure == "tempfail":
-                    report.failures.append((scanner.name, failure))
+                    report.failures.append((scanner.name, why))
                 continue
-            weighted = result.score * settings.weight
-            if weighted != result.score:
-                result = CheckResult(weighted, result.reasons, result.action, result.template,
-                                     result.template_vars, result.headers, result.blacklisted)
-            record.recorded.append(Recorded(name, result))
-            record.score += weighted
-            report.score += weighted
-            report.headers.extend(result.headers)
-            if result.reasons:
-                report.rules[scanner.name] = result.reasons
-            if result.action in (Action.REJECT, Action.TEMPFAIL) and report.hard is None:
-                report.hard = (scanner.name, result)
-        return report
+            _add(record, report, scanner.name, result, settings.weight)
 
     def _run_one(self, scanner: Scanner, settings: SlotSettings,
                  message: ScanInput) -> defer.Deferred:
-        """Fires (result, None) or (None, why it failed); never fails."""
+        """Fires (result, None) or (None, (kind, why it failed)); never fails."""
         started = time.monotonic()
         d = defer.Deferred.fromCoroutine(scanner.scan(message))
         if not d.called:
@@ -112,21 +145,59 @@ class ScanEngine:
         def ok(result: CheckResult) -> tuple[CheckResult, None]:
             return result, None
 
-        def failed(f: Any) -> tuple[None, str]:
+        def failed(f: Any) -> tuple[None, tuple[str, str]]:
             if f.check(defer.TimeoutError):
-                why = f"no answer within {settings.timeout:g}s"
+                kind, why = TIMEOUT, f"no answer within {settings.timeout:g}s"
             elif f.check(ScannerUnavailable):
-                why = f.value.reason
+                kind, why = f.value.kind, f.value.reason
             else:
                 log.failure("scanner {scanner} crashed on {queue_id}", f, scanner=scanner.name,
                             queue_id=message.queue_id)
-                why = f"internal error: {f.getErrorMessage()}"
+                kind, why = ERROR, f"internal error: {f.getErrorMessage()}"
             log.warn("scanner {scanner} could not scan {queue_id} ({ms} ms): {why}; {what}",
                      scanner=scanner.name, queue_id=message.queue_id, why=why,
                      ms=round((time.monotonic() - started) * 1000, 1),
                      what="the message is tempfailed" if settings.on_failure == "tempfail"
                      else "going on without it")
-            return None, why
+            return None, (kind, why)
 
         d.addCallbacks(ok, failed)
         return d
+
+
+def _size_limit(scanner: Scanner, settings: SlotSettings) -> int:
+    """The smaller of the policy's and the engine's own ``max_size`` (0:
+    none): an external engine's own bound is applied here too, so the
+    message it would not take is recorded as skipped, not as scanned clean."""
+    limits = [settings.max_size]
+    if scanner.external:
+        limits.append(int(getattr(scanner.settings, "max_size", 0) or 0))
+    limits = [n for n in limits if n > 0]
+    return min(limits) if limits else 0
+
+
+def _skip(record: TransactionRecord, report: ScanReport, name: str, kind: str, why: str,
+          recorded: str = "") -> None:
+    """Record scanner ``name`` as not consulted: on the transaction (the
+    log's ``checks``) and in the report (headers, ``scan_skipped``)."""
+    record.recorded.append(Recorded(f"scan:{name}", CheckResult(), skipped=recorded or why))
+    report.skipped.append((name, f"{kind}: {why}"))
+
+
+def _add(record: TransactionRecord, report: ScanReport, name: str, result: CheckResult,
+         weight: float) -> None:
+    """Add one scanner's answer, times its weight, to the record and report."""
+    weighted = result.score * weight
+    if weighted != result.score:
+        result = CheckResult(weighted, result.reasons, result.action, result.template,
+                             result.template_vars, result.headers, result.blacklisted)
+    record.recorded.append(Recorded(f"scan:{name}", result))
+    record.score += weighted
+    report.score += weighted
+    report.headers.extend(result.headers)
+    if result.reasons:
+        report.rules[name] = result.reasons
+    if result.action in (Action.REJECT, Action.TEMPFAIL):
+        report.hard_hits.append((name, result))
+        if report.hard is None:
+            report.hard = (name, result)

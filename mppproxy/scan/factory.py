@@ -3,7 +3,7 @@ once, shared by every policy so each engine's connection bound holds), and
 each policy's scan engine built from ``[policies.NAME.scan]``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mppproxy.config.schema import ProxyConfig
@@ -51,7 +51,9 @@ def build(config: ScanConfig, reactor: Any,
         return None
     slot = SlotSettings(on_failure=config.on_failure)
     mime = MimeCheckScanner(config.mime, reactor)
-    slots: list[tuple[Scanner, SlotSettings]] = [(mime, slot)]
+    # The MIME check guards the engines: a message it refuses is never sent
+    # to one (the engine runs it first, docs/design.md promise 4).
+    slots: list[tuple[Scanner, SlotSettings]] = [(mime, replace(slot, guard=True))]
     for name, use in config.engines.items():
         if not use.enabled:
             continue

@@ -2,11 +2,11 @@
 resource and the command line all hand a ``ScanRequest`` to a
 ``ScanRuntime`` and get a ``ScanOutcome`` back.
 
-Stage: the scan engine and the verdict of the gateway (``gateway._scan``)
-without the pre-DATA checks and without an action: the message is parsed
-once, the policy's scanners run, ``verdict.decide`` sums and decides, and
-the outcome says what the proxy *would* do and why.  Nothing is relayed or
-stored.
+Stage: the post-DATA step of the gateway without the pre-DATA checks and
+without an action: the same ``scan.postdata.scan_and_decide`` the proxy
+calls (parse, MIME guard, engines, ``verdict.decide`` with the policy's
+virus_action and discard_score), and the outcome says what the proxy
+*would* do and why.  Nothing is relayed or stored.
 
 The policy is the one named in the request, else the one of the first
 recipient's domain (as in the proxy), else "default".  In this mode a
@@ -30,10 +30,11 @@ from mppproxy.policy.runtime import make_renderer
 from mppproxy.scan import factory
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.factory import PolicyScanning
+from mppproxy.scan.postdata import scan_and_decide
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import new_id
 from mppproxy.templates import REFUSALS
-from mppproxy.verdict import Verdict, decide
+from mppproxy.verdict import Verdict
 
 log = Logger()
 
@@ -83,6 +84,8 @@ class ScannerOutcome:
 
     score: float = 0.0
     rules: tuple[str, ...] = ()
+    # "kind: reason" (scan/base.py: down, timeout, over max_size, garbage,
+    # not sent...) when the scanner was not consulted.
     skipped: str = ""
 
 
@@ -100,6 +103,11 @@ class ScanOutcome:
         return self.verdict.action
 
     @property
+    def skipped(self) -> dict[str, str]:
+        """Scanner -> "kind: reason" of each scanner not consulted."""
+        return {name: s.skipped for name, s in self.scanners.items() if s.skipped}
+
+    @property
     def refusal(self) -> str:
         """The reply template the proxy would refuse with ("malformed",
         "virus", "score"...); "" unless the action is reject or tempfail."""
@@ -109,7 +117,7 @@ class ScanOutcome:
         """The verdict as the HTTP endpoint and ``--json`` give it."""
         return {
             "action": self.verdict.action,
-            "score": self.verdict.score,
+            "score": _number(self.verdict.score),
             "reasons": list(self.verdict.reasons),
             "refusal": self.refusal,
             "policy": self.policy,
@@ -121,20 +129,26 @@ class ScanOutcome:
     def as_text(self) -> str:
         """Plain text for the command line: one line for the verdict, one
         per scanner."""
-        lines = [f"action: {self.verdict.action}", f"score: {self.verdict.score:g}",
+        lines = [f"action: {self.verdict.action}", f"score: {_number(self.verdict.score):g}",
                  f"policy: {self.policy}", f"queue_id: {self.queue_id}"]
         if self.refusal:
             lines.append(f"refusal: {self.refusal}")
         if self.verdict.reasons:
             lines.append("reasons: " + "; ".join(self.verdict.reasons))
         for name, s in self.scanners.items():
-            line = f"scanner {name}: score {s.score:g}"
+            line = f"scanner {name}: score {_number(s.score):g}"
             if s.rules:
                 line += ", rules " + ", ".join(s.rules)
             if s.skipped:
                 line += f", skipped ({s.skipped})"
             lines.append(line)
         return "\n".join(lines)
+
+
+def _number(score: float) -> float:
+    """A score as shown: 2 places, and 0 rather than -0 (a negative weight
+    or engine score that rounds to zero)."""
+    return round(score, 2) + 0.0
 
 
 def _printable(text: str) -> str:
@@ -211,21 +225,22 @@ class ScanRuntime:
             chunks=request.chunks, size=request.size, client_ip=request.client_ip,
             helo=request.helo, sender=request.sender, recipients=request.recipients,
             queue_id=queue_id, policy=name, path=request.path, smtputf8=request.smtputf8)
-        # Parsed once, within bounds, before any scanner sees it (as in the gateway).
-        scan_input = replace(scan_input, parsed=await scanning.mime.parse(scan_input))
-        report = await scanning.engine.scan(scan_input, record)
-        verdict = decide(record, self.config.policies[name].scoring, report,
-                         scanning.config.virus_action)
-        verdict = replace(verdict, reasons=tuple(_printable(r) for r in verdict.reasons))
+        # The proxy's own post-DATA step (gateway._scan calls it too).
+        scanned = await scan_and_decide(scanning, scan_input, record,
+                                        self.config.policies[name].scoring)
+        verdict = replace(scanned.verdict,
+                          reasons=tuple(_printable(r) for r in scanned.verdict.reasons))
+        skipped = scanned.skipped
         scanners = {}
         for rec in record.recorded:
             if rec.check.startswith("scan:"):
-                scanners[rec.check[5:]] = ScannerOutcome(
-                    round(rec.result.score, 2), tuple(_printable(r) for r in rec.result.reasons),
-                    rec.skipped)
+                scanner = rec.check[5:]
+                scanners[scanner] = ScannerOutcome(
+                    _number(rec.result.score), tuple(_printable(r) for r in rec.result.reasons),
+                    _printable(skipped.get(scanner, rec.skipped)))
         log.info("scanned {queue_id} with policy {policy}: {action}, score {score}",
                  queue_id=queue_id, policy=name, action=verdict.action, score=verdict.score,
-                 reasons=list(verdict.reasons))
+                 reasons=list(verdict.reasons), scan_skipped=skipped)
         return ScanOutcome(verdict, name, queue_id, scanners, record)
 
     # -- the SMTP reply
@@ -236,11 +251,13 @@ class ScanRuntime:
         tempfail (the client should try again, as with the proxy)."""
         v = outcome.verdict
         context = {
-            "action": v.action, "score": v.score, "policy": outcome.policy,
+            "action": v.action, "score": _number(v.score), "policy": outcome.policy,
             "queue_id": outcome.queue_id, "reasons": list(v.reasons),
             "refusal": outcome.refusal,
             "scanners": [{"name": n, "score": s.score, "rules": list(s.rules),
                           "skipped": s.skipped} for n, s in outcome.scanners.items()],
+            # "name (kind: reason)" of each scanner not consulted.
+            "skipped": [f"{n} ({why})" for n, why in outcome.skipped.items()],
         }
         text = self.renderer.render_text(RESULT_TEMPLATE, context, outcome.policy)
         code, enhanced = NOT_SCANNED if v.action == "tempfail" else SCANNED

@@ -1,8 +1,10 @@
 """The service of ``--mode scan``: the SMTP and HTTP listeners of
 ``[scanservice]`` in front of one ``ScanRuntime``, reload on SIGHUP.
 
-Construction does no I/O (STYLE.md); ``startService`` builds the runtime
-and binds the listeners.  A reload builds the new configuration off the
+Construction does no I/O (STYLE.md); ``privilegedStartService`` binds the
+TCP listeners (before twistd's ``--uid``/``--gid`` gives up root);
+``startService`` builds the runtime and accepts on them.  A stop lets the
+SMTP sessions' messages in flight finish, as the proxy's do.  A reload builds the new configuration off the
 reactor thread, then a new runtime; scans in flight finish with the one
 they began with; listeners are opened and closed to match.
 """
@@ -23,6 +25,7 @@ from mppproxy.scanservice.http import make_site
 from mppproxy.scanservice.smtp import ScanSessionHandler
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import server_context
+from mppproxy.workers import bind_listeners, close_sockets
 
 log = Logger()
 
@@ -43,6 +46,8 @@ class ScanService(ReloadOnHup, MultiService):
         # ("smtp" | "http", endpoint description) -> listening port
         self.ports: dict[tuple[str, str], Any] = {}
         self.counter = ConnectionCounter()
+        # Listening sockets bound by privilegedStartService, by endpoint.
+        self.prebound: dict[str, Any] = {}
 
     def _runtime(self) -> ScanRuntime:
         assert self.runtime is not None
@@ -59,6 +64,11 @@ class ScanService(ReloadOnHup, MultiService):
                 + [("http", d) for d in config.scanservice.http_listen])
 
     # -- lifetime
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.prebound = bind_listeners(self.reactor, [desc for _, desc in self._wanted(self.config)],
+                                       self.config.listen_backlog, 1)
 
     def startService(self) -> None:
         super().startService()
@@ -87,7 +97,8 @@ class ScanService(ReloadOnHup, MultiService):
 
         kind, desc = key
         return listen_on(self.reactor, desc, self.smtp_factory if kind == "smtp" else self.site,
-                         self.config.listen_backlog, self.ports, key, f"scan service ({kind})")
+                         self.config.listen_backlog, self.ports, key, f"scan service ({kind})",
+                         self.prebound)
 
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration."""
@@ -107,12 +118,17 @@ class ScanService(ReloadOnHup, MultiService):
         log.info("configuration reloaded")
 
     def stopService(self) -> Any:
-        if self.smtp_factory is not None:
-            for session in list(self.smtp_factory.sessions):
-                session.shut_down()
+        close_sockets(self.prebound)
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
         self.ports.clear()
+        if self.smtp_factory is not None:
+            ds.append(self.smtp_factory.shut_down(self.config.timeouts.shutdown_grace))
+        d = defer.DeferredList(ds)
+        d.addBoth(lambda _: self._stop_the_rest())
+        return d
+
+    def _stop_the_rest(self) -> defer.Deferred:
+        # After the sessions: their scans still use the runtime.
         if self.runtime is not None:
             self.runtime.stop()
-        ds.append(defer.maybeDeferred(super().stopService))
-        return defer.DeferredList(ds)
+        return defer.maybeDeferred(super().stopService)

@@ -77,6 +77,7 @@ class ScanSessionHandler:
             smtputf8=txn.smtputf8)
         outcome = await runtime.scan(request)
         txn.facts["policy"] = outcome.record
+        txn.facts["scan_skipped"] = outcome.skipped
         reply = runtime.reply(outcome)
         timings = {"data_ms": round((time.monotonic() - t_data) * 1000, 2)}
         txlog.log_transaction(session, txn, f"scanned:{outcome.action}", reply, timings,

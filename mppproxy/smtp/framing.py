@@ -35,6 +35,9 @@ class DataError(enum.Enum):
     LINE_TOO_LONG = "text line too long"
     TOO_BIG = "message too big"
     NUL = "NUL in data"
+    # Not the client's doing: the sink (the spool) could not store the
+    # content (a full disk); ``DataReader.storage_error`` says why.
+    STORAGE = "message could not be stored"
 
 
 class DataReader:
@@ -48,8 +51,10 @@ class DataReader:
     ``error`` is set on the first framing problem.  A ``BARE_NEWLINE`` (strict
     mode) ends reading at once with ``done``: from then on nobody can say
     where the client thinks the message ends, so the session must refuse it
-    and close.  After ``LINE_TOO_LONG`` or ``TOO_BIG`` reading goes on to the
-    real terminator and content is dropped, so memory stays bounded.
+    and close.  After ``LINE_TOO_LONG``, ``TOO_BIG`` or ``STORAGE`` (the sink
+    raised an ``OSError``, kept in ``storage_error``) reading goes on to the
+    real terminator and content is dropped, so memory stays bounded and the
+    session can answer at the end of data and go on.
     """
 
     def __init__(self, sink: Callable[[bytes], None], max_size: int,
@@ -68,6 +73,7 @@ class DataReader:
         self.size = 0
         self.done = False
         self.error: Optional[DataError] = None
+        self.storage_error: Optional[OSError] = None
 
     def feed(self, buffer: bytes | bytearray) -> int:
         if self.done:
@@ -125,7 +131,14 @@ class DataReader:
             return
         # Undo dot-stuffing (RFC 5321 4.5.2): a line that starts with a dot
         # had one added by the client.
-        self._sink(unstuffed)
+        try:
+            self._sink(unstuffed)
+        except OSError as e:
+            # A full disk must not drop the connection (the client would
+            # hear nothing and retry into the same wall): read on to the
+            # end of data, then the session refuses the message with 4xx.
+            self.error = DataError.STORAGE
+            self.storage_error = e
 
 
     def _too_long(self, content: bytes) -> bool:

@@ -8,6 +8,7 @@ the proxy decides on its own.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import re
 from dataclasses import dataclass
@@ -150,6 +151,10 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 # RFC 5321 4.5.3.1.8 (at least 100 recipients must be accepted; past our limit
 # the client is asked to send the rest later: 452 4.5.3, RFC 3463).
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+# RFC 5321 6.3: a server MUST stop trivial loops, and counting Received:
+# fields is the usual way; RFC 3463 5.4.6: routing loop detected.  554: the
+# same message will loop again, so the refusal is permanent.
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop suspected")
 # RFC 5321 4.2.5 / RFC 3463 5.3.4 at MAIL time when SIZE= exceeds the limit.
 SIZE_PARAM_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
@@ -164,4 +169,21 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 BACKEND_UNAVAILABLE = Reply(451, "4.4.1", "Next-hop mail server unavailable, try again later")
 BACKEND_LOST = Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
 BACKEND_TIMEOUT = Reply(451, "4.4.2", "Next-hop mail server timed out, try again later")
+# RFC 5321 4.2.2: 452 "Requested action not taken: insufficient system
+# storage"; RFC 3463 4.3.1 "Mail system full".  A full disk (or quota) is
+# our fault, not the client's: it keeps the message and tries again.
 STORAGE_ERROR = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+# The errors of a write that mean "no room" (or a device that cannot take
+# the write): a full file system, a full quota, a failing disk.
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def storage_failure(error: OSError) -> Reply:
+    """The reply for a message that could not be written wholly to disk:
+    452 4.3.1 when the disk is full (STORAGE_FULL_ERRNOS), else 451 4.3.0
+    (RFC 3463 4.3.0, other mail system status).  Never a 250: the message
+    is not on disk (docs/design.md promise 1)."""
+    if error.errno in STORAGE_FULL_ERRNOS:
+        return STORAGE_ERROR
+    return LOCAL_ERROR

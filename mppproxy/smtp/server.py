@@ -45,6 +45,27 @@ PIPELINE_BUFFER = 262144
 CLOSE_GRACE = 10.0
 
 
+def counts_as_error(reply: Reply) -> bool:
+    """Whether ``reply`` counts toward limits.max_errors.
+
+    The limit is for clients that misbehave, so only permanent (5xx)
+    replies count: syntax and sequence errors (500-504, 555) and requests
+    refused for good (relay denied, unknown user, a policy or content
+    refusal).  Repeated, these mark a broken client or one probing for
+    addresses; Postfix's smtpd_hard_error_limit counts the same failed
+    commands.  A transient (4xx) reply never counts: it reports our or the
+    backend's state (storage, an unreachable or busy backend, a backend's
+    4xx relayed in lockstep) or asks the client to send later (452 4.5.3
+    for recipients past the limit or of another policy group, greylisting).
+    A client that obeys it conforms: RFC 5321 4.5.3.1.10 expects it to send
+    the message to the recipients already accepted and retry the rest, and
+    closing the session would stop that.  (Postfix does not count its
+    recipient limit either, up to smtpd_recipient_overshoot_limit; here
+    ``_recipients_full`` bounds what those RCPTs may cost.)  421 closes
+    the session anyway."""
+    return reply.code >= 500
+
+
 @functools.lru_cache(maxsize=1024)
 def _own_reply(code: int, enhanced: str, text: str) -> Reply:
     """A reply of ours whose text is built per session (greeting, HELO,
@@ -196,6 +217,48 @@ class SMTPServerFactory(Factory):
         self.is_trusted = is_trusted
         # Open sessions, so a shutdown can say goodbye (RFC 5321 3.8).
         self.sessions: set["SMTPServerProtocol"] = set()
+        # Set by shut_down: new sessions are refused with 421.
+        self.stopping = False
+        self._drain_waiters: list[Deferred] = []
+        self._grace_call: Any = None
+
+    def shut_down(self, grace: float) -> Deferred:
+        """The service is stopping (docs/design.md promise 1: a message in
+        flight is carried to its end).  New sessions get 421 at once; so do
+        sessions idle between commands; a session with a message in flight
+        finishes it first (``SMTPServerProtocol.shut_down``).  Fires when
+        every session has ended, or after ``grace`` seconds, when those
+        still open are cut."""
+        d: Deferred = Deferred()
+        self._drain_waiters.append(d)
+        if not self.stopping:
+            self.stopping = True
+            for session in list(self.sessions):
+                session.shut_down()
+            if self.sessions:
+                self._grace_call = self.reactor.callLater(grace, self._cut)
+        if not self.sessions:
+            self._drained()
+        return d
+
+    def session_ended(self, session: "SMTPServerProtocol") -> None:
+        self.sessions.discard(session)
+        if self.stopping and not self.sessions:
+            self._drained()
+
+    def _drained(self) -> None:
+        _cancelled(self._grace_call)
+        self._grace_call = None
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _cut(self) -> None:
+        self._grace_call = None
+        log.warn("shutdown grace over: cutting {n} session(s) still open", n=len(self.sessions))
+        for session in list(self.sessions):
+            session._abort()
+        self._drained()
 
     def buildProtocol(self, addr: Any) -> "SMTPServerProtocol":
         p = SMTPServerProtocol(self.config, self.make_handler(), self.reactor, self.tls_context,
@@ -246,6 +309,8 @@ class SMTPServerProtocol(Protocol):
         # A timeout a command chose for the client's next move (STARTTLS:
         # the TLS handshake), used once instead of the state's own.
         self._next_timeout: Optional[float] = None
+        # The service is stopping: close once the message in flight is done.
+        self._draining = False
 
     # -- connection ---------------------------------------------------------
 
@@ -267,6 +332,10 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(peer_host, getattr(peer, "port", 0),
                                getattr(host, "host", ""), getattr(host, "port", 0),
                                trusted=self.is_trusted(peer_host))
+        if factory is not None and factory.stopping:
+            # RFC 5321 3.8: a server shutting down answers a new connection 421.
+            self._refuse(replies.SHUTTING_DOWN, "shutting down")
+            return
         limits = self.config.limits
         # RFC 5321 3.1 / 4.2.3: refuse with 421 right away when full.
         if self.counter.total >= limits.max_connections:
@@ -310,7 +379,7 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         factory = getattr(self, "factory", None)
         if factory is not None:
-            factory.sessions.discard(self)
+            factory.session_ended(self)
         self._cancel_timer()
         self._cancel_data_deadline()
         previous = self.state
@@ -404,6 +473,8 @@ class SMTPServerProtocol(Protocol):
             if self._reading_paused and not self._busy and len(self._buffer) < PIPELINE_BUFFER // 2:
                 self._reading_paused = False
                 self._update_reading()
+        if self._draining and self._close_if_draining():
+            return
         if not self._busy:
             # Once per input or decision, not per line: while a decision is
             # pending the backend's timeouts apply instead.
@@ -447,6 +518,8 @@ class SMTPServerProtocol(Protocol):
         buf = self._buffer
         while (buf and not self._busy and not self._output_blocked
                and self.state not in (SessionState.CLOSING, SessionState.GREETING)):
+            if self._draining and self._close_if_draining():
+                return  # stopping: no command after the message in flight
             if self.state is SessionState.DATA:
                 assert self._reader is not None
                 used = self._reader.feed(buf)
@@ -490,7 +563,7 @@ class SMTPServerProtocol(Protocol):
         if self.state is SessionState.CLOSING:
             return
         send_now(self.transport, reply.to_bytes())
-        if reply.code >= 400 and reply.code != 421 and self.session is not None:
+        if counts_as_error(reply) and self.session is not None:
             self.session.errors += 1
             if self.session.errors >= self.config.limits.max_errors:
                 self._close_with(replies.TOO_MANY_ERRORS)
@@ -510,10 +583,25 @@ class SMTPServerProtocol(Protocol):
         self._timer = self.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def shut_down(self) -> None:
-        """The service is stopping: RFC 5321 3.8 asks for a 421 first.  A
-        session waiting for the backend is left to the reactor's end."""
-        if not self._busy:
+        """The service is stopping: RFC 5321 3.8 asks for a 421 before the
+        close.  A session idle between commands (or not yet greeted) gets it
+        at once.  A message in flight is carried to its end first, so that
+        the client hears the reply for a message the backend may already
+        have (else its retry would deliver it twice): a pending decision
+        (end of DATA, the backend's reply, MAIL, RCPT) is awaited and its
+        reply sent; a message still being received is read to its end and
+        processed.  Then 421, and later commands are not read
+        (``_close_if_draining``).  The factory's grace bounds all of it."""
+        self._draining = True
+        self._close_if_draining()
+
+    def _close_if_draining(self) -> bool:
+        """421 and close if the service is stopping and nothing is in flight."""
+        if (self._draining and not self._busy
+                and self.state not in (SessionState.DATA, SessionState.CLOSING)):
             self._close_with(replies.SHUTTING_DOWN)
+            return True
+        return False
 
     def _abort(self) -> None:
         self._timer = None
@@ -693,7 +781,7 @@ class SMTPServerProtocol(Protocol):
             self._send(replies.NEED_MAIL)
             return
         txn = self.txn
-        if len(txn.recipients) >= self.config.limits.max_recipients:
+        if self._recipients_full(txn):
             self._send(replies.TOO_MANY_RECIPIENTS)
             return
         parsed = self._parse_path_argument(cmd.arg, "TO:", replies.BAD_RECIPIENT_SYNTAX)
@@ -717,6 +805,20 @@ class SMTPServerProtocol(Protocol):
             self._send(reply)
 
         self._await(self.handler.on_rcpt(self.session, txn, rcpt, params), answer)
+
+    def _recipients_full(self, txn: Transaction) -> bool:
+        """Whether the transaction takes no more RCPT (each further one is
+        answered 452 4.5.3 here, without asking the handler).
+
+        Full at limits.max_recipients accepted (RFC 5321 4.5.3.1.8: at
+        least 100 must be taken), or at as many refused: 4xx refusals do not
+        count as errors (``counts_as_error``), yet each asked recipient
+        costs a policy run, perhaps a backend round trip, and a log entry;
+        this bounds them per transaction.  A client refused that often
+        already has a whole next transaction to retry."""
+        limit = self.config.limits.max_recipients
+        accepted = len(txn.recipients)
+        return accepted >= limit or len(txn.rcpt_log) - accepted >= limit
 
     def _cmd_data(self, cmd: Command) -> None:
         if not self._need_greeted():
@@ -754,6 +856,9 @@ class SMTPServerProtocol(Protocol):
             self._reset_transaction("bare newline in DATA")
             self._close_with(replies.BARE_NEWLINE_DATA)
             return
+        if reader.storage_error is not None:
+            self._not_stored(session, txn, reader.storage_error)
+            return
         if reader.error is not None:
             reply = {DataError.TOO_BIG: replies.MESSAGE_TOO_BIG,
                      DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
@@ -770,6 +875,19 @@ class SMTPServerProtocol(Protocol):
             self._send(reply)
 
         self._await(self.handler.on_data_end(session, txn), answer)
+
+    def _not_stored(self, session: Session, txn: Transaction, error: OSError) -> None:
+        """The spool could not take the message (a full disk): our fault,
+        logged as such; the client hears 452 4.3.1 (or 451 4.3.0) and the
+        session goes on, so it can RSET and send again (docs/design.md
+        promises 1 and 4)."""
+        log.error("message {queue_id} not stored: spool write failed in {path}: "
+                  "{error} (errno {errno})", queue_id=txn.id, path=error.filename,
+                  error=error.strerror or str(error), errno=error.errno,
+                  session_id=session.id, client=session.peer_host)
+        self._reset_transaction(f"{DataError.STORAGE.value}: {error.strerror or error}")
+        self.state = SessionState.MAIL
+        self._send(replies.storage_failure(error))
 
     def _reset_transaction(self, reason: str) -> None:
         if self.txn is not None:

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mppproxy.logsetup import Logger
-from mppproxy.scan.base import ScannerUnavailable
+from mppproxy.scan.base import DOWN, ERROR, GARBAGE, TIMEOUT, ScannerUnavailable
 from mppproxy.scan.engines_config import parse_address
 
 log = Logger()
@@ -163,7 +163,7 @@ class _Exchange(Protocol):
         if self._settled or self.done.called:
             return
         if self._local_failure is not None:
-            self.done.errback(ScannerUnavailable("", self._local_failure))
+            self.done.errback(ScannerUnavailable("", self._local_failure, ERROR))
             return
         try:
             reply = self._parse(bytes(self._buffer), True)
@@ -267,7 +267,7 @@ class StreamClient:
             return await d
         except defer.TimeoutError:
             raise ScannerUnavailable(self.name, f"timeout after {limit:g}s "
-                                     f"({self.address})") from None
+                                     f"({self.address})", TIMEOUT) from None
 
     async def _attempts(self, pieces: Callable[[], Iterator[bytes]], parse: Parse,
                         max_reply: int, half_close: bool) -> Any:
@@ -280,7 +280,7 @@ class StreamClient:
             except _Retryable as e:
                 if attempt == attempts:
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
-                    raise ScannerUnavailable(self.name, f"{e}{suffix}") from None
+                    raise ScannerUnavailable(self.name, f"{e}{suffix}", DOWN) from None
                 log.info("{scanner}: {why}; trying again ({attempt}/{attempts})",
                          scanner=self.name, why=str(e), attempt=attempt + 1, attempts=attempts)
             finally:
@@ -306,11 +306,11 @@ class StreamClient:
             if e.received == 0:
                 raise _Retryable(f"{e.why} before any reply ({self.address})") from None
             raise ScannerUnavailable(self.name, f"{e.why} mid-reply after {e.received} "
-                                     f"octets ({self.address})") from None
+                                     f"octets ({self.address})", DOWN) from None
         except BadReply as e:
-            raise ScannerUnavailable(self.name, f"bad reply: {e}") from None
+            raise ScannerUnavailable(self.name, f"bad reply: {e}", GARBAGE) from None
         except ScannerUnavailable as e:
-            raise ScannerUnavailable(self.name, e.reason) from None
+            raise ScannerUnavailable(self.name, e.reason, e.kind) from None
 
 
 def _connect_error(e: Exception) -> str:

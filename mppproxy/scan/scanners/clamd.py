@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult
-from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.base import (GARBAGE, TOO_LARGE, EngineHealth, ScanInput, Scanner,
+                                ScannerUnavailable)
 from mppproxy.scan.engines_config import ClamdConfig
 from mppproxy.scan.scanners._client import BadReply, StreamClient, printable
 
@@ -75,6 +76,7 @@ class ClamdScanner(Scanner):
     """
 
     name: ClassVar[str] = "clamd"
+    external: ClassVar[bool] = True
 
     def __init__(self, settings: ClamdConfig, reactor: Any):
         super().__init__(settings, reactor)
@@ -95,10 +97,10 @@ class ClamdScanner(Scanner):
         if "size limit exceeded" in reply:
             raise ScannerUnavailable(self.name, f"clamd refused the message as too large "
                                      f"({message.size} octets; raise StreamMaxLength or lower "
-                                     f"max_size): {printable(reply.encode())}")
+                                     f"max_size): {printable(reply.encode())}", TOO_LARGE)
         if reply.endswith("ERROR"):
             raise ScannerUnavailable(self.name, f"clamd error: {printable(reply.encode())}")
-        raise ScannerUnavailable(self.name, f"bad reply: {printable(reply.encode())}")
+        raise ScannerUnavailable(self.name, f"bad reply: {printable(reply.encode())}", GARBAGE)
 
     def _instream(self, message: ScanInput) -> Iterator[bytes]:
         yield b"zINSTREAM\0"
@@ -120,7 +122,7 @@ class ClamdScanner(Scanner):
         try:
             version, db, when = parse_version(reply)
         except ValueError as e:
-            raise ScannerUnavailable(self.name, f"bad reply: {e}") from None
+            raise ScannerUnavailable(self.name, f"bad reply: {e}", GARBAGE) from None
         detail = f"database {db}" if db is not None else "no official database"
         return EngineHealth(self.name, True, version=f"ClamAV {version}",
                             signatures_time=when, detail=detail)

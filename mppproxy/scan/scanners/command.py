@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Action, CheckResult
-from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.base import DOWN, TIMEOUT, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import CommandScannerConfig
 
 log = Logger()
@@ -108,6 +108,7 @@ class CommandScanner(Scanner):
     """
 
     name = "command"
+    external = True
 
     def __init__(self, settings: CommandScannerConfig, reactor: Any):
         super().__init__(settings, reactor)
@@ -128,7 +129,7 @@ class CommandScanner(Scanner):
             return await d
         except defer.TimeoutError:
             raise ScannerUnavailable(self.name, f"timeout after {settings.timeout:g}s "
-                                     f"({settings.command[0]} killed)") from None
+                                     f"({settings.command[0]} killed)", TIMEOUT) from None
 
     async def _scan(self, message: ScanInput) -> CheckResult:
         await self._slots.acquire()
@@ -192,7 +193,8 @@ class CommandScanner(Scanner):
         argv = [arg.format(file=path) for arg in self.settings.command]
         program = argv[0] if os.sep in argv[0] else shutil.which(argv[0])
         if program is None:
-            raise ScannerUnavailable(self.name, f"program {argv[0]!r} not found on PATH")
+            raise ScannerUnavailable(self.name, f"program {argv[0]!r} not found on PATH",
+                                     DOWN)
         argv[0] = program
         if self._setsid is None:
             setsid = shutil.which("setsid")
@@ -209,7 +211,7 @@ class CommandScanner(Scanner):
                                       childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
             raise ScannerUnavailable(self.name, f"cannot start {self.settings.command[0]}: "
-                                     f"{e}") from None
+                                     f"{e}", DOWN) from None
         self.running += 1
         return run
 

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import CheckResult
-from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.base import GARBAGE, EngineHealth, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import RspamdConfig
 from mppproxy.scan.scanners._client import BadReply, StreamClient, printable
 
@@ -178,6 +178,7 @@ class RspamdScanner(Scanner):
     """
 
     name: ClassVar[str] = "rspamd"
+    external: ClassVar[bool] = True
 
     def __init__(self, settings: RspamdConfig, reactor: Any):
         super().__init__(settings, reactor)
@@ -228,7 +229,7 @@ class RspamdScanner(Scanner):
                 raise BadReply(f"not JSON ({e}): {printable(reply.body)}") from None
             score, required, action, skipped, weights = interpret(data)
         except BadReply as e:
-            raise ScannerUnavailable(self.name, f"bad reply: {e}") from None
+            raise ScannerUnavailable(self.name, f"bad reply: {e}", GARBAGE) from None
         # The symbols that carried weight; with a pre-result (GTUBE, a
         # settings rule) rspamd skips the rules and the symbol that stopped
         # them has none, so then every symbol is a reason.

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import CheckResult
-from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
+from mppproxy.scan.base import GARBAGE, EngineHealth, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engines_config import SpamdConfig
 from mppproxy.scan.scanners._client import BadReply, StreamClient, printable
 
@@ -171,6 +171,7 @@ class SpamdScanner(Scanner):
     """
 
     name: ClassVar[str] = "spamd"
+    external: ClassVar[bool] = True
 
     def __init__(self, settings: SpamdConfig, reactor: Any):
         super().__init__(settings, reactor)
@@ -198,7 +199,7 @@ class SpamdScanner(Scanner):
                 points = ()
                 rules = parse_symbols(reply.body)
         except BadReply as e:
-            raise ScannerUnavailable(self.name, f"bad reply: {e}") from None
+            raise ScannerUnavailable(self.name, f"bad reply: {e}", GARBAGE) from None
         variables: tuple[tuple[str, Any], ...] = (
             ("spamd_spam", is_spam), ("spamd_score", score), ("spamd_threshold", threshold))
         if points:
