@@ -173,8 +173,9 @@ class SessionGateway:
                 log.info("relay denied for {rcpt} from {client}: {reason}", rcpt=rcpt.text,
                          client=session.peer_host, reason=reason, session_id=session.id,
                          queue_id=txn.id)
-                _note_refusal(txn, rcpt, "relay control", replies.RELAY_DENIED)
-                return replies.RELAY_DENIED
+                refusal = replies.RELAY_DENIED.with_reference(txn.id)
+                _note_refusal(txn, rcpt, "relay control", refusal)
+                return refusal
         runtime = self.ctx.policy
         if runtime is not None and not (session.trusted and self.ctx.config.policy.skip_trusted):
             refusal = await self._policy_rcpt(runtime, session, txn, rcpt)
@@ -212,22 +213,23 @@ class SessionGateway:
                                         cfg.limits.memory_spool_bytes, spool_directory(cfg),
                                         rules=self._header_rules())
         except HeaderBlockTooLarge:
-            reply = Reply(552, "5.3.4", "Message header block too large")
+            reply = replies.HEADER_BLOCK_TOO_LARGE.with_reference(txn.id)
             self._reset_backend()
-            txlog.log_transaction(session, txn, "reject", reply, {})
+            txlog.log_transaction(session, txn, "reject", reply, {}, decided_by="header size")
             return reply
         except TooManyHops as loop:
             # Refused before the backend hears DATA (or a Maildir file is
             # written): a looping message must stop here (RFC 5321 6.3).
             self._reset_backend()
-            txlog.log_transaction(session, txn, "reject", loop.reply, {},
-                                  reason=f"mail loop: {loop}")
-            return loop.reply
+            reply = loop.reply.with_reference(txn.id)
+            txlog.log_transaction(session, txn, "reject", reply, {},
+                                  reason=f"mail loop: {loop}", decided_by="hop count")
+            return reply
         except OSError as e:
             # The cleaned copy of the spool (X-MPP-* removed) met a full disk.
             reply = _not_stored(session, txn, e, "spool copy")
             self._reset_backend()
-            txlog.log_transaction(session, txn, "tempfail", reply, {})
+            txlog.log_transaction(session, txn, "tempfail", reply, {}, decided_by="storage")
             return reply
         txn.facts["stripped_headers"] = stripped
         scanning = self._scanning_for(txn)
@@ -268,7 +270,10 @@ class SessionGateway:
         if "t_mail" in txn.facts:
             timings["total_ms"] = round((time.monotonic() - txn.facts["t_mail"]) * 1000, 2)
         txlog.log_transaction(session, txn, action if reply.is_positive else "tempfail"
-                              if reply.is_transient else "reject", reply, timings)
+                              if reply.is_transient else "reject", reply, timings,
+                              decided_by=None if reply.is_positive else
+                              "backend" if self.relay is not None and action != "quarantine"
+                              else "storage")
         return reply
 
     def _header_rules(self) -> HeaderRules:
@@ -338,7 +343,8 @@ class SessionGateway:
         refusal = self._render_refusal(session, txn, verdict)
         self._reset_backend()
         txlog.log_transaction(session, txn, verdict.action, refusal, {},
-                              reason="; ".join(verdict.reasons) or None)
+                              reason="; ".join(verdict.reasons) or None,
+                              decided_by=verdict.template or verdict.action)
         return refusal
 
     def _scanning_for(self, txn: Transaction) -> Any:

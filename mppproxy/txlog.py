@@ -22,16 +22,28 @@ _NO_CHECKS: dict[str, Any] = {"checks": [], "checks_passed": []}
 _FORMATS = {
     "refused": ("transaction {queue_id} from {client}: refused <{sender}> to {refused_text} "
                 "by {decided_by} ({reply_text}; then {reason})"),
+    # Refused or deferred after DATA: by the verdict (a check, an engine,
+    # the score), the hop count, the disk, or the backend's own reply.
+    "reject": ("transaction {queue_id} from {client}: refused <{sender}> to {recipients_text} "
+               "by {decided_by} ({reply_text})"),
+    "tempfail": ("transaction {queue_id} from {client}: tempfailed <{sender}> to "
+                 "{recipients_text} by {decided_by} ({reply_text})"),
 }
 _FORMAT = "transaction {queue_id} from {client}: {action} ({reply_text})"
 
 
 def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
-                    timings: dict[str, Any], reason: Optional[str] = None) -> None:
+                    timings: dict[str, Any], reason: Optional[str] = None,
+                    decided_by: Optional[str] = None) -> None:
+    """Log the transaction's one event.  ``decided_by`` names what refused
+    or deferred a message after DATA (a check or engine, "score",
+    "hop count", "storage", "backend"); before DATA it comes from the
+    refused recipients."""
     record = txn.facts.get("policy")
     # (recipient, what decided, reply) per recipient refused before the
     # backend heard of it (gateway._note_refusal).
     refusals = txn.facts.get("refusals", ())
+    recipients = [r.text for r in txn.recipients]
     log.info(
         _FORMATS.get(action, _FORMAT),
         mpp_event="transaction",
@@ -43,7 +55,8 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         tls=session.tls,
         trusted=session.trusted,
         sender=txn.sender.text,
-        recipients=[r.text for r in txn.recipients],
+        recipients=recipients,
+        recipients_text=", ".join(f"<{r}>" for r in recipients),
         rcpt_replies=txn.rcpt_log,
         size=txn.size,
         action=action,
@@ -53,7 +66,7 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         refused_recipients=[r for r, _, _ in refusals],
         refused_text=", ".join(f"<{r}>" for r, _, _ in refusals),
         # Each check (or "relay control") that refused one, in order, once.
-        decided_by=", ".join(dict.fromkeys(by for _, by, _ in refusals)) or None,
+        decided_by=decided_by or ", ".join(dict.fromkeys(by for _, by, _ in refusals)) or None,
         stripped_headers=txn.facts.get("stripped_headers", 0),
         # "added", "skipped: why", or None when no disclaimer table matched.
         disclaimer=txn.facts.get("disclaimer"),

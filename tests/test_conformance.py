@@ -15,7 +15,7 @@ import os
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mppproxy.config.load import ConfigError, from_mapping
@@ -220,6 +220,20 @@ class HopCountTests(SynchronousTestCase):
         [event] = [e for e in events if e.get("mpp_event") == "transaction"]
         self.assertEqual(event["action"], "reject")
         self.assertIn("mail loop: 60 Received: header fields", event["reason"])
+
+    def test_loop_refusal_carries_a_reference_that_finds_its_text_line(self) -> None:
+        """The 554 5.4.6 ends with (ref <queue id>), and the text log line of that id says refused, with sender, recipients and the hop count as what decided."""
+        gateway, _ = make_gateway(make_config(data_dir=temp_dir(self)))
+        txn = make_txn(_looped(60))
+        with capturedLogs() as events:
+            reply = self.successResultOf(Deferred.fromCoroutine(
+                gateway.on_data_end(make_session(), txn)))
+        self.assertTrue(reply.text.endswith(f"(ref {txn.id})"), reply.text)
+        [event] = [e for e in events if e.get("mpp_event") == "transaction"]
+        line = formatEvent(event)
+        self.assertIn(f"transaction {txn.id} ", line)
+        self.assertIn(f"refused <{txn.sender.text}> to "
+                      + ", ".join(f"<{r.text}>" for r in txn.recipients) + " by hop count", line)
 
     def test_limit_is_configurable(self) -> None:
         """With limits.max_hop_count = 70, the same 60-hop message is delivered."""

@@ -8,6 +8,8 @@ only after the copy is on disk; a 4xx when it cannot be written).
 """
 from __future__ import annotations
 
+import re
+
 import os
 import shutil
 import tempfile
@@ -150,8 +152,13 @@ class RelayControlTests(SynchronousTestCase):
         gateway, _ = make_gateway()
         session = make_session(trusted=False)
         for path in OUTSIDE:
-            self.assertEqual(self.rcpt(gateway, session, path), replies.RELAY_DENIED, path)
+            self.assertRelayDenied(self.rcpt(gateway, session, path), path)
         self.assertEqual((replies.RELAY_DENIED.code, replies.RELAY_DENIED.enhanced), (554, "5.7.1"))
+
+    def assertRelayDenied(self, reply: replies.Reply, path: str = "") -> None:
+        """The relay refusal, ending with the transaction's reference."""
+        self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"), path)
+        self.assertRegex(reply.text, r"^Relay access denied \(ref \S+\)$", path)
 
     def test_untrusted_inside_allowed(self) -> None:
         """An untrusted client may send to the relay domains and to Postmaster."""
@@ -171,7 +178,7 @@ class RelayControlTests(SynchronousTestCase):
         """With no relay domains an untrusted client can send nowhere but Postmaster."""
         gateway, _ = make_gateway(make_config(relay_domains=()))
         session = make_session()
-        self.assertEqual(self.rcpt(gateway, session, "<user@example.com>"), replies.RELAY_DENIED)
+        self.assertRelayDenied(self.rcpt(gateway, session, "<user@example.com>"))
         self.assertEqual(self.rcpt(gateway, session, "<postmaster>"), replies.RECIPIENT_OK)
 
     def test_refusal_logged(self) -> None:
@@ -238,7 +245,8 @@ class GatewayThroughServerTests(SynchronousTestCase):
         """An internet client gets 554 5.7.1 for a recipient outside the relay domains and 250 inside."""
         out = self.converse("198.51.100.7", b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\n"
                                             b"RCPT TO:<victim@evil.example>\r\nRCPT TO:<user@example.com>\r\n")
-        self.assertTrue(out.endswith(replies.RELAY_DENIED.to_bytes() + replies.RECIPIENT_OK.to_bytes()), out)
+        self.assertRegex(out, rb"554 5\.7\.1 Relay access denied \(ref \S+\)\r\n"
+                              + re.escape(replies.RECIPIENT_OK.to_bytes()) + rb"$")
 
     def test_trusted_peer(self) -> None:
         """A loopback client may relay anywhere."""

@@ -51,6 +51,11 @@ class Reply:
     def with_text(self, text: str) -> "Reply":
         return Reply(self.code, self.enhanced, text)
 
+    def with_reference(self, queue_id: str) -> "Reply":
+        """The same refusal ending with ``(ref <queue id>)``, as the reply
+        templates end: the id finds the transaction's log line."""
+        return Reply(self.code, self.enhanced, f"{self.text} (ref {queue_id})")
+
 
 @functools.lru_cache(maxsize=4096)
 def _encode(code: int, enhanced: str, text: str) -> bytes:
@@ -154,6 +159,9 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 # RFC 5321 6.3: a server MUST stop trivial loops, and counting Received:
 # fields is the usual way; RFC 3463 5.4.6: routing loop detected.  554: the
 # same message will loop again, so the refusal is permanent.
+# RFC 5321 4.5.3.1.7 (header lines) / RFC 3463 5.3.4: message too big for
+# the system; the header section must fit our bound to be checked at all.
+HEADER_BLOCK_TOO_LARGE = Reply(552, "5.3.4", "Message header block too large")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop suspected")
 # RFC 5321 4.2.5 / RFC 3463 5.3.4 at MAIL time when SIZE= exceeds the limit.
 SIZE_PARAM_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
