@@ -14,6 +14,10 @@ PY=${PYTHON:-python3}
 # `python3` itself stays what it was.
 LINKS=.tox/.interpreters
 mkdir -p "$LINKS"
+# tox makes .tox private (0700) when it creates it; made here first, it stays
+# readable, so the --uid test (tests/test_shutdown_twistd.py) can run twistd
+# as nobody with the test environment's packages.
+chmod 755 .tox
 for v in 3.11 3.12 3.13; do
     for py in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v"; do
         if [ -x "$py" ]; then ln -sfn "$py" "$LINKS/python$v"; break; fi
