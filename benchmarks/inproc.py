@@ -1,6 +1,6 @@
 """The proxy's own Python cost per relayed message, without sockets.
 
-The session (server protocol + gateway + lockstep relay + a pooled backend
+The session (server protocol + edge handler + lockstep relay + a pooled backend
 connection) runs on StringTransports; a scripted backend answers each
 command the way smtp-sink does.  Each message is smtp-source's dialogue:
 a new session, HELO, MAIL, RCPT, DATA, 1 KiB, QUIT.  No kernel, no reactor,
@@ -32,7 +32,8 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
 from mppproxy.config.load import load  # noqa: E402
-from mppproxy.gateway import SessionGateway, make_context  # noqa: E402
+from mppproxy.edge.context import make_context  # noqa: E402
+from mppproxy.edge.handler import EdgeSession  # noqa: E402
 from mppproxy.smtp.client import BackendProtocol  # noqa: E402
 from mppproxy.smtp.server import SMTPServerFactory  # noqa: E402
 
@@ -91,7 +92,7 @@ def build(data_dir: str) -> tuple[SMTPServerFactory, ScriptedBackend]:
                                "trusted_networks": ["127.0.0.0/8"], "data_dir": data_dir})
     reactor = MemoryReactorClock()
     ctx = make_context(config, reactor, None)
-    factory = SMTPServerFactory(config, lambda: SessionGateway(ctx), reactor,
+    factory = SMTPServerFactory(config, lambda: EdgeSession(ctx), reactor,
                                 is_trusted=ctx.trusted, hostname=ctx.hostname)
     backend = ScriptedBackend(reactor)
     assert ctx.pool is not None

@@ -36,7 +36,7 @@ from twisted.logger import globalLogBeginner  # noqa: E402
 
 import policyd_bench  # noqa: E402
 from mppproxy.config.load import load  # noqa: E402
-from mppproxy.gateway import TrustedNetworks  # noqa: E402
+from mppproxy.match import TrustedNetworks  # noqa: E402
 from mppproxy.gctune import tune_for_server  # noqa: E402
 from mppproxy.logsetup import BatchedTextLogObserver  # noqa: E402
 from mppproxy.policy.runtime import PolicyRuntime, make_database  # noqa: E402

@@ -1,12 +1,12 @@
 """The proxy's own CPU per scanned message, stage by stage, without sockets.
 
-Runs the per-message scan path of the gateway (``SessionGateway._scan``)
+Runs the per-message scan path of the edge (``edge.handler.EdgeSession._scan``)
 over a corpus directory of .eml files: the MIME parse, the scan engine with
 the scanners of benchmarks/scan-mppproxy.toml.in in its relay-only profile
 (MIME check, attachment rules; header rules with --header-rules), the
 verdict and the X-MPP-Scan result headers.  The scanners come from the
 product's own loader and scan factory (``config.load`` ->
-``scan.factory.build``), as ``PolicyRuntime`` builds them.
+``scan.factory.build``), as ``scan.runtime.ScanStage`` builds them.
 
     python3 benchmarks/scan_inproc.py /tmp/corpus            # ms/msg per stage
     python3 benchmarks/scan_inproc.py /tmp/corpus --header-rules
@@ -21,10 +21,10 @@ parsed afresh for it):
   parse       MimeCheckScanner.parse: the bounded MIME parse
   mime, attachments, headers
               each scanner's scan() on the parsed message, alone
-  engine      ScanEngine.scan: all the scanners as the gateway runs them
+  engine      ScanEngine.scan: all the scanners as the edge runs them
               (includes the scanner stages above, plus the engine's own work)
   verdict     decide(), result_headers() and the header lines they add
-  total       parse + engine + verdict: the gateway's path
+  total       parse + engine + verdict: the edge's path
 
 Run from the repository (it puts the repository first on sys.path).  The
 numbers are for comparing two versions on the same machine, not absolute.
@@ -50,7 +50,7 @@ from twisted.internet.testing import MemoryReactorClock  # noqa: E402
 
 from mppproxy.config.load import load  # noqa: E402
 from mppproxy.message import format_header  # noqa: E402
-from mppproxy.policy.base import TransactionRecord  # noqa: E402
+from mppproxy.results import TransactionRecord  # noqa: E402
 from mppproxy.scan import factory  # noqa: E402
 from mppproxy.scan.base import ScanInput  # noqa: E402
 from mppproxy.verdict import decide, result_headers  # noqa: E402
@@ -127,7 +127,7 @@ def scan_input(data: bytes) -> ScanInput:
 
 
 class Path:
-    """The gateway's per-message scan path, one stage callable at a time."""
+    """The edge's per-message scan path, one stage callable at a time."""
 
     def __init__(self, scanning: Any, scoring: Any):
         self.scanning = scanning
@@ -165,7 +165,7 @@ def measure(path: Path, corpus: list[bytes], rounds: int) -> dict[str, float]:
     """Seconds per stage over the corpus, best of ``rounds``.  Each stage
     after the parse gets messages parsed afresh for it: the parsed message
     keeps what the scanners read from it, as it does for the one message it
-    is in the gateway, so a stage must not profit from another's reading."""
+    is in the edge, so a stage must not profit from another's reading."""
     inputs = [scan_input(data) for data in corpus]
     scanners = [scanner for scanner, _ in path.scanning.engine.slots]
     best: dict[str, float] = {}

@@ -18,7 +18,9 @@ import os
 import sys
 from typing import Any, Optional
 
-from mppproxy.config.load import ConfigError, check_files, load, source_name
+from mppproxy._async import as_deferred
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import check_files, load, source_name
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -112,10 +114,10 @@ def _scan(args: argparse.Namespace) -> int:
             print(outcome.as_text())
         status[0] = EXIT_CODES.get(outcome.action, 2)
 
-    from twisted.internet import defer, task
+    from twisted.internet import task
 
     try:
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+        task.react(lambda reactor: as_deferred(run(reactor)))
     except SystemExit as e:
         # react() always exits; a failure inside run() was printed by it.
         if e.code not in (0, None):

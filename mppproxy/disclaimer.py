@@ -1,6 +1,6 @@
 """Disclaimers: a text appended to outgoing mail, MIME-correctly.
 
-Stage: the action, after the verdict, before relaying (``gateway.py``).
+Stage: the action, after the verdict, before relaying (``actions/rewrite.py``).
 ``apply`` takes the message's own header section and body (raw octets, CRLF
 lines) and returns the rewritten pair, or None with the reason it left the
 message alone:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import email.parser
 import email.policy
 import html
@@ -35,21 +34,12 @@ import re
 from email.message import Message
 from typing import Optional, Sequence
 
-from mppproxy.policy.config import DisclaimerText
+from mppproxy.config.policy import DisclaimerText, charset_key
 
 _SIGNED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
            "application/x-pkcs7-mime", "application/pkcs7-signature"}
 _REENCODABLE = {"7bit", "8bit", "binary", "quoted-printable", "base64"}
 _BODY_END = re.compile(r"</body\s*>", re.I)
-
-
-def charset_key(charset: str) -> str:
-    """One name per charset ("UTF8", "utf-8" -> "utf-8"); unknown names as
-    written, lower case."""
-    try:
-        return codecs.lookup(charset).name
-    except LookupError:
-        return charset.strip().lower()
 
 
 class Skipped(Exception):

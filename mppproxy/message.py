@@ -56,7 +56,7 @@ class TooManyHops(Exception):
 @dataclass(frozen=True)
 class HeaderRules:
     """What ``prepare`` enforces on the client's header section, besides
-    removing X-MPP-* (always).  The default does nothing more; the gateway
+    removing X-MPP-* (always).  The default does nothing more; the edge
     builds the configured one with ``header_rules``."""
 
     # More Received: fields than this: refused (0: no limit).
@@ -434,7 +434,7 @@ def prepare(session: Session, txn: Transaction, hostname: Optional[str],
     Raises ``TooManyHops`` for a looping message, before anything is
     written, ``HeaderBlockTooLarge``, and the ``OSError`` of a cleaned copy
     the disk cannot take (a full spool disk): that copy is then closed and
-    ``txn.spool`` left as it was, and the gateway answers 452 4.3.1."""
+    ``txn.spool`` left as it was, and the edge answers 452 4.3.1."""
     assert txn.spool is not None
     prefix = received_header(session, txn, hostname) if hostname else b""
     for name, value in extra_headers:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from mppproxy.config.load import ConfigError
+from mppproxy.config.errors import ConfigError
 from mppproxy.logsetup import Logger
 
 log = Logger()

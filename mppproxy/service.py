@@ -1,4 +1,4 @@
-"""The top service of one node: listeners, the gateway, reload on SIGHUP.
+"""The top service of one node: listeners, the edge, reload on SIGHUP.
 
 Construction does no I/O (STYLE.md): ``make_service`` only builds objects;
 ``privilegedStartService`` binds the TCP listeners (before twistd's
@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
-from mppproxy.gateway import SessionGateway, make_context, resolve_hostname
+from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
+from mppproxy.edge.handler import EdgeSession
+from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
+from mppproxy.scan.runtime import ScanStage
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
@@ -50,15 +52,18 @@ class ProxyService(ReloadOnHup, MultiService):
         self.adopted: list[Any] = []
         self.workers: Optional[WorkerSupervisor] = None
         self._stop_once = StopOnce(reactor)
-        self._ctx: Any = None
+        self._ctx: Optional[EdgeContext] = None
+        # The two stages, built side by side: neither builds the other, so
+        # policy.enabled = false leaves scanning as the policies say.
         self.policy: Optional[PolicyRuntime] = None
+        self.scan: Optional[ScanStage] = None
         # Listening sockets bound by privilegedStartService, by endpoint.
         self.prebound: dict[str, Any] = {}
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
         bctx = backend_context(config.backend) if config.backend else None
-        ctx = make_context(config, self.reactor, threadpool, bctx, self.policy)
+        ctx = make_context(config, self.reactor, threadpool, bctx, self.policy, self.scan)
         tls = server_context(config, ctx.hostname)
         return ctx, tls
 
@@ -74,6 +79,16 @@ class ProxyService(ReloadOnHup, MultiService):
         else:
             self.policy.reconfigure(config)
 
+    def _update_scan(self, config: ProxyConfig) -> None:
+        """A new scan stage for ``config`` (its engines follow the new
+        settings); the old one stops watching its engines.  The new one
+        starts watching on the next reactor turn: no I/O while building."""
+        old = self.scan
+        self.scan = ScanStage(config, self.reactor)
+        self.scan.start_soon()
+        if old is not None:
+            old.stop()
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if not self.inherited_fds:  # a worker's listeners are the main process's
@@ -88,9 +103,10 @@ class ProxyService(ReloadOnHup, MultiService):
         os.makedirs(self.config.data_dir, exist_ok=True)
         os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
         self._update_policy(self.config)
+        self._update_scan(self.config)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
-        self.factory = SMTPServerFactory(self.config, lambda: SessionGateway(ctx), self.reactor,
+        self.factory = SMTPServerFactory(self.config, lambda: EdgeSession(ctx), self.reactor,
                                          tls_context=tls, counter=self.counter,
                                          is_trusted=ctx.trusted, hostname=ctx.hostname)
         if self.inherited_fds:
@@ -120,12 +136,13 @@ class ProxyService(ReloadOnHup, MultiService):
         """Swap in a new, already validated configuration (``reload``)."""
         os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
         self._update_policy(config)
+        self._update_scan(config)
         ctx, tls = self._build_factory_parts(config)
         old_ctx = self._ctx
         assert self.factory is not None
         self._ctx = ctx
         self.factory.config = config
-        self.factory.make_handler = lambda: SessionGateway(ctx)
+        self.factory.make_handler = lambda: EdgeSession(ctx)
         self.factory.tls_context = tls
         self.factory.is_trusted = ctx.trusted
         self.factory.hostname = ctx.hostname
@@ -163,60 +180,8 @@ class ProxyService(ReloadOnHup, MultiService):
         if self._ctx is not None and self._ctx.pool is not None:
             self._ctx.pool.close_all()
         ds = [defer.maybeDeferred(super().stopService)]
+        if self.scan is not None:
+            self.scan.stop()
         if self.policy is not None:
             ds.append(self.policy.stop())
         return defer.DeferredList(ds)
-
-
-def listen_on(reactor: Any, desc: str, factory: Any, backlog: int, ports: dict,
-              key: Any, what: str = "", prebound: Optional[dict] = None) -> defer.Deferred:
-    """Listen on the endpoint ``desc``; the port lands in ``ports[key]``.
-    A socket ``bind_listeners`` bound already (in ``prebound``) is adopted
-    instead.  A listener that cannot be opened is logged; when no listener
-    of the service is open, the process exits non-zero rather than run deaf.
-    Shared by the proxy, the policy server and the scan service."""
-    label = f"{what} " if what else ""
-    sockets = (prebound or {}).pop(desc, None)
-    if sockets:
-        sock = sockets[0]
-        ports[key] = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
-        sock.close()  # adoptStreamPort holds its own copy
-        log.info("{label}listening on {endpoint}", label=label, endpoint=desc)
-        return defer.succeed(None)
-    endpoint = serverFromString(reactor, with_backlog(desc, backlog))
-    d = endpoint.listen(factory)
-
-    def listening(port: Any) -> None:
-        ports[key] = port
-        log.info("{label}listening on {endpoint}", label=label, endpoint=desc)
-
-    def failed(f: Any) -> None:
-        log.critical("cannot listen on {endpoint}: {error}", endpoint=desc, error=str(f.value))
-        if not ports:
-            reactor.callLater(0, _stop_with_error, reactor)
-
-    d.addCallbacks(listening, failed)
-    return d
-
-
-def with_backlog(desc: str, backlog: int) -> str:
-    """Add ``backlog=`` to a tcp/tcp6 endpoint description that lacks one."""
-    kind = desc.split(":", 1)[0].lower()
-    if kind in ("tcp", "tcp6") and "backlog=" not in desc:
-        return f"{desc}:backlog={backlog}"
-    return desc
-
-
-def _stop_with_error(reactor: Any) -> None:
-    log.critical("no listener could be started; stopping")
-    _exit_code[0] = 1
-    reactor.stop()
-
-
-_exit_code = [0]
-
-
-def exit_code_hook(reactor: Any) -> None:
-    """twistd exits 0 after reactor.stop(); make a failed start exit 1."""
-    reactor.addSystemEventTrigger("after", "shutdown",
-                                  lambda: os._exit(_exit_code[0]) if _exit_code[0] else None)

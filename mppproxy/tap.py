@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from twisted.python import usage
 
-from mppproxy.config.load import ConfigError, check_files, load, source_name
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import check_files, load, source_name
 from mppproxy.config.schema import IMPLEMENTED_MODES
 
 MPP_HOME_ENV = "MPP_HOME"
@@ -132,7 +133,8 @@ def makeService(options: Options) -> Any:
     from mppproxy.gctune import tune_for_server
     from mppproxy.logsetup import batch_text_log, start_json_log
     from mppproxy.reloading import stop_on_signals
-    from mppproxy.service import ProxyService, exit_code_hook
+    from mppproxy.listeners import exit_code_hook
+    from mppproxy.service import ProxyService
     from mppproxy.workers import StopOnce, parse_worker_fds
 
     config = options.config

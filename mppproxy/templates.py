@@ -27,6 +27,7 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from mppproxy.config.schema import ProxyConfig
 from mppproxy.logsetup import Logger
 from mppproxy.smtp.replies import Reply
 
@@ -256,6 +257,19 @@ class ReplyRenderer:
 # Every template a reply is rendered from: the refusals and the verdict of
 # --mode scan.
 TEMPLATE_NAMES = (*REFUSALS, "scan_result")
+
+
+def make_renderer(config: ProxyConfig) -> ReplyRenderer:
+    """The renderer of ``config``: its site and per-policy template
+    directories, relative to ``data_dir``.  The policy engine, scan mode and
+    the config check (every template parses) build theirs here."""
+
+    def resolve(path: str) -> str:
+        return os.path.join(config.data_dir, path) if path else ""
+
+    return ReplyRenderer(resolve(config.policy.templates_dir),
+                         {name: resolve(p.templates_dir) for name, p in config.policies.items()
+                          if p.templates_dir})
 
 
 def _unknown_names(directory: str) -> list[str]:

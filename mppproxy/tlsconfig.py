@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
-from mppproxy.config.load import ConfigError
+from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import BackendConfig, ProxyConfig
 
 

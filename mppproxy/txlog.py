@@ -2,14 +2,16 @@
 
 Every field is a stable snake_case key; client-supplied text travels only in
 fields, never in the format string (a ``{`` in a HELO must not break it).
-``mppproxy.logsetup`` can write these events as JSON lines.
+``mppproxy.logsetup`` can write these events as JSON lines.  It reads the
+``Transaction``'s typed record; ``action`` is a ``Disposition``, printed as
+its lowercase word.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import checks_for_log
+from mppproxy.results import Disposition, checks_for_log
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction
 
@@ -20,32 +22,33 @@ _NO_CHECKS: dict[str, Any] = {"checks": [], "checks_passed": []}
 # recipients and what decided, so the "(ref <queue id>)" of a refusal finds
 # all of it in one line; the client's text comes in as fields only.
 _FORMATS = {
-    "refused": ("transaction {queue_id} from {client}: refused <{sender}> to {refused_text} "
-                "by {decided_by} ({reply_text}; then {reason})"),
+    Disposition.REFUSED: ("transaction {queue_id} from {client}: refused <{sender}> to "
+                          "{refused_text} by {decided_by} ({reply_text}; then {reason})"),
     # Refused or deferred after DATA: by the verdict (a check, an engine,
     # the score), the hop count, the disk, or the backend's own reply.
-    "reject": ("transaction {queue_id} from {client}: refused <{sender}> to {recipients_text} "
-               "by {decided_by} ({reply_text})"),
-    "tempfail": ("transaction {queue_id} from {client}: tempfailed <{sender}> to "
-                 "{recipients_text} by {decided_by} ({reply_text})"),
+    Disposition.REJECT: ("transaction {queue_id} from {client}: refused <{sender}> to "
+                         "{recipients_text} by {decided_by} ({reply_text})"),
+    Disposition.TEMPFAIL: ("transaction {queue_id} from {client}: tempfailed <{sender}> to "
+                           "{recipients_text} by {decided_by} ({reply_text})"),
 }
 _FORMAT = "transaction {queue_id} from {client}: {action} ({reply_text})"
 
 
-def log_transaction(session: Session, txn: Transaction, action: str, reply: Optional[Reply],
-                    timings: dict[str, Any], reason: Optional[str] = None,
-                    decided_by: Optional[str] = None) -> None:
+def log_transaction(session: Session, txn: Transaction, action: Disposition,
+                    reply: Optional[Reply], timings: dict[str, Any], reason: Optional[str] = None,
+                    decided_by: Optional[str] = None, scanned: bool = False) -> None:
     """Log the transaction's one event.  ``decided_by`` names what refused
     or deferred a message after DATA (a check or engine, "score",
     "hop count", "storage", "backend"); before DATA it comes from the
-    refused recipients."""
-    record = txn.facts.get("policy")
+    refused recipients.  ``scanned``: scan mode's verdict, logged as
+    ``scanned:<action>`` (nothing was done with the message)."""
+    record = txn.record
     # (recipient, what decided, reply) per recipient refused before the
-    # backend heard of it (gateway._note_refusal).
-    refusals = txn.facts.get("refusals", ())
+    # backend heard of it.
+    refusals = txn.refusals or ()
     recipients = [r.text for r in txn.recipients]
     log.info(
-        _FORMATS.get(action, _FORMAT),
+        _FORMAT if scanned else _FORMATS.get(action, _FORMAT),
         mpp_event="transaction",
         session_id=session.id,
         queue_id=txn.id,
@@ -59,7 +62,7 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         recipients_text=", ".join(f"<{r}>" for r in recipients),
         rcpt_replies=txn.rcpt_log,
         size=txn.size,
-        action=action,
+        action=f"scanned:{action}" if scanned else action,
         reply_code=reply.code if reply else None,
         reply_text=str(reply) if reply else reason,
         reason=reason,
@@ -67,13 +70,13 @@ def log_transaction(session: Session, txn: Transaction, action: str, reply: Opti
         refused_text=", ".join(f"<{r}>" for r, _, _ in refusals),
         # Each check (or "relay control") that refused one, in order, once.
         decided_by=decided_by or ", ".join(dict.fromkeys(by for _, by, _ in refusals)) or None,
-        stripped_headers=txn.facts.get("stripped_headers", 0),
+        stripped_headers=txn.stripped_headers,
         # "added", "skipped: why", or None when no disclaimer table matched.
-        disclaimer=txn.facts.get("disclaimer"),
+        disclaimer=txn.disclaimer,
         # Scanner -> "kind: reason" of every scanner not consulted after
         # DATA (down, timeout, over max_size, garbage, not sent); {} when
         # all answered or nothing was scanned.
-        scan_skipped=txn.facts.get("scan_skipped", {}),
+        scan_skipped=txn.scan_skipped or {},
         timings=timings,
         policy=record.policy if record is not None else None,
         score=round(record.score, 2) if record is not None else None,

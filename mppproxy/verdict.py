@@ -1,8 +1,10 @@
 """One verdict per transaction: the summed score of the pre-DATA checks and
 the post-DATA scanners against the policy's thresholds, or a hard action.
 
-Stage: after the scan engine, before the action (STYLE.md).  The verdict
-says what happens to the message and why; the gateway carries it out:
+Stage: after the scan engine, before the action (docs/design.md).  The
+verdict says what happens to the message and why, as a ``Disposition``
+(``mppproxy/results.py``, the one action vocabulary); the actions carry it
+out:
 
 * ``relay``      pass it on (with the result headers);
 * ``tag``        add ``X-Spam-Flag``/``X-Spam-Score``/``X-Spam-Status``, relay;
@@ -15,23 +17,26 @@ The score ladder (``_score_action``): each threshold of ``scoring`` (0:
 off) acts at and above itself, tag < quarantine < reject; ``discard_score``
 may sit anywhere above tag and quarantine: below reject it drops what would
 be quarantined or tagged, above reject it drops the worst silently ("tag 5,
-reject 10, discard 20").  ``ladder_problems`` refuses the combinations in
-which a threshold could never act, at load and in ``check-config``.
+reject 10, discard 20").  ``config/ladder.py`` refuses the combinations in
+which a threshold could never act, at load and in ``check-config``; a
+change to the ladder changes it too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mppproxy.policy.base import Action, TransactionRecord
-from mppproxy.policy.config import ScoringConfig
+from mppproxy.config.policy import ScoringConfig
+from mppproxy.results import Disposition, HardAction, TransactionRecord
+from mppproxy.scan.engine import ScanReport
 
-ACTIONS = ("relay", "tag", "quarantine", "reject", "tempfail", "discard")
+RELAY, TAG, QUARANTINE = Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE
+REJECT, TEMPFAIL, DISCARD = Disposition.REJECT, Disposition.TEMPFAIL, Disposition.DISCARD
 
 
 @dataclass(frozen=True)
 class Verdict:
-    action: str = "relay"
+    action: Disposition = Disposition.RELAY
     score: float = 0.0
     reasons: tuple[str, ...] = ()
     # For reject and tempfail: the reply template and what it may show.
@@ -50,7 +55,7 @@ def _scored_checks(record: TransactionRecord) -> list[str]:
     return sorted({rec.check for rec in record.recorded if rec.result.score})
 
 
-def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None,
+def decide(record: TransactionRecord, scoring: ScoringConfig, report: Optional[ScanReport] = None,
            virus_action: str = "reject", discard_score: float = 0.0) -> Verdict:
     """The verdict for a transaction whose pre-DATA results are in
     ``record`` and whose scan report (``scan/engine.py``) is ``report``
@@ -69,21 +74,21 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None
         # The first hard hit decides the reply; the reasons name them all.
         hard_reasons = tuple(r for _, hit in (getattr(report, "hard_hits", None) or [report.hard])
                              for r in hit.reasons)
-        action = "tempfail" if result.action is Action.TEMPFAIL else "reject"
-        if action == "reject" and result.template == "virus" and virus_action == "quarantine":
+        action = TEMPFAIL if result.action is HardAction.TEMPFAIL else REJECT
+        if action is REJECT and result.template == "virus" and virus_action == "quarantine":
             # The policy holds viruses instead of refusing them.
-            return Verdict("quarantine", score, hard_reasons, headers=tuple(headers))
-        return Verdict(action, score, hard_reasons, result.template or action,
+            return Verdict(QUARANTINE, score, hard_reasons, headers=tuple(headers))
+        return Verdict(action, score, hard_reasons, result.template or action.value,
                        result.template_vars, tuple(headers))
     if report is not None and report.failures:
         names = ", ".join(name for name, _ in report.failures)
-        return Verdict("tempfail", score, (f"scanner unavailable: {names}",), "tempfail",
+        return Verdict(TEMPFAIL, score, (f"scanner unavailable: {names}",), "tempfail",
                        (), tuple(headers))
     if record.whitelisted:
-        return Verdict("relay", score, ("whitelisted",), headers=tuple(headers))
+        return Verdict(RELAY, score, ("whitelisted",), headers=tuple(headers))
     action = _score_action(score, scoring, discard_score)
-    if action == "reject":
-        return Verdict("reject", score, reasons, "score",
+    if action is REJECT:
+        return Verdict(REJECT, score, reasons, "score",
                        (("score", score), ("reasons", list(reasons[:5]))), tuple(headers))
     if scoring.tag > 0 and score >= scoring.tag:
         tests = _scored_checks(record)
@@ -93,7 +98,7 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Any = None
     return Verdict(action, score, reasons, headers=tuple(headers))
 
 
-def _score_action(score: float, scoring: ScoringConfig, discard_score: float) -> str:
+def _score_action(score: float, scoring: ScoringConfig, discard_score: float) -> Disposition:
     """The action of ``score`` on the ladder: reject over discard over
     quarantine over tag, each at and above its threshold (0: off), except
     that a ``discard_score`` above ``scoring.reject`` wins at and above it
@@ -102,49 +107,17 @@ def _score_action(score: float, scoring: ScoringConfig, discard_score: float) ->
         return threshold > 0 and score >= threshold
 
     if reached(discard_score) and not (reached(scoring.reject) and scoring.reject >= discard_score):
-        return "discard"
+        return DISCARD
     if reached(scoring.reject):
-        return "reject"
+        return REJECT
     if reached(scoring.quarantine):
-        return "quarantine"
+        return QUARANTINE
     if reached(scoring.tag):
-        return "tag"
-    return "relay"
+        return TAG
+    return RELAY
 
 
-def ladder_problems(name: str, scoring: ScoringConfig, discard_score: float,
-                    scans: bool) -> list[str]:
-    """The threshold combinations of policy ``name`` in which one can never
-    act (``_score_action``), each as "key: why" for the config loader.
-    ``scans``: the policy's messages are scanned (only they are discarded)."""
-    where = f"policies.{name}"
-    on = {key: value for key, value in (("tag", scoring.tag), ("quarantine", scoring.quarantine),
-                                        ("reject", scoring.reject)) if value > 0}
-    problems = []
-    # Lower rungs must sit below higher ones: at the higher threshold the
-    # higher action wins, so a lower rung at or above it is never reached.
-    for low, high in (("tag", "quarantine"), ("tag", "reject"), ("quarantine", "reject")):
-        if low in on and high in on and on[low] >= on[high]:
-            problems.append(f"{where}.scoring.{low}: {on[low]:g} is not below scoring.{high} "
-                            f"({on[high]:g}), so {low} can never act; raise {high} or lower {low}")
-    if discard_score <= 0:
-        return problems
-    key = f"{where}.scan.discard_score"
-    if not scans:
-        problems.append(f"{key}: {discard_score:g} is set but {where}.scan.enabled is false; "
-                        "only scanned messages are discarded, so discard can never act")
-    for low in ("tag", "quarantine"):
-        if low in on and discard_score <= on[low]:
-            problems.append(f"{key}: {discard_score:g} is not above scoring.{low} "
-                            f"({on[low]:g}), so {low} can never act")
-    if "reject" in on and discard_score == on["reject"]:
-        problems.append(f"{key}: {discard_score:g} equals scoring.reject, so discard can never "
-                        "act; put it above reject to drop the worst silently, or below to drop "
-                        "instead of quarantining")
-    return problems
-
-
-def result_headers(verdict: Verdict, report: Any) -> tuple[tuple[str, str], ...]:
+def result_headers(verdict: Verdict, report: Optional[ScanReport]) -> tuple[tuple[str, str], ...]:
     """``X-MPP-Scan`` (score, action) and ``X-MPP-Scan-Rules`` (each
     scanner's rule names) for every accepted message, so administrators
     tune rules from the message.  Trustworthy downstream because X-MPP-*
@@ -156,7 +129,7 @@ def result_headers(verdict: Verdict, report: Any) -> tuple[tuple[str, str], ...]
             ("X-MPP-Scan-Rules", listed or "none")) + skipped_headers(report)
 
 
-def skipped_headers(report: Any) -> tuple[tuple[str, str], ...]:
+def skipped_headers(report: Optional[ScanReport]) -> tuple[tuple[str, str], ...]:
     """``X-MPP-Scan-Skipped: clamd (down: cannot connect ...)``, one entry
     per scanner that was not consulted, or nothing when all were.  Added to
     every accepted message whatever ``result_headers`` says: a message that
@@ -170,24 +143,4 @@ def skipped_headers(report: Any) -> tuple[tuple[str, str], ...]:
 
 
 def refusal_template(verdict: Verdict) -> Optional[str]:
-    return verdict.template if verdict.action in ("reject", "tempfail") else None
-
-
-def config_ladder_problems(config: Any) -> list[str]:
-    """``ladder_problems`` of every policy of a ``ProxyConfig``.  A named
-    policy that inherits the default's thresholds unchanged is not named
-    again.  Scanning happens in mode "scan" always (it forces it on), in
-    the proxy's modes where the policy engine runs and the policy scans,
-    and never in mode "policy"."""
-    def inputs(policy: Any) -> tuple[Any, ...]:
-        scans = config.mode == "scan" or (config.mode != "policy" and config.policy.enabled
-                                          and policy.scan.enabled)
-        return policy.scoring, policy.scan.discard_score, scans
-
-    default = inputs(config.policies["default"])
-    problems = []
-    for name, policy in config.policies.items():
-        mine = inputs(policy)
-        if name == "default" or mine != default:
-            problems.extend(ladder_problems(name, *mine))
-    return problems
+    return verdict.template if verdict.action is REJECT or verdict.action is TEMPFAIL else None

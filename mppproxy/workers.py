@@ -40,6 +40,7 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol, Protocol
 
+from mppproxy.listeners import with_backlog
 from mppproxy.logsetup import Logger
 
 log = Logger()
@@ -113,11 +114,9 @@ def bind_listeners(reactor: Any, descs: Any, backlog: int,
     process; SO_REUSEPORT when more than one): a service's
     ``privilegedStartService``, which twistd runs before it gives up root
     for ``--uid``/``--gid``, so port 25 needs no capability.  The sockets
-    are adopted later (``service.listen_on``, ``WorkerSupervisor.listen``).
+    are adopted later (``listeners.listen_on``, ``WorkerSupervisor.listen``).
     Other endpoints (``unix:``), and an address that cannot be bound, are
     left to ``startService``'s ordinary listen, which logs why it fails."""
-    from mppproxy.service import with_backlog
-
     bound: dict[str, list[socket.socket]] = {}
     for desc in descs:
         try:
@@ -172,8 +171,6 @@ class WorkerSupervisor:
         ``fallback(desc)``, which opens one socket shared by all.  A TCP
         address that cannot be bound is left to ``fallback`` too, which
         logs why."""
-        from mppproxy.service import with_backlog
-
         sockets = (prebound or {}).pop(desc, None)
         if sockets is None:
             try:

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, task  # noqa: E402
 
 from mppproxy.db import StateDatabase  # noqa: E402
-from mppproxy.policy.config import DatabaseConfig, GreylistConfig  # noqa: E402
+from mppproxy.config.database import DatabaseConfig  # noqa: E402
+from mppproxy.config.policy import GreylistConfig  # noqa: E402
 
 
 async def main(reactor, url: str, data_dir: str, prefix: str, command: str, *args: str) -> None:

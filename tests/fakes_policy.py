@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Optional
 
-from mppproxy.policy.services import BlacklistEntry
+from mppproxy.db.blacklist import BlacklistEntry
 
 
 class MemoryGreylist:

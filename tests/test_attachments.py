@@ -13,9 +13,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mppproxy.policy.base import Action
+from mppproxy.results import HardAction
 from mppproxy.scan.base import ScanInput
-from mppproxy.scan.config import AttachmentConfig, AttachmentRule, MimeCheckConfig, _check_attachment_rules, _types
+from mppproxy.config.scan import AttachmentConfig, AttachmentRule, MimeCheckConfig, _check_attachment_rules, _types
 from mppproxy.scan.mime import parse_message
 from mppproxy.scan.scanners.attachments import AttachmentScanner, detect_type, normalise_name
 from mppproxy.templates import REFUSALS
@@ -120,7 +120,7 @@ def test_dangerous_names_are_refused(disposition):
     """A name Windows would run is refused by default, however it is spelt;
     the reply uses the "attachment" template, 550 5.7.1."""
     result = scan(mail(part(b"harmless text", disposition=disposition)))
-    assert result.action is Action.REJECT and result.template == "attachment"
+    assert result.action is HardAction.REJECT and result.template == "attachment"
     assert "dangerous-extension" in kinds(result)
     assert REFUSALS["attachment"] == (550, "5.7.1")
 
@@ -145,7 +145,7 @@ def test_rlo_name_is_deceptive():
 def test_programs_are_refused_whatever_their_name(content):
     """A program is refused by its content even when named like a PDF."""
     result = scan(mail(part(content, filename="invoice.pdf")))
-    assert result.action is Action.REJECT
+    assert result.action is HardAction.REJECT
     assert kinds(result) == ["executable"]
     assert result.reasons[0] == "attachment:executable:invoice.pdf"
 
@@ -177,7 +177,7 @@ def test_program_inside_zip():
     """A program inside a zip is found, and the reason names its path."""
     data = mail(part(zipped(("readme.txt", b"hi"), ("dir/tool.dat", PE)), filename="files.zip"))
     result = scan(data)
-    assert result.action is Action.REJECT
+    assert result.action is HardAction.REJECT
     assert result.reasons == ("attachment:executable:files.zip/dir/tool.dat",)
 
 
@@ -291,7 +291,7 @@ def test_rules_combine_criteria():
     assert not scan(mail(part(PE, filename="a.bin")), settings_).hit
     regex = AttachmentRule(name="invoice", filename=r"^invoice[-_ ]?\d+", action="tempfail")
     result = scan(mail(part(PDF, filename="Invoice_2024.pdf")), AttachmentConfig(rules=(regex,)))
-    assert (result.action, result.template) == (Action.TEMPFAIL, "tempfail")
+    assert (result.action, result.template) == (HardAction.TEMPFAIL, "tempfail")
 
 
 def test_rule_validation():

@@ -1,11 +1,14 @@
 """The backend client without sockets: reply parsing and the STARTTLS boundary."""
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from mppproxy.smtp.client import BackendProtocol
+from mppproxy._transitions import TransitionError, unreachable
+from mppproxy.config.schema import BackendConfig
+from mppproxy.smtp.client import _CLIENT_MOVES, BackendError, BackendProtocol, ClientState
 
 
 class _TLSRecordingTransport(StringTransport):
@@ -95,7 +98,7 @@ class ReplyReadingTests(SynchronousTestCase):
         d = proto.command(b"NOOP", 30)
         proto.dataReceived(b"hello there\r\n")
         self.failureResultOf(d)
-        self.assertTrue(proto.closed)
+        self.assertIs(proto.state, ClientState.CLOSED)
 
     def test_timeout_names_the_command(self) -> None:
         """A command without a reply fails after its timeout, naming the command's verb."""
@@ -103,3 +106,56 @@ class ReplyReadingTests(SynchronousTestCase):
         d = proto.command(b"RCPT TO:<a@b>", 30)
         clock.advance(30)
         self.assertIn("waiting for RCPT", self.failureResultOf(d).value.detail)
+
+
+class ClientStateTests(SynchronousTestCase):
+    """The backend connection's states (``ClientState``) and their table."""
+
+    def test_table_covers_every_state_and_reaches_them_all(self) -> None:
+        """Every ClientState has its row in the table, and each is reachable from CONNECTING."""
+        self.assertEqual(set(_CLIENT_MOVES), set(ClientState))
+        self.assertEqual(unreachable(_CLIENT_MOVES, ClientState.CONNECTING), set())
+        self.assertEqual(_CLIENT_MOVES[ClientState.CLOSED], frozenset({ClientState.CLOSED}))
+
+    def test_life_of_a_connection(self) -> None:
+        """Connected is OPEN, a 354 to DATA makes it BODY until the final reply, close() makes it CLOSED."""
+        proto = BackendProtocol(Clock())
+        self.assertIs(proto.state, ClientState.CONNECTING)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertIs(proto.state, ClientState.OPEN)
+        sent = Deferred.fromCoroutine(proto.send_message(iter([b"x\r\n"]),
+                                                         BackendConfig(host="127.0.0.1")))
+        proto.dataReceived(b"354 go ahead\r\n")
+        self.assertIs(proto.state, ClientState.BODY)
+        queued = proto.command(b"RSET", 30)
+        self.assertNotIn(b"RSET", transport.value())  # waits for the final reply
+        proto.dataReceived(b"250 queued\r\n")
+        self.assertIs(proto.state, ClientState.OPEN)
+        self.assertEqual(self.successResultOf(sent)[0].code, 250)
+        self.assertTrue(transport.value().endswith(b"RSET\r\n"))
+        proto.dataReceived(b"250 reset\r\n")
+        self.successResultOf(queued)
+        proto.close()
+        self.assertIs(proto.state, ClientState.CLOSED)
+        proto.abort()  # closing again is harmless
+        self.assertIs(proto.state, ClientState.CLOSED)
+
+    def test_commands_before_connecting_or_after_closing_fail_with_4xx(self) -> None:
+        """A command on a connection not yet made, or closed, fails with a BackendError carrying a 4xx."""
+        proto = BackendProtocol(Clock())
+        early = self.failureResultOf(proto.command(b"NOOP", 30), BackendError)
+        self.assertEqual(early.value.reply.code // 100, 4)
+        proto.makeConnection(StringTransport())
+        proto.abort()
+        late = self.failureResultOf(proto.command(b"NOOP", 30), BackendError)
+        self.assertEqual(late.value.reply.code // 100, 4)
+
+    def test_unexpected_event_is_loud(self) -> None:
+        """A connection made again after it was closed raises TransitionError instead of reviving it."""
+        proto = BackendProtocol(Clock())
+        proto.makeConnection(StringTransport())
+        proto.abort()
+        with self.assertRaises(TransitionError):
+            proto.connectionMade()
+        self.assertIs(proto.state, ClientState.CLOSED)

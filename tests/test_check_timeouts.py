@@ -7,7 +7,7 @@ by default, DNS lists and SPF pass (docs/design.md promise 4).  The stores
 and the resolver here return Deferreds that never fire; time is a
 ``MemoryReactorClock``, so ``advance`` proves the deadline.  The same
 outcome is checked through the engine, the Postfix policy server and the
-SMTP gateway.
+SMTP edge.
 """
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from fakes_policy import MemoryDatabase
-from mppproxy.config.load import ConfigError, from_mapping, merge
-from mppproxy.gateway import SessionGateway, make_context
-from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping, merge
+from mppproxy.edge.context import make_context
+from mppproxy.edge.handler import EdgeSession
+from mppproxy.policy.base import Facts
+from mppproxy.results import TransactionRecord
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.policyd.protocol import PolicyServerFactory
 from mppproxy.smtp.server import SMTPServerFactory
@@ -58,9 +61,9 @@ class HangingBlacklist:
 
 
 class HangingResolver:
-    """A DNS list resolver whose queries never come back."""
+    """A resolver whose queries never come back (the DNS lists ask ``lookup``)."""
 
-    async def lookup_all(self, lists: Any, ip: Any, domains: Any) -> list:
+    async def lookup(self, qname: Any, rdtype: Any) -> Any:
         return await Deferred()
 
 
@@ -197,7 +200,7 @@ def test_bad_on_timeout_names_file_and_key(section):
         "'tempfail', not 'continue'"]
 
 
-# -- the same outcome through the Postfix policy server and the SMTP gateway ------
+# -- the same outcome through the Postfix policy server and the SMTP edge ---------
 
 POLICYD_BASE: dict[str, Any] = {"mode": "policy", "trusted_networks": ["10.255.255.0/24"],
                                 "policy": {"check_timeout": CHECK_TIMEOUT}}
@@ -246,14 +249,14 @@ class PolicydTimeoutTests(SynchronousTestCase):
         self.assertEqual(answer, b"action=DUNNO\n\n")
 
 
-class GatewayTimeoutTests(SynchronousTestCase):
+class EdgeTimeoutTests(SynchronousTestCase):
     """Over SMTP (the session machine on a StringTransport): the client's replies."""
 
     def converse(self, policy: dict, **hanging: Any) -> tuple[bytes, list]:
         clock = MemoryReactorClock()
         runtime = runtime_for(policy, clock, mode="all-in-one", **hanging)
         ctx = make_context(runtime.config, clock, None, policy=runtime)
-        factory = SMTPServerFactory(ctx.config, lambda: SessionGateway(ctx), clock,
+        factory = SMTPServerFactory(ctx.config, lambda: EdgeSession(ctx), clock,
                                     is_trusted=ctx.trusted, hostname="mx.test")
         proto = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 40000))

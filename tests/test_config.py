@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mppproxy.cli import main as cli_main
-from mppproxy.config.load import ConfigError, from_mapping, load
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping, load
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.tap import Options, parse_host_port
 

@@ -25,8 +25,10 @@ from twisted.logger import capturedLogs, formatEvent
 
 from fakes_policy import MemoryDatabase
 from mppproxy.cli import main as cli_main
-from mppproxy.config.load import ConfigError, check_files, from_mapping
-from mppproxy.gateway import SessionGateway, make_context
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import check_files, from_mapping
+from mppproxy.edge.context import make_context
+from mppproxy.edge.handler import EdgeSession
 from mppproxy.policy.runtime import PolicyRuntime
 from mppproxy.smtp.server import SMTPServerFactory
 from mppproxy.templates import REFUSALS, ReplyRenderer
@@ -234,12 +236,12 @@ def test_long_refusal_keeps_reference_within_512_octets(explanation):
 # -- the log line a reference finds ------------------------------------------------------------
 
 def converse(commands: bytes, policy: dict) -> tuple[bytes, list]:
-    """One SMTP session on a StringTransport through the gateway with the real engine."""
+    """One SMTP session on a StringTransport through the edge handler with the real engine."""
     clock = MemoryReactorClock()
     config = from_mapping({"relay_domains": ["example.com"], "policies": {"default": policy}})
     runtime = PolicyRuntime(config, clock, "mx.test", database=MemoryDatabase(clock))
     ctx = make_context(config, clock, None, policy=runtime)
-    factory = SMTPServerFactory(config, lambda: SessionGateway(ctx), clock,
+    factory = SMTPServerFactory(config, lambda: EdgeSession(ctx), clock,
                                 is_trusted=ctx.trusted, hostname="mx.test")
     proto = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 40000))

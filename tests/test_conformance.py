@@ -5,7 +5,7 @@ headers (X-Spam-*, our own Authentication-Results) removed at the edge.
 The error count is shown on the state machine with a ``StringTransport``
 (test_server's helpers), also with the real policy engine deciding the
 policy-group split; the header rules on ``message.prepare`` (table tests),
-through the gateway with local Maildir delivery, and through the in-process
+through the edge handler with local Maildir delivery, and through the in-process
 proxy in front of the fake backend on loopback.  The same with a real
 twistd proxy and Postfix: tests/realmta/test_many_recipients.py.
 """
@@ -18,10 +18,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from mppproxy.config.load import ConfigError, from_mapping
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping
 from mppproxy.config.schema import LimitsConfig, SmtpConfig
 from mppproxy.message import HeaderRules, TooManyHops, header_rules, prepare
-from mppproxy.policy.base import TransactionRecord
+from mppproxy.results import TransactionRecord
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address
 from mppproxy.smtp.replies import Reply
@@ -30,7 +31,7 @@ from mppproxy.smtp.session import Session, Transaction
 
 from fakes_backend import FakeBackend
 from test_actions_loopback import SPAM, _header, _policy
-from test_gateway import HOSTNAME, make_config, make_gateway, make_session, make_txn, temp_dir
+from test_edge_handler import HOSTNAME, make_config, make_gateway, make_session, make_txn, temp_dir
 from test_policy_engine import facts, make_engine
 from test_policy_loopback import PolicyCase
 from test_server import RecordingHandler, ServerTestCase, codes, tuned
@@ -131,7 +132,7 @@ class RecipientLimitTests(ServerTestCase):
 
 class EngineHandler(RecordingHandler):
     """RecordingHandler whose RCPT decision is the real policy engine's, as
-    the gateway asks it (Facts per recipient, one record per transaction)."""
+    the edge asks it (Facts per recipient, one record per transaction)."""
 
     def __init__(self, engine: Any):
         super().__init__()
@@ -140,7 +141,9 @@ class EngineHandler(RecordingHandler):
     async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
                       params: dict[str, Optional[str]]) -> Reply:
         self.rcpts.append(rcpt.text)
-        record = txn.facts.setdefault("policy", TransactionRecord())
+        record = txn.record
+        if record is None:
+            record = txn.record = TransactionRecord()
         refusal = await self.engine.on_recipient(facts(rcpt.text, ip=session.peer_host), record)
         return refusal or replies.RECIPIENT_OK
 
@@ -254,7 +257,7 @@ class HopCountTests(SynchronousTestCase):
 
 # --- trust headers from outside: X-Spam-*, our own Authentication-Results ----------------
 
-OURS = HOSTNAME  # the gateway's name: the authserv-id of the Authentication-Results it writes
+OURS = HOSTNAME  # the edge's name: the authserv-id of the Authentication-Results it writes
 EDGE_RULES = header_rules(50, SmtpConfig().strip_headers, (OURS,))
 
 # (field as the client sent it, removed at the edge?)
@@ -339,8 +342,8 @@ class TrustHeaderTests(SynchronousTestCase):
             "proxy.toml: smtp.strip_headers: 'X Spam' is not a header field name pattern (such as 'X-Spam-*')",
             "proxy.toml: smtp.authserv_ids: 'a; b' is not an authserv-id (a host name such as 'mx.example.com')"])
 
-    def test_gateway_strips_and_counts(self) -> None:
-        """Through the gateway (local delivery) the forged fields are gone from the stored message and the log line counts them in stripped_headers."""
+    def test_edge_strips_and_counts(self) -> None:
+        """Through the edge handler (local delivery) the forged fields are gone from the stored message and the log line counts them in stripped_headers."""
         data_dir = temp_dir(self)
         gateway, _ = make_gateway(make_config(data_dir=data_dir))
         message = (b"X-Spam-Flag: YES\r\nAuthentication-Results: " + OURS.encode() + b"; dkim=pass\r\n"

@@ -35,14 +35,17 @@ from twisted.trial import unittest
 from helpers import free_port
 from mppproxy.config.load import from_mapping
 from mppproxy.db import StateDatabase, StateDatabaseError
-from mppproxy.db.blacklist import covering_networks, normalise_network
+from mppproxy.db.blacklist import BlacklistEntry, covering_networks, normalise_network
 from mppproxy.db.cache import ExpiringCache
 from mppproxy.db.engine import database_url
 from mppproxy.db.models import triplet_key
-from mppproxy.policy.config import DatabaseConfig, GreylistConfig
-from mppproxy.policy.patterns import parse_ip
+from mppproxy._transitions import TransitionError, unreachable
+from mppproxy.db.state import (_CHECKPOINT_MOVES, _DATABASE_MOVES, CheckpointState,
+                               DatabaseState)
+from mppproxy.config.database import DatabaseConfig
+from mppproxy.config.policy import GreylistConfig
+from mppproxy.match import parse_ip
 from mppproxy.policy.runtime import runtime_for
-from mppproxy.policy.services import BlacklistEntry
 
 reactor: Any = _reactor
 
@@ -534,6 +537,8 @@ class StoreTests:
         self.assertEqual((await b.lookup("192.0.2.7")).reason, "spamtrap")
 
     async def test_too_large_a_blacklist_is_asked_per_client(self) -> None:
+        """A blacklist with more rows than mirror_max_rows is not mirrored in memory, and each
+        client is looked up in the database instead."""
         db = await self.make_db(cache_seconds=60)
         b = db.blacklist
         for i in range(3):
@@ -546,6 +551,8 @@ class StoreTests:
         self.assertEqual(b.batcher.jobs, jobs + 1)
 
     async def test_mirror_load_failure_is_logged_and_ages_out(self) -> None:
+        """A blacklist mirror that fails to load is logged once per outage, the old mirror is
+        kept, and it stops counting as fresh once its age passes the cache time."""
         db = await self.make_db(cache_seconds=30)
         b = db.blacklist
         loaded_at = b.mirrored_at
@@ -953,6 +960,8 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
         return seen
 
     async def test_jobs_run_on_the_reactor_thread_while_the_lock_is_free(self) -> None:
+        """With SQLite's write lock free, a store's job runs on the reactor thread at once and
+        is counted as such."""
         import threading
         db = await self.make_db()
         self.assertTrue(db.in_reactor)
@@ -982,6 +991,8 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
         self.assertEqual(len(await self.all_rows(db, "greylist")), 1)
 
     async def test_jobs_in_the_pool_when_turned_off(self) -> None:
+        """With sqlite_in_reactor off, every job runs in the thread pool, never on the reactor
+        thread."""
         import threading
         db = await self.make_db(sqlite_in_reactor=False)
         self.assertFalse(db.in_reactor)
@@ -1008,7 +1019,7 @@ class SqliteStoreTests(StoreTests, unittest.TestCase):
         self.assertEqual(await db.run(autocheckpoint), 0)
         async def idle() -> None:
             for _ in range(1000):  # at most 10 s
-                if not db._checkpointing:
+                if db.checkpoint_state not in (CheckpointState.RUNNING, CheckpointState.RETRYING):
                     return
                 await deferLater(reactor, 0.01, lambda: None)
 
@@ -1138,6 +1149,54 @@ def test_construction_does_no_io(tmp_path: Path) -> None:
     assert not db.running
 
 
+def test_database_tables_cover_every_state() -> None:
+    """DatabaseState and CheckpointState each have a row per state, reach every state, and STOPPED is final."""
+    assert set(_DATABASE_MOVES) == set(DatabaseState)
+    assert unreachable(_DATABASE_MOVES, DatabaseState.NEW) == set()
+    assert _DATABASE_MOVES[DatabaseState.STOPPED] == frozenset({DatabaseState.STOPPED})
+    assert set(_CHECKPOINT_MOVES) == set(CheckpointState)
+    assert unreachable(_CHECKPOINT_MOVES, CheckpointState.IDLE) == set()
+
+
+def test_checkpoint_failures_logged_once_and_recovery_logged(tmp_path: Path) -> None:
+    """A failing checkpoint is logged once however often it fails again, and the first one that works says so."""
+    from twisted.logger import capturedLogs
+
+    db = StateDatabase(DatabaseConfig(), str(tmp_path / "data"), Clock())
+    db._move_to(DatabaseState.RUNNING)  # the state only: no pool, no I/O
+    answers: list[defer.Deferred[Any]] = []
+    db.run = lambda fn, *args: answers[-1]  # type: ignore[method-assign]
+    with capturedLogs() as events:
+        for _ in range(2):
+            answers.append(defer.fail(StateDatabaseError("disk I/O error")))
+            db._checkpoint()
+            assert db.checkpoint_state is CheckpointState.FAILING
+        answers.append(defer.succeed((0, 5, 5)))
+        db._checkpoint()
+    assert db.checkpoint_state is CheckpointState.IDLE
+    texts = [e["log_format"] for e in events]
+    assert sum("checkpoint failed" in t for t in texts) == 1
+    assert sum("checkpoints work again" in t for t in texts) == 1
+
+
+class DatabaseStateTests(unittest.TestCase):
+    async def test_life_and_unexpected_start(self) -> None:
+        """start() makes it RUNNING, stop() STOPPED (twice is harmless); starting again is a TransitionError and work fails with StateDatabaseError."""
+        data_dir = tempfile.mkdtemp(prefix="mpp-db-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        db = StateDatabase(DatabaseConfig(purge_interval=1e9), data_dir, reactor)
+        self.assertIs(db.state, DatabaseState.NEW)
+        self.assertTrue(await db.start())
+        self.assertIs(db.state, DatabaseState.RUNNING)
+        await db.stop()
+        await db.stop()
+        self.assertIs(db.state, DatabaseState.STOPPED)
+        with self.assertRaises(TransitionError):
+            db.start()
+        with self.assertRaises(StateDatabaseError):
+            await db.run(lambda engine: True)
+
+
 class RuntimeTests(unittest.TestCase):
     async def test_runtime_for_starts_and_stops_the_database(self) -> None:
         """runtime_for makes the state database from [database] and data_dir,
@@ -1180,7 +1239,8 @@ class EngineTests(unittest.TestCase):
         self.addCleanup(self.runtime.stop)
 
     async def ask(self, rcpt: str, ip: str = "192.0.2.10") -> Any:
-        from mppproxy.policy.base import Facts, TransactionRecord
+        from mppproxy.policy.base import Facts
+        from mppproxy.results import TransactionRecord
 
         facts = Facts(client_ip=ip, helo="client.example", sender="s@sender.example",
                       sender_domain="sender.example", recipient=rcpt,

@@ -15,6 +15,8 @@ def watched(deadlines: Deadlines, seen: list) -> Deferred:
 
 
 def test_late_deferred_is_cancelled_at_its_deadline_and_marked_expired():
+    """A watched Deferred still waiting at its deadline, and not before, is cancelled and
+    reported as expired, leaving no timer behind."""
     clock = Clock()
     deadlines = Deadlines(clock, 2.0)
     seen: list = []
@@ -27,6 +29,8 @@ def test_late_deferred_is_cancelled_at_its_deadline_and_marked_expired():
 
 
 def test_deadlines_in_start_order_on_one_timer():
+    """Deadlines of Deferreds watched at different times share one timer, and each fires at its
+    own time only for Deferreds that have not fired yet."""
     clock = Clock()
     deadlines = Deadlines(clock, 2.0)
     seen: list = []
@@ -44,6 +48,8 @@ def test_deadlines_in_start_order_on_one_timer():
 
 
 def test_finished_deferreds_leave_the_queue_without_waiting_for_the_timer():
+    """Deferreds that fired before their deadline are dropped from the queue as new ones are
+    watched, so it does not grow with them."""
     clock = Clock()
     deadlines = Deadlines(clock, 10.0)
     for _ in range(1000):
@@ -54,6 +60,8 @@ def test_finished_deferreds_leave_the_queue_without_waiting_for_the_timer():
 
 
 def test_other_cancellation_is_not_an_expiry():
+    """A Deferred cancelled by someone else is not reported as expired, and its deadline later
+    does nothing more."""
     clock = Clock()
     deadlines = Deadlines(clock, 2.0)
     seen: list = []
@@ -65,6 +73,7 @@ def test_other_cancellation_is_not_an_expiry():
 
 
 def test_stop_drops_the_timer():
+    """stop() cancels the pending timer."""
     clock = Clock()
     deadlines = Deadlines(clock, 2.0)
     watched(deadlines, [])

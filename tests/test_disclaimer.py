@@ -10,9 +10,10 @@ import email.policy
 import pytest
 
 from mppproxy import disclaimer
-from mppproxy.config.load import ConfigError, from_mapping
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping
 from mppproxy.message import OutboundMessage
-from mppproxy.policy.config import DisclaimerText
+from mppproxy.config.policy import DisclaimerText, charset_key
 from mppproxy.spool.spool import Spool
 
 TEXTS = (DisclaimerText("utf-8", "-- \nACME GmbH, Grüße aus Berlin", "<p>ACME GmbH</p>"),
@@ -194,7 +195,7 @@ def test_other_shapes_left_alone():
 
 def test_charset_names_normalised():
     """utf8, UTF-8 and utf-8 are one charset."""
-    assert disclaimer.charset_key("UTF8") == disclaimer.charset_key("utf-8")
+    assert charset_key("UTF8") == charset_key("utf-8")
     out, _ = _apply(b"Content-Type: text/plain; charset=UTF8\r\nContent-Transfer-Encoding: 8bit"
                     b"\r\n\r\nx\r\n")
     assert out is not None and "Grüße".encode() in out

@@ -33,15 +33,16 @@ from loopback import RawClient, proxy_config, start_proxy, wait_reactor_quiet
 from mppproxy.config.schema import LimitsConfig
 from mppproxy.db import StateDatabase, StateDatabaseError
 from mppproxy.delivery import maildir
-from mppproxy.gateway import QUARANTINE_MAILDIR
+from mppproxy.actions.quarantine import hold
 from mppproxy.message import prepare
-from mppproxy.policy.config import DatabaseConfig, GreylistConfig
+from mppproxy.config.database import DatabaseConfig
+from mppproxy.config.policy import GreylistConfig
 from mppproxy.smtp import replies
 from mppproxy.smtp.framing import DataError, DataReader
 from mppproxy.smtp.replies import Reply
 from mppproxy.spool import spool as spool_module
 from mppproxy.spool.spool import Spool
-from test_gateway import make_config, make_gateway, make_session, make_txn, temp_dir
+from test_edge_handler import make_config, make_gateway, make_session, make_txn, temp_dir
 from test_server import CONFIG, RecordingHandler, ServerTestCase, codes, split_replies, tuned
 
 
@@ -309,9 +310,9 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual(maildir_files(data_dir), [])
 
 
-# --- the gateway ---------------------------------------------------------------------
+# --- the edge and its actions ---------------------------------------------------------
 
-class GatewayTests(SynchronousTestCase):
+class EdgeTests(SynchronousTestCase):
 
     def data_end(self, gw: Any, txn: Any) -> Reply:
         return self.successResultOf(Deferred.fromCoroutine(gw.on_data_end(make_session(), txn)))
@@ -348,13 +349,13 @@ class GatewayTests(SynchronousTestCase):
     def test_quarantine_on_full_disk_is_452_and_says_quarantine(self) -> None:
         """The local quarantine Maildir on a full disk answers 452 4.3.1 and the log line names the quarantine."""
         data_dir = temp_dir(self)
-        gw, _ = make_gateway(make_config(data_dir))
+        _, ctx = make_gateway(make_config(data_dir))
         self.failing_fsync(errno.EDQUOT)
         txn = make_txn(b"Subject: m\r\n\r\nbody\r\n")
         message, _ = prepare(make_session(), txn, None)
         with capturedLogs() as events:
             reply = self.successResultOf(Deferred.fromCoroutine(
-                gw._deliver_local(make_session(), txn, message, QUARANTINE_MAILDIR)))
+                hold(ctx.delivery, make_session(), txn, message)))
         self.assertEqual(reply, replies.STORAGE_ERROR)
         [logged] = errors_logged(events)
         self.assertEqual(logged["what"], "quarantine")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mppproxy.scan import fields, mime
-from mppproxy.scan.config import AttachmentConfig, AttachmentRule, MimeCheckConfig
+from mppproxy.config.scan import AttachmentConfig, AttachmentRule, MimeCheckConfig
 from mppproxy.scan.fields import SCAN_POLICY, STRICT, PlainField, field_kind, is_clean
 from mppproxy.scan.mime import header_values, parse_message, walk_parts
 from mppproxy.scan.scanners.attachments import AttachmentScanner

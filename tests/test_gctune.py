@@ -18,6 +18,8 @@ def restore_gc():
 
 
 def test_tune_for_server_freezes_start_up_and_spaces_collections(restore_gc):
+    """tune_for_server sets the collector's thresholds and freezes the objects that exist at
+    start-up out of its scans."""
     gctune.tune_for_server()
     assert gc.get_threshold() == (gctune.YOUNG_THRESHOLD, gctune.OLDER_THRESHOLD,
                                   gctune.OLDER_THRESHOLD)
@@ -26,6 +28,7 @@ def test_tune_for_server_freezes_start_up_and_spaces_collections(restore_gc):
 
 
 def test_cycles_are_still_collected(restore_gc):
+    """After tuning, a reference cycle is still freed by a collection."""
     gctune.tune_for_server()
 
     class Node:

@@ -5,9 +5,9 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mppproxy.policy.base import Action
+from mppproxy.results import HardAction
 from mppproxy.scan.base import ScanInput, ScannerUnavailable
-from mppproxy.scan.config import HeaderFilterConfig, HeaderRule
+from mppproxy.config.scan import HeaderFilterConfig, HeaderRule
 from mppproxy.scan.mime import parse_message
 from mppproxy.scan.scanners.headers import HeaderFilterScanner
 from mppproxy.templates import REFUSALS
@@ -71,9 +71,9 @@ def test_scores_add_and_reject_wins():
              HeaderRule(header="X-Mailer", pattern="Bat", action="tempfail")]
     result = scan(rules, SPAM)
     assert (result.score, result.reasons) == (4.0, ("ru-subject", "charset", "header:x-mailer"))
-    assert (result.action, result.template) == (Action.TEMPFAIL, "tempfail")
+    assert (result.action, result.template) == (HardAction.TEMPFAIL, "tempfail")
     result = scan(rules + [HeaderRule(header="Message-ID", pattern="localhost", action="reject")], SPAM)
-    assert (result.action, result.template) == (Action.REJECT, "content")
+    assert (result.action, result.template) == (HardAction.REJECT, "content")
     assert REFUSALS["content"] == (550, "5.7.1")
 
 

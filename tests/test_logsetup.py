@@ -36,6 +36,8 @@ def event(text: str, level: LogLevel = LogLevel.info, when: float = 1_800_000_00
 
 
 def test_lines_are_twistds_and_held_until_the_next_iteration():
+    """Info lines are held until the next reactor iteration, then written exactly as twistd's
+    own text observer writes them."""
     clock = RunningClock()
     out, ref = io.StringIO(), io.StringIO()
     batched = BatchedTextLogObserver(out, clock)
@@ -51,6 +53,8 @@ def test_lines_are_twistds_and_held_until_the_next_iteration():
 
 
 def test_timestamp_follows_the_second():
+    """Each line's timestamp equals twistd's, changing when the second changes even within one
+    batch."""
     clock = RunningClock()
     out, ref = io.StringIO(), io.StringIO()
     batched, plain = BatchedTextLogObserver(out, clock), textFileLogObserver(ref)
@@ -63,6 +67,8 @@ def test_timestamp_follows_the_second():
 
 
 def test_warning_writes_everything_held_at_once():
+    """A warning is written at once together with the lines held before it, in order, and the
+    scheduled flush then writes nothing twice."""
     clock = RunningClock()
     out = io.StringIO()
     batched = BatchedTextLogObserver(out, clock)
@@ -75,6 +81,8 @@ def test_warning_writes_everything_held_at_once():
 
 
 def test_other_threads_and_a_stopped_reactor_write_at_once():
+    """Events from another thread, and any event once the reactor has stopped, are written
+    without waiting for a reactor iteration."""
     clock = RunningClock()
     out = io.StringIO()
     batched = BatchedTextLogObserver(out, clock)
@@ -89,6 +97,8 @@ def test_other_threads_and_a_stopped_reactor_write_at_once():
 
 
 def test_a_large_backlog_is_written_without_waiting():
+    """A large backlog goes to the writer before the next reactor iteration rather than piling
+    up."""
     clock = RunningClock()
     out = io.StringIO()
     batched = BatchedTextLogObserver(out, clock)
@@ -195,6 +205,9 @@ def test_a_pipe_nobody_reads_neither_blocks_the_caller_nor_grows_without_bound()
 
 
 def test_batch_text_log_replaces_twistds_observer_only():
+    """batch_text_log swaps twistd's text observer for the batched one, leaves the JSON observer
+    alone, drains held lines at shutdown within EXIT_DRAIN_SECONDS, and does nothing a second
+    time."""
     clock = RunningClock()
     publisher = LogPublisher()
     text_out, json_out = io.StringIO(), io.StringIO()
@@ -219,6 +232,8 @@ def test_batch_text_log_replaces_twistds_observer_only():
 
 
 def test_batch_text_log_leaves_syslog_and_custom_observers():
+    """batch_text_log replaces nothing when there is no twistd text observer, and other
+    observers keep getting every event."""
     publisher = LogPublisher()
     seen = []
     publisher.addObserver(seen.append)
@@ -294,6 +309,8 @@ def test_our_logger_emits_twisteds_events():
 
 
 def test_our_logger_as_a_class_attribute_names_the_class():
+    """Our Logger as a class attribute is bound per instance like Twisted's, with the class as
+    namespace and the instance as source."""
     from mppproxy.logsetup import Logger as OurLogger
 
     class Thing:

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mppproxy.policy.base import Action
+from mppproxy.results import HardAction
 from mppproxy.scan.base import ScanInput
-from mppproxy.scan.config import DEFECT_KINDS, MimeCheckConfig, MimeDefectActions
+from mppproxy.config.scan import DEFECT_KINDS, MimeCheckConfig, MimeDefectActions
 from mppproxy.scan.mime import (PROBLEMS, ParsedMessage, _BoundedParser, _LineEndAtEnd, _unlike_boundaries,
                                 header_values, parse_message, walk_parts)
 from mppproxy.scan.scanners.mime_check import MimeCheckScanner, evaluate
@@ -217,7 +217,7 @@ def test_default_actions_reject_dangerous_and_score_benign():
     only score, each kind once."""
     settings_ = MimeCheckConfig()
     result = evaluate(parse_message([DEFECT_CASES["header_without_colon"][0]]), settings_)
-    assert result.action is Action.REJECT
+    assert result.action is HardAction.REJECT
     assert result.template == "malformed"
     assert dict(result.template_vars) == {"problem": "header line without colon"}
     assert REFUSALS["malformed"] == (550, "5.6.0")
@@ -241,7 +241,7 @@ def test_configured_actions_apply():
     assert not evaluate(parsed, ignored).hit
     tempfail = MimeCheckConfig(actions=MimeDefectActions(header_without_colon="tempfail"))
     result = evaluate(parsed, tempfail)
-    assert (result.action, result.template) == (Action.TEMPFAIL, "tempfail")
+    assert (result.action, result.template) == (HardAction.TEMPFAIL, "tempfail")
 
 
 def test_parser_failure_is_a_tempfail(monkeypatch):
@@ -257,7 +257,7 @@ def test_parser_failure_is_a_tempfail(monkeypatch):
     assert parsed.kinds == ("parse_error",)
     assert not parsed.complete
     result = evaluate(parsed, MimeCheckConfig())
-    assert result.action is Action.TEMPFAIL
+    assert result.action is HardAction.TEMPFAIL
 
 
 def test_unknown_email_defect_is_other(monkeypatch):
@@ -291,7 +291,7 @@ def test_scanner_parses_once_and_hands_the_result_on():
     assert isinstance(parsed, ParsedMessage)
     inp2 = dataclasses.replace(inp, chunks=lambda: iter([b"never read"]), parsed=parsed)
     result = run(scanner.scan(inp2))
-    assert result.action is Action.REJECT and result.reasons == ("mime:header_duplicate",)
+    assert result.action is HardAction.REJECT and result.reasons == ("mime:header_duplicate",)
 
 
 def test_disabled_scanner_finds_nothing():
@@ -342,7 +342,7 @@ def test_corpus_message(path):
     if expected is None:
         assert result.action is None, parsed.defects
     else:
-        assert result.action is Action.REJECT
+        assert result.action is HardAction.REJECT
         assert dict(result.template_vars)["problem"] == PROBLEMS[expected]
     # the structure is exactly the unbounded parser's
     plain = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
@@ -424,7 +424,7 @@ def test_50mb_over_the_size_bound_stops_reading():
     assert not parsed.complete
     assert parsed.size <= 4 * MB + 65536
     assert peak < 5 * MB, peak
-    assert evaluate(parsed, MimeCheckConfig()).action is Action.REJECT
+    assert evaluate(parsed, MimeCheckConfig()).action is HardAction.REJECT
 
 
 def test_10000_headers():

@@ -15,13 +15,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mppproxy.config.load import ConfigError, from_mapping
-from mppproxy.policy.base import Check, CheckResult, Facts, TransactionRecord
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping
+from mppproxy.policy.base import Check, Facts
+from mppproxy.results import CheckResult, TransactionRecord
 from mppproxy.policy.counters import RateCounters, client_key
 from mppproxy.policy.engine import PolicyEngine
-from mppproxy.policy.runtime import make_renderer
-from mppproxy.policy.services import BlacklistEntry, PolicyServices
-from mppproxy.templates import ReplyRenderer
+from mppproxy.db.blacklist import BlacklistEntry
+from mppproxy.policy.services import PolicyServices
+from mppproxy.templates import ReplyRenderer, make_renderer
 
 
 def run(coro: Any) -> Any:
@@ -97,6 +99,8 @@ def ask(engine: PolicyEngine, f: Facts, record: Optional[TransactionRecord] = No
 # -- policy choice -------------------------------------------------------------
 
 def test_policy_per_domain_and_subdomain():
+    """A recipient domain picks its policy by exact name or, for a listed ".suffix", any
+    subdomain of it, case-insensitively; others get the default policy."""
     engine, _, _ = make_engine({"policies": {"school": {"domains": ["school.example", ".k12.example"]}}})
     assert engine.policy_for("school.example") == "school"
     assert engine.policy_for("SCHOOL.example") == "school"
@@ -106,6 +110,8 @@ def test_policy_per_domain_and_subdomain():
 
 
 def test_second_policy_group_gets_452_4_5_3():
+    """A recipient of another policy than the transaction's first one gets 452 4.5.3, while more
+    recipients of the same policy are still taken."""
     engine, _, _ = make_engine({"policies": {"school": {"domains": ["school.example"]}}})
     reply, record = ask(engine, facts("a@school.example"))
     assert reply is None and record.policy == "school"
@@ -117,6 +123,8 @@ def test_second_policy_group_gets_452_4_5_3():
 
 
 def test_named_policy_inherits_default_sections_and_keys():
+    """A named policy inherits the default policy's sections and keys and overrides only the
+    keys it sets."""
     config = from_mapping({"policies": {
         "default": {"spamtrap": {"enabled": True, "patterns": ["^trap@"], "blacklist_seconds": 60}},
         "school": {"domains": ["school.example"], "spamtrap": {"blacklist_seconds": 120}}}})
@@ -127,12 +135,15 @@ def test_named_policy_inherits_default_sections_and_keys():
 
 
 def test_domain_in_two_policies_is_a_config_error():
+    """A domain listed in two policies (case and trailing dot aside) is a config error naming
+    the second policy's domains key."""
     with pytest.raises(ConfigError) as info:
         from_mapping({"policies": {"a": {"domains": ["x.example"]}, "b": {"domains": ["X.example."]}}})
     assert "policies.b.domains" in str(info.value)
 
 
 def test_default_policy_with_domains_is_a_config_error():
+    """Domains given to the default policy are a config error naming policies.default.domains."""
     with pytest.raises(ConfigError) as info:
         from_mapping({"policies": {"default": {"domains": ["x.example"]}}})
     assert "policies.default.domains" in str(info.value)
@@ -157,6 +168,7 @@ def test_default_policy_with_domains_is_a_config_error():
     ({"policy": {"on_error": "ignore"}}, "policy.on_error"),
 ])
 def test_bad_policy_config_names_the_key(data, key):
+    """Each bad policy setting is a config error that names its file and key."""
     with pytest.raises(ConfigError) as info:
         from_mapping(data, "p.toml")
     assert any(e.startswith(f"p.toml: {key}") for e in info.value.errors), info.value.errors
@@ -186,6 +198,8 @@ ACCESS = {"policies": {"default": {"access": {
     (facts(rcpt="nobody@example.com"), "recipient"),
 ])
 def test_blacklists_refuse_with_554_5_7_1(f, what):
+    """A blacklisted client (IPv4, IPv4-mapped or IPv6), HELO, sender or recipient is refused
+    with 554 5.7.1, recorded by the access check with what was listed."""
     engine, _, _ = make_engine(ACCESS)
     reply, record = ask(engine, f)
     assert (reply.code, reply.enhanced) == (554, "5.7.1")
@@ -194,12 +208,15 @@ def test_blacklists_refuse_with_554_5_7_1(f, what):
 
 
 def test_blacklist_wins_over_whitelist():
+    """A blacklisted sender is refused even when the client is whitelisted."""
     engine, _, _ = make_engine(ACCESS)
     reply, _ = ask(engine, facts(ip="192.0.2.1", sender="bad@sender.example"))
     assert reply is not None and reply.code == 554
 
 
 def test_client_whitelist_skips_later_checks_for_the_transaction():
+    """A whitelisted client skips every later check for the whole transaction, so even a
+    spamtrap recipient neither refuses nor blacklists it."""
     engine, services, _ = make_engine(ACCESS)
     reply, record = ask(engine, facts(ip="192.0.2.5", rcpt="trap@example.com"))
     assert reply is None and record.whitelisted
@@ -210,12 +227,16 @@ def test_client_whitelist_skips_later_checks_for_the_transaction():
 
 
 def test_sender_whitelist_with_domain():
+    """A sender whitelisted by domain matches whatever the case and a trailing dot, and
+    whitelists the transaction."""
     engine, _, _ = make_engine(ACCESS)
     reply, record = ask(engine, facts(sender="boss@PARTNER.example.", rcpt="trap@example.com"))
     assert reply is None and record.whitelisted
 
 
 def test_recipient_whitelist_is_per_recipient():
+    """A whitelisted recipient does not whitelist the transaction: a spamtrap recipient after it
+    is still refused."""
     engine, _, _ = make_engine(ACCESS)
     record = TransactionRecord()
     reply, record = ask(engine, facts(rcpt="postmaster@example.com"), record)
@@ -227,6 +248,8 @@ def test_recipient_whitelist_is_per_recipient():
 # -- spam traps and the blacklist -------------------------------------------------
 
 def test_spamtrap_refuses_and_blacklists_the_client():
+    """A spamtrap recipient gets 550 5.7.1 without naming the trap and blacklists the client for
+    blacklist_seconds, refusing its other recipients and new transactions until then."""
     engine, services, clock = make_engine({"policies": {"default": {
         "spamtrap": {"enabled": True, "patterns": [r"^trap@example\.com$"], "blacklist_seconds": 600}}}})
     record = TransactionRecord()
@@ -248,6 +271,8 @@ def test_spamtrap_refuses_and_blacklists_the_client():
 
 
 def test_spamtrap_exempt_client_is_not_blacklisted():
+    """A client exempt from the spamtrap check is neither refused nor blacklisted, and the check
+    is recorded as skipped for it."""
     engine, services, _ = make_engine({"policies": {"default": {
         "spamtrap": {"enabled": True, "patterns": ["^trap@"], "whitelist_clients": ["192.0.2.0/24"]}}}})
     reply, record = ask(engine, facts("trap@example.com"))
@@ -256,6 +281,7 @@ def test_spamtrap_exempt_client_is_not_blacklisted():
 
 
 def test_blacklist_exemption_for_a_relay_host():
+    """A client exempt from the blacklist check is let through although it is on the blacklist."""
     clock = Clock()
     bl = MemoryBlacklist(clock)
     run(bl.add("192.0.2.10/32", 600, "spamtrap x"))
@@ -268,6 +294,8 @@ def test_blacklist_exemption_for_a_relay_host():
 # -- thresholds -------------------------------------------------------------------
 
 def test_thresholds_blacklist_past_max_messages_per_network():
+    """More than max_messages from one /24 within the period refuses the next message with 554
+    5.7.1 and blacklists the network."""
     engine, services, clock = make_engine({"policies": {"default": {"thresholds": {
         "enabled": True, "max_messages": 3, "period": 120, "blacklist_seconds": 3600,
         "ipv4_prefix": 24}}}})
@@ -281,6 +309,7 @@ def test_thresholds_blacklist_past_max_messages_per_network():
 
 
 def test_thresholds_window_slides():
+    """Messages older than the period no longer count towards max_messages."""
     engine, _, clock = make_engine({"policies": {"default": {"thresholds": {
         "enabled": True, "max_messages": 2, "period": 60}}}})
     for _ in range(2):
@@ -290,6 +319,7 @@ def test_thresholds_window_slides():
 
 
 def test_thresholds_count_once_per_transaction():
+    """A transaction with several recipients counts as one message towards max_messages."""
     engine, _, _ = make_engine({"policies": {"default": {"thresholds": {
         "enabled": True, "max_messages": 1}}}})
     record = TransactionRecord()
@@ -299,6 +329,8 @@ def test_thresholds_count_once_per_transaction():
 
 
 def test_spam_verdicts_count_against_max_spam():
+    """Spam verdicts past max_spam within the period refuse the client and blacklist it for
+    "threshold spam"."""
     engine, services, _ = make_engine({"policies": {"default": {"thresholds": {
         "enabled": True, "max_spam": 2, "period": 120}}}})
     key = "192.0.2.10/32"
@@ -310,6 +342,8 @@ def test_spam_verdicts_count_against_max_spam():
 
 
 def test_thresholds_exempt_relay_host_never_blacklisted():
+    """A client exempt from the thresholds check is never refused nor blacklisted however much
+    it sends."""
     engine, services, _ = make_engine({"policies": {"default": {"thresholds": {
         "enabled": True, "max_messages": 1, "whitelist_clients": ["192.0.2.10/32"]}}}})
     for _ in range(5):
@@ -327,6 +361,8 @@ class Scorer(Check):
 
 
 def test_score_at_reject_threshold_refuses_before_greylisting(monkeypatch):
+    """A score at the reject threshold refuses with 550 5.7.1 naming the reasons, and
+    greylisting never runs for the refused message."""
     from mppproxy.policy import checks
 
     class Settings:
@@ -350,6 +386,8 @@ def test_score_at_reject_threshold_refuses_before_greylisting(monkeypatch):
 # -- greylisting -------------------------------------------------------------------------
 
 def test_greylisting_defers_with_451_4_7_1_and_retry_seconds():
+    """A first delivery attempt is greylisted with 451 4.7.1 naming the delay, and the same
+    triplet is let through after the delay."""
     engine, _, clock = make_engine({"policies": {"default": {"greylisting": {"enabled": True, "delay": 300}}}})
     reply, _ = ask(engine, facts())
     assert (reply.code, reply.enhanced) == (451, "4.7.1")
@@ -383,6 +421,7 @@ def test_greylisting_results_are_shared_per_retry_time(monkeypatch):
 # -- failures --------------------------------------------------------------------------------
 
 def test_failing_check_tempfails_by_default():
+    """A check that fails gives 451 4.3.0 by default and is recorded as skipped for an error."""
     engine, _, _ = make_engine({}, blacklist=FailingBlacklist(Clock()))
     reply, record = ask(engine, facts())
     assert (reply.code, reply.enhanced) == (451, "4.3.0")
@@ -390,6 +429,7 @@ def test_failing_check_tempfails_by_default():
 
 
 def test_failing_check_skipped_when_configured():
+    """With on_error = "skip" a failing check is left out and the recipient is accepted."""
     engine, _, _ = make_engine({"policy": {"on_error": "skip"}}, blacklist=FailingBlacklist(Clock()))
     reply, _ = ask(engine, facts())
     assert reply is None
@@ -443,6 +483,8 @@ def test_check_cancelled_by_something_else_is_a_failure_not_a_timeout():
 # -- templates ---------------------------------------------------------------------------------
 
 def test_site_template_overrides_builtin(tmp_path):
+    """A site template replaces the built-in text of a reply, keeping the reply's RFC-fixed code
+    and enhanced code."""
     (tmp_path / "replies").mkdir()
     (tmp_path / "replies" / "greylist.txt").write_text("Come back in {{ retry_seconds }}s, {{ client_ip }}\n")
     renderer = ReplyRenderer(site_dir=str(tmp_path))
@@ -451,6 +493,7 @@ def test_site_template_overrides_builtin(tmp_path):
 
 
 def test_per_policy_template_overrides_site(tmp_path):
+    """A policy's own template directory wins over the site's for that policy, and only for it."""
     for name, text in (("site", "site text"), ("school", "school text")):
         (tmp_path / name / "replies").mkdir(parents=True)
         (tmp_path / name / "replies" / "access.txt").write_text(text)
@@ -460,6 +503,7 @@ def test_per_policy_template_overrides_site(tmp_path):
 
 
 def test_broken_template_falls_back_to_builtin(tmp_path):
+    """A site template that fails to render falls back to the built-in text."""
     (tmp_path / "replies").mkdir()
     (tmp_path / "replies" / "access.txt").write_text("{{ undefined_variable.attr }}")
     renderer = ReplyRenderer(site_dir=str(tmp_path))
@@ -468,6 +512,7 @@ def test_broken_template_falls_back_to_builtin(tmp_path):
 
 
 def test_template_cannot_inject_reply_lines():
+    """Client text with CR LF in a template variable cannot add a line to the SMTP reply."""
     renderer = ReplyRenderer()
     reply = renderer.reply("access", {"what": "sender <a\r\n250 OK@x>"})
     wire = reply.to_bytes()
@@ -475,6 +520,7 @@ def test_template_cannot_inject_reply_lines():
 
 
 def test_builtin_templates_all_render():
+    """Every built-in reply template passes the check and renders a non-empty text."""
     renderer = ReplyRenderer()
     assert renderer.check_templates() == []
     for name in ("access", "blacklist", "spamtrap", "greylist", "score", "spf", "tempfail", "policy_group"):
@@ -486,6 +532,8 @@ def test_builtin_templates_all_render():
 
 
 def test_check_files_reports_a_broken_site_template(tmp_path):
+    """check_files reports a site template with a syntax error (file and line) and a missing
+    policy template directory (its key)."""
     from mppproxy.config.load import check_files
 
     (tmp_path / "tpl" / "replies").mkdir(parents=True)

@@ -59,6 +59,8 @@ class PolicyCase(unittest.TestCase):
 class AccessTests(PolicyCase):
 
     async def test_blacklisted_client_refused_before_the_backend_hears(self) -> None:
+        """A blacklisted client's RCPT gets 554 5.7.1 through the proxy and never reaches the
+        backend, while another client's mail is relayed."""
         fake, proxy = self.start({"policies": {"default": {"access": {
             "blacklist_clients": ["127.0.0.5/32"]}}}})
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.5")
@@ -72,6 +74,8 @@ class AccessTests(PolicyCase):
         self.assertEqual(len(fake.messages), 1)
 
     async def test_blacklisted_sender_and_whitelisted_recipient(self) -> None:
+        """A blacklisted sender's RCPT is refused with 554, and a whitelisted recipient skips
+        the later checks (here a spamtrap matching it) and gets the message."""
         fake, proxy = self.start({"policies": {"default": {"access": {
             "blacklist_senders": [".spam.example"], "whitelist_recipients": ["postmaster@"]},
             "spamtrap": {"enabled": True, "patterns": ["^postmaster@"]}}}})
@@ -86,6 +90,8 @@ class AccessTests(PolicyCase):
 class PolicyGroupTests(PolicyCase):
 
     async def test_recipient_of_another_policy_gets_452_4_5_3(self) -> None:
+        """A recipient of another policy than the first one gets 452 4.5.3 through the proxy,
+        and the message reaches the backend for the others only."""
         fake, proxy = self.start({"policies": {"school": {"domains": ["school.example"]}}})
         out = await self.run_session(proxy.port, ("a@school.example", "b@example.com",
                                                   "c@school.example"))
@@ -98,6 +104,9 @@ class PolicyGroupTests(PolicyCase):
 class SpamtrapTests(PolicyCase):
 
     async def test_trap_refuses_recipient_then_everything_from_the_client(self) -> None:
+        """A spamtrap recipient is refused with 550 without naming the trap; the client's later
+        recipients, its DATA and its next sessions get 554, and nothing is relayed, while other
+        clients are unaffected."""
         fake, proxy = self.start({"policies": {"default": {"spamtrap": {
             "enabled": True, "patterns": [r"^trap@example\.com$"], "blacklist_seconds": 600}}}})
         out = await self.run_session(proxy.port, ("good@example.com", "trap@example.com",
@@ -118,6 +127,8 @@ class SpamtrapTests(PolicyCase):
 class ThresholdTests(PolicyCase):
 
     async def test_too_many_messages_blacklist_the_client(self) -> None:
+        """Past max_messages within the period the client's next RCPTs are refused with 554, and
+        only the messages before that reach the backend."""
         fake, proxy = self.start({"policies": {"default": {"thresholds": {
             "enabled": True, "max_messages": 3, "period": 60}}}})
         codes = []
@@ -128,6 +139,8 @@ class ThresholdTests(PolicyCase):
         self.assertEqual(len(fake.messages), 3)
 
     async def test_exempt_relay_host_is_never_blacklisted(self) -> None:
+        """A client exempt from the thresholds keeps getting its messages through past
+        max_messages."""
         fake, proxy = self.start({"policies": {"default": {"thresholds": {
             "enabled": True, "max_messages": 1, "whitelist_clients": ["127.0.0.10"]}}}})
         for _ in range(3):
@@ -145,6 +158,8 @@ class DnsblTests(PolicyCase):
                     "scoring": {"tag": 5, "reject": 15, **scoring}}}}
 
     async def test_listed_client_over_reject_score_is_refused(self) -> None:
+        """A client listed in a DNS list whose score reaches the reject threshold gets 550 5.7.1
+        naming the list at RCPT; an unlisted client is relayed."""
         fake, proxy = self.start(self.dnsbl_policy(20))
         # zen.test lists 127.0.0.2
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
@@ -156,6 +171,8 @@ class DnsblTests(PolicyCase):
         self.assertEqual(out["data"][0], 250)
 
     async def test_listed_client_under_reject_is_tagged(self) -> None:
+        """A listed client scoring between the tag and reject thresholds is relayed with
+        X-Spam-Flag, X-Spam-Score and the check's name added."""
         fake, proxy = self.start(self.dnsbl_policy(6))
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
         self.assertEqual(out["data"][0], 250)
@@ -165,6 +182,8 @@ class DnsblTests(PolicyCase):
         self.assertIn(b"tests=dnsbl", msg.data)
 
     async def test_listed_client_over_quarantine_is_held_not_relayed(self) -> None:
+        """A listed client scoring over the quarantine threshold gets 250, and the message is
+        held in the recipient's quarantine Maildir instead of relayed."""
         fake, proxy = self.start(self.dnsbl_policy(11, quarantine=10))
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
         self.assertEqual(out["data"][0], 250)
@@ -176,6 +195,8 @@ class DnsblTests(PolicyCase):
         self.assertEqual(len(held), 1)
 
     async def test_dead_dns_server_scores_nothing_and_mail_flows(self) -> None:
+        """With the DNS server silent, the DNS list check times out, scores nothing, and the
+        message is relayed within seconds."""
         from test_dnsbl import start_silent_server
 
         silent = start_silent_server(self)
@@ -191,6 +212,8 @@ class DnsblTests(PolicyCase):
 class GreylistTests(PolicyCase):
 
     async def test_first_attempt_deferred_retry_after_delay_passes(self) -> None:
+        """The first attempt is greylisted with 451 4.7.1 before the backend hears of it; a
+        retry after the delay passes, and so does a client of the same /24."""
         fake, proxy = self.start({"policies": {"default": {"greylisting": {
             "enabled": True, "delay": 1}}}})
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.11")
@@ -209,6 +232,8 @@ class GreylistTests(PolicyCase):
 class TrustedTests(PolicyCase):
 
     async def test_trusted_clients_skip_the_checks(self) -> None:
+        """A client of the trusted networks skips the policy checks: a blacklist covering it
+        does not refuse its message."""
         fake = FakeBackend()
         port = fake.start_for(self)
         config = proxy_config(self.mktemp(), port, trusted_networks=("127.0.0.0/8",), policy={
@@ -228,6 +253,8 @@ class SpfTests(PolicyCase):
                 "policies": {"default": {"spf": {"enabled": True, **spf}}}}
 
     async def test_fail_refused_with_5_7_23_when_configured(self) -> None:
+        """With reject_fail set, a sender whose SPF record fails for the client gets 550 5.7.23
+        and nothing is relayed."""
         fake, proxy = self.start(self.spf_policy(reject_fail=True))
         # the test zone's example.net says "v=spf1 -all ..."
         out = await self.run_session(proxy.port, ("a@example.com",), sender="x@example.net")
@@ -237,6 +264,8 @@ class SpfTests(PolicyCase):
         self.assertEqual(fake.messages, [])
 
     async def test_pass_adds_authentication_results(self) -> None:
+        """An SPF pass is relayed with an Authentication-Results field naming our authserv-id,
+        the result, the client and the sender."""
         fake, proxy = self.start(self.spf_policy())
         # "v=spf1 +all"
         out = await self.run_session(proxy.port, ("a@example.com",), sender="x@e7.all.example.com")
@@ -246,6 +275,8 @@ class SpfTests(PolicyCase):
                       b"\tsmtp.mailfrom=x@e7.all.example.com\r\n", msg.data)
 
     async def test_fail_scores_and_tags_by_default(self) -> None:
+        """By default an SPF fail only scores: the message is relayed tagged, with spf=fail in
+        its headers and the score in X-Spam-Score."""
         fake, proxy = self.start(self.spf_policy(score_fail=6))
         out = await self.run_session(proxy.port, ("a@example.com",), sender="x@example.net")
         self.assertEqual(out["data"][0], 250)
@@ -265,12 +296,15 @@ class ScanTests(PolicyCase):
             "scoring": {"tag": 5, "reject": 15}, **extra}}}
 
     async def test_clean_message_relayed(self) -> None:
+        """A clean message passes the scan and is relayed."""
         fake, proxy = self.start(self.scan_policy())
         out = await self.run_session(proxy.port, ("a@example.com",))
         self.assertEqual(out["data"][0], 250)
         self.assertEqual(len(fake.messages), 1)
 
     async def test_malformed_message_refused_at_end_of_data(self) -> None:
+        """A message with a malformed header section gets 550 5.6.0 at the end of DATA and is
+        not relayed."""
         fake, proxy = self.start(self.scan_policy())
         bad = b"From: <s@client.test>\r\nthis line has no colon\r\nSubject: x\r\n\r\nbody\r\n"
         out = await self.run_session(proxy.port, ("a@example.com",), message=bad)
@@ -280,6 +314,8 @@ class ScanTests(PolicyCase):
         self.assertEqual(fake.messages, [])
 
     async def test_executable_attachment_refused(self) -> None:
+        """An executable attachment under a double extension gets 550 5.7.1 at the end of DATA,
+        without its file name in the reply, and is not relayed."""
         import base64
 
         fake, proxy = self.start(self.scan_policy())
@@ -298,6 +334,8 @@ class ScanTests(PolicyCase):
         self.assertEqual(fake.messages, [])
 
     async def test_header_rule_score_tags_the_message(self) -> None:
+        """A header rule's score over the tag threshold relays the message with X-Spam-Flag and
+        X-Spam-Score."""
         fake, proxy = self.start(self.scan_policy())
         msg = b"From: <s@client.test>\r\nSubject: Cheap meds today\r\n\r\nbody\r\n"
         out = await self.run_session(proxy.port, ("a@example.com",), message=msg)
@@ -307,6 +345,8 @@ class ScanTests(PolicyCase):
         self.assertIn(b"X-Spam-Score: 6\r\n", relayed.data)
 
     async def test_spam_verdicts_feed_the_thresholds(self) -> None:
+        """Spam verdicts after DATA count towards max_spam: past it, the client's next RCPT is
+        refused with 554."""
         fake, proxy = self.start(self.scan_policy(thresholds={
             "enabled": True, "max_spam": 2, "period": 60}))
         msg = b"From: <s@client.test>\r\nSubject: Cheap meds today\r\n\r\nbody\r\n"

@@ -19,12 +19,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fakes_policy import MemoryDatabase
 from mppproxy.config.load import from_mapping, merge
-from mppproxy.gateway import TrustedNetworks
-from mppproxy.policy.base import Facts, TransactionRecord
+from mppproxy.match import TrustedNetworks
+from mppproxy.policy.base import Facts
+from mppproxy.results import TransactionRecord
 from mppproxy.policy.runtime import PolicyRuntime
-from mppproxy.policyd.config import check_action
+from mppproxy.config.policyd import check_action
 from mppproxy.policyd.protocol import (PolicyProtocol, PolicyServerFactory, action_for_reply,
-                                       facts_from_request, finish_awaiting)
+                                       facts_from_request)
 from mppproxy.smtp.replies import Reply
 
 BASE: dict[str, Any] = {
@@ -527,76 +528,3 @@ def test_garbage_stream_never_crashes():
     got = answers(s.transport)
     assert got[-1] == "550 5.7.1 access denied"
     assert all(a in ("DUNNO", "550 5.7.1 access denied") for a in got)
-
-
-# -- finish_awaiting: how a waiting evaluation is driven to its end ----------------------
-
-def _drive(coro_fn):
-    """Start coro_fn() as _decide does and drive it; returns (outcome list, first awaited)."""
-    from twisted.python.failure import Failure
-
-    outcome: list = []
-    coro = coro_fn()
-    awaited = coro.send(None)
-    finish_awaiting(coro, awaited, outcome.append, lambda: ("failed", Failure().value))
-    return outcome
-
-
-def test_finish_awaiting_value_after_several_waits():
-    first, second = Deferred(), Deferred()
-
-    async def evaluation():
-        a = await first
-        b = await second
-        return a + b
-
-    outcome = _drive(evaluation)
-    assert outcome == []
-    first.callback(2)
-    assert outcome == []
-    second.callback(3)
-    assert outcome == [5]
-    # The awaited Deferreds' results went into the coroutine.
-    assert (first.result, second.result) == (None, None)
-
-
-def test_finish_awaiting_failure_caught_inside_and_already_fired():
-    failing = Deferred()
-
-    async def evaluation():
-        try:
-            await failing
-        except KeyError:
-            pass
-        done = Deferred()
-        done.callback("fired")
-        return await done  # already fired: no wait
-
-    outcome = _drive(evaluation)
-    failing.errback(KeyError("x"))
-    assert outcome == ["fired"]
-
-
-def test_finish_awaiting_uncaught_failure_goes_to_failed():
-    failing = Deferred()
-
-    async def evaluation():
-        await failing
-        return "never"
-
-    outcome = _drive(evaluation)
-    failing.errback(ValueError("db down"))
-    ((tag, error),) = outcome
-    assert (tag, type(error), str(error)) == ("failed", ValueError, "db down")
-
-
-def test_finish_awaiting_something_not_a_deferred():
-    class Odd:
-        def __await__(self):
-            yield "not a Deferred"
-
-    async def evaluation():
-        await Odd()
-
-    ((tag, error),) = _drive(evaluation)
-    assert tag == "failed" and isinstance(error, TypeError)

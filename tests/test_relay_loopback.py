@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from fakes_backend import FakeBackend
 from helpers import free_port
-from mppproxy.gateway import RECEIVED_ALLOWANCE
+from mppproxy.edge.handler import RECEIVED_ALLOWANCE
 from loopback import (CLIENT_TIMEOUT, InProcessProxy, RawClient, proxy_config, start_proxy,
                       wait_reactor_quiet)
 

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mppproxy.policy.base import Action, CheckResult, TransactionRecord
-from mppproxy.policy.config import ScoringConfig
+from mppproxy.results import CheckResult, HardAction, TransactionRecord
+from mppproxy.config.policy import ScoringConfig
 from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engine import ScanEngine, ScanReport, SlotSettings
 from mppproxy.verdict import Verdict, decide, result_headers
@@ -49,6 +49,8 @@ def run(engine: ScanEngine, record: TransactionRecord, clock: Clock | None = Non
 
 
 def test_scores_are_weighted_summed_and_recorded():
+    """Each scanner's score times its weight is added to the report and to the transaction's
+    pre-DATA score, and every scanner's rules and weighted result are recorded in order."""
     spam = Scripted("spamd", CheckResult(score=4.0, reasons=("BAYES_99", "URIBL_BLACK")))
     rsp = Scripted("rspamd", CheckResult(score=2.0, reasons=("R_SPF_FAIL",)))
     engine = ScanEngine([(spam, SlotSettings(weight=1.5)), (rsp, SlotSettings())], Clock())
@@ -62,6 +64,8 @@ def test_scores_are_weighted_summed_and_recorded():
 
 
 def test_failure_tempfails_by_default_and_is_recorded():
+    """A scanner that cannot answer is a failure, recorded with its reason, and by default the
+    verdict is tempfail."""
     down = Scripted("clamd", ScannerUnavailable("clamd", "connection refused"))
     engine = ScanEngine([(down, SlotSettings())], Clock())
     record = TransactionRecord(policy="default")
@@ -73,6 +77,7 @@ def test_failure_tempfails_by_default_and_is_recorded():
 
 
 def test_failure_skipped_when_configured():
+    """With on_failure = "skip" a failing scanner is left out and the message is relayed."""
     down = Scripted("rspamd", ScannerUnavailable("rspamd", "bad reply"))
     engine = ScanEngine([(down, SlotSettings(on_failure="skip"))], Clock())
     record = TransactionRecord(policy="default")
@@ -82,6 +87,7 @@ def test_failure_skipped_when_configured():
 
 
 def test_slow_scanner_times_out_as_a_failure():
+    """A scanner without an answer within its timeout is a failure saying so."""
     clock = Clock()
     slow = Scripted("spamd", Deferred())
     engine = ScanEngine([(slow, SlotSettings(timeout=5))], clock)
@@ -91,6 +97,8 @@ def test_slow_scanner_times_out_as_a_failure():
 
 
 def test_crashing_scanner_is_a_failure_not_a_crash():
+    """A scanner raising an unexpected exception is an "internal error" failure, and the scan
+    still completes."""
     broken = Scripted("command", ZeroDivisionError("oops"))
     engine = ScanEngine([(broken, SlotSettings())], Clock())
     record = TransactionRecord(policy="default")
@@ -99,6 +107,8 @@ def test_crashing_scanner_is_a_failure_not_a_crash():
 
 
 def test_size_bound_skips_the_scanner():
+    """A message over the slot's max_size is never handed to the scanner, and the skip is
+    recorded with the size."""
     big = Scripted("spamd", CheckResult(score=9.0))
     engine = ScanEngine([(big, SlotSettings(max_size=10))], Clock())
     record = TransactionRecord(policy="default")
@@ -108,7 +118,9 @@ def test_size_bound_skips_the_scanner():
 
 
 def test_virus_is_a_hard_reject_naming_the_signature():
-    clam = Scripted("clamd", CheckResult(reasons=("virus Eicar-Signature",), action=Action.REJECT,
+    """A virus found is a hard reject, whatever the score, with the virus template and the
+    signature as the reason."""
+    clam = Scripted("clamd", CheckResult(reasons=("virus Eicar-Signature",), action=HardAction.REJECT,
                                          template="virus"))
     engine = ScanEngine([(clam, SlotSettings())], Clock())
     record = TransactionRecord(policy="default")
@@ -118,6 +130,8 @@ def test_virus_is_a_hard_reject_naming_the_signature():
 
 
 def test_thresholds_tag_quarantine_reject():
+    """A score at or over each threshold picks tag, quarantine or reject (below the tag
+    threshold: relay), and a tagged verdict carries X-Spam-Flag and X-Spam-Score."""
     scoring = ScoringConfig(tag=5, quarantine=10, reject=15)
     for score, action in ((4.9, "relay"), (5, "tag"), (10, "quarantine"), (15, "reject")):
         record = TransactionRecord(policy="default", score=score)
@@ -128,11 +142,14 @@ def test_thresholds_tag_quarantine_reject():
 
 
 def test_whitelisted_transaction_is_not_judged_by_score():
+    """A whitelisted transaction is relayed whatever its score."""
     record = TransactionRecord(policy="default", score=50, whitelisted=True)
     assert decide(record, ScoringConfig()).action == "relay"
 
 
 def test_scanners_run_concurrently():
+    """The engine asks all scanners at once rather than one after the other, and sums their
+    answers in whatever order they come."""
     clock = Clock()
     first, second = Deferred(), Deferred()
     a, b = Scripted("a", first), Scripted("b", second)

@@ -30,9 +30,11 @@ from fakes_scanners import clamd_complete, instream_payload, spamd_complete, spa
 from helpers import free_port
 from loopback import proxy_config, start_proxy, wait_reactor_quiet
 from mppproxy import cli
-from mppproxy.config.load import ConfigError, from_mapping, merge
-from mppproxy.policy.base import Action, CheckResult, TransactionRecord
-from mppproxy.policy.config import ScanConfig, ScoringConfig
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.load import from_mapping, merge
+from mppproxy.results import CheckResult, HardAction, TransactionRecord
+from mppproxy.config.policy import ScoringConfig
+from mppproxy.config.scan import ScanConfig
 from mppproxy.scan import factory
 from mppproxy.scan.base import DOWN, GARBAGE, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.scan.engine import ScanEngine, ScanReport, SlotSettings
@@ -495,8 +497,8 @@ class ScanOutputTests(unittest.TestCase):
 
 def test_every_hard_hit_is_in_the_reasons():
     """A virus found beside a malformed-message defect is named in the verdict's reasons too."""
-    mime = CheckResult(reasons=("mime:header_8bit",), action=Action.REJECT, template="malformed")
-    virus = CheckResult(reasons=("virus Eicar-Signature",), action=Action.REJECT,
+    mime = CheckResult(reasons=("mime:header_8bit",), action=HardAction.REJECT, template="malformed")
+    virus = CheckResult(reasons=("virus Eicar-Signature",), action=HardAction.REJECT,
                         template="virus")
     report = ScanReport(hard=("mime", mime), hard_hits=[("mime", mime), ("clamd", virus)])
     verdict = decide(TransactionRecord(policy="default"), ScoringConfig(), report)

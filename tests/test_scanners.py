@@ -25,19 +25,21 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
+from fakes_rspamd import Answer, CutShort, Drop, FakeRspamd, Stall, start_rspamd
 from fakes_scanners import (CloseOnConnect, Delay, Hold, Reply, ReplyEarly, Silent,
                             clamd_complete, http_complete, http_reply, instream_payload,
                             spamd_complete, spamd_reply, start_engine)
 from mppproxy.config.load import _build
-from mppproxy.policy.base import Action, CheckResult
-from mppproxy.scan.base import EngineHealth, ScanInput, Scanner, ScannerUnavailable
-from mppproxy.scan.engines_config import (ClamdConfig, CommandScannerConfig, RspamdConfig,
-                                  ScanHealthConfig, SpamdConfig, parse_address, validate)
+from mppproxy.results import CheckResult, HardAction
+from mppproxy.scan.base import (DOWN, ERROR, GARBAGE, TIMEOUT, EngineHealth, ScanInput, Scanner,
+                                ScannerUnavailable)
+from mppproxy.config.scanners import (ClamdConfig, CommandScannerConfig, RspamdConfig,
+                                     ScanHealthConfig, SpamdConfig, parse_address, validate)
 from mppproxy.scan.health import HealthMonitor
 from mppproxy.scan.scanners._client import BadReply
 from mppproxy.scan.scanners.clamd import ClamdScanner, parse_version
 from mppproxy.scan.scanners.command import CommandScanner
-from mppproxy.scan.scanners.rspamd import RspamdScanner, parse_http
+from mppproxy.scan.scanners.rspamd import MAX_REPLY, RspamdScanner
 from mppproxy.scan.scanners.spamd import SpamdScanner, parse_report, parse_reply
 
 reactor: Any = _reactor
@@ -113,7 +115,7 @@ class ClamdTests(ScannerCase):
         engine = start_engine(self, clamd_complete,
                               [Reply(b"stream: Eicar-Signature FOUND\0")])
         result = await self.scanner(engine).scan(message())
-        self.assertEqual(result.action, Action.REJECT)
+        self.assertEqual(result.action, HardAction.REJECT)
         self.assertEqual(result.reasons, ("virus Eicar-Signature",))
         self.assertEqual(result.template, "virus")
         self.assertEqual(dict(result.template_vars)["virus"], "Eicar-Signature")
@@ -452,6 +454,7 @@ RSPAMD_SPAM = {"is_skipped": False, "score": 9.5, "required_score": 15.0, "actio
 RSPAMD_GTUBE = {"is_skipped": True, "score": 15.0, "required_score": 15.0, "action": "reject",
                 "symbols": {"GTUBE": {"name": "GTUBE", "score": 0.0, "metric_score": 0.0}},
                 "messages": {"smtp_message": "Gtube pattern"}}
+SPAM_JSON = json.dumps(RSPAMD_SPAM).encode()
 
 
 def rspamd_reply(data: Any, **kw: Any) -> bytes:
@@ -459,93 +462,231 @@ def rspamd_reply(data: Any, **kw: Any) -> bytes:
 
 
 class RspamdTests(ScannerCase):
+    """The rspamd client against a twisted.web fake (tests/fakes_rspamd.py)
+    and, for replies no real server sends, the byte-scripted engines."""
 
     def scanner(self, engine: Any = None, **kw: Any) -> RspamdScanner:
-        url = (f"http://127.0.0.1:{engine.port.getHost().port}" if engine is not None
-               else f"http://127.0.0.1:{closed_port()}")
-        return RspamdScanner(RspamdConfig(url=url, **{**FAST, **kw}), reactor)
+        if isinstance(engine, FakeRspamd):
+            url = engine.url
+        elif engine is not None:
+            url = f"http://127.0.0.1:{engine.port.getHost().port}"
+        else:
+            url = f"http://127.0.0.1:{closed_port()}"
+        scanner = RspamdScanner(RspamdConfig(url=url, **{**FAST, **kw}), reactor)
+        self.addCleanup(scanner.close)
+        return scanner
 
     async def test_score_symbols_and_envelope_headers(self) -> None:
         """Score x factor; reasons are the weighted symbols; the envelope goes in headers."""
-        engine = start_engine(self, http_complete, [Reply(rspamd_reply(RSPAMD_SPAM))])
-        result = await self.scanner(engine, score_factor=2.0, password="pw").scan(message())
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        result = await self.scanner(fake, score_factor=2.0, password="pw").scan(message())
         self.assertEqual(result.score, 19.0)
         self.assertEqual(result.reasons, ("R_A", "R_B", "R_C"))
         variables = dict(result.template_vars)
         self.assertEqual((variables["rspamd_action"], variables["rspamd_required_score"]),
                          ("add header", 15.0))
         self.assertIn(("R_ZERO", 0.0), variables["rspamd_symbols"])
-        head, _, body = engine.requests[0].partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        self.assertEqual(lines[0], "POST /checkv2 HTTP/1.1")
-        for line in ("IP: 192.0.2.1", "Helo: client.example", "From: a@example.org",
-                     "Rcpt: b@example.com", "Rcpt: c@example.com", "Queue-Id: Q123",
-                     "Password: pw", "Connection: close", f"Content-Length: {len(MESSAGE)}"):
-            self.assertIn(line, lines)
-        self.assertEqual(body, MESSAGE)
+        [seen] = fake.seen
+        self.assertEqual((seen.method, seen.path), (b"POST", b"/checkv2"))
+        for name, values in ((b"ip", [b"192.0.2.1"]), (b"helo", [b"client.example"]),
+                             (b"from", [b"a@example.org"]),
+                             (b"rcpt", [b"b@example.com", b"c@example.com"]),
+                             (b"queue-id", [b"Q123"]), (b"password", [b"pw"]),
+                             (b"content-length", [str(len(MESSAGE)).encode()])):
+            self.assertEqual(seen.headers.get(name), values, name)
+        self.assertEqual(seen.body, MESSAGE)
 
     async def test_gtube_pre_result_names_its_symbol(self) -> None:
-        """A pre-result (GTUBE, is_skipped) names its zero-weight symbol as the reason."""
-        engine = start_engine(self, http_complete, [Reply(rspamd_reply(RSPAMD_GTUBE, chunked=True))])
-        result = await self.scanner(engine).scan(message())
+        """A pre-result (GTUBE, is_skipped), answered chunked, names its zero-weight symbol."""
+        fake = start_rspamd(self, [Answer(json.dumps(RSPAMD_GTUBE).encode(), chunked=True)])
+        result = await self.scanner(fake).scan(message())
         self.assertEqual((result.score, result.reasons), (15.0, ("GTUBE",)))
         self.assertEqual(dict(result.template_vars)["rspamd_action"], "reject")
 
+    async def test_keep_alive_connection_is_used_again(self) -> None:
+        """Two scans one after the other go over one connection the server keeps open."""
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        scanner = self.scanner(fake)
+        for _ in range(2):
+            self.assertEqual((await scanner.scan(message())).score, 9.5)
+        self.assertEqual(fake.connections, 1)
+        self.assertEqual([seen.connection for seen in fake.seen], [1, 1])
+
+    async def test_server_closing_after_each_reply(self) -> None:
+        """A server that answers Connection: close (rspamd's own worker) gets a new
+        connection per scan, and each scan succeeds."""
+        fake = start_rspamd(self, [Answer(SPAM_JSON, close=True)])
+        scanner = self.scanner(fake, retries=0)
+        for _ in range(2):
+            self.assertEqual((await scanner.scan(message())).score, 9.5)
+        self.assertEqual(fake.connections, 2)
+
+    async def test_stale_pooled_connection_costs_no_attempt(self) -> None:
+        """A pooled connection the server drops as the next request arrives is
+        replaced at once, even with no retries allowed."""
+        fake = start_rspamd(self, [Answer(SPAM_JSON), Drop(), Answer(SPAM_JSON)])
+        scanner = self.scanner(fake, retries=0)
+        await scanner.scan(message())
+        result = await scanner.scan(message())
+        self.assertEqual(result.score, 9.5)
+        self.assertEqual(fake.connections, 2)
+        self.assertEqual([seen.connection for seen in fake.seen], [1, 1, 2])
+
+    async def test_dropped_before_any_reply_is_retried(self) -> None:
+        """A connection closed before any reply byte is tried again on a new one;
+        with no retries left it is "down"."""
+        fake = start_rspamd(self, [Drop(), Answer(SPAM_JSON)])
+        result = await self.scanner(fake, retries=1).scan(message())
+        self.assertEqual((result.score, fake.connections), (9.5, 2))
+        fake = start_rspamd(self, [Drop()])
+        e = await self.assertUnavailable(self.scanner(fake, retries=0).scan(message()),
+                                         "before any reply")
+        self.assertEqual(e.kind, DOWN)
+
+    async def test_closing_mid_body_is_garbage_not_retried(self) -> None:
+        """A body shorter than its Content-Length is a bad reply, and no retry follows it."""
+        fake = start_rspamd(self, [CutShort(SPAM_JSON[:20], len(SPAM_JSON)), Answer(SPAM_JSON)])
+        e = await self.assertUnavailable(self.scanner(fake, retries=2).scan(message()),
+                                         "bad reply", "cut short")
+        self.assertEqual((e.kind, fake.connections), (GARBAGE, 1))
+
+    async def test_garbage_json(self) -> None:
+        """A 200 answer that is not JSON, or JSON that is no scan result, is garbage."""
+        for body, fragment in ((b"{not json", "not JSON"), (b"[1, 2]", "not an object")):
+            fake = start_rspamd(self, [Answer(body)])
+            e = await self.assertUnavailable(self.scanner(fake).scan(message()), fragment)
+            self.assertEqual(e.kind, GARBAGE)
+
+    async def test_http_error_status(self) -> None:
+        """An HTTP error status is an engine error naming the status."""
+        fake = start_rspamd(self, [Answer(b'{"error":"invalid command"}', status=500)])
+        e = await self.assertUnavailable(self.scanner(fake).scan(message()), "HTTP 500")
+        self.assertEqual(e.kind, ERROR)
+
+    async def test_oversized_reply_is_garbage(self) -> None:
+        """A reply over MAX_REPLY octets, announced or chunked, is garbage and not read on."""
+        for chunked in (False, True):
+            fake = start_rspamd(self, [Answer(b" " * (MAX_REPLY + 1), chunked=chunked)])
+            e = await self.assertUnavailable(self.scanner(fake).scan(message()),
+                                             f"longer than {MAX_REPLY}")
+            self.assertEqual(e.kind, GARBAGE)
+
+    async def test_slow_server_times_out_and_is_dropped(self) -> None:
+        """No answer within the timeout: a timeout failure, and the connection is closed."""
+        fake = start_rspamd(self, [Stall()])
+        e = await self.assertUnavailable(self.scanner(fake, timeout=0.3).scan(message()),
+                                         "timeout after 0.3s")
+        self.assertEqual(e.kind, TIMEOUT)
+        for _ in range(50):
+            if not fake.open:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fake.open, [])
+
+    async def test_cancelled_scan_raises_cancelled(self) -> None:
+        """Cancelling a scan (the scan engine's own timeout) ends it with CancelledError,
+        which the engine reports as a timeout, and closes the connection."""
+        fake = start_rspamd(self, [Stall()])
+        d = Deferred.fromCoroutine(self.scanner(fake).scan(message()))
+        while not fake.stalled:
+            await deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        for _ in range(50):
+            if not fake.open:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fake.open, [])
+
+    async def test_big_message_is_streamed_whole(self) -> None:
+        """A 3 MB message in 64 KiB pieces arrives whole, with its Content-Length."""
+        data = MESSAGE + b"x" * (3 * 1024 * 1024) + b"\r\n"
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        await self.scanner(fake).scan(message(data, pieces=len(data) // (64 * 1024)))
+        [seen] = fake.seen
+        self.assertEqual(seen.headers[b"content-length"], [str(len(data)).encode()])
+        self.assertEqual(seen.body, data)
+
+    async def test_unreadable_message_is_an_error(self) -> None:
+        """A message whose spool cannot be read fails the scan as our error, not rspamd's."""
+        def chunks() -> Any:
+            yield MESSAGE
+            raise OSError("spool file vanished")
+
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        e = await self.assertUnavailable(
+            self.scanner(fake, retries=0).scan(ScanInput(chunks=chunks, size=2 * len(MESSAGE))),
+            "cannot read the message", "spool file vanished")
+        self.assertEqual(e.kind, ERROR)
+
+    async def test_a_scan_logs_no_factory_start_and_stop(self) -> None:
+        """The pool's per-connection factories log no "Starting factory" lines."""
+        fake = start_rspamd(self, [Answer(SPAM_JSON, close=True)])
+        with capturedLogs() as events:
+            await self.scanner(fake).scan(message())
+        noise = [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
+        self.assertEqual(noise, [])
+
     async def test_client_text_cannot_add_headers(self) -> None:
         """A HELO or sender with CR/LF is left out rather than splitting a header."""
-        engine = start_engine(self, http_complete, [Reply(rspamd_reply(RSPAMD_SPAM))])
-        await self.scanner(engine).scan(message(helo="x\r\nPassword: evil", sender="",
-                                                recipients=("ok@example.com",)))
-        head = engine.requests[0].partition(b"\r\n\r\n")[0].decode()
-        self.assertNotIn("evil", head)
-        self.assertNotIn("Helo:", head)
-        self.assertNotIn("From:", head)
-        self.assertIn("Rcpt: ok@example.com", head)
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        await self.scanner(fake).scan(message(helo="x\r\nPassword: evil", sender="",
+                                              recipients=("ok@example.com",)))
+        [seen] = fake.seen
+        self.assertNotIn(b"evil", b"".join(b"".join(v) for v in seen.headers.values()))
+        self.assertNotIn(b"helo", seen.headers)
+        self.assertNotIn(b"from", seen.headers)
+        self.assertEqual(seen.headers[b"rcpt"], [b"ok@example.com"])
 
     async def test_base_path_is_kept(self) -> None:
         """A URL with a path (rspamd behind a proxy) puts checkv2 under it."""
-        engine = start_engine(self, http_complete, [Reply(rspamd_reply(RSPAMD_SPAM))])
-        port = engine.port.getHost().port
-        scanner = RspamdScanner(RspamdConfig(url=f"http://127.0.0.1:{port}/rspamd/", **FAST), reactor)
+        fake = start_rspamd(self, [Answer(SPAM_JSON)])
+        scanner = RspamdScanner(RspamdConfig(url=f"{fake.url}/rspamd/", **FAST), reactor)
+        self.addCleanup(scanner.close)
         await scanner.scan(message())
-        self.assertTrue(engine.requests[0].startswith(b"POST /rspamd/checkv2 HTTP/1.1\r\n"))
+        self.assertEqual(fake.seen[0].path, b"/rspamd/checkv2")
 
     async def test_engine_down(self) -> None:
-        """Refused: ScannerUnavailable after the retries."""
-        await self.assertUnavailable(self.scanner(retries=0).scan(message()), "connection refused")
-
-    async def test_slow(self) -> None:
-        """Silent past the timeout: ScannerUnavailable."""
-        engine = start_engine(self, http_complete, [Silent()])
-        await self.assertUnavailable(self.scanner(engine, timeout=0.3).scan(message()), "timeout")
+        """Refused: ScannerUnavailable, kind "down", after the retries."""
+        e = await self.assertUnavailable(self.scanner(retries=1).scan(message()),
+                                         "connection refused", "after 2 attempts")
+        self.assertEqual(e.kind, DOWN)
 
     async def test_closing_mid_reply(self) -> None:
-        """A body shorter than its Content-Length, or a head cut short: failure, no retry."""
+        """A body shorter than its Content-Length, a head cut short or a chunked body
+        cut short: garbage, no retry."""
         whole = rspamd_reply(RSPAMD_SPAM)
-        for cut in (whole[:-20], whole[:30]):
+        for cut in (whole[:-20], whole[:30], rspamd_reply(RSPAMD_SPAM, chunked=True)[:-7]):
             engine = start_engine(self, http_complete, [Reply(cut), Reply(whole)])
-            await self.assertUnavailable(self.scanner(engine, retries=2).scan(message()), "bad reply")
-            self.assertEqual(engine.connections, 1)
-        engine = start_engine(self, http_complete,
-                              [Reply(rspamd_reply(RSPAMD_SPAM, chunked=True)[:-7]), Reply(whole)])
-        await self.assertUnavailable(self.scanner(engine, retries=2).scan(message()), "cut short")
-        self.assertEqual(engine.connections, 1)
+            e = await self.assertUnavailable(self.scanner(engine, retries=2).scan(message()),
+                                             "bad reply", "cut short")
+            self.assertEqual((e.kind, engine.connections), (GARBAGE, 1))
 
     async def test_garbage(self) -> None:
-        """Not HTTP, not JSON, JSON that is no scan result, an HTTP error: all failures."""
-        cases = [(b"SPAMD/1.1 0 EX_OK\r\n\r\n", "not an HTTP status line"),
-                 (b"SPAMD/1.1 0 EX_OK\r\n", "not HTTP"),
-                 (http_reply(b"<html>oops</html>"), "not JSON"),
-                 (http_reply(b"[1, 2]"), "not an object"),
-                 (rspamd_reply({"score": "high", "action": "reject"}), "not a number"),
-                 (rspamd_reply({"score": 1.0}), "no action"),
-                 (rspamd_reply({"score": 1.0, "action": "x", "symbols": {"A": 3}}), "not an object"),
-                 (rspamd_reply({"error": "invalid command"}), "invalid command"),
+        """Not HTTP, not JSON, JSON that is no scan result: garbage; an HTTP error
+        status: an engine error."""
+        cases = [(b"SPAMD/1.1 0 EX_OK\r\n\r\n", "not HTTP: SPAMD", GARBAGE),
+                 (b"SPAMD/1.1 0 EX_OK\r\n", "bad reply", GARBAGE),
+                 (b"\x16\x03\x01\x00\xa5\r\n\r\n", "not HTTP", GARBAGE),
+                 (http_reply(b"<html>oops</html>"), "not JSON", GARBAGE),
+                 (http_reply(b"[1, 2]"), "not an object", GARBAGE),
+                 (rspamd_reply({"score": "high", "action": "reject"}), "not a number", GARBAGE),
+                 (rspamd_reply({"score": 1.0}), "no action", GARBAGE),
+                 (rspamd_reply({"score": 1.0, "action": "x", "symbols": {"A": 3}}),
+                  "not an object", GARBAGE),
+                 (rspamd_reply({"error": "invalid command"}), "invalid command", GARBAGE),
                  (http_reply(b'{"error":"invalid command"}', status="500 invalid command"),
-                  "HTTP 500")]
-        for reply, fragment in cases:
+                  "HTTP 500 invalid command", ERROR)]
+        for reply, fragment, kind in cases:
             engine = start_engine(self, http_complete, [Reply(reply)])
-            await self.assertUnavailable(self.scanner(engine).scan(message()), fragment)
+            e = await self.assertUnavailable(self.scanner(engine).scan(message()), fragment)
+            self.assertEqual(e.kind, kind, reply)
+
+    async def test_unframed_reply_is_read_to_the_end(self) -> None:
+        """A reply with neither Content-Length nor chunking is read until the server closes."""
+        engine = start_engine(self, http_complete,
+                              [Reply(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\n" + SPAM_JSON)])
+        self.assertEqual((await self.scanner(engine).scan(message())).score, 9.5)
 
     async def test_oversize_not_sent(self) -> None:
         """Over max_size: not scanned, no connection."""
@@ -572,16 +713,6 @@ class RspamdTests(ScannerCase):
         self.assertTrue(engine.requests[0].startswith(b"GET /ping HTTP/1.1\r\n"))
         engine2 = start_engine(self, http_complete, [Reply(http_reply(b"nope"))])
         await self.assertUnavailable(self.scanner(engine2).health(), "/ping answered")
-
-    def test_parse_http_byte_by_byte(self) -> None:
-        """Plain and chunked replies parse only when whole; bodies read to EOF when unframed."""
-        for whole in (rspamd_reply(RSPAMD_SPAM), rspamd_reply(RSPAMD_SPAM, chunked=True)):
-            for i in range(len(whole)):
-                self.assertIsNone(parse_http(whole[:i], False))
-            self.assertEqual(json.loads(parse_http(whole, False).body), RSPAMD_SPAM)
-        unframed = b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nbody"
-        self.assertIsNone(parse_http(unframed, False))
-        self.assertEqual(parse_http(unframed, True).body, b"body")
 
 
 # -- the command-line scanner ----------------------------------------------------------------
@@ -629,7 +760,7 @@ class CommandTests(ScannerCase):
         """An infected exit code rejects; without a pattern the reason names the exit code."""
         scanner = self.scanner("exit 1\n", name="mytool")
         result = await scanner.scan(message())
-        self.assertEqual(result.action, Action.REJECT)
+        self.assertEqual(result.action, HardAction.REJECT)
         self.assertEqual(result.reasons, ("virus found by mytool (exit 1)",))
         self.assertEqual(scanner.name, "mytool")
 
@@ -639,7 +770,7 @@ class CommandTests(ScannerCase):
                                infected_pattern=r": (?P<name>\S+) FOUND$", template="malware")
         result = await scanner.scan(message())
         self.assertEqual((result.action, result.reasons, result.template),
-                         (Action.REJECT, ("virus Win.Test.Thing",), "malware"))
+                         (HardAction.REJECT, ("virus Win.Test.Thing",), "malware"))
 
     async def test_unexpected_exit_code_is_unavailable(self) -> None:
         """An exit code neither clean nor infected is a failure with the output's tail."""

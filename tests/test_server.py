@@ -97,7 +97,7 @@ class RecordingHandler:
 
     def known_capabilities(self, session: Session) -> Optional[Capabilities]:
         # None: every EHLO takes the asynchronous path, which these tests
-        # exercise (the gateway tests cover the synchronous one).
+        # exercise (the edge handler tests cover the synchronous one).
         return None
 
     async def capabilities(self, session: Session) -> Capabilities:
@@ -118,7 +118,7 @@ class RecordingHandler:
 
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
         self.calls.append("data_end")
-        # Keep the spool and read it after the decision, as the gateway does
+        # Keep the spool and read it after the decision, as the edge does
         # (prepare() holds the Spool; the relay streams it after DATA's 354).
         spool = txn.spool
         assert spool is not None

@@ -43,11 +43,14 @@ class FakePort:
 
 
 def test_parse_worker_fds():
+    """--worker-fds parses "fd:family" pairs separated by commas, and empty text to none."""
     assert parse_worker_fds("") == ()
     assert parse_worker_fds("7:2,9:10") == ((7, 2), (9, 10))
 
 
 def test_reuseport_sockets_share_one_port_and_leave_unix_alone(tmp_path):
+    """A TCP listener gets one SO_REUSEPORT socket per process, all on one real port; a Unix
+    listener gets none."""
     sockets = reuseport_sockets(Clock(), "tcp:0:interface=127.0.0.1", 3)
     assert sockets is not None and len(sockets) == 3
     try:
@@ -61,6 +64,8 @@ def test_reuseport_sockets_share_one_port_and_leave_unix_alone(tmp_path):
 
 
 def test_each_worker_gets_its_own_socket_and_the_shared_ones():
+    """Each worker started is handed its own TCP socket and the shared Unix socket, never the
+    main process's own TCP socket."""
     reactor = FakeReactor()
     own = socket.socket()
     shared = socket.socket()
@@ -82,6 +87,8 @@ def test_each_worker_gets_its_own_socket_and_the_shared_ones():
 
 
 def test_a_dead_worker_is_restarted_even_when_its_socket_cannot_be_taken_over():
+    """When a worker dies and its socket cannot be taken over (out of descriptors) the failure
+    is logged and the worker is still restarted after the back-off."""
     reactor = FakeReactor(adopt_error=OSError(24, "Too many open files"))
     own, spare = socket.socket(), socket.socket()
     events: list[dict] = []
@@ -102,6 +109,8 @@ def test_a_dead_worker_is_restarted_even_when_its_socket_cannot_be_taken_over():
 
 
 def test_the_main_process_hands_a_taken_over_socket_back_after_the_restart():
+    """The main process accepts on a dead worker's socket until the restarted worker has had its
+    grace period, then stops listening on it."""
     reactor = FakeReactor()
     own, spare = socket.socket(), socket.socket()
     stopped: list[Any] = []

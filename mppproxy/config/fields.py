@@ -3,13 +3,15 @@
 Each check takes a converted value and returns None, or what is wrong with
 it; ``opt`` puts one into a field's metadata, where ``config/load.py``
 finds it.  A leaf module (no project imports), so every schema module may
-use it without import cycles.
+use it without import cycles (docs/design.md, "Floors").
 """
 from __future__ import annotations
 
 import math
 import re
 from typing import Any, Callable, Optional
+
+from twisted.internet.endpoints import serverFromString
 
 Check = Callable[[Any], Optional[str]]
 
@@ -42,6 +44,12 @@ def finite(value: Any) -> Optional[str]:
     return None
 
 
+def tempfail_or_skip(value: str) -> Optional[str]:
+    """What a failure does: "tempfail" (4xx, docs/design.md promise 4) or
+    "skip" (logged, and the rest goes on)."""
+    return None if value in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {value!r}"
+
+
 def regex(value: str) -> Optional[str]:
     """A Python regular expression; empty means none."""
     if not value:
@@ -61,13 +69,11 @@ def endpoints(values: tuple[str, ...]) -> Optional[str]:
     """Twisted server endpoint descriptions, at least one."""
     # Parsing a description does no I/O; the reactor is only stored, so a
     # placeholder serves to check the syntax up front.
-    from twisted.internet.endpoints import serverFromString
-
     if not values:
         return "needs at least one endpoint, such as 'tcp:25:interface=0.0.0.0'"
     for v in values:
         try:
-            serverFromString(object(), v)
+            serverFromString(object(), v)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         except (ValueError, TypeError, KeyError) as e:
             return f"{v!r} is not a Twisted endpoint description ({e})"
     return None

@@ -18,19 +18,18 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mppproxy.config.dns import parse_nameserver
+from mppproxy.config.errors import ConfigError
+from mppproxy.config.ladder import config_ladder_problems
 from mppproxy.config.schema import ProxyConfig
+from mppproxy.templates import REFUSALS, make_renderer
+from mppproxy.tlsconfig import load_ca_certificate, load_server_certificate
 
 # A config command that hangs must not hang startup or a reload forever.
 CONFIG_COMMAND_TIMEOUT = 30.0
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; ``errors`` holds one line per
-    problem, each naming the source and the key."""
-
-    def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -187,8 +186,6 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
 
 
 def _policy_checks(config: ProxyConfig) -> list[str]:
-    from mppproxy.config.schema import parse_nameserver
-
     problems = []
     if config.policies["default"].domains:
         problems.append("policies.default.domains: the default policy is for every domain "
@@ -211,15 +208,11 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
     problems.extend(_unfed_max_spam(config))
     problems.extend(_unknown_templates(config))
     # Thresholds that could never act (the verdict ladder, verdict.py).
-    from mppproxy.verdict import config_ladder_problems
     problems.extend(config_ladder_problems(config))
     for i, ns in enumerate(config.dns.nameservers):
         if parse_nameserver(ns) is None:
             problems.append(f"dns.nameservers[{i}]: {ns!r} is not IP or IP:PORT ([IPv6]:PORT)")
     if config.database.url:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
         try:
             url = make_url(config.database.url)
         except ArgumentError as e:
@@ -235,8 +228,6 @@ def _unknown_templates(config: ProxyConfig) -> list[str]:
     """Template names a setting picks must be refusals the renderer knows:
     their reply codes are fixed there (templates.REFUSALS), so an unknown
     name would fail at the first refusal, in front of a client."""
-    from mppproxy.templates import REFUSALS
-
     return [f"scanners.command[{i}].template: {c.template!r} is not a reply template "
             f"(one of: {', '.join(sorted(REFUSALS))})"
             for i, c in enumerate(config.scanners.command) if c.template not in REFUSALS]
@@ -272,8 +263,6 @@ def check_files(config: ProxyConfig, source: str = "<config>") -> None:
 
 
 def _file_problems(config: ProxyConfig) -> list[str]:
-    from mppproxy.tlsconfig import load_ca_certificate
-
     errors = _certificate_problems(config)
     if config.backend is not None and config.backend.tls_ca_file:
         problem = load_ca_certificate(config.backend.tls_ca_file)[1]
@@ -284,8 +273,6 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         if problem:
             errors.append(f"logging.json_file: {problem}")
     if config.policy.enabled or config.mode == "scan":
-        from mppproxy.policy.runtime import make_renderer
-
         # Reply templates (the policy's refusals, scan mode's verdict):
         # directories exist, every template parses, no file is misnamed.
         errors.extend(make_renderer(config).check_templates())
@@ -302,8 +289,6 @@ def _file_problems(config: ProxyConfig) -> list[str]:
 def _certificate_problems(config: ProxyConfig) -> list[str]:
     """The STARTTLS certificate and key, each named by its own key when it
     cannot be read, the pair by tls.cert_file when it does not load."""
-    from mppproxy.tlsconfig import load_server_certificate
-
     tls = config.tls
     if not tls.enabled or not tls.cert_file:
         return []  # none configured: a self-signed one is made at start

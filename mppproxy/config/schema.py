@@ -9,15 +9,18 @@ configuration.md lists every key; tests/test_config.py checks the two agree.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mppproxy.scan.engines_config import ScannersConfig
-from mppproxy.policy.config import DatabaseConfig, DnsConfig, PolicyConfig, PolicyEngineConfig
-from mppproxy.policyd.config import PolicydConfig
-from mppproxy.scanservice.config import ScanServiceConfig
+from mppproxy.config.database import DatabaseConfig
+from mppproxy.config.dns import DnsConfig
 from mppproxy.config.fields import at_least as _at_least, choice as _choice, endpoints as _endpoints, opt as _opt
+from mppproxy.config.policy import PolicyConfig, PolicyEngineConfig
+from mppproxy.config.policyd import PolicydConfig
+from mppproxy.config.scanners import ScannersConfig
+from mppproxy.config.scanservice import ScanServiceConfig
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
@@ -203,31 +206,7 @@ class LoggingConfig:
     json_file: str = ""
 
 
-def parse_nameserver(text: str) -> Optional[tuple[str, int]]:
-    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` as (ip, port); None if not."""
-    t = text.strip()
-    host, port = t, 53
-    if t.startswith("["):
-        host, _, rest = t[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                return None
-            port = int(rest[1:])
-    elif t.count(":") == 1:
-        host, _, p = t.partition(":")
-        if not p.isdigit():
-            return None
-        port = int(p)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return (host, port) if 1 <= port <= 65535 else None
-
-
 def spool_directory(config: "ProxyConfig") -> str:
-    import os
-
     return config.spool_dir or os.path.join(config.data_dir, "spool")
 
 
@@ -259,12 +238,12 @@ class ProxyConfig:
     delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
     policy: PolicyEngineConfig = PolicyEngineConfig()
-    # Named policies; "default" always exists (policy/config.py).
+    # Named policies; "default" always exists (config/policy.py).
     policies: dict[str, PolicyConfig] = field(default_factory=lambda: {"default": PolicyConfig()})
     dns: DnsConfig = DnsConfig()
     database: DatabaseConfig = DatabaseConfig()
     scanners: ScannersConfig = ScannersConfig()
-    # The Postfix policy server of mode "policy" (policyd/config.py).
+    # The Postfix policy server of mode "policy" (config/policyd.py).
     policyd: PolicydConfig = PolicydConfig()
-    # The listeners of mode "scan" (scanservice/config.py).
+    # The listeners of mode "scan" (config/scanservice.py).
     scanservice: ScanServiceConfig = ScanServiceConfig()

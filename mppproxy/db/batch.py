@@ -17,13 +17,12 @@ applies ``policy.on_error``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, Sequence, TypeVar
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-if TYPE_CHECKING:
-    from mppproxy.db.state import StateDatabase
+from mppproxy.db.base import Database
 
 I = TypeVar("I")
 R = TypeVar("R")
@@ -47,7 +46,7 @@ class Batcher(Generic[I, R]):
     stop read them).
     """
 
-    def __init__(self, database: "StateDatabase", job: Job, max_batch: int = MAX_BATCH):
+    def __init__(self, database: Database, job: Job, max_batch: int = MAX_BATCH):
         self._db = database
         self._job = job
         self.max_batch = max_batch

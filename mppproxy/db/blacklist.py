@@ -1,5 +1,6 @@
 """The shared auto-blacklist in SQL (``BlacklistStore`` of
-``policy/services.py``): spam traps and thresholds ``add`` client networks,
+``policy/services.py``; ``BlacklistEntry`` is defined here, where entries
+are made): spam traps and thresholds ``add`` client networks,
 the ``blacklist`` check asks ``lookup`` for every transaction.
 
 Rows are keyed by the network in CIDR form, as ``client_key`` writes it
@@ -28,7 +29,8 @@ wrote meanwhile) and one SELECT of what the adds left.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Union
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -36,16 +38,13 @@ from sqlalchemy.engine import Engine
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
+from mppproxy.db.base import Database
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
 from mppproxy.db.engine import cursor_in_transaction, placeholders
 from mppproxy.db.models import REASON_LENGTH, StateTables, clip
 from mppproxy.logsetup import Logger
-from mppproxy.policy.patterns import V4_MASKS, V6_MASKS, network_of, parse_ip, v4_text, v6_text
-from mppproxy.policy.services import BlacklistEntry
-
-if TYPE_CHECKING:
-    from mppproxy.db.state import StateDatabase
+from mppproxy.match import V4_MASKS, V6_MASKS, network_of, parse_ip, v4_text, v6_text
 
 log = Logger()
 
@@ -54,6 +53,15 @@ log = Logger()
 MIRROR_MAX_ROWS = 100_000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class BlacklistEntry:
+    """One auto-blacklisted client network."""
+
+    network: str  # CIDR, "192.0.2.7/32" or "192.0.2.0/24"
+    reason: str  # "spamtrap", "threshold messages", "threshold spam", ...
+    expires: float  # Unix time
 
 
 def normalise_network(network: str) -> str:
@@ -96,7 +104,7 @@ class _Add(NamedTuple):
 
 
 class SqlBlacklistStore:
-    def __init__(self, database: "StateDatabase", cache_seconds: float,
+    def __init__(self, database: Database, cache_seconds: float,
                  cache_size: int = DEFAULT_SIZE, mirror_max_rows: int = MIRROR_MAX_ROWS):
         self._db = database
         self.cache_seconds = cache_seconds

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from mppproxy.policy.config import DatabaseConfig
+from mppproxy.config.database import DatabaseConfig
 
 # Seconds a statement waits for another process's SQLite write lock.
 SQLITE_BUSY_TIMEOUT = 5.0

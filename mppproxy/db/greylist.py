@@ -34,17 +34,15 @@ from that row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from sqlalchemy.engine import Engine
 
+from mppproxy.db.base import Database
 from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
 from mppproxy.db.engine import cursor_in_transaction, placeholders
 from mppproxy.db.models import ADDRESS_LENGTH, StateTables, clip, triplet_key
-
-if TYPE_CHECKING:
-    from mppproxy.db.state import StateDatabase
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class _Cached:
 
 
 class SqlGreylistStore:
-    def __init__(self, database: "StateDatabase", cache_seconds: float,
+    def __init__(self, database: Database, cache_seconds: float,
                  cache_size: int = DEFAULT_SIZE):
         self._db = database
         self.cache_seconds = cache_seconds

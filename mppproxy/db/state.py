@@ -22,13 +22,14 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mppproxy._transitions import StateEnum, TransitionError
 from mppproxy.db.blacklist import SqlBlacklistStore
 from mppproxy.db.engine import (WRITE, WriteLockBusy, database_url, is_memory_sqlite,
                                 make_engine, no_lock_wait)
 from mppproxy.db.greylist import SqlGreylistStore
 from mppproxy.db.models import StateTables
 from mppproxy.logsetup import Logger
-from mppproxy.policy.config import DatabaseConfig
+from mppproxy.config.database import DatabaseConfig
 
 log = Logger()
 
@@ -49,6 +50,59 @@ _ATTEMPTS = 3
 
 class StateDatabaseError(Exception):
     """The state database could not be used; the text says which one and why."""
+
+
+class DatabaseState(StateEnum):
+    """Where a ``StateDatabase`` stands (``StateDatabase.state``).
+
+    - ``NEW``: built, nothing started (construction does no I/O).
+      ``start()`` moves it to RUNNING; ``stop()`` to STOPPED.
+    - ``RUNNING``: the thread pool, the purge and (SQLite in the reactor)
+      the checkpoints run; work is accepted.  ``stop()`` (or the reactor's
+      shutdown) moves it to STOPPED.
+    - ``STOPPED``: nothing runs; work fails with ``StateDatabaseError``
+      (the checks' failure outcome, docs/design.md promise 4).  Final;
+      stopping again is harmless, starting again is a ``TransitionError``.
+    """
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+_DATABASE_MOVES: dict[DatabaseState, frozenset[DatabaseState]] = {
+    DatabaseState.NEW: frozenset({DatabaseState.RUNNING, DatabaseState.STOPPED}),
+    DatabaseState.RUNNING: frozenset({DatabaseState.STOPPED}),
+    DatabaseState.STOPPED: frozenset({DatabaseState.STOPPED}),
+}
+
+
+class CheckpointState(StateEnum):
+    """The WAL checkpoints of a SQLite file whose batch jobs run on the
+    reactor thread (``StateDatabase.checkpoint_state``).
+
+    - ``IDLE``: none in flight; the last one worked (or none ran yet).
+      The checkpoint loop moves it to RUNNING.
+    - ``RUNNING``: one in flight in the pool (the loop skips its turns).
+      Done: IDLE; failed: FAILING, logged.
+    - ``FAILING``: none in flight; the last one failed and the WAL grows.
+      The loop moves it to RETRYING.
+    - ``RETRYING``: one in flight after a failure.  Done: IDLE, logged as
+      working again; failed: FAILING, not logged again.
+    """
+
+    IDLE = "idle"
+    RUNNING = "running"
+    FAILING = "failing"
+    RETRYING = "retrying"
+
+
+_CHECKPOINT_MOVES: dict[CheckpointState, frozenset[CheckpointState]] = {
+    CheckpointState.IDLE: frozenset({CheckpointState.RUNNING}),
+    CheckpointState.RUNNING: frozenset({CheckpointState.IDLE, CheckpointState.FAILING}),
+    CheckpointState.FAILING: frozenset({CheckpointState.RETRYING}),
+    CheckpointState.RETRYING: frozenset({CheckpointState.IDLE, CheckpointState.FAILING}),
+}
 
 
 class StateDatabase:
@@ -86,8 +140,7 @@ class StateDatabase:
                            and not is_memory_sqlite(self.url))
         self._checkpoint_loop = LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = reactor
-        self._checkpointing = False
-        self._checkpoint_failing = False
+        self.checkpoint_state = CheckpointState.IDLE
         # The last checkpoint's (busy, WAL frames, frames checkpointed).
         self.last_checkpoint: Optional[tuple[int, int, int]] = None
         # Jobs run on the reactor thread, and those that found the write
@@ -96,7 +149,7 @@ class StateDatabase:
         self.jobs_deferred_to_pool = 0
         self._schema_ready = False
         self._schema_lock = threading.Lock()
-        self._state = "new"
+        self.state = DatabaseState.NEW
         self._shutdown_trigger: Any = None
         # Calls that went to the database (tests prove cache hits with it).
         self.calls = 0
@@ -105,7 +158,17 @@ class StateDatabase:
 
     @property
     def running(self) -> bool:
-        return self._state == "running"
+        return self.state is DatabaseState.RUNNING
+
+    def _move_to(self, new: DatabaseState) -> None:
+        if new not in _DATABASE_MOVES[self.state]:
+            raise TransitionError(self, self.state, new)
+        self.state = new
+
+    def _move_checkpoint_to(self, new: CheckpointState) -> None:
+        if new not in _CHECKPOINT_MOVES[self.checkpoint_state]:
+            raise TransitionError(self, self.checkpoint_state, new)
+        self.checkpoint_state = new
 
     # -- life cycle --------------------------------------------------------
 
@@ -116,9 +179,7 @@ class StateDatabase:
         database cannot be reached now: the stores then try again on each
         use, and fail until it can (checks tempfail, docs/design.md promise 4).
         """
-        if self._state != "new":
-            raise RuntimeError(f"state database {self.name} already {self._state}")
-        self._state = "running"
+        self._move_to(DatabaseState.RUNNING)
         self._pool.start()
         # A pool left running would keep the process alive after the
         # reactor stops: stop with the reactor if nobody stopped us first.
@@ -141,7 +202,7 @@ class StateDatabase:
         def mirror(ready: bool) -> Any:
             # The blacklist's lookups are answered from memory once this
             # load is in (db/blacklist.py); a failed one is tried again.
-            if self._state != "running":  # stopped while the check ran
+            if self.state is not DatabaseState.RUNNING:  # stopped while the check ran
                 return ready
             loaded = self.blacklist.start_mirror()
             loaded.addBoth(lambda _: ready)
@@ -155,15 +216,16 @@ class StateDatabase:
     def stop(self) -> defer.Deferred:
         """Stop the purge and the thread pool (joined off the reactor
         thread), then close every connection."""
-        state, self._state = self._state, "stopped"
-        if state == "stopped":
+        state = self.state
+        self._move_to(DatabaseState.STOPPED)
+        if state is DatabaseState.STOPPED:
             return defer.succeed(None)
         if self._purge_loop.running:
             self._purge_loop.stop()
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
         self.blacklist.stop_mirror()
-        if state == "running":
+        if state is DatabaseState.RUNNING:
             g, b = self.greylist.batcher, self.blacklist.batcher
             log.info("state database {database} stopping: greylist {g_items} calls in {g_jobs} "
                      "jobs (largest {g_largest}), blacklist {b_items} in {b_jobs} (largest "
@@ -175,7 +237,7 @@ class StateDatabase:
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        if state == "new":
+        if state is DatabaseState.NEW:
             self.engine.dispose()
             return defer.succeed(None)
 
@@ -194,8 +256,9 @@ class StateDatabase:
     def run(self, fn: Callable[..., T], *args: Any) -> defer.Deferred:
         """``fn(engine, *args)`` in a pool thread; its result, or a
         ``StateDatabaseError``."""
-        if self._state != "running":
-            return defer.fail(StateDatabaseError(f"state database {self.name} is {self._state}"))
+        if self.state is not DatabaseState.RUNNING:
+            return defer.fail(StateDatabaseError(
+                f"state database {self.name} is {self.state.value}"))
         self.calls += 1
         return deferToThreadPool(self.reactor, self._pool, self._call, fn, args)
 
@@ -213,7 +276,7 @@ class StateDatabase:
         again as before.  Its pages are read from the OS cache and its WAL
         written without fsync (synchronous = NORMAL); checkpoints, which
         fsync, run in the pool (``_checkpoint``)."""
-        if not self.in_reactor or not self._schema_ready or self._state != "running":
+        if not self.in_reactor or not self._schema_ready or self.state is not DatabaseState.RUNNING:
             return self.run(fn, *args)
         try:
             with no_lock_wait():
@@ -232,23 +295,24 @@ class StateDatabase:
         """A PASSIVE checkpoint in the pool (jobs on the reactor thread
         leave them to us): copies what no reader still needs from the WAL
         into the database file, waits for nobody."""
-        if self._checkpointing or self._state != "running":
+        before = self.checkpoint_state
+        if (before is CheckpointState.RUNNING or before is CheckpointState.RETRYING
+                or self.state is not DatabaseState.RUNNING):
             return
-        self._checkpointing = True
+        self._move_checkpoint_to(CheckpointState.RUNNING if before is CheckpointState.IDLE
+                                 else CheckpointState.RETRYING)
 
         def done(result: tuple[int, int, int]) -> None:
-            self._checkpointing = False
             self.last_checkpoint = result
-            if self._checkpoint_failing:
+            if self.checkpoint_state is CheckpointState.RETRYING:
                 log.info("state database {database} checkpoints work again", database=self.name)
-                self._checkpoint_failing = False
+            self._move_checkpoint_to(CheckpointState.IDLE)
 
         def failed(f: Any) -> None:
-            self._checkpointing = False
-            if not self._checkpoint_failing:
+            if self.checkpoint_state is CheckpointState.RUNNING:
                 log.warn("state database {database} checkpoint failed: {error}; the WAL file "
                          "grows until one works", database=self.name, error=f.getErrorMessage())
-                self._checkpoint_failing = True
+            self._move_checkpoint_to(CheckpointState.FAILING)
 
         self.run(_checkpoint).addCallbacks(done, failed)
 
@@ -310,7 +374,7 @@ class StateDatabase:
         return d
 
     def __repr__(self) -> str:
-        return f"<StateDatabase {self.name} {self._state}>"
+        return f"<StateDatabase {self.name} {self.state.value}>"
 
 
 def _checkpoint(engine: Engine) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import functools
 from collections import deque
 from typing import Any, Optional
 
-from mppproxy.policy.patterns import network_of, parse_ip
+from mppproxy.match import network_of, parse_ip
 
 MAX_KEYS = 200_000
 # A window never holds more timestamps than this; limits above it are

@@ -2,7 +2,7 @@
 result, sums the scores and turns them into one reply (STYLE.md: the
 engine decides, the checks only report).
 
-The gateway (SMTP proxy) and the Postfix policy server (``policyd/``) both
+The edge (SMTP proxy) and the Postfix policy server (``policyd/``) both
 ask ``PolicyEngine.on_recipient`` for each recipient.  A transaction gets
 the policy of its first recipient; a recipient of another policy is answered
 ``452 4.5.3`` so the client sends it in a later transaction (docs/design.md).
@@ -25,17 +25,20 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from mppproxy._async import as_deferred_started
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import (Action, Check, CheckResult, Facts, Recorded, Scope,
-                                  TransactionRecord)
-from mppproxy.policy.config import PolicyConfig, PolicyEngineConfig
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.policy.checks import REGISTRY
+from mppproxy.results import CheckResult, HardAction, Recorded, TransactionRecord
+from mppproxy.config.policy import PolicyConfig, PolicyEngineConfig
 from mppproxy.policy.deadlines import Deadlines
-from mppproxy.policy.patterns import AddressSet, DomainSet, NetworkSet
+from mppproxy.match import AddressSet, NetworkSet
+from mppproxy.policy.router import PolicyRouter
 from mppproxy.smtp.replies import Reply
 from mppproxy.templates import ReplyRenderer
 
@@ -49,8 +52,6 @@ FINAL_ORDER = ("greylisting",)
 
 
 def check_classes() -> dict[str, type[Check]]:
-    from mppproxy.policy.checks import REGISTRY
-
     return REGISTRY
 
 
@@ -101,7 +102,11 @@ class PolicyEngine:
         self.deadlines = Deadlines(reactor, engine_config.check_timeout)
         classes = check_classes()
         self._policies: dict[str, _PolicyRuntime] = {}
-        self._domains: list[tuple[DomainSet, str]] = []
+        self.router = PolicyRouter(policies)
+        # The policy of a recipient domain: the named policy listing it (or
+        # a parent as ``.parent``), else "default".  The router's own bound
+        # method, so asking per recipient costs no extra call.
+        self.policy_for: Callable[[str], str] = self.router.policy_for
         for name, policy in policies.items():
             # Only the checks this policy turns on (a reload builds a new engine).
             self._policies[name] = _PolicyRuntime(
@@ -110,23 +115,9 @@ class PolicyEngine:
                  if getattr(policy, s).enabled],
                 [self._build(classes[s], getattr(policy, s)) for s in FINAL_ORDER
                  if getattr(policy, s).enabled])
-            if name != "default":
-                domains = DomainSet()
-                for d in policy.domains:
-                    domains.add(d)
-                self._domains.append((domains, name))
 
     def _build(self, cls: type[Check], settings: Any) -> tuple[Check, Exemptions]:
         return cls(settings, self.services), Exemptions(settings if cls.exemptible else None)
-
-    def policy_for(self, domain: str) -> str:
-        """The policy of a recipient domain: the named policy listing it (or
-        a parent as ``.parent``), else "default"."""
-        if domain:
-            for domains, name in self._domains:
-                if domain in domains:
-                    return name
-        return "default"
 
     def policy(self, name: str) -> PolicyConfig:
         return self._policies[name].config
@@ -186,15 +177,16 @@ class PolicyEngine:
                 try:
                     # Most checks finish without waiting (set lookups, cached
                     # answers): those need no Deferred, no time limit, no
-                    # clock reading and no coroutine of ours.
-                    coro.send(None)
+                    # clock reading and no driver (_async.py's fast path).
+                    awaited = coro.send(None)
                 except StopIteration as done:
                     result = done.value
                 except Exception:
-                    result = await self._wait(check, _raise_again(sys.exc_info()[1]), facts,
-                                              record, time.monotonic())
+                    result = await self._wait(check, defer.fail(), facts, record,
+                                              time.monotonic())
                 else:
-                    result = await self._wait(check, coro, facts, record, time.monotonic())
+                    result = await self._wait(check, as_deferred_started(coro, awaited), facts,
+                                              record, time.monotonic())
                 if result is None:
                     if self.config.on_error == "tempfail":
                         record.refused_by = name
@@ -216,8 +208,8 @@ class PolicyEngine:
             action = result.action
             if action is None:  # most results: the score decides
                 continue
-            if action in (Action.WHITELIST, Action.WHITELIST_RECIPIENT):
-                if action is Action.WHITELIST:
+            if action in (HardAction.WHITELIST, HardAction.WHITELIST_RECIPIENT):
+                if action is HardAction.WHITELIST:
                     record.whitelisted = True
                 else:
                     record.rcpt_whitelisted = True
@@ -226,22 +218,19 @@ class PolicyEngine:
                          client=facts.client_ip, session_id=facts.session_id,
                          queue_id=facts.queue_id)
                 return None
-            if action in (Action.REJECT, Action.TEMPFAIL):
+            if action in (HardAction.REJECT, HardAction.TEMPFAIL):
                 record.refused_by = name
-                return self._render(result.template or ("tempfail" if action is Action.TEMPFAIL
+                return self._render(result.template or ("tempfail" if action is HardAction.TEMPFAIL
                                                         else "access"),
                                     facts, facts.policy, **dict(result.template_vars))
         return None
 
-    async def _wait(self, check: Check, coro: Any, facts: Facts, record: TransactionRecord,
-                    started: float) -> Optional[CheckResult]:
-        """The result of a check that waits (``coro`` started): on a
-        timeout, the result its section's ``on_timeout`` asks for; another
-        failure gives None (the caller applies policy.on_error) after a log
-        line saying why."""
-        # The Deferred drives the rest (an awaited Deferred reads its own
-        # result, so resuming with None is safe).
-        d = defer.Deferred.fromCoroutine(coro)
+    async def _wait(self, check: Check, d: defer.Deferred[CheckResult], facts: Facts,
+                    record: TransactionRecord, started: float) -> Optional[CheckResult]:
+        """The result of a check that waits (``d``, cancellable, drives the
+        rest of it): on a timeout, the result its section's ``on_timeout``
+        asks for; another failure gives None (the caller applies
+        policy.on_error) after a log line saying why."""
         self.deadlines.watch(d)
         try:
             return await d
@@ -284,14 +273,10 @@ class PolicyEngine:
         return self.renderer.reply(template, context, policy)
 
 
-# The results of a timeout, by the section's on_timeout (policy/config.py).
+# The results of a timeout, by the section's on_timeout (config/policy.py).
 _TIMEOUT_PASS = CheckResult(reasons=("timed out",))
 # 451 4.3.0 from the "tempfail" template (templates.py cites the RFCs).
-_TIMEOUT_TEMPFAIL = CheckResult(reasons=("timed out",), action=Action.TEMPFAIL, template="tempfail")
-
-
-async def _raise_again(error: Any) -> Any:
-    raise error
+_TIMEOUT_TEMPFAIL = CheckResult(reasons=("timed out",), action=HardAction.TEMPFAIL, template="tempfail")
 
 
 def _with_policy(facts: Facts, policy: str) -> Facts:

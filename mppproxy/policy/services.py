@@ -10,14 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-
-@dataclass(frozen=True)
-class BlacklistEntry:
-    """One auto-blacklisted client network."""
-
-    network: str  # CIDR, "192.0.2.7/32" or "192.0.2.0/24"
-    reason: str  # "spamtrap", "threshold messages", "threshold spam", ...
-    expires: float  # Unix time
+from mppproxy.db.blacklist import BlacklistEntry
+from mppproxy.dns.resolver import Resolver
 
 
 class BlacklistStore(Protocol):
@@ -44,7 +38,7 @@ class PolicyServices:
     reactor: Any
     # Our name, the authserv-id of Authentication-Results (RFC 8601 2.5).
     hostname: str = "localhost"
-    resolver: Any = None  # mppproxy.policy.dnsbl.DnsblResolver
+    resolver: Optional[Resolver] = None
     blacklist: Optional[BlacklistStore] = None
     greylist: Optional[GreylistStore] = None
     counters: Any = None  # mppproxy.policy.counters.RateCounters

@@ -6,11 +6,11 @@ for the null sender), the sender and the HELO name, and gets back one
 ``SpfResult``: one of the seven results of RFC 7208 section 2.6, the
 explanation for a "fail" (section 6.2) and the term that decided.
 
-Every DNS query goes through ``DnsblResolver.query`` (dnspython messages over
-Twisted UDP/TCP, cached by TTL): no blocking resolver, no threads.  The
-evaluation follows the record left to right, one query at a time, as the RFC
-describes it, and is bounded three ways so a hostile record cannot make it
-run long or wide (section 4.6.4, section 11.1):
+Every DNS query goes through ``Resolver.query`` (``dns/resolver.py``:
+dnspython messages over Twisted UDP/TCP, cached by TTL): no blocking
+resolver, no threads.  The evaluation follows the record left to right, one
+query at a time, as the RFC describes it, and is bounded three ways so a
+hostile record cannot make it run long or wide (section 4.6.4, section 11.1):
 
 - at most ``lookup_limit`` (10) terms that cost a DNS query (include, a,
   mx, ptr, exists, redirect), over all includes and redirects together;
@@ -38,10 +38,11 @@ import dns.name
 import dns.reversename
 import idna
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
-from mppproxy.policy.dnsbl import DnsAnswer, DnsError, to_query_name
+from mppproxy.dns.names import to_query_name
+from mppproxy.dns.resolver import DnsAnswer, DnsError
 
 log = Logger()
 
@@ -332,7 +333,7 @@ def _printable(text: str) -> str:
 # -- evaluation ----------------------------------------------------------------
 
 class SpfEvaluator:
-    """``check_host()`` of RFC 7208 over a ``DnsblResolver`` (anything with
+    """``check_host()`` of RFC 7208 over a ``Resolver`` (anything with
     ``async query(name, rdtype) -> DnsAnswer`` raising ``DnsError``).
 
     ``lookup_limit`` and ``void_limit`` are section 4.6.4's limits;
@@ -381,7 +382,7 @@ class SpfEvaluator:
             local = "postmaster"
         evaluation = _Evaluation(self, addr, f"{local}@{sender_domain}", local,
                                  sender_domain, helo)
-        d = Deferred.fromCoroutine(evaluation.run(checked))
+        d = as_deferred(evaluation.run(checked))
         d.addTimeout(self.timeout, self.reactor)
         try:
             result: SpfResult = await d

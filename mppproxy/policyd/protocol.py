@@ -40,10 +40,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mppproxy._async import drive_started
 from mppproxy._wire import send_now
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Facts, TransactionRecord, checks_for_log
-from mppproxy.policyd.config import PolicydConfig
+from mppproxy.policy.base import Facts
+from mppproxy.results import TransactionRecord, checks_for_log
+from mppproxy.config.policyd import PolicydConfig
 from mppproxy.smtp.replies import Reply
 
 log = Logger()
@@ -414,8 +416,9 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         facts = facts_from_request(attrs)
         txn = factory.transaction(self.peer, attrs.get("instance", ""))
         coro = self._evaluate(engine, facts, txn)
-        # Most requests are decided from memory without waiting: those need
-        # no Deferred (the same shortcut as PolicyEngine._run takes per check).
+        # Most requests are decided from memory without waiting: the first
+        # step runs inline and needs no driver (_async.py's fast path, as
+        # PolicyEngine._run takes per check).
         try:
             awaited = coro.send(None)
         except StopIteration as done:
@@ -424,16 +427,18 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             return self._engine_failed(Failure(), facts)
         # It waits.  Later recipients of this message wait for it: the
         # record is not safe to share between two evaluations at once.
-        gate: defer.Deferred = defer.Deferred()
+        gate: defer.Deferred[None] = defer.Deferred()
         txn.tail = gate
 
-        def decided(action: str) -> None:
+        def decided(outcome: Any) -> None:
+            action = (self._engine_failed(outcome, facts) if isinstance(outcome, Failure)
+                      else outcome)
             if txn.tail is gate:
                 txn.tail = None
             gate.callback(None)
             self._answered(action, slot)
 
-        finish_awaiting(coro, awaited, decided, lambda: self._engine_failed(Failure(), facts))
+        drive_started(coro, awaited, decided)
         return None
 
     @staticmethod
@@ -494,51 +499,6 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                     failure, recipient=facts.recipient, client=facts.client_ip, action=action,
                     session_id=facts.session_id, queue_id=facts.queue_id)
         return action
-
-
-def finish_awaiting(coro: Any, awaited: Any, done: Callable[[Any], None],
-                    failed: Callable[[], Any]) -> None:
-    """Run ``coro``, started and now awaiting the Deferred ``awaited``, to
-    its end: then ``done(value)``; if it raises, ``done(failed())`` is
-    called within the ``except`` (so ``Failure()`` there is the error).
-
-    ``Deferred.fromCoroutine`` does this with a Deferred of its own, a
-    context copy and cancellation per step; nobody cancels an evaluation
-    (each check has its own time limit), and at thousands of waiting
-    requests a second that machinery was several per cent of the CPU.
-    An awaited Deferred hands a result to the coroutine itself
-    (``Deferred.__await__`` reads it while its callbacks run), so a step
-    resumes it with None; a Failure is thrown in."""
-
-    def resume(result: Any) -> None:
-        try:
-            if isinstance(result, Failure):
-                # Raised where the coroutine awaits, as inlineCallbacks does.
-                awaiting = result.throwExceptionIntoGenerator(coro)
-            else:
-                awaiting = coro.send(None)
-        except StopIteration as stop:
-            done(stop.value)
-        except Exception:
-            done(failed())
-        else:
-            wait_on(awaiting)
-        # Returned to the Deferred that fired: its result (a Failure too)
-        # went into the coroutine.
-        return None
-
-    def wait_on(d: Any) -> None:
-        if isinstance(d, defer.Deferred):
-            d.addBoth(resume)
-            return
-        # Only Deferreds are awaited in the reactor (no asyncio futures).
-        coro.close()
-        try:
-            raise TypeError(f"a policy evaluation awaited {d!r}, not a Deferred")
-        except TypeError:
-            done(failed())
-
-    wait_on(awaited)
 
 
 def _is_ip(text: str) -> bool:

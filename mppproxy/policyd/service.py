@@ -18,9 +18,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 
 from mppproxy.config.schema import ProxyConfig
-from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.edge.context import resolve_hostname
+from mppproxy.match import TrustedNetworks
+from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
-from mppproxy.policy.runtime import PolicyRuntime
+from mppproxy.policy.runtime import PolicyRuntime, make_database
 from mppproxy.policyd.protocol import PolicyServerFactory
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
@@ -33,8 +35,6 @@ def open_database(config: ProxyConfig, reactor: Any) -> Optional[Any]:
     """The shared state database for the greylist and auto-blacklist
     stores, started (its tables are created in the background; an
     unreachable database is logged and tried again on each use)."""
-    from mppproxy.policy.runtime import make_database
-
     database = make_database(config, reactor)
     database.start()
     return database
@@ -125,8 +125,6 @@ class PolicyServerService(ReloadOnHup, MultiService):
                  "default action {action}", action=self.config.policyd.default_action)
 
     def _listen(self, desc: str) -> defer.Deferred:
-        from mppproxy.service import listen_on
-
         return listen_on(self.reactor, desc, self.factory, self.config.listen_backlog,
                          self.ports, desc, "policy server", self.prebound)
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.python.failure import Failure
 
+from mppproxy._transitions import StateEnum, TransitionError
 from mppproxy.config.schema import BackendConfig
 from mppproxy.logsetup import Logger
 from mppproxy.message import OutboundMessage
 from mppproxy.relay.pool import BackendPool
 from mppproxy.smtp.address import Address
-from mppproxy.smtp.client import BackendError, BackendProtocol, _as_transient
+from mppproxy.smtp.client import BackendError, BackendProtocol, ClientState, _as_transient
 from mppproxy.smtp.replies import Reply, ensure_enhanced
 from mppproxy.smtp.session import Session, Transaction
 
@@ -41,19 +43,65 @@ def _params(params: dict[str, Optional[str]]) -> str:
     return "".join(f" {k}={v}" if v is not None else f" {k}" for k, v in params.items())
 
 
+class RelayState(StateEnum):
+    """Where the backend side of one client session stands
+    (``LockstepRelay.state``).
+
+    - ``IDLE``: no backend connection held: before the first MAIL, and
+      after the connection was dropped or given back.  MAIL takes one from
+      the pool (READY).
+    - ``READY``: a connection held, no transaction open on it.  A 2xx to
+      MAIL moves to TRANSACTION.
+    - ``TRANSACTION``: the backend accepted MAIL; RCPTs follow.  DATA
+      moves to SENDING; the client's RSET (or a transaction ended without
+      a message) sends RSET and moves back to READY.
+    - ``SENDING``: the message is being written, from DATA to the final
+      reply.  The connection is never reset or handed to another session
+      now (a reset or the session's end drops it).  The final reply moves
+      to READY; a refused DATA command leaves the backend's transaction
+      open (TRANSACTION).
+
+    From every state but IDLE a failure, a 421 or an out-of-protocol reply
+    drops the connection (IDLE); the session's end gives it back (IDLE).
+    ``_move_to`` checks each move against ``_RELAY_MOVES``.
+    """
+
+    IDLE = "idle"
+    READY = "ready"
+    TRANSACTION = "transaction"
+    SENDING = "sending"
+
+
+_RELAY_MOVES: dict[RelayState, frozenset[RelayState]] = {
+    RelayState.IDLE: frozenset({RelayState.READY}),
+    RelayState.READY: frozenset({RelayState.TRANSACTION, RelayState.IDLE}),
+    RelayState.TRANSACTION: frozenset({RelayState.SENDING, RelayState.READY, RelayState.IDLE}),
+    RelayState.SENDING: frozenset({RelayState.READY, RelayState.TRANSACTION, RelayState.IDLE}),
+}
+_IDLE, _READY = RelayState.IDLE, RelayState.READY
+_TRANSACTION, _SENDING = RelayState.TRANSACTION, RelayState.SENDING
+_CONN_CLOSED = ClientState.CLOSED
+
+
 class LockstepRelay:
-    """The backend side of one client session."""
+    """The backend side of one client session; its life is a ``RelayState``."""
 
     def __init__(self, pool: BackendPool, config: BackendConfig):
         self.pool = pool
         self.config = config
+        self.state = RelayState.IDLE
         self._conn: Optional[BackendProtocol] = None
+        # Whether the connection held came from the pool's idle list (the
+        # backend may have closed it meanwhile: MAIL then retries once).
         self._reused = False
-        self._dirty = False
-        # True while a message is being written to the backend: then the
-        # connection must never be reset or handed to another session.
-        self._in_data = False
+        # What the client did, not where the backend stands: it hung up
+        # while its message was pending, so the final dot is withheld.
         self._client_gone = False
+
+    def _move_to(self, new: RelayState) -> None:
+        if new not in _RELAY_MOVES[self.state]:
+            raise TransitionError(self, self.state, new)
+        self.state = new
 
     async def extensions(self) -> Optional[dict[str, str]]:
         """The backend's EHLO extensions, learning them once if need be."""
@@ -69,14 +117,17 @@ class LockstepRelay:
     async def mail(self, session: Session, txn: Transaction) -> Reply:
         line = f"MAIL FROM:<{txn.sender.text}>{_params(txn.mail_params)}".encode("utf-8")
         announce = self.config.xclient or self.config.xforward
+        if self.state is not _READY and self.state is not _IDLE:
+            # A second MAIL with a transaction open (or a message being sent).
+            raise TransitionError(self, self.state, _TRANSACTION)
         # A pooled connection may have been closed by the backend while idle;
         # then one fresh connection is tried before the client hears a 4xx.
         for attempt in (1, 2):
             conn = self._conn
             # Only a connection that is not brand new may be stale.
-            may_retry = attempt == 1 and conn is not None and not conn.closed
+            may_retry = attempt == 1 and conn is not None and conn.state is not _CONN_CLOSED
             try:
-                if conn is None or conn.closed:
+                if conn is None or conn.state is _CONN_CLOSED:
                     conn = await self._connection()
                 may_retry = may_retry or (attempt == 1 and self._reused)
                 if announce:
@@ -94,7 +145,8 @@ class LockstepRelay:
                 log.warn("backend failed at MAIL: {detail}", detail=e.detail, session_id=session.id)
                 return e.reply
             break
-        self._dirty = 200 <= reply.code < 300
+        if 200 <= reply.code < 300:
+            self._move_to(_TRANSACTION)
         return self._relayable(reply, session, "MAIL")
 
     async def rcpt(self, session: Session, txn: Transaction, rcpt: Address,
@@ -115,7 +167,7 @@ class LockstepRelay:
         conn = self._conn
         if conn is None:
             return Reply(451, "4.4.2", "Connection to next-hop mail server lost, try again later")
-        self._in_data = True
+        self._move_to(_SENDING)
         try:
             reply, sent = await conn.send_message(message.chunks(), self.config,
                                                   abandoned=lambda: self._client_gone)
@@ -123,8 +175,11 @@ class LockstepRelay:
             self._drop()
             log.warn("backend failed at DATA: {detail}", detail=e.detail, session_id=session.id)
             return e.reply
-        finally:
-            self._in_data = False
+        except BaseException:
+            # Anything else (the spool unreadable) leaves the backend inside
+            # the message: the connection cannot be used again.
+            self._drop()
+            raise
         if not sent and reply.code < 400:
             # Anything but 354 or a refusal to DATA is out of protocol: the
             # message was not taken, whatever the code says.
@@ -132,7 +187,7 @@ class LockstepRelay:
         # A final reply to the content ends the backend's transaction; a
         # refused DATA command leaves it open, so it is reset now (queued
         # before the client's next MAIL).
-        self._dirty = not sent
+        self._move_to(_READY if sent else _TRANSACTION)
         relayed = self._relayable(reply, session, "end of data" if sent else "DATA")
         if not sent and self._conn is not None:
             self.reset()
@@ -166,30 +221,40 @@ class LockstepRelay:
     def reset(self) -> None:
         """The client's transaction ended without a message (RSET, refused
         MAIL, framing error): the backend must forget it too."""
-        if self._in_data:
+        state = self.state
+        if state is _SENDING:
             self._drop()
             return
-        if self._conn is not None and self._dirty:
+        if state is _TRANSACTION and self._conn is not None:
+            # READY first: a RSET that fails at once drops the connection (IDLE).
+            self._move_to(_READY)
             d = self._conn.command(b"RSET", self.config.mail_timeout)
-            d.addErrback(lambda f: f.trap(BackendError) and self._drop())
-            self._dirty = False
+            d.addErrback(self._rset_failed)
+
+    def _rset_failed(self, failure: Failure) -> None:
+        failure.trap(BackendError)  # type: ignore[no-untyped-call]
+        self._drop()
 
     def finish(self) -> None:
         """The client session is over: the connection goes back to the pool."""
-        if self._in_data:
+        state = self.state
+        if state is _SENDING:
             self._drop()
             return
         conn, self._conn = self._conn, None
+        if state is not _IDLE:
+            self._move_to(_IDLE)
         if conn is not None:
             if conn.xclient_for is not None:
                 conn.close()
             else:
-                self.pool.release(conn, self._dirty)
-        self._dirty = False
+                self.pool.release(conn, state is _TRANSACTION)
 
     async def _connection(self) -> BackendProtocol:
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.state is _CONN_CLOSED:
             self._conn, self._reused = await self.pool.acquire()
+            if self.state is _IDLE:
+                self._move_to(_READY)
         return self._conn
 
     async def _announce_client(self, conn: BackendProtocol, session: Session) -> None:
@@ -231,7 +296,8 @@ class LockstepRelay:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        self._dirty = False
         self._reused = False
+        if self.state is not _IDLE:
+            self._move_to(_IDLE)
         if conn is not None:
             conn.abort()

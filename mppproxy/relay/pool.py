@@ -12,14 +12,40 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
+from mppproxy._transitions import StateEnum, TransitionError
 from mppproxy.config.schema import BackendConfig
 from mppproxy.logsetup import Logger
-from mppproxy.smtp.client import BackendError, BackendProtocol, connect_backend
+from mppproxy.smtp.client import BackendError, BackendProtocol, ClientState, connect_backend
 
 log = Logger()
 
+_CONN_CLOSED = ClientState.CLOSED
+
+
+class PoolState(StateEnum):
+    """Whether a pool still parks connections (``BackendPool.state``).
+
+    - ``OPEN``: connections given back are parked (after RSET if need be)
+      for the next session.  ``close_all`` (service stop, or the pool of
+      the configuration a reload replaced) moves it to CLOSED.
+    - ``CLOSED``: whatever is given back is closed; nothing is parked.
+      Final; closing again is harmless.
+    """
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_POOL_MOVES: dict[PoolState, frozenset[PoolState]] = {
+    PoolState.OPEN: frozenset({PoolState.CLOSED}),
+    PoolState.CLOSED: frozenset({PoolState.CLOSED}),
+}
+
 
 class BackendPool:
+    """The idle backend connections of one configuration; its life is a
+    ``PoolState``."""
+
     def __init__(self, reactor: Any, config: BackendConfig, helo_name: str,
                  tls_context_factory: Any = None):
         self.reactor = reactor
@@ -34,8 +60,12 @@ class BackendPool:
         self.extensions: Optional[dict[str, str]] = None
         self.opened = 0
         self.reused = 0
-        # Set by close_all (service stop, reload): nothing is parked after it.
-        self.closed = False
+        self.state = PoolState.OPEN
+
+    def _move_to(self, new: PoolState) -> None:
+        if new not in _POOL_MOVES[self.state]:
+            raise TransitionError(self, self.state, new)
+        self.state = new
 
     async def acquire(self) -> tuple[BackendProtocol, bool]:
         """A ready connection, and whether it was reused (a reused one may
@@ -43,7 +73,7 @@ class BackendPool:
         while self._idle:
             # The newest: the least likely to have been closed meanwhile.
             proto, _ = self._idle.pop()
-            if not proto.closed:
+            if proto.state is not _CONN_CLOSED:
                 self.reused += 1
                 return proto, True
         proto = await connect_backend(self.reactor, self.config, self.helo_name,
@@ -55,9 +85,9 @@ class BackendPool:
     def release(self, proto: BackendProtocol, dirty: bool) -> None:
         """Give a connection back.  ``dirty``: a transaction is open on it,
         so it is reset first (RFC 5321 4.1.1.5)."""
-        if proto.closed:
+        if proto.state is _CONN_CLOSED:
             return
-        if self.closed or len(self._idle) >= self.config.pool_size:
+        if self.state is PoolState.CLOSED or len(self._idle) >= self.config.pool_size:
             proto.close()
             return
         if dirty:
@@ -78,9 +108,9 @@ class BackendPool:
         self._park(proto)
 
     def _park(self, proto: BackendProtocol) -> None:
-        if proto.closed:
+        if proto.state is _CONN_CLOSED:
             return
-        if self.closed:
+        if self.state is PoolState.CLOSED:
             proto.close()
             return
         timeout = self.config.pool_idle_timeout
@@ -103,7 +133,7 @@ class BackendPool:
             self._sweep = self.reactor.callLater(max(0.0, self._idle[0][1] - now), self._expire)
 
     def close_all(self) -> None:
-        self.closed = True
+        self._move_to(PoolState.CLOSED)
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None

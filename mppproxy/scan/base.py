@@ -2,7 +2,8 @@
 
 A scanner is a small object with a ``name`` and one ``async`` method that
 takes the ``ScanInput`` of one message and returns the same frozen
-``CheckResult`` the pre-DATA checks return (``mppproxy.policy.base``): a
+``CheckResult`` the pre-DATA checks return (``mppproxy/results.py``, the
+ground floor both stages stand on; docs/design.md, "Floors"): a
 score, reasons (rule names, signature names), and optionally a hard action.
 The scan engine runs the scanners of a policy concurrently, applies each
 one's weight, timeout and failure action, and adds the scores to the
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult
 
 log = Logger()
 
-__all__ = ["Action", "CheckResult", "ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth",
+__all__ = ["ScanInput", "Scanner", "ScannerUnavailable", "EngineHealth",
            "DOWN", "TIMEOUT", "GARBAGE", "ERROR", "TOO_LARGE", "NOT_SENT"]
 
 

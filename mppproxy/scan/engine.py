@@ -27,8 +27,9 @@ from typing import Any, Optional, Sequence
 
 from twisted.internet import defer
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, CheckResult, Recorded, TransactionRecord
+from mppproxy.results import CheckResult, HardAction, Recorded, TransactionRecord
 from mppproxy.scan.base import (ERROR, NOT_SENT, TIMEOUT, TOO_LARGE, ScanInput, Scanner,
                                 ScannerUnavailable)
 
@@ -135,7 +136,7 @@ class ScanEngine:
                  message: ScanInput) -> defer.Deferred:
         """Fires (result, None) or (None, (kind, why it failed)); never fails."""
         started = time.monotonic()
-        d = defer.Deferred.fromCoroutine(scanner.scan(message))
+        d = as_deferred(scanner.scan(message))
         if not d.called:
             # Only a scanner that waits (on an engine) can be late; the
             # MIME, header and attachment rules answer at once, and a timer
@@ -197,7 +198,7 @@ def _add(record: TransactionRecord, report: ScanReport, name: str, result: Check
     report.headers.extend(result.headers)
     if result.reasons:
         report.rules[name] = result.reasons
-    if result.action in (Action.REJECT, Action.TEMPFAIL):
+    if result.action in (HardAction.REJECT, HardAction.TEMPFAIL):
         report.hard_hits.append((name, result))
         if report.hard is None:
             report.hard = (name, result)

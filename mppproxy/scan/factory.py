@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mppproxy.config.schema import ProxyConfig
-from mppproxy.policy.config import ScanConfig
+from mppproxy.config.scan import ScanConfig
 from mppproxy.scan.base import Scanner
 from mppproxy.scan.engine import ScanEngine, SlotSettings
 from mppproxy.scan.scanners.attachments import AttachmentScanner

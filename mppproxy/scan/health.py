@@ -27,9 +27,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
 from mppproxy.scan.base import EngineHealth, Scanner, ScannerUnavailable
-from mppproxy.scan.engines_config import ScanHealthConfig
+from mppproxy.config.scanners import ScanHealthConfig
 
 log = Logger()
 
@@ -84,7 +85,7 @@ class HealthMonitor:
 
     def check_all(self) -> Deferred[None]:
         """Ask every engine once; fires when all have answered or timed out."""
-        work = [Deferred.fromCoroutine(self._check(s)) for s in self.scanners]
+        work = [as_deferred(self._check(s)) for s in self.scanners]
         d: Deferred[Any] = defer.gatherResults(work, consumeErrors=True)
         # Set before the callbacks: answers that are already there fire
         # them at once, and _checked must find this one to clear.
@@ -104,7 +105,7 @@ class HealthMonitor:
 
     async def _check(self, scanner: Scanner) -> None:
         name = scanner.name
-        asking = Deferred.fromCoroutine(scanner.health())
+        asking = as_deferred(scanner.health())
         asking.addTimeout(self.settings.timeout, self._reactor)
         try:
             health: EngineHealth = await asking

@@ -71,7 +71,7 @@ from email.feedparser import BufferedSubFile, BytesFeedParser, NeedMoreData
 from email.message import EmailMessage
 from typing import Any, Iterable, Iterator, Optional
 
-from mppproxy.scan.config import MimeCheckConfig
+from mppproxy.config.scan import MimeCheckConfig
 from mppproxy.scan.fields import SCAN_POLICY, STRICT, is_clean
 
 __all__ = ["BoundedPart", "Defect", "ParsedMessage", "parse_message", "parse_scan_input",

@@ -2,7 +2,7 @@
 engines, decide, result headers.
 
 Stage: after the spool, before the action.  The edge and all-in-one
-proxy (``gateway._scan``) and scan mode (``scanservice/core.py``) both call
+proxy (``edge/handler.py``) and scan mode (``scanservice/core.py``) both call
 ``scan_and_decide``, so a message gets the same verdict whichever of them
 judged it; what differs is only what follows (relay, hold, refuse, or the
 verdict as text).  The pre-DATA results come in ``record`` (scan mode has
@@ -23,17 +23,16 @@ none) and the scanners' results are added to it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
-
-from mppproxy.policy.base import TransactionRecord
-from mppproxy.policy.config import ScoringConfig
+from mppproxy.config.policy import ScoringConfig
+from mppproxy.results import Disposition, TransactionRecord
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.engine import ScanReport
+from mppproxy.scan.factory import PolicyScanning
 from mppproxy.verdict import Verdict, decide, result_headers, skipped_headers
 
 # The actions under which the message goes on (or is kept), so the result
 # headers travel with it.
-ACCEPTED = ("relay", "tag", "quarantine", "discard")
+ACCEPTED = (Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE, Disposition.DISCARD)
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class PostData:
         return dict(self.report.skipped)
 
 
-async def scan_and_decide(scanning: Any, message: ScanInput, record: TransactionRecord,
+async def scan_and_decide(scanning: PolicyScanning, message: ScanInput, record: TransactionRecord,
                           scoring: ScoringConfig) -> PostData:
     """Scan ``message`` with ``scanning`` (a ``scan.factory.PolicyScanning``)
     and decide on it against ``scoring``; see the module docstring."""

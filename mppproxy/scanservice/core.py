@@ -2,7 +2,7 @@
 resource and the command line all hand a ``ScanRequest`` to a
 ``ScanRuntime`` and get a ``ScanOutcome`` back.
 
-Stage: the post-DATA step of the gateway without the pre-DATA checks and
+Stage: the post-DATA step of the edge without the pre-DATA checks and
 without an action: the same ``scan.postdata.scan_and_decide`` the proxy
 calls (parse, MIME guard, engines, ``verdict.decide`` with the policy's
 virus_action and discard_score), and the outcome says what the proxy
@@ -24,16 +24,16 @@ from typing import Any, Callable, Iterable, Optional
 
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import TransactionRecord
-from mppproxy.policy.patterns import DomainSet
-from mppproxy.policy.runtime import make_renderer
-from mppproxy.scan import factory
+from mppproxy.results import Disposition, TransactionRecord
+from mppproxy.policy.router import PolicyRouter
 from mppproxy.scan.base import ScanInput
 from mppproxy.scan.factory import PolicyScanning
+from mppproxy.scan.health import HealthMonitor
 from mppproxy.scan.postdata import scan_and_decide
+from mppproxy.scan.runtime import ScanStage
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import new_id
-from mppproxy.templates import REFUSALS
+from mppproxy.templates import REFUSALS, make_renderer
 from mppproxy.verdict import Verdict
 
 log = Logger()
@@ -48,7 +48,8 @@ SCANNED = (250, "2.0.0")
 NOT_SCANNED = REFUSALS["tempfail"]
 
 # The exit status of ``mppproxy scan`` for each action.
-EXIT_CODES = {"relay": 0, "tag": 0, "reject": 1, "quarantine": 1, "discard": 1, "tempfail": 2}
+EXIT_CODES = {Disposition.RELAY: 0, Disposition.TAG: 0, Disposition.REJECT: 1,
+              Disposition.QUARANTINE: 1, Disposition.DISCARD: 1, Disposition.TEMPFAIL: 2}
 
 
 class UnknownPolicy(ValueError):
@@ -99,7 +100,7 @@ class ScanOutcome:
     record: Optional[TransactionRecord] = None
 
     @property
-    def action(self) -> str:
+    def action(self) -> Disposition:
         return self.verdict.action
 
     @property
@@ -111,7 +112,7 @@ class ScanOutcome:
     def refusal(self) -> str:
         """The reply template the proxy would refuse with ("malformed",
         "virus", "score"...); "" unless the action is reject or tempfail."""
-        return self.verdict.template if self.verdict.action in ("reject", "tempfail") else ""
+        return self.verdict.template if self.verdict.action.refuses else ""
 
     def as_json(self) -> dict[str, Any]:
         """The verdict as the HTTP endpoint and ``--json`` give it."""
@@ -157,10 +158,6 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].rstrip(".").lower() if "@" in address else ""
-
-
 class ScanRuntime:
     """The scanners of every policy of one configuration, for scanning on
     request.  A reload builds a new one."""
@@ -168,48 +165,35 @@ class ScanRuntime:
     def __init__(self, config: ProxyConfig, reactor: Any):
         self.config = config
         self.reactor = reactor
-        self.engines = factory.build_engines(config, reactor)
+        # The proxy's scan stage with every policy's scanning forced on.
+        self.stage = ScanStage(config, reactor, always=True)
+        self.engines = self.stage.engines
         self.scanning: dict[str, PolicyScanning] = {}
-        self._domains: list[tuple[DomainSet, str]] = []
-        for name, policy in config.policies.items():
-            built = factory.build(replace(policy.scan, enabled=True), reactor, self.engines)
+        for name, built in self.stage.scanning.items():
             assert built is not None  # enabled is forced on
             self.scanning[name] = built
-            if name != "default":
-                domains = DomainSet()
-                for d in policy.domains:
-                    domains.add(d)
-                self._domains.append((domains, name))
+        # The one policy-by-domain routing, the pre-DATA engine's too.
+        self.router = PolicyRouter(config.policies)
         self.renderer = make_renderer(config)
-        self.health: Any = None
 
     # -- lifetime
 
     def start(self) -> None:
         """Watch the engines of ``[scanners]`` (their state for /health)."""
-        from mppproxy.scan.health import HealthMonitor
-
-        if self.engines and self.health is None:
-            self.health = HealthMonitor(list(self.engines.values()), self.reactor,
-                                        self.config.scanners.health)
-            self.health.start()
+        self.stage.start()
 
     def stop(self) -> None:
-        if self.health is not None:
-            self.health.stop()
-            self.health = None
+        self.stage.stop()
+
+    @property
+    def health(self) -> Optional[HealthMonitor]:
+        return self.stage.health
 
     # -- scanning
 
     def policy_for(self, recipients: Iterable[str]) -> str:
-        """The policy of the first recipient's domain (gateway rule), else default."""
-        first = next(iter(recipients), "")
-        domain = _domain_of(first)
-        if domain:
-            for domains, name in self._domains:
-                if domain in domains:
-                    return name
-        return "default"
+        """The policy of the first recipient's domain (the proxy's rule), else default."""
+        return self.router.policy_for_recipients(recipients)
 
     async def scan(self, request: ScanRequest) -> ScanOutcome:
         """Scan one message; raises ``UnknownPolicy`` for a policy name the
@@ -225,7 +209,7 @@ class ScanRuntime:
             chunks=request.chunks, size=request.size, client_ip=request.client_ip,
             helo=request.helo, sender=request.sender, recipients=request.recipients,
             queue_id=queue_id, policy=name, path=request.path, smtputf8=request.smtputf8)
-        # The proxy's own post-DATA step (gateway._scan calls it too).
+        # The proxy's own post-DATA step (edge/handler.py calls it too).
         scanned = await scan_and_decide(scanning, scan_input, record,
                                         self.config.policies[name].scoring)
         verdict = replace(scanned.verdict,
@@ -260,7 +244,7 @@ class ScanRuntime:
             "skipped": [f"{n} ({why})" for n, why in outcome.skipped.items()],
         }
         text = self.renderer.render_text(RESULT_TEMPLATE, context, outcome.policy)
-        code, enhanced = NOT_SCANNED if v.action == "tempfail" else SCANNED
+        code, enhanced = NOT_SCANNED if v.action is Disposition.TEMPFAIL else SCANNED
         return Reply(code, enhanced, text)
 
     def health_status(self) -> dict[str, Any]:

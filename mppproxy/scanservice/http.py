@@ -20,11 +20,12 @@ import ipaddress
 import json
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
+from mppproxy.results import Disposition
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime, UnknownPolicy
 
 log = Logger()
@@ -125,7 +126,7 @@ class ScanResource(_JsonResource):
             return _error(request, 400, str(e))
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
-        d = defer.Deferred.fromCoroutine(self._answer(request, scan_request, finished))
+        d = as_deferred(self._answer(request, scan_request, finished))
         d.addErrback(lambda f: log.failure("answering a scan request failed", f))
         return server.NOT_DONE_YET
 
@@ -139,7 +140,7 @@ class ScanResource(_JsonResource):
             log.failure("scan over HTTP failed")
             body = _error(request, 500, "internal error; see the log")
         else:
-            status = 503 if outcome.action == "tempfail" else 200
+            status = 503 if outcome.action is Disposition.TEMPFAIL else 200
             body = _send_json(request, status, outcome.as_json())
         if not finished[0]:  # the client may have gone meanwhile
             request.write(body)

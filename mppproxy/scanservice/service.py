@@ -17,7 +17,9 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
-from mppproxy.gateway import TrustedNetworks, resolve_hostname
+from mppproxy.edge.context import resolve_hostname
+from mppproxy.match import TrustedNetworks
+from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.reloading import ReloadOnHup, sync_listeners
 from mppproxy.scanservice.core import ScanRuntime
@@ -93,8 +95,6 @@ class ScanService(ReloadOnHup, MultiService):
         log.info("mppproxy scan service starting: nothing is relayed, verdicts only")
 
     def _listen(self, key: tuple[str, str]) -> defer.Deferred:
-        from mppproxy.service import listen_on
-
         kind, desc = key
         return listen_on(self.reactor, desc, self.smtp_factory if kind == "smtp" else self.site,
                          self.config.listen_backlog, self.ports, key, f"scan service ({kind})",

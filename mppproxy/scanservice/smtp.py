@@ -1,7 +1,7 @@
 """The ``SessionHandler`` of ``--mode scan``: the proxy's own ESMTP state
 machine (``smtp/server.py``) in front of ``ScanRuntime``.
 
-Stage: in place of the gateway.  MAIL and RCPT are taken without relay
+Stage: in place of the edge handler.  MAIL and RCPT are taken without relay
 control or pre-DATA checks (any recipient: nothing is relayed), but only
 from ``trusted_networks`` (554 5.7.1 at MAIL otherwise): the service tells
 its client what the filters think, which is for the site's own scripts.
@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from mppproxy import txlog
 from mppproxy.logsetup import Logger
+from mppproxy.results import Disposition
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address
@@ -58,7 +59,7 @@ class ScanSessionHandler:
             log.info("scan refused for untrusted client {client}", client=session.peer_host,
                      session_id=session.id, queue_id=txn.id)
             return NOT_TRUSTED
-        txn.facts["t_mail"] = time.monotonic()
+        txn.t_mail = time.monotonic()
         return replies.SENDER_OK
 
     async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
@@ -76,17 +77,17 @@ class ScanSessionHandler:
             recipients=tuple(r.text for r in txn.recipients), queue_id=txn.id,
             smtputf8=txn.smtputf8)
         outcome = await runtime.scan(request)
-        txn.facts["policy"] = outcome.record
-        txn.facts["scan_skipped"] = outcome.skipped
+        txn.record = outcome.record
+        txn.scan_skipped = outcome.skipped
         reply = runtime.reply(outcome)
         timings = {"data_ms": round((time.monotonic() - t_data) * 1000, 2)}
-        txlog.log_transaction(session, txn, f"scanned:{outcome.action}", reply, timings,
-                              reason="; ".join(outcome.verdict.reasons) or None)
+        txlog.log_transaction(session, txn, outcome.action, reply, timings,
+                              reason="; ".join(outcome.verdict.reasons) or None, scanned=True)
         return reply
 
     def on_reset(self, session: Session, txn: Optional[Transaction], reason: str) -> None:
         if txn is not None:
-            txlog.log_transaction(session, txn, "aborted", None, {}, reason=reason)
+            txlog.log_transaction(session, txn, Disposition.ABORTED, None, {}, reason=reason)
 
     def on_client_gone(self, session: Session) -> None:
         pass

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mppproxy._transitions import StateEnum, TransitionError
 from mppproxy._wire import send_now
 from mppproxy.config.schema import BackendConfig
 from mppproxy.logsetup import Logger
@@ -71,9 +72,46 @@ def _single_line_reply(data: bytes) -> Optional[Reply]:
     return reply
 
 
+class ClientState(StateEnum):
+    """Where one backend connection stands (``BackendProtocol.state``).
+
+    - ``CONNECTING``: built, not connected yet; nothing can be sent.
+      ``connectionMade`` moves it to OPEN; a failed connect (``abort``) to
+      CLOSED.
+    - ``OPEN``: connected; commands go out one at a time in lockstep, each
+      waiting for its reply (``_waiting`` holds the one in flight; a command
+      issued meanwhile is queued).  A 354 to DATA moves it to BODY.
+    - ``BODY``: the message content is being written, from the 354 to the
+      final reply; queued commands wait (they would land inside the
+      message).  The final reply, or the content failing, moves it back to
+      OPEN.
+    - ``CLOSED``: QUIT sent (``close``), aborted, or the backend hung up.
+      Every command fails with a ``BackendError`` carrying a 4xx.  Final;
+      closing again (an abort after the backend hung up) is harmless.
+
+    ``_move_to`` checks each move against ``_CLIENT_MOVES``.
+    """
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    BODY = "body"
+    CLOSED = "closed"
+
+
+_CLIENT_MOVES: dict[ClientState, frozenset[ClientState]] = {
+    ClientState.CONNECTING: frozenset({ClientState.OPEN, ClientState.CLOSED}),
+    ClientState.OPEN: frozenset({ClientState.BODY, ClientState.CLOSED}),
+    ClientState.BODY: frozenset({ClientState.OPEN, ClientState.CLOSED}),
+    ClientState.CLOSED: frozenset({ClientState.CLOSED}),
+}
+# Module-level names: the hot path compares states without a class lookup.
+_OPEN, _BODY, _CLOSED = ClientState.OPEN, ClientState.BODY, ClientState.CLOSED
+
+
 @implementer(IPushProducer)
 class BackendProtocol(Protocol):
-    """Reads replies and matches them to the one command in flight."""
+    """Reads replies and matches them to the one command in flight; its
+    life is a ``ClientState``."""
 
     def __init__(self, reactor: Any):
         self.reactor = reactor
@@ -84,20 +122,23 @@ class BackendProtocol(Protocol):
         self._awaited: str | bytes = ""
         self._paused: Optional[Deferred[None]] = None
         self._connected: Deferred[None] = Deferred()
-        self.closed = False
+        self.state = ClientState.CONNECTING
         self._queue: deque[tuple[bytes, float, Deferred[Reply]]] = deque()
-        # True from 354 to the final reply: nothing queued may be written
-        # into the message.
-        self._in_body = False
         self.extensions: dict[str, str] = {}
         self.greeting: Optional[Reply] = None
         self.tls = False
         # The session this connection was handed to with XCLIENT, if any.
         self.xclient_for: Optional[str] = None
 
+    def _move_to(self, new: ClientState) -> None:
+        if new not in _CLIENT_MOVES[self.state]:
+            raise TransitionError(self, self.state, new)
+        self.state = new
+
     # -- transport events ------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._move_to(_OPEN)
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
@@ -139,7 +180,7 @@ class BackendProtocol(Protocol):
         self._lines = []
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.closed = True
+        self._move_to(_CLOSED)
         self._cancel_timer()
         if self._paused is not None:
             d, self._paused = self._paused, None
@@ -207,8 +248,10 @@ class BackendProtocol(Protocol):
     def expect(self, timeout: float, what: str | bytes) -> Deferred[Reply]:
         """The next reply, or a BackendError after ``timeout`` seconds.
         ``what`` names what is awaited, or is the command line sent."""
-        if self.closed:
-            return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
+        if self.state is not _OPEN and self.state is not _BODY:
+            if self.state is _CLOSED:
+                return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
+            return defer.fail(BackendError(replies.LOCAL_ERROR, "backend not connected yet"))
         if self._waiting is not None:
             return defer.fail(BackendError(replies.LOCAL_ERROR, "two backend commands in flight"))
         self._waiting = Deferred()
@@ -223,22 +266,23 @@ class BackendProtocol(Protocol):
         """Send one command and return its reply.  Commands issued while
         another is in flight (an RSET sent without waiting, then the next
         MAIL) are queued and sent in order, one at a time (lockstep)."""
-        if self.closed:
-            return defer.fail(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
-        if self._waiting is None and not self._queue and not self._in_body:
+        state = self.state
+        if state is _OPEN and self._waiting is None and not self._queue:
             # Nothing ahead of it: send at once.
             d = self.expect(timeout, line)
             send_now(self.transport, line + b"\r\n")
             return d
+        if state is not _OPEN and state is not _BODY:
+            return self.expect(timeout, line)  # CLOSED or CONNECTING: its failure
         d: Deferred[Reply] = Deferred()
         self._queue.append((line, timeout, d))
         self._send_next()
         return d
 
     def _send_next(self) -> None:
-        while self._queue and self._waiting is None and not self._in_body:
+        while self._queue and self._waiting is None and self.state is not _BODY:
             line, timeout, d = self._queue.popleft()
-            if self.closed:
+            if self.state is _CLOSED:
                 d.errback(BackendError(replies.BACKEND_LOST, "backend connection is closed"))
                 continue
             self.expect(timeout, line).chainDeferred(d)
@@ -252,11 +296,12 @@ class BackendProtocol(Protocol):
         reply = await self.command(b"DATA", config.data_init_timeout)
         if reply.code != 354:
             return reply, False
-        self._in_body = True
+        self._move_to(_BODY)
         try:
             return await self._send_body(chunks, config, abandoned), True
         finally:
-            self._in_body = False
+            if self.state is _BODY:
+                self._move_to(_OPEN)
             self._send_next()
 
     async def _send_body(self, chunks: Any, config: BackendConfig,
@@ -289,7 +334,7 @@ class BackendProtocol(Protocol):
             pending, pending_len = [], 0
             if self._paused is not None:
                 await self._wait_resume(config.data_block_timeout)
-            if self.closed:
+            if self.state is _CLOSED:
                 raise BackendError(replies.BACKEND_LOST, "backend closed the connection during DATA")
         if carry:
             out = dot_stuff(carry, at_line_start)
@@ -317,13 +362,13 @@ class BackendProtocol(Protocol):
 
     def close(self) -> None:
         """Polite close: QUIT and let the backend hang up."""
-        if not self.closed and self.transport is not None:
-            self.closed = True
+        if self.state is not _CLOSED and self.transport is not None:
+            self._move_to(_CLOSED)
             self.transport.write(b"QUIT\r\n")
             self.transport.loseConnection()
 
     def abort(self) -> None:
-        self.closed = True
+        self._move_to(_CLOSED)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 

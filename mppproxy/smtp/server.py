@@ -2,7 +2,7 @@
 
 Stage: session.  It reads bytes from the client, frames commands and message
 data, enforces the protocol rules and bounds, and asks a ``SessionHandler``
-(the gateway) what to answer to MAIL, RCPT and the end of DATA, as Twisted's
+(the edge) what to answer to MAIL, RCPT and the end of DATA, as Twisted's
 ``SMTP`` asks an ``IMessageDelivery``.  Unlike Twisted's ``mail/smtp.py`` it
 keeps one command in flight: while a decision is pending, later pipelined
 lines wait in order (RFC 2920; Haraka's pause state).
@@ -13,14 +13,14 @@ import enum
 import functools
 import re
 from dataclasses import dataclass
-from contextvars import copy_context
-from typing import Any, Awaitable, Callable, Coroutine, Optional, Protocol as TypingProtocol
+from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from mppproxy._async import drive
 from mppproxy._wire import close_now, send_now
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.logsetup import Logger
@@ -91,44 +91,6 @@ def _cancelled(call: Any) -> None:
     return None
 
 
-def _drive(coro: Coroutine[Any, Any, Any], then: Callable[..., None], *args: Any) -> None:
-    """Run ``coro``, resuming it when each Deferred it awaits fires; then call
-    ``then(result, *args)``, where the result is a ``Failure`` if it raised.
-
-    What ``Deferred.fromCoroutine`` does for a protocol callback, without
-    the parts the session never uses (cancellation, a Deferred for the
-    result): those cost several microseconds per MAIL, RCPT and end of DATA
-    in profiles.  Like Twisted, each step runs in the context copied at the
-    start, and a failure is thrown into the coroutine at its ``await``."""
-    context = copy_context()
-
-    def step(result: Any, failed: bool) -> None:
-        while True:
-            outcome: Any = None
-            finished = False
-            try:
-                if failed:
-                    awaited = context.run(result.throwExceptionIntoGenerator, coro)
-                else:
-                    awaited = context.run(coro.send, result)
-            except StopIteration as e:
-                outcome, finished = e.value, True
-            except BaseException:
-                outcome, finished = Failure(), True
-            if finished:
-                # Outside the except clause: an error in ``then`` must not
-                # read as raised while handling StopIteration.
-                then(outcome, *args)
-                return
-            if isinstance(awaited, Deferred):
-                awaited.addCallbacks(step, step, callbackArgs=(False,), errbackArgs=(True,))
-                return
-            # Anything else awaited is sent back at once, as Twisted does.
-            result, failed = awaited, False
-
-    step(None, False)
-
-
 class SessionState(enum.Enum):
     """Where one SMTP session stands.
 
@@ -161,7 +123,7 @@ class Capabilities:
 
 
 class SessionHandler(TypingProtocol):
-    """What the state machine asks; implemented by ``mppproxy.gateway``."""
+    """What the state machine asks; implemented by ``mppproxy.edge.handler``."""
 
     def on_connect(self, session: Session) -> Optional[Reply]: ...
     def known_capabilities(self, session: Session) -> Optional[Capabilities]: ...
@@ -618,7 +580,7 @@ class SMTPServerProtocol(Protocol):
         # The idle timer is left running (re-arming is cheaper than a new
         # one per command); while busy, the backend's own timeouts apply and
         # _timed_out only re-arms it.
-        _drive(work, self._decided, then)  # type: ignore[arg-type]
+        drive(work, self._decided, then)  # type: ignore[arg-type]
 
     def _decided(self, outcome: Any, then: Callable[[Reply], None]) -> None:
         if isinstance(outcome, Failure):

@@ -2,7 +2,10 @@
 
 Only the session state machine (``server.py``) mutates them, as in aiosmtpd:
 ``Session`` lives as long as the connection, ``Transaction`` from MAIL to the
-end of DATA or RSET.
+end of DATA or RSET.  The one exception is the ``Transaction``'s typed record
+of what later stages found (the engines' results, what was stripped or
+added, where it went, what was refused): the handler fills it in and the
+transaction log reads it (docs/design.md promise 5).
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
+from mppproxy.results import TransactionRecord
 from mppproxy.smtp.address import Address
+from mppproxy.smtp.replies import Reply
 from mppproxy.spool.spool import Spool
 
 
@@ -45,8 +50,35 @@ class Session:
     errors: int = 0
 
 
+class StageRecord:
+    """What later stages record on a ``Transaction``, typed, for its one
+    log line (``txlog.py``; docs/design.md promise 5).
+
+    Class-level defaults, not dataclass fields: most transactions set few
+    of them, so making a ``Transaction`` (one per MAIL) costs nothing for
+    them; a stage that writes one gives that transaction its own value.
+    """
+
+    # The pre-DATA checks' and the scanners' results and the policy that
+    # judges the message; None while no policy or scan has run.
+    record: Optional[TransactionRecord] = None
+    # time.monotonic() at MAIL, for the log line's total_ms.
+    t_mail: Optional[float] = None
+    # Header fields removed at the edge (docs/design.md promise 7).
+    stripped_headers: int = 0
+    # "added", "skipped: why", or None when no disclaimer table matched.
+    disclaimer: Optional[str] = None
+    # The Maildir files written (local delivery or quarantine).
+    delivered_to: Optional[list[str]] = None
+    # (recipient, what decided, reply) per recipient refused before the
+    # backend heard of it (relay control or a policy check); None: none.
+    refusals: Optional[list[tuple[str, str, Reply]]] = None
+    # Scanner -> "kind: reason" of each scanner not consulted after DATA.
+    scan_skipped: Optional[dict[str, str]] = None
+
+
 @dataclass
-class Transaction:
+class Transaction(StageRecord):
     sender: Address
     mail_params: dict[str, Optional[str]]
     id: str = field(default_factory=new_id)
@@ -59,8 +91,6 @@ class Transaction:
     size: int = 0
     smtputf8: bool = False
     body_8bit: bool = False
-    # Facts later stages add (check results, backend reply, timings).
-    facts: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         if self.spool is not None:

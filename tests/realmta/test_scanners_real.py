@@ -30,10 +30,10 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from .conftest import SCRIPT_TIMEOUT, REPO, service_unavailable, _tail
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import ScanInput, Scanner, ScannerUnavailable
-from mppproxy.scan.engines_config import (ClamdConfig, CommandScannerConfig, RspamdConfig,
-                                  ScanHealthConfig, SpamdConfig, parse_address)
+from mppproxy.config.scanners import (ClamdConfig, CommandScannerConfig, RspamdConfig,
+                                     ScanHealthConfig, SpamdConfig, parse_address)
 from mppproxy.scan.health import HealthMonitor
 from mppproxy.scan.scanners.clamd import ClamdScanner
 from mppproxy.scan.scanners.command import CommandScanner
@@ -181,14 +181,14 @@ class ClamdRealTests(RealCase):
     async def test_eicar_found(self) -> None:
         """The EICAR file is rejected as a virus named by the local signature."""
         result, _ = await self.timed(self.scanner(), EICAR)
-        self.assertEqual(result.action, Action.REJECT)
+        self.assertEqual(result.action, HardAction.REJECT)
         self.assertTrue(result.reasons[0].startswith("virus Test.EICAR"), result.reasons)
         self.assertTrue(result.reasons[0].endswith(".UNOFFICIAL"), result.reasons)
 
     async def test_eicar_attached_to_a_mail_found(self) -> None:
         """EICAR as a base64 attachment, sent in small chunks, is found (clamd decodes MIME)."""
         result, _ = await self.timed(self.scanner(chunk_size=512), eicar_attachment())
-        self.assertEqual(result.action, Action.REJECT)
+        self.assertEqual(result.action, HardAction.REJECT)
         self.assertIn("Test.EICAR", result.reasons[0])
 
     async def test_custom_signature_found(self) -> None:
@@ -198,7 +198,7 @@ class ClamdRealTests(RealCase):
         for name in ("clam.exe", "clam.mail", "clam.zip"):
             data = (TESTFILES / name).read_bytes()
             result, _ = await self.timed(self.scanner(), data)
-            self.assertEqual(result.action, Action.REJECT, name)
+            self.assertEqual(result.action, HardAction.REJECT, name)
             self.assertIn("Test.ClamExe", result.reasons[0], name)
 
     async def test_clean_mail_and_gtube_pass(self) -> None:
@@ -239,7 +239,7 @@ class ClamdRealTests(RealCase):
         results = await defer.gatherResults(
             [Deferred.fromCoroutine(scanner.scan(scan_input(d))) for d in data])
         self.assertEqual([r.action for r in results],
-                         [Action.REJECT if i % 2 else None for i in range(20)])
+                         [HardAction.REJECT if i % 2 else None for i in range(20)])
 
 
 # -- spamd -------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class CommandRealTests(RealCase):
         """clamdscan as a command scanner: EICAR rejected with its name, ham clean."""
         scanner = self.clamdscan()
         result, _ = await self.timed(scanner, EICAR)
-        self.assertEqual(result.action, Action.REJECT)
+        self.assertEqual(result.action, HardAction.REJECT)
         self.assertIn("Test.EICAR", result.reasons[0])
         result, _ = await self.timed(scanner, HAM)
         self.assertEqual(result, CheckResult())

@@ -86,6 +86,9 @@ def rcpt_code(port: int, source: str, rcpt: str, sender: str) -> int:
 
 
 def test_two_nodes_share_blacklist_greylist_and_thresholds(mariadb_url, proxy_process, tmp_path):
+    """Two proxy nodes on one MariaDB share state: a client trapped at one is refused at the
+    other, a triplet greylisted at one passes at the other after the delay, and messages counted
+    at one blacklist the client at the other."""
     ports = [free_port(), free_port()]
     nodes = [proxy_process(["--config", str(node_config(tmp_path, f"node{i}", mariadb_url, p))], p,
                            name=f"node{i}") for i, p in enumerate(ports)]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
-from mppproxy.policy.patterns import AddressSet, HeloSet, NetworkSet
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult, HardAction
+from mppproxy.match import AddressSet, HeloSet, NetworkSet
 
 
 class AccessCheck(Check):
@@ -35,15 +36,15 @@ class AccessCheck(Check):
             value = getattr(facts, attr)
             # The null sender is matched only by "<>" (AddressSet handles "").
             if entries and (value or what == "sender") and value in entries:
-                return CheckResult(reasons=(f"{what} blacklisted",), action=Action.REJECT,
+                return CheckResult(reasons=(f"{what} blacklisted",), action=HardAction.REJECT,
                                    template="access", template_vars=(("what", _shown(what, value)),))
         for what, entries, attr in self._white_txn:
             value = getattr(facts, attr)
             if entries and (value or what == "sender") and value in entries:
-                return CheckResult(reasons=(f"{what} whitelisted",), action=Action.WHITELIST)
+                return CheckResult(reasons=(f"{what} whitelisted",), action=HardAction.WHITELIST)
         if self._white_rcpt and facts.recipient in self._white_rcpt:
             # Whitelisting a recipient must not whitelist the transaction.
-            return CheckResult(reasons=("recipient whitelisted",), action=Action.WHITELIST_RECIPIENT)
+            return CheckResult(reasons=("recipient whitelisted",), action=HardAction.WHITELIST_RECIPIENT)
         return MISS
 
 

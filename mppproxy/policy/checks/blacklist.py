@@ -1,7 +1,8 @@
 """The shared auto-blacklist, written by spam traps and thresholds."""
 from __future__ import annotations
 
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult, HardAction
 
 
 class BlacklistCheck(Check):
@@ -15,7 +16,7 @@ class BlacklistCheck(Check):
         entry = await store.lookup(facts.client_ip)
         if entry is None:
             return MISS
-        return CheckResult(reasons=(f"auto-blacklisted ({entry.reason})",), action=Action.REJECT,
+        return CheckResult(reasons=(f"auto-blacklisted ({entry.reason})",), action=HardAction.REJECT,
                            template="blacklist",
                            template_vars=(("reason", _public_reason(entry.reason)),))
 

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Check, CheckResult, Facts, MISS, Scope
-from mppproxy.policy.patterns import parse_ip
+from mppproxy.policy.dnsbl import lookup_all
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult
+from mppproxy.match import parse_ip
 
 log = Logger()
 
 
 class DnsblCheck(Check):
-    """All lists are asked at once (``DnsblResolver.lookup_all``); a list
+    """All lists are asked at once (``policy/dnsbl.py``: ``lookup_all``); a list
     that times out or fails scores nothing and is logged, never blocking
     mail by itself.  The score goes to the engine's sum; rejecting is the
     scoring thresholds' job."""
@@ -28,7 +30,7 @@ class DnsblCheck(Check):
         if s.check_helo and facts.helo:
             domains.append(facts.helo)
         ip = parse_ip(facts.client_ip)
-        results = await resolver.lookup_all(s.lists, ip, domains)
+        results = await lookup_all(resolver, s.lists, ip, domains)
         score = 0.0
         reasons = []
         for r in results:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult, HardAction
 from mppproxy.policy.counters import client_key
 
 # Shared "retry in N s" results kept at most (a delay of hours has more Ns).
@@ -42,6 +43,6 @@ class GreylistCheck(Check):
             if len(self._waits) >= _MAX_SHARED:
                 self._waits.clear()
             result = self._waits[seconds] = CheckResult(
-                reasons=(f"greylisted, retry in {seconds}s",), action=Action.TEMPFAIL,
+                reasons=(f"greylisted, retry in {seconds}s",), action=HardAction.TEMPFAIL,
                 template="greylist", template_vars=(("retry_seconds", seconds),))
         return result

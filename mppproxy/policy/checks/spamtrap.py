@@ -5,8 +5,9 @@ import re
 from typing import Any
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
-from mppproxy.policy.patterns import parse_ip
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult, HardAction
+from mppproxy.match import parse_ip
 
 log = Logger()
 
@@ -14,7 +15,7 @@ log = Logger()
 class SpamtrapCheck(Check):
     """A recipient matching a trap pattern is refused and the client is put
     on the shared blacklist for ``blacklist_seconds``: the ``blacklist``
-    check then refuses its other recipients, and the gateway refuses a
+    check then refuses its other recipients, and the edge refuses a
     message whose client was listed while its transaction was open."""
 
     name = "spamtrap"
@@ -41,5 +42,5 @@ class SpamtrapCheck(Check):
                      recipient=facts.recipient, client=facts.client_ip,
                      seconds=self.settings.blacklist_seconds, session_id=facts.session_id,
                      queue_id=facts.queue_id)
-        return CheckResult(reasons=("spam trap",), action=Action.REJECT, template="spamtrap",
+        return CheckResult(reasons=("spam trap",), action=HardAction.REJECT, template="spamtrap",
                            blacklisted=True)

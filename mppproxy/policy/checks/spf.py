@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, Scope
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import CheckResult, HardAction
 
 log = Logger()
 
@@ -45,12 +46,12 @@ class SpfCheck(Check):
         template = ""
         vars_: tuple[tuple[str, Any], ...] = ()
         if result.result == "fail" and s.reject_fail:
-            action, template = Action.REJECT, "spf"
+            action, template = HardAction.REJECT, "spf"
             # RFC 7208 8.4: the reply may carry the domain's explanation;
             # the domain checked is the HELO name for the null sender.
             vars_ = (("sender_domain", domain), ("explanation", result.explanation))
         elif result.result == "temperror" and s.tempfail_on_temperror:
-            action, template = Action.TEMPFAIL, "spf_temperror"
+            action, template = HardAction.TEMPFAIL, "spf_temperror"
         return CheckResult(score=score, reasons=reasons, action=action, template=template,
                            template_vars=vars_, headers=headers)
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, Check, CheckResult, Facts, MISS, Scope
+from mppproxy.policy.base import Check, Facts, Scope
+from mppproxy.results import MISS, CheckResult, HardAction
 from mppproxy.policy.counters import client_key
 
 log = Logger()
@@ -38,5 +39,5 @@ class ThresholdsCheck(Check):
         log.info("client {network} blacklisted for {seconds}s: {why}", network=key, why=why,
                  seconds=s.blacklist_seconds, client=facts.client_ip,
                  session_id=facts.session_id, queue_id=facts.queue_id)
-        return CheckResult(reasons=(why,), action=Action.REJECT, template="blacklist",
+        return CheckResult(reasons=(why,), action=HardAction.REJECT, template="blacklist",
                            template_vars=(("reason", "too much mail"),), blacklisted=True)

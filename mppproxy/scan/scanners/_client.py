@@ -1,5 +1,6 @@
-"""What the network scanners (clamd, spamd, rspamd) share: one request and
-one reply per connection, bounded, timed and retried.
+"""What the stream scanners (clamd, spamd) share: one request and one reply
+per connection, bounded, timed and retried.  (rspamd speaks HTTP through
+Twisted's ``Agent`` and keeps the same rules in ``rspamd.py``.)
 
 Stage: post-DATA scanning, a building block.  A scanner hands ``request``
 the pieces of its request (an iterator of bytes, sent with flow control so
@@ -32,9 +33,10 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
 from mppproxy.scan.base import DOWN, ERROR, GARBAGE, TIMEOUT, ScannerUnavailable
-from mppproxy.scan.engines_config import parse_address
+from mppproxy.config.scanners import parse_address
 
 log = Logger()
 
@@ -261,7 +263,7 @@ class StreamClient:
         shuts our side of the connection once the request is sent (spamd
         reads lines and waits for the end of a last line without one)."""
         limit = self.timeout if timeout is None else timeout
-        d = Deferred.fromCoroutine(self._attempts(pieces, parse, max_reply, half_close))
+        d = as_deferred(self._attempts(pieces, parse, max_reply, half_close))
         d.addTimeout(limit, self._reactor)
         try:
             return await d

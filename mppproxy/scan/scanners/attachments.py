@@ -30,25 +30,16 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import Scanner, ScanInput
-from mppproxy.scan.config import (AttachmentConfig, AttachmentRule, EXECUTABLE_TYPES, MimeCheckConfig,
-                                  combine, parse_action)
+from mppproxy.config.scan import (EXECUTABLE_TYPES, AttachmentConfig, AttachmentRule, MimeCheckConfig,
+                                  parse_action)
+from mppproxy.scan.hits import combine
 from mppproxy.scan.mime import decode_text, parse_scan_input, walk_parts
 
 # Octets of each member read for its type; 0x8806 reaches the ISO 9660
 # volume descriptor at 0x8001.
 HEAD = 0x8806
-
-# type name -> what it is; "executable" names EXECUTABLE_TYPES in rules
-TYPE_NAMES = {
-    "exe": "DOS/Windows program (MZ)", "elf": "ELF program", "macho": "Mach-O program",
-    "java": "Java class", "script": "script with #!", "lnk": "Windows shortcut",
-    "zip": "zip archive (also docx, jar, apk)", "rar": "RAR archive", "7z": "7-Zip archive",
-    "gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "cab": "Windows cabinet",
-    "ole": "OLE2 compound file (doc, xls, msi)", "pdf": "PDF", "iso": "ISO 9660 image",
-    "executable": "any of " + ", ".join(EXECUTABLE_TYPES),
-}
 
 _MAGIC = (
     (b"MZ", "exe"), (b"\x7fELF", "elf"),
@@ -290,7 +281,7 @@ class AttachmentScanner(Scanner):
         if not self.settings.enabled:
             return CheckResult()
         found = self.items(message)
-        hits: list[tuple[str, Optional[Action], float]] = []
+        hits: list[tuple[str, Optional[HardAction], float]] = []
         for rule, regex, exts, types, action, score in self._rules:
             for item in found.items:
                 if _matches(rule, regex, exts, types, item):

@@ -1,7 +1,7 @@
 """ClamAV through clamd: the virus scanner of the post-DATA stage.
 
 Stage: post-DATA scanning.  Hands the scan engine a ``CheckResult``: clean
-(score 0), or a hard ``Action.REJECT`` naming the signature (reason
+(score 0), or a hard ``HardAction.REJECT`` naming the signature (reason
 ``"virus <Signature>"``, template ``virus``); the policy may turn the
 reject into a quarantine.  No answer raises ``ScannerUnavailable``.
 
@@ -25,10 +25,10 @@ import time
 from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import (GARBAGE, TOO_LARGE, EngineHealth, ScanInput, Scanner,
                                 ScannerUnavailable)
-from mppproxy.scan.engines_config import ClamdConfig
+from mppproxy.config.scanners import ClamdConfig
 from mppproxy.scan.scanners._client import BadReply, StreamClient, printable
 
 log = Logger()
@@ -92,7 +92,7 @@ class ClamdScanner(Scanner):
         found = _FOUND.fullmatch(reply)
         if found:
             signature = found.group("name")
-            return CheckResult(reasons=(f"virus {signature}",), action=Action.REJECT,
+            return CheckResult(reasons=(f"virus {signature}",), action=HardAction.REJECT,
                                template="virus", template_vars=(("virus", signature),))
         if "size limit exceeded" in reply:
             raise ScannerUnavailable(self.name, f"clamd refused the message as too large "

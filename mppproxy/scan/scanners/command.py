@@ -2,7 +2,7 @@
 code and output.
 
 Stage: post-DATA scanning.  Hands the scan engine a ``CheckResult``:
-clean, or a hard ``Action.REJECT`` (template ``virus`` unless configured)
+clean, or a hard ``HardAction.REJECT`` (template ``virus`` unless configured)
 whose reason names what the program found.  A program that cannot answer
 (not found, killed, an exit code that means neither clean nor infected, the
 timeout) raises ``ScannerUnavailable``.
@@ -34,10 +34,11 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import DOWN, TIMEOUT, ScanInput, Scanner, ScannerUnavailable
-from mppproxy.scan.engines_config import CommandScannerConfig
+from mppproxy.config.scanners import CommandScannerConfig
 
 log = Logger()
 
@@ -123,7 +124,7 @@ class CommandScanner(Scanner):
         too_big = self.over_max_size(message)
         if too_big is not None:
             return too_big
-        d = Deferred.fromCoroutine(self._scan(message))
+        d = as_deferred(self._scan(message))
         d.addTimeout(settings.timeout, self.reactor)
         try:
             return await d
@@ -223,7 +224,7 @@ class CommandScanner(Scanner):
                                      f"{sig}: {_tail(text)}")
         if found is not None or code in self.settings.infected_exit_codes:
             what = _found_name(found) or f"found by {self.name} (exit {code})"
-            return CheckResult(reasons=(f"virus {what}",), action=Action.REJECT,
+            return CheckResult(reasons=(f"virus {what}",), action=HardAction.REJECT,
                                template=self.settings.template, template_vars=(("virus", what),))
         if code in self.settings.clean_exit_codes:
             return CheckResult()

@@ -25,9 +25,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import Scanner, ScanInput, ScannerUnavailable
-from mppproxy.scan.config import HeaderFilterConfig, HeaderRule, MimeCheckConfig, combine, parse_action
+from mppproxy.config.scan import HeaderFilterConfig, HeaderRule, MimeCheckConfig, parse_action
+from mppproxy.scan.hits import combine
 from mppproxy.scan.mime import header_values, parse_scan_input, walk_parts
 
 _ENCODED_WORD_CHARSET = re.compile(r"=\?([^?*\s]+)(?:\*[^?]*)?\?[bBqQ]\?")
@@ -37,7 +38,7 @@ _ENCODED_WORD_CHARSET = re.compile(r"=\?([^?*\s]+)(?:\*[^?]*)?\?[bBqQ]\?")
 class _Rule:
     rule: HeaderRule
     regex: re.Pattern[str]
-    action: Optional[Action]
+    action: Optional[HardAction]
     score: float
     label: str
 

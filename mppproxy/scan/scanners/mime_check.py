@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from twisted.internet.threads import deferToThreadPool
 
-from mppproxy.policy.base import Action, CheckResult
+from mppproxy.results import CheckResult, HardAction
 from mppproxy.scan.base import Scanner, ScanInput
-from mppproxy.scan.config import MimeCheckConfig, parse_action
+from mppproxy.config.scan import MimeCheckConfig, parse_action
 from mppproxy.scan.mime import PROBLEMS, ParsedMessage, parse_message
 
 # Messages up to this size are parsed on the reactor thread (a few
@@ -30,7 +30,7 @@ def evaluate(parsed: ParsedMessage, settings: MimeCheckConfig) -> CheckResult:
     """The result of the defects of ``parsed`` under ``settings.actions``."""
     score = 0.0
     reasons: list[str] = []
-    action: Optional[Action] = None
+    action: Optional[HardAction] = None
     problem = ""
     for kind in parsed.kinds:
         hard, points = parse_action(settings.actions.get(kind))
@@ -38,13 +38,13 @@ def evaluate(parsed: ParsedMessage, settings: MimeCheckConfig) -> CheckResult:
             continue
         reasons.append(f"mime:{kind}")
         score += points
-        if hard is Action.REJECT and action is not Action.REJECT:
+        if hard is HardAction.REJECT and action is not HardAction.REJECT:
             action, problem = hard, PROBLEMS.get(kind, PROBLEMS["other"])
-        elif hard is Action.TEMPFAIL and action is None:
+        elif hard is HardAction.TEMPFAIL and action is None:
             action = hard
-    if action is Action.REJECT:
+    if action is HardAction.REJECT:
         return CheckResult(score, tuple(reasons), action, "malformed", (("problem", problem),))
-    if action is Action.TEMPFAIL:
+    if action is HardAction.TEMPFAIL:
         return CheckResult(score, tuple(reasons), action, "tempfail")
     return CheckResult(score, tuple(reasons))
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
 
 from mppproxy.logsetup import Logger
-from mppproxy.policy.base import CheckResult
+from mppproxy.results import CheckResult
 from mppproxy.scan.base import GARBAGE, EngineHealth, ScanInput, Scanner, ScannerUnavailable
-from mppproxy.scan.engines_config import SpamdConfig
+from mppproxy.config.scanners import SpamdConfig
 from mppproxy.scan.scanners._client import BadReply, StreamClient, printable
 
 log = Logger()

@@ -1,15 +1,17 @@
-"""``[policyd]``: the Postfix policy-delegation server (``--mode policy``).
+"""``[policyd]``: the Postfix policy-delegation server (``--mode policy``;
+docs/design.md, "Configuration").
 
-A frozen dataclass like the rest of ``config/schema.py``, which imports it.
-The limits bound what one policy client can make us hold (docs/design.md
-promise 6); the defaults follow Postfix's own policy client settings
-(postconf(5), ``smtpd_policy_service_*``).
+A leaf of ``config/``, read by ``policyd/``; ``config/schema.py`` puts it
+into ``ProxyConfig``.  The limits bound what one policy client can make us
+hold (docs/design.md promise 6); the defaults follow Postfix's own policy
+client settings (postconf(5), ``smtpd_policy_service_*``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from typing import Optional
+
 from mppproxy.config.fields import at_least as _at_least, endpoints as _endpoints, opt as _opt
 
 # access(5) actions a site may choose as the answer to a request we cannot

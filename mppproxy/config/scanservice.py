@@ -1,14 +1,16 @@
-"""``[scanservice]``: the listeners of ``--mode scan``.
+"""``[scanservice]``: the listeners of ``--mode scan`` (docs/design.md,
+"Configuration").
 
-A frozen dataclass like the rest of ``config/schema.py``, which imports it.
-Both listeners default to loopback: the service answers any recipient and
-tells a client what the filters think of a message, which is for the
-site's own scripts, not for the internet.
+A leaf of ``config/``, read by ``scanservice/``; ``config/schema.py`` puts
+it into ``ProxyConfig``.  Both listeners default to loopback: the service
+answers any recipient and tells a client what the filters think of a
+message, which is for the site's own scripts, not for the internet.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
 from mppproxy.config.fields import endpoints as _endpoints, opt as _opt
 
 

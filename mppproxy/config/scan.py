@@ -1,11 +1,12 @@
-"""Settings of the message checks after DATA: MIME structure, header rules,
-attachment rules (issue #5).
+"""Settings of scanning after DATA (docs/design.md, "Configuration"):
+``policies.NAME.scan`` (``ScanConfig``: the engines a policy asks, the
+virus action, what is skipped) and the message checks it holds -- MIME
+structure, header rules, attachment rules.
 
-Frozen dataclasses in the style of ``policy/config.py``: defaults live here
-with their reason, every value has a ``check``.  They are not yet part of
-``ProxyConfig``; the keys are documented under "Message checks" in
-docs/configuration.md with the prefixes ``scan.mime.``, ``scan.headers.``
-and ``scan.attachments.``.
+A leaf of ``config/``: frozen dataclasses, defaults with their reason, a
+``check`` for every value; the scanners in ``scan/scanners/`` read them.
+The keys are documented in docs/configuration.md ("Message checks": the
+prefixes ``scan.mime.``, ``scan.headers.`` and ``scan.attachments.``).
 
 An *action* is one string: ``"reject"`` (5xx), ``"tempfail"`` (4xx),
 ``"score:N"`` (add N, a finite number, to the message's score) or
@@ -18,17 +19,19 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from mppproxy.policy.base import Action, CheckResult
-from mppproxy.config.fields import at_least as _at_least, opt as _opt, regex as _regex
+from mppproxy.config.fields import (at_least as _at_least, finite as _finite, opt as _opt,
+                                    regex as _regex, tempfail_or_skip as _on_failure)
+from mppproxy.match import check_address_patterns, check_cidrs
+from mppproxy.results import HardAction
 
 
-def parse_action(value: str) -> tuple[Optional[Action], float]:
+def parse_action(value: str) -> tuple[Optional[HardAction], float]:
     """``"reject"`` -> (REJECT, 0), ``"score:2.5"`` -> (None, 2.5),
     ``"ignore"`` -> (None, 0).  Raises ValueError for anything else."""
     if value == "reject":
-        return Action.REJECT, 0.0
+        return HardAction.REJECT, 0.0
     if value == "tempfail":
-        return Action.TEMPFAIL, 0.0
+        return HardAction.TEMPFAIL, 0.0
     if value == "ignore":
         return None, 0.0
     if value.startswith("score:"):
@@ -37,18 +40,6 @@ def parse_action(value: str) -> tuple[Optional[Action], float]:
             raise ValueError("not finite")
         return None, score
     raise ValueError(value)
-
-
-def combine(hits: list[tuple[str, Optional[Action], float]], reject_template: str) -> CheckResult:
-    """One result from rule hits (label, hard action, score): scores add up,
-    reject beats tempfail."""
-    if not hits:
-        return CheckResult()
-    actions = {a for _, a, _ in hits}
-    action = Action.REJECT if Action.REJECT in actions else (
-        Action.TEMPFAIL if Action.TEMPFAIL in actions else None)
-    template = {Action.REJECT: reject_template, Action.TEMPFAIL: "tempfail"}.get(action, "")  # type: ignore[arg-type]
-    return CheckResult(sum(s for _, _, s in hits), tuple(label for label, _, _ in hits), action, template)
 
 
 def check_action(value: str) -> Optional[str]:
@@ -235,6 +226,18 @@ class HeaderFilterConfig:
 # Executable types by their content (see scan/scanners/attachments.py).
 EXECUTABLE_TYPES = ("exe", "elf", "macho", "lnk")
 
+# The types a rule may name (``AttachmentRule.types``): type name -> what it
+# is; "executable" names EXECUTABLE_TYPES.  scan/scanners/attachments.py
+# detects each from the content.
+TYPE_NAMES = {
+    "exe": "DOS/Windows program (MZ)", "elf": "ELF program", "macho": "Mach-O program",
+    "java": "Java class", "script": "script with #!", "lnk": "Windows shortcut",
+    "zip": "zip archive (also docx, jar, apk)", "rar": "RAR archive", "7z": "7-Zip archive",
+    "gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "cab": "Windows cabinet",
+    "ole": "OLE2 compound file (doc, xls, msi)", "pdf": "PDF", "iso": "ISO 9660 image",
+    "executable": "any of " + ", ".join(EXECUTABLE_TYPES),
+}
+
 # Gmail's list of blocked file types (Google Workspace help "File types
 # blocked in Gmail"), less the archive and disk-image formats that
 # legitimate mail carries; matched as the last extension.
@@ -247,8 +250,6 @@ DANGEROUS_EXTENSIONS = (
 
 
 def _types(values: tuple[str, ...]) -> Optional[str]:
-    from mppproxy.scan.scanners.attachments import TYPE_NAMES
-
     for v in values:
         if v not in TYPE_NAMES:
             return f"unknown type {v!r} (known: {', '.join(sorted(TYPE_NAMES))})"
@@ -328,3 +329,64 @@ class AttachmentConfig:
     # A file name with bidirectional-override or zero-width characters
     # ("invoice<RLO>fdp.exe" shows as "invoiceexe.pdf").
     deceptive_name: str = field(default="score:5", metadata=_ACTION)
+
+
+_CLIENTS = _opt(check_cidrs, "client IP addresses and CIDR ranges (IPv4 and IPv6)")
+_SENDERS = _opt(check_address_patterns, "addresses, domains, .subdomains")
+
+
+@dataclass(frozen=True)
+class EngineSlotConfig:
+    """How one policy uses one engine of ``[scanners]``."""
+
+    enabled: bool = True
+    # The engine's score (already times its score_factor) times this.
+    weight: float = field(default=1.0, metadata=_opt(_finite))
+    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
+    # Messages larger than this skip the engine in this policy; 0: only the
+    # engine's own max_size.
+    max_size: int = field(default=0, metadata=_opt(_at_least(0)))
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Post-DATA scanning of the policy (``policies.NAME.scan``): the MIME
+    checks first (every message is parsed once, within bounds), then the
+    attachment rules and header rules on the parsed message.  Their scores
+    add to the pre-DATA score; the verdict compares the sum with
+    ``scoring``.  The engines of ``[scanners]`` (clamd, spamd, rspamd,
+    command) run after the message checks, per ``engines``.  Off by
+    default: the MIME checks refuse malformed mail, which a site should
+    see in its logs before it turns them on."""
+
+    enabled: bool = False
+    mime: MimeCheckConfig = MimeCheckConfig()
+    attachments: AttachmentConfig = AttachmentConfig()
+    headers: HeaderFilterConfig = HeaderFilterConfig()
+    # A scanner that cannot answer (a GeoIP file that cannot be read, a
+    # parse failure): "tempfail" (451 4.3.0, docs/design.md promise 4) or "skip".
+    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
+    # Spam verdicts (score at or above scoring.tag) count for the
+    # thresholds' max_spam.
+    count_spam: bool = True
+    # The engines of [scanners] this policy asks, by name, run at once
+    # after the message checks.
+    engines: dict[str, EngineSlotConfig] = field(default_factory=dict)
+    # What a virus (or a command scanner's find) does: "reject" (554 5.7.1
+    # naming the signature) or "quarantine" (accepted and held).
+    virus_action: str = field(default="reject", metadata=_opt(
+        lambda v: None if v in ("reject", "quarantine") else
+        f"must be 'reject' or 'quarantine', not {v!r}"))
+    # At or above this score (0: never) the message is accepted and dropped,
+    # logged (the "discard" action).  Above scoring.reject it drops the worst
+    # silently; below, a reached reject wins.  Combinations in which a
+    # threshold could never act are refused (config/ladder.py).
+    discard_score: float = field(default=0.0, metadata=_opt(_finite))
+    # Add X-MPP-Scan (score, action) and X-MPP-Scan-Rules (each engine's
+    # rule names) to every accepted message, not only tagged ones.
+    result_headers: bool = False
+    # Transactions from these senders, to any of these recipients or from
+    # these clients are not scanned (logged as skipped).
+    skip_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    skip_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
+    skip_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)

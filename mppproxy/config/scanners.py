@@ -1,13 +1,12 @@
-"""Settings of the scanner engines (issue #5): one frozen dataclass each.
+"""``[scanners]``: the scanner engines a node can ask, one frozen dataclass
+each (docs/design.md, "Configuration").
 
-Stage: post-DATA scanning, configuration only.  Each class is what one
-scanner in ``scan/scanners/`` takes as ``settings``; the health settings go
-to ``scan/health.py``.  They follow ``config/schema.py``'s convention (a
-``check`` in each field's metadata, defaults with their reason), so
-``config/load.py`` can build and validate them from TOML as they are; they
-are not part of ``ProxyConfig`` yet (the scan engine will hook them into
-the policy configuration).  docs/configuration.md, "Scanners", lists every
-key; tests/test_scanners.py checks the two agree.
+A leaf of ``config/``: each class is what one scanner in ``scan/scanners/``
+takes as ``settings``; the health settings go to ``scan/health.py``.  They
+follow ``config/schema.py``'s convention (a ``check`` in each field's
+metadata, defaults with their reason), so ``config/load.py`` builds and
+validates them from TOML as they are.  docs/configuration.md, "Scanners",
+lists every key; tests/test_scanners.py checks the two agree.
 
 Sizes are in octets and times in seconds.  ``validate`` runs every field's
 check on a dataclass built in code (the loader runs them itself).
@@ -20,6 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
+
 from mppproxy.config.fields import finite as _finite, opt as _opt, regex as _regex
 
 __all__ = ["ClamdConfig", "SpamdConfig", "RspamdConfig", "CommandScannerConfig",

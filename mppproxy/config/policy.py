@@ -1,4 +1,8 @@
-"""Policies: named sets of settings, one per recipient domain group.
+"""``[policies.NAME]`` and ``[policy]``: the policies, one per recipient
+domain group, and how the engine runs (docs/design.md, "Configuration").
+
+A leaf of ``config/``: frozen dataclasses, defaults with their reason, a
+``check`` for every value; the policy stage (``policy/``) reads them.
 
 ``[policies.default]`` applies to every recipient domain that no other
 policy names; ``[policies.NAME]`` with ``domains = [...]`` to those domains
@@ -12,15 +16,17 @@ that exempt a client, sender or recipient from that feature only.
 """
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from mppproxy.policy.dnsbl import DnsblList, validate_dnsbl_lists
-from mppproxy.policy.patterns import check_address_patterns, check_cidrs, check_helo_patterns
-from mppproxy.scan.config import AttachmentConfig, HeaderFilterConfig, MimeCheckConfig
+from mppproxy.config.dnsbl import DnsblList, validate_dnsbl_lists
 from mppproxy.config.fields import (at_least as _at_least, choice as _choice, finite as _finite,
-                                    opt as _opt, regexes as _regexes)
+                                    opt as _opt, regexes as _regexes,
+                                    tempfail_or_skip as _on_failure)
+from mppproxy.config.scan import ScanConfig
+from mppproxy.match import check_address_patterns, check_cidrs, check_helo_patterns
 
 # What a check that waits does when it has not answered within
 # policy.check_timeout (policies.NAME.<check>.on_timeout): "pass" goes on
@@ -215,70 +221,17 @@ class ScoringConfig:
     subject_prefix: str = field(default="", metadata=_opt(_one_line))
 
 
-def _on_failure(value: str) -> Optional[str]:
-    return None if value in ("tempfail", "skip") else f"must be 'tempfail' or 'skip', not {value!r}"
-
-
-@dataclass(frozen=True)
-class EngineSlotConfig:
-    """How one policy uses one engine of ``[scanners]``."""
-
-    enabled: bool = True
-    # The engine's score (already times its score_factor) times this.
-    weight: float = field(default=1.0, metadata=_opt(_finite))
-    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
-    # Messages larger than this skip the engine in this policy; 0: only the
-    # engine's own max_size.
-    max_size: int = field(default=0, metadata=_opt(_at_least(0)))
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """Post-DATA scanning of the policy (``policies.NAME.scan``): the MIME
-    checks first (every message is parsed once, within bounds), then the
-    attachment rules and header rules on the parsed message.  Their scores
-    add to the pre-DATA score; the verdict compares the sum with
-    ``scoring``.  The engines of ``[scanners]`` (clamd, spamd, rspamd,
-    command) run after the message checks, per ``engines``.  Off by
-    default: the MIME checks refuse malformed mail, which a site should
-    see in its logs before it turns them on."""
-
-    enabled: bool = False
-    mime: MimeCheckConfig = MimeCheckConfig()
-    attachments: AttachmentConfig = AttachmentConfig()
-    headers: HeaderFilterConfig = HeaderFilterConfig()
-    # A scanner that cannot answer (a GeoIP file that cannot be read, a
-    # parse failure): "tempfail" (451 4.3.0, docs/design.md promise 4) or "skip".
-    on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))
-    # Spam verdicts (score at or above scoring.tag) count for the
-    # thresholds' max_spam.
-    count_spam: bool = True
-    # The engines of [scanners] this policy asks, by name, run at once
-    # after the message checks.
-    engines: dict[str, EngineSlotConfig] = field(default_factory=dict)
-    # What a virus (or a command scanner's find) does: "reject" (554 5.7.1
-    # naming the signature) or "quarantine" (accepted and held).
-    virus_action: str = field(default="reject", metadata=_opt(
-        lambda v: None if v in ("reject", "quarantine") else
-        f"must be 'reject' or 'quarantine', not {v!r}"))
-    # At or above this score (0: never) the message is accepted and dropped,
-    # logged (the "discard" action).  Above scoring.reject it drops the worst
-    # silently; below, a reached reject wins.  Combinations in which a
-    # threshold could never act are refused (verdict.ladder_problems).
-    discard_score: float = field(default=0.0, metadata=_opt(_finite))
-    # Add X-MPP-Scan (score, action) and X-MPP-Scan-Rules (each engine's
-    # rule names) to every accepted message, not only tagged ones.
-    result_headers: bool = False
-    # Transactions from these senders, to any of these recipients or from
-    # these clients are not scanned (logged as skipped).
-    skip_senders: tuple[str, ...] = field(default=(), metadata=_SENDERS)
-    skip_recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
-    skip_clients: tuple[str, ...] = field(default=(), metadata=_CLIENTS)
+def charset_key(charset: str) -> str:
+    """One name per charset ("UTF8", "utf-8" -> "utf-8"); unknown names as
+    written, lower case.  The disclaimer (``disclaimer.py``) picks its text
+    by it; ``_texts`` refuses two texts under one name."""
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return charset.strip().lower()
 
 
 def _charset(value: str) -> Optional[str]:
-    import codecs
-
     try:
         codecs.lookup(value)
     except LookupError:
@@ -299,8 +252,6 @@ class DisclaimerText:
 
 
 def _texts(values: tuple[DisclaimerText, ...]) -> Optional[str]:
-    from mppproxy.disclaimer import charset_key
-
     seen = set()
     for i, t in enumerate(values):
         key = charset_key(t.charset)
@@ -367,34 +318,3 @@ class PolicyEngineConfig:
     on_error: str = field(default="tempfail", metadata=_opt(_on_failure))
     # Site-wide reply templates overriding the built-in ones; relative to data_dir.
     templates_dir: str = ""
-
-
-@dataclass(frozen=True)
-class DnsConfig:
-    """Recursive resolvers the checks ask (DNSBL, SPF)."""
-
-    # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the nameservers in /etc/resolv.conf.
-    nameservers: tuple[str, ...] = ()
-    timeout: float = field(default=5.0, metadata=_opt(_at_least(0.1)))
-
-
-@dataclass(frozen=True)
-class DatabaseConfig:
-    """Where shared state lives (greylist triplets, the auto-blacklist)."""
-
-    # SQLAlchemy URL; empty: SQLite at data_dir/state.sqlite.  MariaDB:
-    # "mysql+pymysql://user:password@host/dbname".
-    url: str = ""
-    # Threads that run database work off the reactor.
-    pool_min: int = field(default=1, metadata=_opt(_at_least(1)))
-    pool_max: int = field(default=8, metadata=_opt(_at_least(1)))
-    # Seconds a blacklist or greylist answer may be served from the
-    # in-process cache before the database is asked again; nodes sharing
-    # one database see each other's entries within this time.
-    cache_seconds: float = field(default=30.0, metadata=_opt(_at_least(0)))
-    # Expired rows are deleted this often (seconds).
-    purge_interval: float = field(default=3600.0, metadata=_opt(_at_least(10)))
-    # SQLite: run the stores' batch jobs on the reactor thread while the
-    # write lock is free (db/state.py says why; a job that would wait goes
-    # to the thread pool).  MySQL/MariaDB always use the pool.
-    sqlite_in_reactor: bool = True

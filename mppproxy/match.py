@@ -1,5 +1,10 @@
 """Matching clients, HELO names and addresses against admin-written lists.
 
+Ground floor (docs/design.md, "Floors"): relay control, the policy checks,
+the do-not-scan lists of the scan stage, the disclaimer tables and the
+config loader's validation all use these sets, and they import nothing of
+the stages.
+
 One notation everywhere (docs/configuration.md, "Lists"):
 
 * clients: ``192.0.2.7``, ``192.0.2.0/24``, ``2001:db8::/32``;
@@ -12,7 +17,8 @@ One notation everywhere (docs/configuration.md, "Lists"):
 
 Matching is case-insensitive and ignores a trailing dot.  Lookups cost one
 set probe per distinct prefix length or domain label, so lists of thousands
-of entries stay cheap.
+of entries stay cheap.  The ``check_*`` functions validate the same
+notation for the config loader, so what loads is what matches.
 """
 from __future__ import annotations
 
@@ -254,3 +260,42 @@ class HeloSet:
 
     def __contains__(self, helo: str) -> bool:
         return bool(helo) and helo in self._domains
+
+
+# -- trust --------------------------------------------------------------------
+
+class TrustedNetworks:
+    """Client addresses that may relay anywhere (Postfix's mynetworks;
+    docs/design.md promise 3)."""
+
+    def __init__(self, networks: tuple[str, ...]):
+        # The policy lists' matcher: a set probe per prefix length, on the
+        # address parse the policy checks share (parse_ip's cache).
+        self._nets = NetworkSet(networks)
+
+    def __call__(self, host: str) -> bool:
+        return host in self._nets
+
+
+# -- per configuration ----------------------------------------------------------
+
+class SetCache:
+    """The sets of one configuration snapshot's lists (do-not-scan clients,
+    senders, recipients; disclaimer senders), built on first use and kept
+    as long as the snapshot: the config's tuples are the keys."""
+
+    def __init__(self) -> None:
+        self._addresses: dict[tuple[str, ...], AddressSet] = {}
+        self._networks: dict[tuple[str, ...], NetworkSet] = {}
+
+    def address_set(self, patterns: tuple[str, ...]) -> AddressSet:
+        found = self._addresses.get(patterns)
+        if found is None:
+            found = self._addresses[patterns] = AddressSet(patterns)
+        return found
+
+    def network_set(self, networks: tuple[str, ...]) -> NetworkSet:
+        found = self._networks.get(networks)
+        if found is None:
+            found = self._networks[networks] = NetworkSet(networks)
+        return found

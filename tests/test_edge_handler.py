@@ -1,4 +1,4 @@
-"""The gateway without a backend (``mppproxy.gateway``), the outbound
+"""The edge handler without a backend (``mppproxy.edge``), the outbound
 message (``mppproxy.message.prepare``) and Maildir delivery
 (``mppproxy.delivery.maildir``).
 
@@ -25,7 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mppproxy.config.schema import DeliveryConfig, ProxyConfig, SmtpConfig
 from mppproxy.delivery import maildir
-from mppproxy.gateway import GatewayContext, SessionGateway, TrustedNetworks, make_context
+from mppproxy.edge.context import EdgeContext, make_context
+from mppproxy.edge.handler import EdgeSession
+from mppproxy.match import TrustedNetworks
 from mppproxy.message import MAX_HEADER_BLOCK, prepare, strip_trust_headers
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, parse_path
@@ -69,11 +71,11 @@ def make_config(data_dir: str = "/nonexistent/mppproxy-test-data", **fields: Any
     return replace(base, **fields)
 
 
-def make_gateway(config: Optional[ProxyConfig] = None) -> tuple[SessionGateway, GatewayContext]:
+def make_gateway(config: Optional[ProxyConfig] = None) -> tuple[EdgeSession, EdgeContext]:
     config = config or make_config()
     assert config.backend is None
     ctx = make_context(config, InlineReactor(), InlineThreadPool())
-    return SessionGateway(ctx), ctx
+    return EdgeSession(ctx), ctx
 
 
 def make_session(trusted: bool = False, host: str = "198.51.100.7", helo: str = "client.example",
@@ -140,9 +142,9 @@ INSIDE = [
 
 
 class RelayControlTests(SynchronousTestCase):
-    """docs/design.md promise 3 at the gateway."""
+    """docs/design.md promise 3 at the edge."""
 
-    def rcpt(self, gateway: SessionGateway, session: Session, path: str) -> replies.Reply:
+    def rcpt(self, gateway: EdgeSession, session: Session, path: str) -> replies.Reply:
         txn = make_txn()
         d = Deferred.fromCoroutine(gateway.on_rcpt(session, txn, parse_path(path, False), {}))
         return self.successResultOf(d)
@@ -227,12 +229,12 @@ class TrustedNetworksTests(SynchronousTestCase):
         self.assertTrue(trusted("fe80::1%eth0"))
 
 
-class GatewayThroughServerTests(SynchronousTestCase):
-    """The gateway as the server's handler, trust decided from the peer address."""
+class EdgeThroughServerTests(SynchronousTestCase):
+    """The edge handler as the server's handler, trust decided from the peer address."""
 
     def converse(self, peer: str, data: bytes) -> bytes:
         gateway, ctx = make_gateway()
-        factory = SMTPServerFactory(ctx.config, lambda: SessionGateway(ctx), MemoryReactorClock(),
+        factory = SMTPServerFactory(ctx.config, lambda: EdgeSession(ctx), MemoryReactorClock(),
                                     is_trusted=ctx.trusted, hostname=ctx.hostname)
         proto = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
@@ -366,7 +368,7 @@ class PrepareTests(SynchronousTestCase):
         self.assertEqual(b"".join(msg.chunks()), filler + b"\r\n" + body)
 
     def test_header_block_too_large(self) -> None:
-        """A header block over MAX_HEADER_BLOCK is refused with 552 5.3.4 at the gateway."""
+        """A header block over MAX_HEADER_BLOCK is refused with 552 5.3.4 at the edge."""
         gateway, _ = make_gateway(make_config(data_dir=temp_dir(self)))
         line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
         # Past the bound by more than one spool read (the check runs per read).
@@ -539,7 +541,7 @@ class MaildirTests(SynchronousTestCase):
 
 
 class LocalDeliveryTests(SynchronousTestCase):
-    """The gateway's end of DATA without a backend."""
+    """The edge's end of DATA without a backend."""
 
     def setUp(self) -> None:
         self.data_dir = temp_dir(self)
@@ -553,7 +555,7 @@ class LocalDeliveryTests(SynchronousTestCase):
             reply = self.successResultOf(Deferred.fromCoroutine(gateway.on_data_end(make_session(), txn)))
         self.assertEqual((reply.code, reply.enhanced), (250, "2.0.0"))
         self.assertIn(txn.id, reply.text)
-        paths = txn.facts["delivered_to"]
+        paths = txn.delivered_to
         self.assertEqual(len(paths), 2)
         for p in paths:
             with open(p, "rb") as f:
@@ -581,7 +583,7 @@ class LocalDeliveryTests(SynchronousTestCase):
         gateway, _ = make_gateway(config)
         txn = make_txn(b"S: s\r\n\r\nb\r\n", recipients=("<bob@example.com>",))
         self.successResultOf(Deferred.fromCoroutine(gateway.on_data_end(make_session(), txn)))
-        [path] = txn.facts["delivered_to"]
+        [path] = txn.delivered_to
         self.assertEqual(os.path.dirname(path), os.path.join(self.data_dir, "boxes", "e", "bob", "new"))
 
     def test_reset_logs_aborted_transaction(self) -> None:

@@ -1,0 +1,77 @@
+"""What all edge sessions of one configuration share, and how it is built.
+
+Composition (docs/design.md, "Floors"): ``make_context`` only builds objects
+-- the backend pool, relay control, the trusted networks, the reply
+renderer, the actions' helpers -- and takes the policy runtime and the scan
+stage the service built beside it, so neither stage builds the other.  A
+reload builds a new context; sessions keep the one they began with.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.python.threadpool import ThreadPool
+
+from mppproxy.actions.deliver import LocalDelivery
+from mppproxy.actions.rewrite import Rewriter
+from mppproxy.config.schema import ProxyConfig
+from mppproxy.match import SetCache, TrustedNetworks
+from mppproxy.policy.runtime import PolicyRuntime
+from mppproxy.relay.pool import BackendPool
+from mppproxy.scan.runtime import ScanStage
+from mppproxy.smtp.address import RelayDomains
+from mppproxy.templates import ReplyRenderer, make_renderer
+
+
+def resolve_hostname(config: ProxyConfig) -> str:
+    return config.smtp.hostname or socket.getfqdn()
+
+
+@dataclass
+class EdgeContext:
+    """What all sessions of one configuration share."""
+
+    config: ProxyConfig
+    reactor: Any
+    threadpool: ThreadPool
+    hostname: str
+    relay_domains: RelayDomains
+    trusted: TrustedNetworks
+    pool: Optional[BackendPool]
+    # The pre-DATA policy engine and its services; None when policy.enabled
+    # is false.
+    policy: Optional[PolicyRuntime]
+    # Post-DATA scanning, per policy; there whatever policy.enabled says.
+    scan: ScanStage
+    # Refusals after DATA (the policy engine's renderer when it runs).
+    renderer: ReplyRenderer
+    # The do-not-scan and disclaimer lists' sets, built on first use.
+    sets: SetCache
+    delivery: LocalDelivery
+    rewriter: Rewriter
+
+
+def make_context(config: ProxyConfig, reactor: Any, threadpool: ThreadPool,
+                 backend_tls_context: Any = None,
+                 policy: Optional[PolicyRuntime] = None,
+                 scan: Optional[ScanStage] = None) -> EdgeContext:
+    """The context of ``config``.  ``backend_tls_context`` is what
+    ``tlsconfig.backend_context`` gives (options or a connection creator,
+    None for no STARTTLS).  ``scan`` is the service's scan stage (it
+    starts and stops its engine-health watch); without one a stage is built
+    here, unwatched.  No I/O."""
+    hostname = resolve_hostname(config)
+    pool = None
+    if config.backend is not None:
+        pool = BackendPool(reactor, config.backend, config.backend.helo_name or hostname,
+                           backend_tls_context)
+    sets = SetCache()
+    return EdgeContext(
+        config, reactor, threadpool, hostname, RelayDomains(config.relay_domains),
+        TrustedNetworks(config.trusted_networks), pool, policy,
+        scan if scan is not None else ScanStage(config, reactor),
+        policy.engine.renderer if policy is not None else make_renderer(config),
+        sets, LocalDelivery(reactor, threadpool, config.data_dir, config.delivery.maildir),
+        Rewriter(reactor, threadpool, sets))
