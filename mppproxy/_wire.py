@@ -69,5 +69,5 @@ def close_now(transport: Any) -> bool:
         return False
     transport.stopReading()
     transport.stopWriting()
-    transport.connectionLost(Failure(main.CONNECTION_DONE))
+    transport.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[no-untyped-call]  # Twisted's Failure() is unannotated
     return True

@@ -36,7 +36,7 @@ def listen_on(reactor: Any, desc: str, factory: Any, backlog: int, ports: dict[A
         log.info("{label}listening on {endpoint}", label=label, endpoint=desc)
         return defer.succeed(None)
     # Twisted's serverFromString carries no annotations.
-    endpoint = serverFromString(reactor, with_backlog(desc, backlog))  # type: ignore[no-untyped-call]
+    endpoint = serverFromString(reactor, with_backlog(desc, backlog))  # type: ignore[no-untyped-call]  # Twisted's is unannotated
 
     def listening(port: Any) -> None:
         ports[key] = port

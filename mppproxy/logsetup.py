@@ -10,11 +10,11 @@ from collections import deque
 from typing import Any, Optional
 
 from twisted.logger import Logger as _TwistedLogger
-from twisted.logger import (FileLogObserver, ILogObserver, LogLevel, formatEventAsClassicLogText,
-                            formatTime, globalLogPublisher, jsonFileLogObserver,
-                            timeFormatRFC3339)
+from twisted.logger import (FileLogObserver, ILogObserver, LogEvent, LogLevel,
+                            formatEventAsClassicLogText, formatTime, globalLogPublisher,
+                            jsonFileLogObserver, timeFormatRFC3339)
 from twisted.python.compat import ioType
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]  # no stubs or py.typed
 
 _started: list[Any] = []
 _LEVELS = frozenset(LogLevel.iterconstants())
@@ -36,7 +36,8 @@ class Logger(_TwistedLogger):
                       log_source=self.source, log_format=format, log_time=time.time())
         if "log_trace" in kwargs:
             kwargs["log_trace"].append((self, self.observer))
-        self.observer(kwargs)
+        # mypy reads zope interfaces' methods (ILogObserver.__call__) without self.
+        self.observer(kwargs)  # type: ignore[call-arg, misc]
 
 
 def start_json_log(config: Any) -> None:
@@ -47,7 +48,8 @@ def start_json_log(config: Any) -> None:
     # One JSON object per line, without Twisted's default RFC 7464 record
     # separator, so `json.loads(line)` and common log shippers read it.
     observer = jsonFileLogObserver(f, recordSeparator="")
-    globalLogPublisher.addObserver(observer)
+    # mypy does not see zope's @implementer(ILogObserver) on FileLogObserver.
+    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     _started.append(observer)
 
 
@@ -100,7 +102,7 @@ class BatchedTextLogObserver:
     def __init__(self, out_file: Any, reactor: Any, max_backlog: int = MAX_BACKLOG):
         self._out = out_file
         self._reactor = reactor
-        self._binary = ioType(out_file) is not str
+        self._binary = ioType(out_file) is not str  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         self._max_backlog = max_backlog
         # Lines not yet written, oldest first (see the class docstring).
         self._held: deque[str] = deque()
@@ -129,7 +131,7 @@ class BatchedTextLogObserver:
             self._second = second
         return self._stamp
 
-    def _line(self, event: dict) -> Optional[str]:
+    def _line(self, event: LogEvent) -> Optional[str]:
         """``formatEventAsClassicLogText(event)``, cheaper for the usual
         event: a text format of plain fields, which ``str.format_map`` reads
         as Twisted's formatter does (that one parses the format in Python,
@@ -156,7 +158,7 @@ class BatchedTextLogObserver:
         line = f"{self._time(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
         text = self._line(event)
         if not text:
             return

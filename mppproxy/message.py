@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-import authres  # type: ignore[import-untyped]  # no stubs or py.typed
+import authres  # no stubs: pyproject.toml [tool.mypy] overrides ignore its imports
 
 from mppproxy.smtp import replies
 from mppproxy.smtp.session import Session, Transaction
@@ -161,16 +161,19 @@ def _claims_authserv_id(field: bytes, ids: frozenset[str]) -> bool:
     return _normal_id(found) in ids
 
 
-_date_cache: list = [0, ""]
+# (second, its RFC 5322 date): one tuple, swapped whole.
+_date_cache: tuple[int, str] = (0, "")
 
 
 def _date_now() -> str:
     """RFC 5322 date of this second; formatting it per message showed in
     profiles, and a second is the field's resolution anyway."""
+    global _date_cache
     now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, localtime=True)
-    return _date_cache[1]
+    cached = _date_cache
+    if cached[0] != now:
+        cached = _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return cached[1]
 
 
 def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:

@@ -17,8 +17,9 @@ with every problem and the running one is kept.
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Hashable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Optional, TypeVar
 
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
@@ -26,6 +27,24 @@ from mppproxy.config.errors import ConfigError
 from mppproxy.logsetup import Logger
 
 log = Logger()
+
+_K = TypeVar("_K", bound=Hashable)
+
+if TYPE_CHECKING:
+    class TopService(MultiService):
+        """``MultiService`` with the signatures of the methods the top
+        services override and call (Twisted leaves them unannotated)."""
+
+        def __init__(self) -> None: ...
+
+        def privilegedStartService(self) -> None: ...
+
+        def startService(self) -> None: ...
+
+        def stopService(self) -> defer.Deferred[Any]: ...
+else:
+    # The base of the three top services: MultiService itself.
+    TopService = MultiService
 
 
 class ReloadOnHup:
@@ -43,7 +62,7 @@ class ReloadOnHup:
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
-    def reload(self) -> defer.Deferred:
+    def reload(self) -> defer.Deferred[None]:
         """SIGHUP: read the configuration again and swap it in."""
         if self.reload_config is None:
             return defer.succeed(None)
@@ -86,9 +105,9 @@ def _reload_failed(f: Any) -> None:
         log.failure("reload failed, keeping the running configuration", f)
 
 
-def sync_listeners(ports: dict[Hashable, Any], wanted: Iterable[Hashable],
-                   open_one: Callable[[Any], Any],
-                   closed: Optional[Callable[[Any], None]] = None) -> None:
+def sync_listeners(ports: dict[_K, Any], wanted: Iterable[_K],
+                   open_one: Callable[[_K], Any],
+                   closed: Optional[Callable[[_K], None]] = None) -> None:
     """Close the listeners in ``ports`` a new configuration no longer
     names (``closed(key)`` after each) and open those it adds."""
     wanted = list(wanted)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from twisted.application.service import MultiService
 from twisted.internet import defer
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
@@ -24,7 +23,7 @@ from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.scan.runtime import ScanStage
-from mppproxy.reloading import ReloadOnHup, sync_listeners
+from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
@@ -33,7 +32,7 @@ from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_
 log = Logger()
 
 
-class ProxyService(ReloadOnHup, MultiService):
+class ProxyService(ReloadOnHup, TopService):
     """The edge proxy (and, in all-in-one mode, local delivery)."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -159,7 +158,7 @@ class ProxyService(ReloadOnHup, MultiService):
             old_ctx.pool.close_all()
         log.info("configuration reloaded")
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[list[tuple[bool, Any]]]:
         """Stop accepting, let the messages in flight finish (at most
         ``timeouts.shutdown_grace``), then close the backend pool and the
         policy engine, which those messages still use.  twistd waits for
@@ -176,7 +175,7 @@ class ProxyService(ReloadOnHup, MultiService):
         d.addBoth(lambda _: self._stop_the_rest())
         return d
 
-    def _stop_the_rest(self) -> defer.Deferred:
+    def _stop_the_rest(self) -> defer.Deferred[list[tuple[bool, Any]]]:
         if self._ctx is not None and self._ctx.pool is not None:
             self._ctx.pool.close_all()
         ds = [defer.maybeDeferred(super().stopService)]

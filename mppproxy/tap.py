@@ -37,7 +37,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's usage.Options is unannotated
         self["listen"] = []
         self["relay-domain"] = []
         self["trusted-network"] = []
@@ -58,7 +58,7 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
         self.raw_args = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's usage.Options is unannotated
 
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

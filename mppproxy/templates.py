@@ -184,19 +184,22 @@ class ReplyRenderer:
         if key in self._reads:
             return self._reads[key]
         path = f"replies/{name}.txt"
-        reads: Optional[set[str]] = set()
+        reads: set[str] = set()
+        result: Optional[tuple[str, ...]] = None
         for env in (self._env(policy), self._builtin_env):
+            loader = env.loader
+            assert loader is not None  # _make_env gives each environment one
             try:
-                source = env.loader.get_source(env, path)[0]  # type: ignore[union-attr]
+                source = loader.get_source(env, path)[0]
                 ast = env.parse(source)
             except jinja2.TemplateError:
-                reads = None
                 break
             if any(True for _ in jinja2.meta.find_referenced_templates(ast)):
-                reads = None
                 break
             reads |= jinja2.meta.find_undeclared_variables(ast)
-        result = self._reads[key] = None if reads is None else tuple(sorted(reads))
+        else:  # every template parsed and includes nothing
+            result = tuple(sorted(reads))
+        self._reads[key] = result
         return result
 
     def _render(self, name: str, context: Mapping[str, Any], policy: str) -> tuple[str, bool]:

@@ -72,7 +72,9 @@ def load_server_certificate(cert_file: str, key_file: str) -> tuple[Optional[Any
             cert_pem = f.read()
         with open(key_file, "rb") as f:
             key_pem = f.read()
-        return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options(), None
+        # Twisted's ssl module is unannotated.
+        pem = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
+        return pem.options(), None
     except (OSError, ValueError, crypto.Error, SSL.Error) as e:
         return None, f"cannot load certificate {cert_file} with key {key_file}: {e or type(e).__name__}"
 
@@ -97,5 +99,5 @@ def backend_context(config: BackendConfig) -> Optional[Any]:
         cert, problem = load_ca_certificate(config.tls_ca_file)
         if problem:
             raise ConfigError([f"backend.tls_ca_file: {problem}"])
-        trust = ssl.trustRootFromCertificates([cert])
+        trust = ssl.trustRootFromCertificates([cert])  # type: ignore[no-untyped-call]  # Twisted's, unannotated
     return ssl.optionsForClientTLS(config.host, trustRoot=trust)

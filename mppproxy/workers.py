@@ -79,7 +79,7 @@ def reuseport_sockets(reactor: Any, desc: str, count: int,
 
     if reuseport and not hasattr(socket, "SO_REUSEPORT"):
         return None
-    endpoint = serverFromString(reactor, desc)
+    endpoint = serverFromString(reactor, desc)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
     if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint):
         return None
     try:
@@ -159,7 +159,7 @@ class WorkerSupervisor:
         self._takeovers: dict[int, list[Any]] = {}
         self.factory: Any = None
         self.stopping = False
-        self._stop_waiters: list[defer.Deferred] = []
+        self._stop_waiters: list[defer.Deferred[None]] = []
         self._kill_call: Any = None
 
     def listen(self, desc: str, factory: Any, backlog: int,
@@ -280,7 +280,7 @@ class WorkerSupervisor:
             except ProcessExitedAlready:
                 pass
 
-    def stop(self, grace: float = 0.0) -> defer.Deferred:
+    def stop(self, grace: float = 0.0) -> defer.Deferred[None]:
         """SIGTERM to every worker, each of which finishes its messages in
         flight within ``grace`` (``timeouts.shutdown_grace``) like this
         process.  Fires when all have ended; one still running
@@ -291,7 +291,7 @@ class WorkerSupervisor:
             for port in ports:
                 port.stopListening()
         self._takeovers.clear()
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._stop_waiters.append(d)
         if not self.processes:
             self._worker_stopped()
@@ -330,7 +330,7 @@ def adopt_listeners(reactor: Any, fds: tuple[tuple[int, int], ...], factory: Any
     from twisted.internet import stdio
 
     # Kept alive by the reactor's reader set.
-    stdio.StandardIO(_ParentWatch(on_parent_gone), reactor=reactor)
+    stdio.StandardIO(_ParentWatch(on_parent_gone), reactor=reactor)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
     return ports
 
 

@@ -180,6 +180,19 @@ def test_policy_template_error_names_the_policy_key(tmp_path, capsys):
     assert f"{cfg}: policies.school.templates_dir: template {bad}: line 1:" in capsys.readouterr().err
 
 
+def test_template_error_found_when_only_scanning_uses_the_templates(tmp_path, capsys):
+    """With policy.enabled false and a policy scanning, a broken site template (a scan refusal's) is named by file and key; with nothing scanning either it is not read."""
+    data = tmp_path / "data"
+    bad = write(data / "site" / "replies" / "virus.txt", "Virus {{ virus }\n")
+    head = f'data_dir = "{data}"\n[policy]\nenabled = false\ntemplates_dir = "site"\n'
+    cfg = write(tmp_path / "t.toml", head + "[policies.default.scan]\nenabled = true\n")
+    assert cli_main(["check-config", str(cfg)]) == 1
+    assert (f"{cfg}: policy.templates_dir: template {bad}: line 1: unexpected '}}'"
+            in capsys.readouterr().err)
+    idle = write(tmp_path / "idle.toml", head)
+    assert cli_main(["check-config", str(idle)]) == 0
+
+
 def test_unknown_template_file_name_is_an_error(tmp_path, capsys):
     """A site template whose name is no reply (a typo: greylsit.txt) would never be used: an error naming the key."""
     data = tmp_path / "data"

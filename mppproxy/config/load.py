@@ -106,7 +106,9 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> A
     raise TypeError(f"schema type {tp!r} for {key} has no loader")  # a bug in schema.py
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[str], source: str) -> Any:
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, errors: list[str], source: str) -> Any:
+    """An instance of the config dataclass ``cls`` (Any: whichever one the
+    schema names) from ``data``, or None after appending errors."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
@@ -140,7 +142,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> ProxyConf
     """Build and validate a ProxyConfig from parsed TOML-like data."""
     errors: list[str] = []
     data = inherit_default_policy(data)
-    config = _build(ProxyConfig, data, "", errors, source)
+    # None when ``errors`` has grown: raised below, before any use.
+    config: ProxyConfig = _build(ProxyConfig, data, "", errors, source)
     if not errors:
         errors = [f"{source}: {problem}" for problem in _cross_checks(config)]
     if errors:
@@ -272,9 +275,12 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         problem = _writable_dir(os.path.dirname(os.path.abspath(config.logging.json_file)))
         if problem:
             errors.append(f"logging.json_file: {problem}")
-    if config.policy.enabled or config.mode == "scan":
-        # Reply templates (the policy's refusals, scan mode's verdict):
-        # directories exist, every template parses, no file is misnamed.
+    if (config.policy.enabled or config.mode == "scan"
+            or any(p.scan.enabled for p in config.policies.values())):
+        # Reply templates (the policy's refusals, scan mode's verdict, and
+        # the refusals of post-DATA scanning, which runs with the policy
+        # engine off too): directories exist, every template parses, no
+        # file is misnamed.
         errors.extend(make_renderer(config).check_templates())
     problem = _creatable_dir(config.data_dir)
     if problem:

@@ -50,7 +50,7 @@ class Batcher(Generic[I, R]):
         self._db = database
         self._job = job
         self.max_batch = max_batch
-        self._queue: list[tuple[I, defer.Deferred]] = []
+        self._queue: list[tuple[I, defer.Deferred[R]]] = []
         self._running = False
         self._scheduled: Optional[Any] = None
         self.jobs = 0
@@ -59,7 +59,7 @@ class Batcher(Generic[I, R]):
 
     def submit(self, item: I) -> "defer.Deferred[R]":
         """A Deferred firing with ``item``'s result (or its job's failure)."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[R] = defer.Deferred()
         self._queue.append((item, d))
         if not self._running and self._scheduled is None:
             self._scheduled = self._db.reactor.callLater(0, self._start)
@@ -83,7 +83,7 @@ class Batcher(Generic[I, R]):
         d = self._db.run_job(self._job, items, float(self._db.clock.seconds()))
         d.addBoth(self._finished, batch)
 
-    def _finished(self, result: Any, batch: list[tuple[I, defer.Deferred]]) -> None:
+    def _finished(self, result: Any, batch: list[tuple[I, defer.Deferred[R]]]) -> None:
         self._running = False
         if self._queue:
             # Start the next job before waking this one's callers: the
@@ -94,7 +94,8 @@ class Batcher(Generic[I, R]):
                 d.errback(result)
             return
         if len(result) != len(batch):
-            error = Failure(RuntimeError(
+            # Twisted's Failure() is unannotated.
+            error = Failure(RuntimeError(  # type: ignore[no-untyped-call]
                 f"batch job gave {len(result)} answers for {len(batch)} calls"))
             for _, d in batch:
                 d.errback(error)

@@ -159,8 +159,9 @@ class SqlBlacklistStore:
         entry = BlacklistEntry(network, reason, now + seconds)
         self._remember(entry, now)
         self._local[network] = (entry, now)
-        entry = await self.batcher.submit(_Add(network, reason, now, now + seconds))
-        self._remember(entry, self._now())
+        stored = await self.batcher.submit(_Add(network, reason, now, now + seconds))
+        assert stored is not None  # an add's answer is its entry (blacklist_batch)
+        self._remember(stored, self._now())
 
     def _job(self, engine: Engine, items: list[Union[_Lookup, _Add]],
              now: float) -> list[Optional[BlacklistEntry]]:
@@ -168,7 +169,7 @@ class SqlBlacklistStore:
 
     # -- the mirror --------------------------------------------------------
 
-    def start_mirror(self) -> defer.Deferred:
+    def start_mirror(self) -> defer.Deferred[None]:
         """Load the mirror now and every half ``cache_seconds`` (nothing
         with ``cache_seconds`` = 0).  Fires when the first load is done
         (or failed: logged, lookups then ask the database)."""
@@ -187,7 +188,7 @@ class SqlBlacklistStore:
         database as of less than ``cache_seconds`` ago."""
         return self.mirrored_at is not None and now - self.mirrored_at < self.cache_seconds
 
-    def refresh_mirror(self) -> defer.Deferred:
+    def refresh_mirror(self) -> defer.Deferred[None]:
         """Load every unexpired entry; never fails (a failure is logged
         once per outage and the mirror ages out)."""
         started = self._now()
@@ -333,11 +334,12 @@ class _Sql:
         else:
             raise NotImplementedError(f"no blacklist upsert for {dialect.name}")
 
-    def rows(self, cur: Any, networks: list[str]) -> list[tuple]:
+    def rows(self, cur: Any, networks: list[str]) -> list[tuple[Any, ...]]:
         if not networks:  # an empty IN () is an error on MySQL
             return []
         cur.execute(self._rows + placeholders(self._dialect, len(networks)), networks)
-        return cur.fetchall()
+        found: list[tuple[Any, ...]] = cur.fetchall()
+        return found
 
 
 def blacklist_batch(engine: Engine, sql: _Sql,

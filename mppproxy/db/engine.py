@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, URL, make_url
@@ -96,7 +96,7 @@ class _NoWait(threading.local):
 _no_wait = _NoWait()
 
 
-def _is_lock_error(error: BaseException) -> bool:
+def _is_lock_error(error: Optional[BaseException]) -> bool:
     # SQLITE_BUSY ("database is locked") or SQLITE_LOCKED ("database
     # table is locked").
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
@@ -116,7 +116,7 @@ def no_lock_wait() -> Iterator[None]:
         _no_wait.on = False
 
 
-def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
+def _begin_immediate(dbapi_connection: Any, info: dict[str, Any]) -> None:
     """BEGIN IMMEDIATE, tried again every SQLITE_RETRY_INTERVAL while
     another process holds the write lock, for at most SQLITE_BUSY_TIMEOUT
     (then the "database is locked" error goes up, as with a busy timeout).
@@ -149,13 +149,13 @@ def _begin_immediate(dbapi_connection: Any, info: dict) -> None:
             _busy_timeout_on(dbapi_connection, info)
 
 
-def _busy_timeout_off(dbapi_connection: Any, info: dict) -> None:
+def _busy_timeout_off(dbapi_connection: Any, info: dict[str, Any]) -> None:
     if not info.get(_BUSY_OFF):
         dbapi_connection.execute("PRAGMA busy_timeout = 0")
         info[_BUSY_OFF] = True
 
 
-def _busy_timeout_on(dbapi_connection: Any, info: dict) -> None:
+def _busy_timeout_on(dbapi_connection: Any, info: dict[str, Any]) -> None:
     # Reads wait for a lock the usual way (switching the journal to WAL,
     # reading while another process recovers the WAL).
     if info.get(_BUSY_OFF):
@@ -187,14 +187,17 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
     try:
         try:
             if sqlite:
+                # Any: the sqlite3 connection (execute), which SQLAlchemy
+                # types as an optional DBAPIConnection.
+                dbapi_connection: Any = raw.dbapi_connection
                 if write:
-                    _begin_immediate(raw.dbapi_connection, raw.info)
+                    _begin_immediate(dbapi_connection, raw.info)
                 else:
                     if no_wait:
-                        _busy_timeout_off(raw.dbapi_connection, raw.info)
+                        _busy_timeout_off(dbapi_connection, raw.info)
                     else:
-                        _busy_timeout_on(raw.dbapi_connection, raw.info)
-                    raw.dbapi_connection.execute("BEGIN")
+                        _busy_timeout_on(dbapi_connection, raw.info)
+                    dbapi_connection.execute("BEGIN")
             cursor = raw.cursor()
             yield cursor
             cursor.close()

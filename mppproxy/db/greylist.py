@@ -34,7 +34,7 @@ from that row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -43,6 +43,20 @@ from mppproxy.db.batch import Batcher
 from mppproxy.db.cache import DEFAULT_SIZE, ExpiringCache
 from mppproxy.db.engine import cursor_in_transaction, placeholders
 from mppproxy.db.models import ADDRESS_LENGTH, StateTables, clip, triplet_key
+
+
+class GreylistSettings(Protocol):
+    """What the store reads of a policy's greylisting settings
+    (``config/policy.py``'s ``GreylistConfig``; ``db/`` imports no policy)."""
+
+    @property
+    def delay(self) -> float: ...
+    @property
+    def retry_window(self) -> float: ...
+    @property
+    def lifetime(self) -> float: ...
+    @property
+    def auto_whitelist_after(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class _Attempt(NamedTuple):
     client_net: str
     sender: str
     recipient: str
-    settings: Any
+    settings: GreylistSettings
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,7 @@ class SqlGreylistStore:
         self.batcher: Batcher[_Attempt, GreylistAnswer] = Batcher(database, self._job)
 
     async def check(self, client_net: str, sender: str, recipient: str,
-                    settings: Any) -> Optional[float]:
+                    settings: GreylistSettings) -> Optional[float]:
         """None when the triplet (or its auto-whitelisted network) may pass
         now; else the seconds the client should still wait.  ``settings``
         is the policy's ``GreylistConfig``."""
@@ -105,8 +119,8 @@ class SqlGreylistStore:
         self._remember(key, client_net, answer, settings, now)
         return answer.wait
 
-    def _remember(self, key: str, client_net: str, answer: GreylistAnswer, settings: Any,
-                  now: float) -> None:
+    def _remember(self, key: str, client_net: str, answer: GreylistAnswer,
+                  settings: GreylistSettings, now: float) -> None:
         until = now + self.cache_seconds
         if answer.whitelisted:
             self._whitelisted.put(client_net, True, until, now)
@@ -182,25 +196,28 @@ class _Sql:
         return placeholders(self._dialect, n)
 
     # An empty IN () is an error on MySQL: nothing asked, nothing found.
-    def rows(self, cur: Any, keys: list[str]) -> list[tuple]:
+    def rows(self, cur: Any, keys: list[str]) -> list[tuple[Any, ...]]:
         if not keys:
             return []
         cur.execute(self._rows + self._in(len(keys)), keys)
-        return cur.fetchall()
+        found: list[tuple[Any, ...]] = cur.fetchall()
+        return found
 
-    def whitelist(self, cur: Any, nets: list[str]) -> list[tuple]:
+    def whitelist(self, cur: Any, nets: list[str]) -> list[tuple[Any, ...]]:
         if not nets:
             return []
         cur.execute(self._whitelist + self._in(len(nets)), nets)
-        return cur.fetchall()
+        found: list[tuple[Any, ...]] = cur.fetchall()
+        return found
 
-    def count(self, cur: Any, nets: list[str], since: float) -> list[tuple]:
+    def count(self, cur: Any, nets: list[str], since: float) -> list[tuple[Any, ...]]:
         if not nets:
             return []
         cur.execute(self._count + self._in(len(nets)) + " GROUP BY client_net", [since, *nets])
-        return cur.fetchall()
+        found: list[tuple[Any, ...]] = cur.fetchall()
+        return found
 
-    def insert(self, cur: Any, rows: list[tuple]) -> None:
+    def insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
         """New triplets, as one multi-row INSERT per INSERT_ROWS rows.
         ``executemany`` steps SQLite once per row, and each step lets go
         of the GIL and waits to get it back from the busy reactor thread:
@@ -338,7 +355,8 @@ def _count_one(cur: Any, sql: _Sql, net: str, since: float) -> int:
     return int(found[0][1]) if found else 0
 
 
-def _may_pass(row: Optional[tuple[float, float, bool, float]], s: Any, now: float) -> bool:
+def _may_pass(row: Optional[tuple[float, float, bool, float]], s: GreylistSettings,
+              now: float) -> bool:
     """Whether an attempt of a triplet found as ``row`` can pass now."""
     if s.delay <= 0:
         return True

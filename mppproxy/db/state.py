@@ -172,7 +172,7 @@ class StateDatabase:
 
     # -- life cycle --------------------------------------------------------
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[bool]:
         """Start the thread pool and the purge; create missing tables.
 
         Fires with True once the tables exist, or False (logged) when the
@@ -199,21 +199,19 @@ class StateDatabase:
                       "trying again on first use", database=self.name, error=f.getErrorMessage())
             return False
 
-        def mirror(ready: bool) -> Any:
+        def mirror(ready: bool) -> bool | defer.Deferred[bool]:
             # The blacklist's lookups are answered from memory once this
             # load is in (db/blacklist.py); a failed one is tried again.
             if self.state is not DatabaseState.RUNNING:  # stopped while the check ran
                 return ready
-            loaded = self.blacklist.start_mirror()
-            loaded.addBoth(lambda _: ready)
-            return loaded
+            return self.blacklist.start_mirror().addBoth(lambda _: ready)
 
         d = self.run(lambda engine: True)
         d.addErrback(failed)
         d.addCallback(mirror)
         return d
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Stop the purge and the thread pool (joined off the reactor
         thread), then close every connection."""
         state = self.state
@@ -247,13 +245,13 @@ class StateDatabase:
 
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), shutdown)
 
-    def _stop_at_shutdown(self) -> defer.Deferred:
+    def _stop_at_shutdown(self) -> defer.Deferred[None]:
         self._shutdown_trigger = None
         return self.stop()
 
     # -- running work ------------------------------------------------------
 
-    def run(self, fn: Callable[..., T], *args: Any) -> defer.Deferred:
+    def run(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """``fn(engine, *args)`` in a pool thread; its result, or a
         ``StateDatabaseError``."""
         if self.state is not DatabaseState.RUNNING:
@@ -262,7 +260,7 @@ class StateDatabase:
         self.calls += 1
         return deferToThreadPool(self.reactor, self._pool, self._call, fn, args)
 
-    def run_job(self, fn: Callable[..., T], *args: Any) -> defer.Deferred:
+    def run_job(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """``run`` for the stores' batch jobs.  With a SQLite file
         (``database.sqlite_in_reactor``) the job runs here, on the reactor
         thread, if SQLite's write lock is free: a job is a few hundred
@@ -335,31 +333,35 @@ class StateDatabase:
         if self._schema_ready:
             return
         with self._schema_lock:
-            if self._schema_ready:
-                return
-            if self.url.get_backend_name() == "sqlite" and not is_memory_sqlite(self.url):
-                os.makedirs(os.path.dirname(str(self.url.database)), exist_ok=True)
-            # SQLite: one IMMEDIATE transaction, so two processes creating
-            # the tables at once take turns.  MySQL commits each CREATE on
-            # its own: a table another node created between our look and
-            # our CREATE ("already exists") is taken as it is.
-            with self.engine.connect().execution_options(**WRITE) as conn:
-                for table in self.tables.metadata.sorted_tables:
-                    try:
-                        with conn.begin():
-                            table.create(conn, checkfirst=True)
-                    except (OperationalError, ProgrammingError) as e:
-                        if "already exists" not in str(e.orig):
-                            raise
-            self._schema_ready = True
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        """The tables, once; the caller holds ``_schema_lock``."""
+        if self._schema_ready:  # made by another thread while this one waited
+            return
+        if self.url.get_backend_name() == "sqlite" and not is_memory_sqlite(self.url):
+            os.makedirs(os.path.dirname(str(self.url.database)), exist_ok=True)
+        # SQLite: one IMMEDIATE transaction, so two processes creating
+        # the tables at once take turns.  MySQL commits each CREATE on
+        # its own: a table another node created between our look and
+        # our CREATE ("already exists") is taken as it is.
+        with self.engine.connect().execution_options(**WRITE) as conn:
+            for table in self.tables.metadata.sorted_tables:
+                try:
+                    with conn.begin():
+                        table.create(conn, checkfirst=True)
+                except (OperationalError, ProgrammingError) as e:
+                    if "already exists" not in str(e.orig):
+                        raise
+        self._schema_ready = True
 
     # -- purge -------------------------------------------------------------
 
-    def purge(self) -> defer.Deferred:
+    def purge(self) -> defer.Deferred[dict[str, int]]:
         """Delete expired rows now; fires with {table: rows deleted}."""
         return self.run(_purge, self.tables, float(self.clock.seconds()))
 
-    def _purge_logged(self) -> defer.Deferred:
+    def _purge_logged(self) -> defer.Deferred[None]:
         def done(counts: dict[str, int]) -> None:
             if any(counts.values()):
                 log.info("state database purge deleted {counts}", counts=counts,
@@ -369,9 +371,7 @@ class StateDatabase:
             log.error("state database {database} purge failed: {error}", database=self.name,
                       error=f.getErrorMessage())
 
-        d = self.purge()
-        d.addCallbacks(done, failed)
-        return d
+        return self.purge().addCallbacks(done, failed)
 
     def __repr__(self) -> str:
         return f"<StateDatabase {self.name} {self.state.value}>"
@@ -382,7 +382,10 @@ def _checkpoint(engine: Engine) -> tuple[int, int, int]:
     raw = engine.raw_connection()
     try:
         # In autocommit (no transaction of ours holds the WAL).
-        row = raw.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # Any: the sqlite3 connection, which SQLAlchemy types as an
+        # optional DBAPIConnection without ``execute``.
+        conn: Any = raw.dbapi_connection
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return (int(row[0]), int(row[1]), int(row[2]))
     finally:
         raw.close()

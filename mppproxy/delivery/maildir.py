@@ -13,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from mppproxy.logsetup import Logger
 from mppproxy.smtp.address import Address, normalise_domain
@@ -97,8 +97,8 @@ def _to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield carry
 
 
-def deliver(chunks_factory, sender: Address, recipients: list[Address],
-            template: str, data_dir: str) -> list[str]:
+def deliver(chunks_factory: Callable[[], Iterable[bytes]], sender: Address,
+            recipients: list[Address], template: str, data_dir: str) -> list[str]:
     """Write one copy per recipient; return the final paths.  Runs in a
     thread.  Any OSError propagates, with the file or directory it concerns
     as its ``filename``, and the client gets a 4xx (452 4.3.1 for a full

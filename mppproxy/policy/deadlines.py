@@ -25,14 +25,14 @@ class Deadlines:
     def __init__(self, reactor: Any, seconds: float):
         self.reactor = reactor
         self.seconds = seconds
-        self._queue: collections.deque[tuple[float, defer.Deferred]] = collections.deque()
+        self._queue: collections.deque[tuple[float, defer.Deferred[Any]]] = collections.deque()
         self._timer: Optional[Any] = None
         self._expired: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def watch(self, d: defer.Deferred) -> None:
+    def watch(self, d: defer.Deferred[Any]) -> None:
         queue = self._queue
         while queue and queue[0][1].called:
             queue.popleft()
@@ -40,7 +40,7 @@ class Deadlines:
         if self._timer is None:
             self._timer = self.reactor.callLater(self.seconds, self._fire)
 
-    def expired(self, d: defer.Deferred) -> bool:
+    def expired(self, d: defer.Deferred[Any]) -> bool:
         """Whether ``d`` was cancelled by its deadline (asked once, when its
         CancelledError arrives)."""
         try:

@@ -236,10 +236,12 @@ class PolicyEngine:
             return await d
         except defer.CancelledError:
             if not self.deadlines.expired(d):
-                return self._failed(check, facts, record, started, sys.exc_info()[1])
+                self._failed(check, facts, record, started, sys.exc_info()[1])
+                return None
             return self._timed_out(check, facts)
         except Exception as e:  # a failing check must never take the session with it
-            return self._failed(check, facts, record, started, e)
+            self._failed(check, facts, record, started, e)
+            return None
 
     def _timed_out(self, check: Check, facts: Facts) -> CheckResult:
         """The outcome of a check past policy.check_timeout, logged with
@@ -257,11 +259,11 @@ class PolicyEngine:
     def _failed(self, check: Check, facts: Facts, record: TransactionRecord, started: float,
                 error: Any) -> None:
         log.failure("check {check} failed for {client} after {ms} ms: {error}",
-                    failure=Failure(error), check=check.name, client=facts.client_ip,
+                    failure=Failure(error),  # type: ignore[no-untyped-call]  # Twisted's Failure() is unannotated
+                    check=check.name, client=facts.client_ip,
                     error=str(error), ms=round((time.monotonic() - started) * 1000, 1),
                     session_id=facts.session_id, queue_id=facts.queue_id)
         record.recorded.append(Recorded(check.name, CheckResult(), facts.recipient, skipped="error"))
-        return None
 
     def _render(self, template: str, facts: Facts, policy: str, **extra: Any) -> Reply:
         context = {"client_ip": facts.client_ip, "helo": facts.helo, "sender": facts.sender,

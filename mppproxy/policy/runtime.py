@@ -66,14 +66,17 @@ class PolicyRuntime:
             old = self.services.resolver
             self.services.resolver = Resolver(self.reactor, key[0], timeout=config.dns.timeout)
             self._dns_key = key
-            old.close()
+            if old is not None:
+                old.close()
         self._attach_spf(config)
         self.config = config
         self.engine = self._make_engine(config)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[list[None]]:
         self.engine.deadlines.stop()
-        waits = [self.services.resolver.close()]
+        waits: list[defer.Deferred[None]] = []
+        if self.services.resolver is not None:
+            waits.append(self.services.resolver.close())
         if self.database is not None:
             waits.append(defer.maybeDeferred(self.database.stop))
         return defer.gatherResults(waits, consumeErrors=True)

@@ -33,7 +33,7 @@ import enum
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -47,6 +47,21 @@ from mppproxy.policy.base import Facts
 from mppproxy.results import TransactionRecord, checks_for_log
 from mppproxy.config.policyd import PolicydConfig
 from mppproxy.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IDelayedCall, ITransport
+
+    class _Transport(ITransport):
+        """What a policy connection calls on its TCP or UNIX transport,
+        with ``self``: mypy cannot call a zope interface's own methods."""
+
+        def getPeer(self) -> IAddress: ...
+
+        def loseConnection(self) -> None: ...
+
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
 
 log = Logger()
 
@@ -161,10 +176,10 @@ class PolicyTransaction:
     # Fires when the evaluation still running for this message is done:
     # the next recipient waits for it (the record is not safe to share
     # concurrently).  None when nothing is running.
-    tail: Optional[defer.Deferred] = None
+    tail: Optional[defer.Deferred[None]] = None
 
 
-class PolicyServerFactory(Factory):
+class PolicyServerFactory(Factory["PolicyProtocol"]):
     """What every policy connection of one listener set shares.
 
     ``engine`` is called for each request and returns the current
@@ -226,6 +241,17 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     """
 
     factory: PolicyServerFactory
+    # Set by makeConnection before any of these methods runs.
+    transport: _Transport
+
+    if TYPE_CHECKING:
+        # TimeoutMixin's, which Twisted leaves unannotated; callLater is
+        # the factory's reactor's (connectionMade).
+        callLater: Callable[[float, Callable[[], object]], IDelayedCall]
+
+        def setTimeout(self, period: Optional[float]) -> Optional[float]: ...
+
+        def resetTimeout(self) -> None: ...
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -377,9 +403,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         pending = self._pending
         if pending[0] is not slot:
             return  # an earlier request is still being decided
-        ready = []
-        while pending and pending[0].answer is not None:
-            ready.append(pending.popleft().answer)
+        ready: list[bytes] = []
+        while pending:
+            answer = pending[0].answer
+            if answer is None:
+                break
+            pending.popleft()
+            ready.append(answer)
         if not self._closed:
             # At once, not on the next reactor turn (_wire.send_now): with
             # Postfix's one request per connection, Twisted's buffered write
@@ -422,9 +452,10 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         try:
             awaited = coro.send(None)
         except StopIteration as done:
-            return done.value
+            action: str = done.value
+            return action
         except Exception:
-            return self._engine_failed(Failure(), facts)
+            return self._engine_failed(Failure(), facts)  # type: ignore[no-untyped-call]  # Twisted's Failure() is unannotated
         # It waits.  Later recipients of this message wait for it: the
         # record is not safe to share between two evaluations at once.
         gate: defer.Deferred[None] = defer.Deferred()

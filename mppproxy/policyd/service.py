@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from twisted.application.service import MultiService
 from twisted.internet import defer
 
 from mppproxy.config.schema import ProxyConfig
@@ -24,7 +23,7 @@ from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, make_database
 from mppproxy.policyd.protocol import PolicyServerFactory
-from mppproxy.reloading import ReloadOnHup, sync_listeners
+from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
                               close_sockets)
 
@@ -40,7 +39,7 @@ def open_database(config: ProxyConfig, reactor: Any) -> Optional[Any]:
     return database
 
 
-class PolicyServerService(ReloadOnHup, MultiService):
+class PolicyServerService(ReloadOnHup, TopService):
     """``twistd mppproxy --mode policy``."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -124,7 +123,7 @@ class PolicyServerService(ReloadOnHup, MultiService):
         log.info("mppproxy policy server starting (Postfix check_policy_service), "
                  "default action {action}", action=self.config.policyd.default_action)
 
-    def _listen(self, desc: str) -> defer.Deferred:
+    def _listen(self, desc: str) -> defer.Deferred[None]:
         return listen_on(self.reactor, desc, self.factory, self.config.listen_backlog,
                          self.ports, desc, "policy server", self.prebound)
 

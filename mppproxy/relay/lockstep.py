@@ -232,7 +232,7 @@ class LockstepRelay:
             d.addErrback(self._rset_failed)
 
     def _rset_failed(self, failure: Failure) -> None:
-        failure.trap(BackendError)  # type: ignore[no-untyped-call]
+        failure.trap(BackendError)  # type: ignore[no-untyped-call]  # Twisted's Failure.trap is unannotated
         self._drop()
 
     def finish(self) -> None:

@@ -120,7 +120,9 @@ class Scanner:
     Construction does no I/O.
     """
 
-    name: ClassVar[str] = ""
+    # Per class, or per instance where one class serves many named scanners
+    # (the command scanner).
+    name: str = ""
     # True for the engines of ``[scanners]`` (clamd, spamd, rspamd, command):
     # the message leaves this process, so a message a guard (the MIME check)
     # refused is never handed to one, and a ``max_size`` in ``settings``

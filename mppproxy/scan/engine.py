@@ -37,6 +37,10 @@ log = Logger()
 
 ON_FAILURE = ("tempfail", "skip")
 
+# What ``ScanEngine._run_one`` fires: the scanner's result, or what kept
+# it from answering (kind, why).
+_Outcome = tuple[CheckResult, None] | tuple[None, tuple[str, str]]
+
 
 @dataclass(frozen=True)
 class SlotSettings:
@@ -123,17 +127,18 @@ class ScanEngine:
         if not runs:
             return
         outcomes = await defer.gatherResults([d for _, _, d in runs])
-        for (scanner, settings, _), (result, failure) in zip(runs, outcomes):
-            if failure is not None:
-                kind, why = failure
+        for (scanner, settings, _), outcome in zip(runs, outcomes):
+            # Indexed, not unpacked: mypy narrows the outcome on its item.
+            if outcome[1] is not None:
+                kind, why = outcome[1]
                 _skip(record, report, scanner.name, kind, why, recorded=f"failed: {why}")
                 if settings.on_failure == "tempfail":
                     report.failures.append((scanner.name, why))
                 continue
-            _add(record, report, scanner.name, result, settings.weight)
+            _add(record, report, scanner.name, outcome[0], settings.weight)
 
     def _run_one(self, scanner: Scanner, settings: SlotSettings,
-                 message: ScanInput) -> defer.Deferred:
+                 message: ScanInput) -> defer.Deferred[_Outcome]:
         """Fires (result, None) or (None, (kind, why it failed)); never fails."""
         started = time.monotonic()
         d = as_deferred(scanner.scan(message))
@@ -143,10 +148,10 @@ class ScanEngine:
             # set and cancelled for them cost more than their scan.
             d.addTimeout(settings.timeout, self.reactor)
 
-        def ok(result: CheckResult) -> tuple[CheckResult, None]:
+        def ok(result: CheckResult) -> _Outcome:
             return result, None
 
-        def failed(f: Any) -> tuple[None, tuple[str, str]]:
+        def failed(f: Any) -> _Outcome:
             if f.check(defer.TimeoutError):
                 kind, why = TIMEOUT, f"no answer within {settings.timeout:g}s"
             elif f.check(ScannerUnavailable):
@@ -162,8 +167,7 @@ class ScanEngine:
                      else "going on without it")
             return None, (kind, why)
 
-        d.addCallbacks(ok, failed)
-        return d
+        return d.addCallbacks(ok, failed)
 
 
 def _size_limit(scanner: Scanner, settings: SlotSettings) -> int:

@@ -67,17 +67,23 @@ import email.feedparser
 import re
 import types
 from dataclasses import dataclass
-from email.feedparser import BufferedSubFile, BytesFeedParser, NeedMoreData
+from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from mppproxy.config.scan import MimeCheckConfig
 from mppproxy.scan.fields import SCAN_POLICY, STRICT, is_clean
 
+if TYPE_CHECKING:
+    import collections
+    from email.policy import Policy
+
 __all__ = ["BoundedPart", "Defect", "ParsedMessage", "parse_message", "parse_scan_input",
            "walk_parts", "header_values", "decode_text"]
 
-POLICY = SCAN_POLICY
+# Policy[Any]: typeshed's EmailPolicy is a policy of plain Messages; the
+# parser's factory makes BoundedParts.
+POLICY: Policy[Any] = SCAN_POLICY
 # Slices fed to the parser: the parser's pending lines never hold more.
 FEED_SLICE = 65536
 # A line longer than this cannot be SMTP (RFC 5321 4.5.3.1.6: 1000 octets;
@@ -161,6 +167,9 @@ class BoundedPart(EmailMessage):
     """The message and its parts as parsed here: an ``EmailMessage`` that
     also knows its number and how much of its content was left out."""
 
+    # Message's own list of (name, raw value), which typeshed leaves out.
+    _headers: list[tuple[str, Any]]
+
     def __init__(self, policy: Any = None):
         super().__init__(policy)
         # Order in which the part started; 0 is the message.
@@ -201,6 +210,42 @@ class BoundedPart(EmailMessage):
             if keep:
                 self._mpp_fields[(name, value)] = found
         return found
+
+
+if TYPE_CHECKING:
+    # The feedparser's internals used here (the module docstring lists
+    # them), which typeshed leaves out; at run time these names are the
+    # email package's own.
+
+    class BufferedSubFile:
+        _lines: collections.deque[str]
+        # Matchers of the enclosing boundaries, innermost last.
+        _eofstack: list[Callable[[str], object]]
+        _closed: bool
+
+        def __next__(self) -> Any: ...
+
+        def readline(self) -> Any: ...
+
+    NeedMoreData: object
+
+    class _FeedParser(BytesFeedParser[BoundedPart]):
+        _input: BufferedSubFile
+        # The part being parsed.  None before the first part and after
+        # the parse: the hooks always have one, and the line readers, which
+        # look before they touch it, read it as Optional.
+        _cur: BoundedPart
+        _msgstack: list[BoundedPart]
+
+        def _parsegen(self) -> Iterator[object]: ...
+
+        def _new_message(self) -> None: ...
+
+        def _parse_headers(self, lines: list[str]) -> None: ...
+else:
+    from email.feedparser import BufferedSubFile, NeedMoreData
+
+    _FeedParser = BytesFeedParser
 
 
 @dataclass(frozen=True)
@@ -274,7 +319,7 @@ class _BoundedInput(BufferedSubFile):
                 if ateof(line):
                     lines.appendleft(line)
                     raise StopIteration
-            cur = parser._cur
+            cur: Optional[BoundedPart] = parser._cur
             # The common case of keep(), inline: a leaf's content line that
             # fits.  "--" lines may be boundaries of any level: keep() looks.
             if cur is not None and cur._mpp_kind == "leaf" and not line.startswith("--"):
@@ -348,14 +393,14 @@ def _with_fast_line_end(function: Any) -> Any:
     """The feedparser's own ``function`` (its code, unchanged) reading
     ``NLCRE_eol`` as ``_LineEndAtEnd``: in a copy of its module's globals,
     so the email package itself is left as it is."""
-    module = email.feedparser
+    module: Any = email.feedparser  # NLCRE_eol is not in typeshed's module
     namespace = dict(vars(module), NLCRE_eol=_LineEndAtEnd(module.NLCRE_eol))
     return types.FunctionType(function.__code__, namespace, function.__name__,
                               function.__defaults__, function.__closure__)
 
 
-class _BoundedParser(BytesFeedParser):
-    _parsegen = _with_fast_line_end(BytesFeedParser._parsegen)
+class _BoundedParser(_FeedParser):
+    _parsegen = _with_fast_line_end(_FeedParser._parsegen)
 
     def __init__(self, limits: MimeCheckConfig, smtputf8: bool):
         super().__init__(_factory=BoundedPart, policy=POLICY)
@@ -417,7 +462,7 @@ class _BoundedParser(BytesFeedParser):
     def keep(self, line: str) -> bool:
         """Whether the parser may have ``line`` (False: left out); raises
         ``_Stop`` at a bound."""
-        cur = self._cur
+        cur: Optional[BoundedPart] = self._cur
         if cur is None:
             return True
         if not cur._mpp_in_body:
@@ -553,7 +598,8 @@ def walk_parts(root: EmailMessage) -> Iterator[EmailMessage]:
     while stack:
         part = stack.pop()
         yield part
-        payload = part._payload if isinstance(part, EmailMessage) else None
+        payload = (part._payload  # type: ignore[attr-defined]  # Message's own, not in typeshed
+                   if isinstance(part, EmailMessage) else None)
         if isinstance(payload, list):
             stack.extend(reversed([p for p in payload if isinstance(p, EmailMessage)]))
 

@@ -9,7 +9,9 @@ virus_action and discard_score), and the outcome says what the proxy
 *would* do and why.  Nothing is relayed or stored.
 
 The policy is the one named in the request, else the one of the first
-recipient's domain (as in the proxy), else "default".  In this mode a
+recipient's domain (as in the proxy while its policy engine runs; with
+``policy.enabled`` off the proxy judges every message by "default"), else
+"default".  In this mode a
 policy always scans: its ``scan`` section is used with ``enabled`` forced
 on, since scanning is the whole point of asking.
 

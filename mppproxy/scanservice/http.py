@@ -54,7 +54,7 @@ class BoundedRequest(server.Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         self.too_large = length is not None and length > self.max_body
-        super().gotLength(None if self.too_large else length)
+        super().gotLength(None if self.too_large else length)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
@@ -64,14 +64,14 @@ class BoundedRequest(server.Request):
             self.content.seek(0)
             self.content.truncate()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
 
 
 class _JsonResource(Resource):
     isLeaf = True
 
     def __init__(self, is_trusted: Callable[[str], bool]):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self.is_trusted = is_trusted
 
     def render(self, request: Any) -> Any:
@@ -97,7 +97,7 @@ class HealthResource(_JsonResource):
 
 
 def _arg(request: Any, name: str, header: str) -> str:
-    values = request.args.get(name.encode())
+    values: Optional[list[bytes]] = request.args.get(name.encode())
     if values:
         return values[0].decode("utf-8", "replace")
     value = request.getHeader(header)
@@ -174,7 +174,7 @@ class _NotFound(_JsonResource):
 
 class _Root(Resource):
     def __init__(self, children: dict[bytes, Resource]):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self.children_by_name = children
 
     def getChild(self, path: bytes, request: Any) -> Resource:
@@ -196,7 +196,7 @@ def make_site(runtime: Callable[[], ScanRuntime], is_trusted: Callable[[str], bo
     root = _Root({b"scan": ScanResource(runtime, is_trusted),
                   b"health": HealthResource(runtime, is_trusted)})
     request_class = type("ScanSiteRequest", (BoundedRequest,), {"max_body": max_body})
-    site = server.Site(root, requestFactory=request_class, timeout=idle_timeout)
+    site = server.Site(root, requestFactory=request_class, timeout=idle_timeout)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
     site.noisy = False
     site.displayTracebacks = False
     return site

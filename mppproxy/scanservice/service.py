@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from twisted.application.service import MultiService
 from twisted.internet import defer
 
 from mppproxy.config.schema import ProxyConfig, spool_directory
@@ -21,7 +20,7 @@ from mppproxy.edge.context import resolve_hostname
 from mppproxy.match import TrustedNetworks
 from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
-from mppproxy.reloading import ReloadOnHup, sync_listeners
+from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.scanservice.core import ScanRuntime
 from mppproxy.scanservice.http import make_site
 from mppproxy.scanservice.smtp import ScanSessionHandler
@@ -32,7 +31,7 @@ from mppproxy.workers import bind_listeners, close_sockets
 log = Logger()
 
 
-class ScanService(ReloadOnHup, MultiService):
+class ScanService(ReloadOnHup, TopService):
     """``twistd mppproxy --mode scan``."""
 
     def __init__(self, config: ProxyConfig, reactor: Any,
@@ -94,7 +93,7 @@ class ScanService(ReloadOnHup, MultiService):
         self.reload_on_hup()
         log.info("mppproxy scan service starting: nothing is relayed, verdicts only")
 
-    def _listen(self, key: tuple[str, str]) -> defer.Deferred:
+    def _listen(self, key: tuple[str, str]) -> defer.Deferred[None]:
         kind, desc = key
         return listen_on(self.reactor, desc, self.smtp_factory if kind == "smtp" else self.site,
                          self.config.listen_backlog, self.ports, key, f"scan service ({kind})",
@@ -127,7 +126,7 @@ class ScanService(ReloadOnHup, MultiService):
         d.addBoth(lambda _: self._stop_the_rest())
         return d
 
-    def _stop_the_rest(self) -> defer.Deferred:
+    def _stop_the_rest(self) -> defer.Deferred[Any]:
         # After the sessions: their scans still use the runtime.
         if self.runtime is not None:
             self.runtime.stop()

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]  # no stubs or py.typed
 
 from mppproxy._transitions import StateEnum, TransitionError
 from mppproxy._wire import send_now
@@ -113,6 +113,10 @@ class BackendProtocol(Protocol):
     """Reads replies and matches them to the one command in flight; its
     life is a ``ClientState``."""
 
+    # A TCP transport (producer, STARTTLS, abortConnection); Any: mypy reads
+    # zope interfaces' methods without self.
+    transport: Any
+
     def __init__(self, reactor: Any):
         self.reactor = reactor
         self._buf = bytearray()
@@ -140,8 +144,8 @@ class BackendProtocol(Protocol):
     def connectionMade(self) -> None:
         self._move_to(_OPEN)
         if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
-        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._buf and not self._lines:
@@ -179,15 +183,15 @@ class BackendProtocol(Protocol):
         del self._buf[:]
         self._lines = []
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._move_to(_CLOSED)
         self._cancel_timer()
         if self._paused is not None:
-            d, self._paused = self._paused, None
-            d.callback(None)
+            paused, self._paused = self._paused, None
+            paused.callback(None)
         if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            d.errback(BackendError(replies.BACKEND_LOST, "backend closed the connection"))
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(BackendError(replies.BACKEND_LOST, "backend closed the connection"))
         self._send_next()  # fails what is still queued
 
     # IPushProducer: the transport tells us when its write buffer is full, so
@@ -274,7 +278,7 @@ class BackendProtocol(Protocol):
             return d
         if state is not _OPEN and state is not _BODY:
             return self.expect(timeout, line)  # CLOSED or CONNECTING: its failure
-        d: Deferred[Reply] = Deferred()
+        d = Deferred()
         self._queue.append((line, timeout, d))
         self._send_next()
         return d
@@ -370,7 +374,7 @@ class BackendProtocol(Protocol):
     def abort(self) -> None:
         self._move_to(_CLOSED)
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
 
 class _OneConnection(Factory):
@@ -437,7 +441,7 @@ async def connect_backend(reactor: Any, config: BackendConfig, helo_name: str,
                 # bytes already buffered after its 220 are discarded, not
                 # read as the reply to our EHLO inside TLS.
                 proto.discard_input()
-                proto.transport.startTLS(tls_context_factory)  # type: ignore[union-attr]
+                proto.transport.startTLS(tls_context_factory)
                 proto.tls = True
                 await _ehlo(proto, config, helo_name)
             elif config.tls == "required":

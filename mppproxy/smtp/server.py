@@ -13,10 +13,9 @@ import enum
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Protocol as TypingProtocol
+from typing import Any, Callable, Coroutine, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -73,22 +72,34 @@ def _own_reply(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, enhanced, text)
 
 
-_spool_dir_for: list[Any] = [None, None]
+# (configuration, its spool directory): one tuple, swapped whole.
+_spool_dir_for: tuple[Optional[ProxyConfig], Optional[str]] = (None, None)
 
 
 def _spool_directory(config: ProxyConfig) -> Optional[str]:
     """spool_directory(config), remembered for the configuration of the
     moment (a new object only after a reload)."""
-    if _spool_dir_for[0] is not config:
-        _spool_dir_for[:] = [config, spool_directory(config)]
-    return _spool_dir_for[1]
+    global _spool_dir_for
+    cached = _spool_dir_for
+    if cached[0] is not config:
+        cached = _spool_dir_for = (config, spool_directory(config))
+    return cached[1]
 
 
-def _cancelled(call: Any) -> None:
-    """Cancel a pending DelayedCall, if any; returns None to store back."""
+def _cancel(call: Any) -> None:
+    """Cancel a pending DelayedCall, if any."""
     if call is not None and call.active():
         call.cancel()
-    return None
+
+
+class ReactorTime(TypingProtocol):
+    """What the sessions use of the reactor (``IReactorTime``: a
+    ``MemoryReactorClock`` in tests).  A typing protocol, because mypy reads
+    zope interfaces' methods without ``self``."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kw: Any) -> Any: ...
+    def seconds(self) -> float: ...
 
 
 class SessionState(enum.Enum):
@@ -165,7 +176,7 @@ class SMTPServerFactory(Factory):
     noisy = False
 
     def __init__(self, config: ProxyConfig, make_handler: Callable[[], SessionHandler],
-                 reactor: IReactorTime, tls_context: Any = None,
+                 reactor: ReactorTime, tls_context: Any = None,
                  counter: Optional[ConnectionCounter] = None,
                  is_trusted: Callable[[str], bool] = lambda host: False,
                  hostname: str = "localhost"):
@@ -181,17 +192,17 @@ class SMTPServerFactory(Factory):
         self.sessions: set["SMTPServerProtocol"] = set()
         # Set by shut_down: new sessions are refused with 421.
         self.stopping = False
-        self._drain_waiters: list[Deferred] = []
+        self._drain_waiters: list[Deferred[None]] = []
         self._grace_call: Any = None
 
-    def shut_down(self, grace: float) -> Deferred:
+    def shut_down(self, grace: float) -> Deferred[None]:
         """The service is stopping (docs/design.md promise 1: a message in
         flight is carried to its end).  New sessions get 421 at once; so do
         sessions idle between commands; a session with a message in flight
         finishes it first (``SMTPServerProtocol.shut_down``).  Fires when
         every session has ended, or after ``grace`` seconds, when those
         still open are cut."""
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._drain_waiters.append(d)
         if not self.stopping:
             self.stopping = True
@@ -209,7 +220,7 @@ class SMTPServerFactory(Factory):
             self._drained()
 
     def _drained(self) -> None:
-        _cancelled(self._grace_call)
+        _cancel(self._grace_call)
         self._grace_call = None
         waiters, self._drain_waiters = self._drain_waiters, []
         for d in waiters:
@@ -232,7 +243,11 @@ class SMTPServerFactory(Factory):
 class SMTPServerProtocol(Protocol):
     """One client connection.  See ``SessionState`` for the states."""
 
-    def __init__(self, config: ProxyConfig, handler: SessionHandler, reactor: IReactorTime,
+    # A TCP or TLS transport (producer, STARTTLS, abortConnection); Any:
+    # mypy reads zope interfaces' methods without self.
+    transport: Any
+
+    def __init__(self, config: ProxyConfig, handler: SessionHandler, reactor: ReactorTime,
                  tls_context: Any, counter: ConnectionCounter,
                  is_trusted: Callable[[str], bool], hostname: str = "localhost"):
         self.config = config
@@ -338,7 +353,7 @@ class SMTPServerProtocol(Protocol):
         if self._buffer:
             self._process()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.session_ended(self)
@@ -386,7 +401,8 @@ class SMTPServerProtocol(Protocol):
             self._timer = self.reactor.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
-        self._timer = _cancelled(self._timer)
+        _cancel(self._timer)
+        self._timer = None
 
     def _timed_out(self) -> None:
         if self._busy:
@@ -457,9 +473,9 @@ class SMTPServerProtocol(Protocol):
         if self.state is SessionState.CLOSING:
             return
         if self._reading_paused or self._output_blocked:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
         else:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
     # IPushProducer, for our own replies (see connectionMade).
     def pauseProducing(self) -> None:
@@ -571,7 +587,7 @@ class SMTPServerProtocol(Protocol):
         if abort is not None:
             abort()
 
-    def _await(self, work: Awaitable[Reply], then: Callable[[Reply], None]) -> None:
+    def _await(self, work: Coroutine[Any, Any, Reply], then: Callable[[Reply], None]) -> None:
         """Run a pending decision; later input waits until ``then`` ran.
 
         An unexpected failure becomes a 451 (never a 250 on an error path,
@@ -580,7 +596,7 @@ class SMTPServerProtocol(Protocol):
         # The idle timer is left running (re-arming is cheaper than a new
         # one per command); while busy, the backend's own timeouts apply and
         # _timed_out only re-arms it.
-        drive(work, self._decided, then)  # type: ignore[arg-type]
+        drive(work, self._decided, then)
 
     def _decided(self, outcome: Any, then: Callable[[Reply], None]) -> None:
         if isinstance(outcome, Failure):
@@ -589,7 +605,10 @@ class SMTPServerProtocol(Protocol):
             outcome = replies.LOCAL_ERROR
         try:
             self._busy = False
-            if self.state is SessionState.CLOSING:
+            # Read into a local: ``then`` moves ``self.state``, which mypy
+            # would take as still narrowed below.
+            state = self.state
+            if state is SessionState.CLOSING:
                 if self._after_decision and self.session is not None:
                     self._end_session(self._decided_in)
                 return
@@ -898,7 +917,7 @@ class SMTPServerProtocol(Protocol):
         del self._buffer[:]
         self._send(replies.READY_TLS)
         self._reset_transaction("STARTTLS")
-        self.transport.startTLS(self.tls_context)  # type: ignore[attr-defined]
+        self.transport.startTLS(self.tls_context)
         self.session.tls = True
         self.session.helo = None
         self.session.esmtp = False

@@ -28,10 +28,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
                                         UNIXClientEndpoint)
 from twisted.internet.interfaces import IPullProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]  # no stubs or py.typed
 
 from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
@@ -66,11 +66,13 @@ class _Retryable(Exception):
 
 
 def _describe(reason: Failure) -> str:
-    if reason.check(error.ConnectionDone):
+    # isinstance on the value: what Failure.check tells, typed.
+    value = reason.value
+    if isinstance(value, error.ConnectionDone):
         return "connection closed"
-    if reason.check(error.ConnectionLost):
+    if isinstance(value, error.ConnectionLost):
         return "connection reset"
-    return str(reason.value) or reason.type.__name__
+    return str(value) or type(value).__name__
 
 
 @implementer(IPullProducer)
@@ -159,7 +161,7 @@ class _Exchange(Protocol):
         if reply is not None:
             self._finish(reply=reply)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._producer is not None:
             self._producer.done = True
         if self._settled or self.done.called:
@@ -246,7 +248,7 @@ class StreamClient:
     def endpoint(self) -> Any:
         kind, host, port = self._where
         if kind == "unix":
-            return UNIXClientEndpoint(self._reactor, host, timeout=self.connect_timeout)
+            return UNIXClientEndpoint(self._reactor, host, timeout=self.connect_timeout)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:

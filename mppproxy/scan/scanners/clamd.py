@@ -75,7 +75,7 @@ class ClamdScanner(Scanner):
     no score), so clamd's own limit is never the one that speaks.
     """
 
-    name: ClassVar[str] = "clamd"
+    name = "clamd"
     external: ClassVar[bool] = True
 
     def __init__(self, settings: ClamdConfig, reactor: Any):

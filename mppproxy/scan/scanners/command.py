@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -41,6 +41,8 @@ from mppproxy.scan.base import DOWN, TIMEOUT, ScanInput, Scanner, ScannerUnavail
 from mppproxy.config.scanners import CommandScannerConfig
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 # Output kept for the pattern and the log; a chatty tool's rest is dropped.
 MAX_OUTPUT = 64 * 1024
@@ -113,7 +115,7 @@ class CommandScanner(Scanner):
 
     def __init__(self, settings: CommandScannerConfig, reactor: Any):
         super().__init__(settings, reactor)
-        self.name = settings.name  # type: ignore[misc]  # one class, many named scanners
+        self.name = settings.name  # one class, many named scanners
         self.running = 0
         self._slots = defer.DeferredSemaphore(settings.max_processes)
         self._pattern = re.compile(settings.infected_pattern, re.M) if settings.infected_pattern else None
@@ -232,11 +234,11 @@ class CommandScanner(Scanner):
                                  f"{_tail(text)}")
 
 
-def _view(d: Deferred[Any]) -> Deferred[Any]:
+def _view(d: Deferred[_T]) -> Deferred[_T]:
     """A Deferred with ``d``'s result that can be cancelled (by the
     timeout) without cancelling ``d``: the process or the thread goes on
     until it ends, and ``d``'s own callbacks clean up after it."""
-    view: Deferred[Any] = Deferred()
+    view: Deferred[_T] = Deferred()
 
     def forward(result: Any) -> Any:
         if not view.called:

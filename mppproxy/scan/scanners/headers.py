@@ -65,8 +65,10 @@ def country_code(record: Any) -> str:
         return ""
     for key in ("country", "registered_country"):
         entry = record.get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("iso_code"), str):
-            return entry["iso_code"]
+        if isinstance(entry, dict):
+            iso_code = entry.get("iso_code")
+            if isinstance(iso_code, str):
+                return iso_code
     code = record.get("country_code")
     return code if isinstance(code, str) else ""
 

@@ -216,17 +216,23 @@ class _BoundedBody(Protocol):
     def _drop(self) -> None:
         self._too_long = True
         self._parts = []
-        self.transport.stopProducing()  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # the response's body: connectionMade has run
+        transport.stopProducing()
 
     def _cancel(self, _: Deferred[bytes]) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # handed to the response: connectionMade has run
+        transport.stopProducing()
 
 
 class _Discard(Protocol):
     """Drops the connection of a response that will not be read."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # set by makeConnection
+        transport.stopProducing()
 
 
 def _cancelled(e: BaseException) -> bool:
@@ -306,7 +312,7 @@ class RspamdScanner(Scanner):
     ``close`` drops the idle connections of the pool.
     """
 
-    name: ClassVar[str] = "rspamd"
+    name = "rspamd"
     external: ClassVar[bool] = True
     settings: RspamdConfig
 
@@ -323,15 +329,15 @@ class RspamdScanner(Scanner):
         self._endpoint = _Endpoint(reactor, url.hostname or "127.0.0.1", url.port or 80,
                                    settings.connect_timeout)
         # Twisted leaves these unannotated.
-        self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self._pool.maxPersistentPerHost = settings.max_connections
         self._pool.cachedConnectionTimeout = IDLE_TIMEOUT
-        self._agent: Agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+        self._agent: Agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]  # Twisted's is unannotated
             reactor, self._endpoint, self._pool)
 
     def close(self) -> Deferred[None]:
         """Close the idle pooled connections (a test's cleanup, a stop)."""
-        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         return closed
 
     def _headers(self, message: ScanInput) -> Headers:

@@ -170,7 +170,7 @@ class SpamdScanner(Scanner):
     sent (like spamc's ``--max-size``): a "not scanned" reason, no score.
     """
 
-    name: ClassVar[str] = "spamd"
+    name = "spamd"
     external: ClassVar[bool] = True
 
     def __init__(self, settings: SpamdConfig, reactor: Any):
