@@ -179,16 +179,25 @@ def _date_now() -> str:
 def received_header(session: Session, txn: Transaction, hostname: str) -> bytes:
     """RFC 5321 4.4 trace field.  The client's HELO is its own claim and is
     shown as such; the address is what we saw."""
-    helo = (session.helo or "unknown").replace("\r", "").replace("\n", "")
     proto = "ESMTP" if session.esmtp else "SMTP"
     if session.tls:
         proto += "S"  # RFC 3848
     if txn.smtputf8:
         proto = "UTF8" + proto  # RFC 6531 3.7.3
-    for_clause = f"\r\n\tfor <{txn.recipients[0].text}>" if len(txn.recipients) == 1 else ""
+    only = txn.recipients[0].text if len(txn.recipients) == 1 else None
+    return trace_header(hostname, session.helo or "unknown", session.peer_host, proto, txn.id,
+                        only)
+
+
+def trace_header(hostname: str, helo: str, client_ip: str, proto: str, queue_id: str,
+                 only_recipient: Optional[str] = None) -> bytes:
+    """Our Received: field (RFC 5321 4.4) from its parts: the edge's for a
+    session, scan mode's for a message it judges as the edge would."""
+    helo = helo.replace("\r", "").replace("\n", "")
+    for_clause = f"\r\n\tfor <{only_recipient}>" if only_recipient is not None else ""
     date = _date_now()
-    text = (f"Received: from {helo} ([{session.peer_host}])\r\n"
-            f"\tby {hostname} (mppproxy) with {proto} id {txn.id}{for_clause};\r\n"
+    text = (f"Received: from {helo} ([{client_ip}])\r\n"
+            f"\tby {hostname} (mppproxy) with {proto} id {queue_id}{for_clause};\r\n"
             f"\t{date}\r\n")
     return text.encode("utf-8", "replace")
 
@@ -442,19 +451,32 @@ def prepare(session: Session, txn: Transaction, hostname: Optional[str],
     prefix = received_header(session, txn, hostname) if hostname else b""
     for name, value in extra_headers:
         prefix += format_header(name, value)
-    if not _needs_reading(txn.spool, rules):
-        return OutboundMessage(prefix, txn.spool, 0), 0
-    found, hops, length = _survey(txn.spool, rules)
+    message, removed = prepare_content(txn.spool, prefix, rules, spool_limit, spool_dir)
+    if message.spool is not txn.spool:
+        txn.spool.close()
+        txn.spool = message.spool
+    return message, removed
+
+
+def prepare_content(spool: Spool, prefix: bytes, rules: HeaderRules,
+                    spool_limit: int = 1048576, spool_dir: Optional[str] = None
+                    ) -> tuple[OutboundMessage, int]:
+    """``prefix``, then ``spool`` without the fields ``rules`` remove, and
+    how many went: the message as the edge passes it on, and as scan mode
+    judges it (the same octets, so the same verdict).  When fields are
+    removed the message reads a new spool, which the caller then owns.
+    Raises as ``prepare`` does."""
+    if not _needs_reading(spool, rules):
+        return OutboundMessage(prefix, spool, 0), 0
+    found, hops, length = _survey(spool, rules)
     if rules.max_hops and hops > rules.max_hops:
         raise TooManyHops(hops, rules.max_hops)
     if not found:
-        return OutboundMessage(prefix, txn.spool, 0), 0
+        return OutboundMessage(prefix, spool, 0), 0
     cleaned = Spool(spool_limit, spool_dir)
     try:
-        removed = strip_trust_headers(txn.spool, length, cleaned, rules)
+        removed = strip_trust_headers(spool, length, cleaned, rules)
     except BaseException:
         cleaned.close()
         raise
-    txn.spool.close()
-    txn.spool = cleaned
     return OutboundMessage(prefix, cleaned, 0), removed

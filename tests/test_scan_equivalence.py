@@ -167,27 +167,11 @@ MESSAGES: dict[str, bytes] = {
 }
 
 
-# Where scan mode and the edge judge a message differently today, and why:
-# message -> (rules only the edge finds, rules only scan mode finds).  The
-# edge scans the message as it will relay it (our Received: on top, the
-# client's X-MPP-*, X-Spam-* and our Authentication-Results removed:
-# docs/design.md promise 7); scan mode scans the octets it was given.  The
-# disposition is the same for each; the score is not.  A change that makes
-# them agree fails the test of that message: remove its entry then.
-_ENVELOPE_FROM = ("Received: on top makes a leading mbox \"From \" line a misplaced "
-                  "header line at the edge; scan mode's parser takes it as the envelope")
-KNOWN_DIFFERENCES: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
-    "corpus msg_25.txt": (_ENVELOPE_FROM, frozenset({"mime:header_misplaced_from"}), frozenset()),
-    "corpus msg_43.txt": (_ENVELOPE_FROM, frozenset({"mime:header_misplaced_from"}), frozenset()),
-    "mixed unix from line": (_ENVELOPE_FROM, frozenset({"mime:header_misplaced_from"}),
-                             frozenset()),
-    "hostile defect header_continuation_first": (
-        "at the edge the client's leading folded line continues our Received: field",
-        frozenset(), frozenset({"mime:header_continuation_first"})),
-    "mixed inbound result headers": (
-        "the edge strips the client's X-Spam-Flag before the header rules see it; scan mode "
-        "does not", frozenset(), frozenset({"inbound spam flag"})),
-}
+# Scan mode judges the message as the edge passes it on (our Received: on
+# top, the client's X-MPP-*, X-Spam-* and our Authentication-Results
+# removed: docs/design.md promise 7), so every message here, the leading
+# mbox "From " line, the leading folded line and forged X-Spam-Flag ones
+# included, gets one verdict, score and rules in both.
 
 
 # -- the engines -----------------------------------------------------------------------
@@ -391,9 +375,6 @@ class ScanModeEqualsEdgeTests(unittest.TestCase):
         expected = LADDER.get(name[len("mixed "):]) if name.startswith("mixed ") else None
         if expected is not None and not (name.startswith("mixed clamd") and CLAMD):
             self.assertEqual(edge["action"], expected[0], f"{name}: not on its rung; {where}")
-        if name in KNOWN_DIFFERENCES:
-            self.assertKnownDifference(name, edge, http, where)
-            return
         for key in ("action", "score", "refusal", "reply", "scanners", "skipped"):
             self.assertEqual(edge[key], http[key], f"{key} differs for {name}; {where}")
         if edge["reasons"] is not None:  # logged when refused or discarded
@@ -405,20 +386,6 @@ class ScanModeEqualsEdgeTests(unittest.TestCase):
                          f"the SMTP answer differs for {name}: {smtp_reply.text!r}; {where}")
         self.assertEqual(code, (451, "4.3.0") if action == "tempfail" else (250, "2.0.0"), name)
 
-
-    def assertKnownDifference(self, name: str, edge: dict[str, Any], http: dict[str, Any],
-                              where: str) -> None:
-        """The same disposition, refusal and skips; the rules differ exactly as listed."""
-        why, edge_only, scan_only = KNOWN_DIFFERENCES[name]
-        for key in ("action", "refusal", "reply", "skipped"):
-            self.assertEqual(edge[key], http[key], f"{key} differs for {name}; {where}")
-
-        def rules(answer: dict[str, Any]) -> set[str]:
-            return {rule for _, found, _ in answer["scanners"].values() for rule in found}
-
-        self.assertEqual((rules(edge) - rules(http), rules(http) - rules(edge)),
-                         (edge_only, scan_only),
-                         f"{name} no longer differs as KNOWN_DIFFERENCES says ({why}); {where}")
 
 
 async def _turn() -> None:

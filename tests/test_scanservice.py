@@ -283,6 +283,36 @@ class RuntimeTests(unittest.TestCase):
         self.assertEqual(outcome.action, "reject")
         self.assertIn("mime", outcome.scanners)
 
+    async def test_loop_is_refused_as_at_the_edge(self) -> None:
+        """A message with more Received: fields than limits.max_hop_count is judged reject (mail loop) without any scanner, as the edge refuses it with 554 5.4.6."""
+        runtime = ScanRuntime(from_mapping({}), reactor)
+        looped = b"".join(b"Received: from hop%d.example by hop%d.example; "
+                          b"Mon, 7 Dec 2026 05:00:00 +0000\r\n" % (i, i) for i in range(60))
+        outcome = await runtime.scan(ScanRequest.of_bytes(looped + b"Subject: x\r\n\r\nbody\r\n"))
+        self.assertEqual(outcome.action, "reject")
+        self.assertEqual(outcome.scanners, {})
+        self.assertIn("mail loop: 60 Received: header fields", "; ".join(outcome.verdict.reasons))
+
+    async def test_forged_trust_headers_are_removed_before_scanning(self) -> None:
+        """Scan mode judges the message without the client's X-Spam-* fields, as the edge passes it on."""
+        runtime = ScanRuntime(from_mapping({}), reactor)
+        seen: list[bytes] = []
+        scanning = runtime.scanning["default"]
+        parse = scanning.mime.parse
+
+        async def spy(message: Any) -> Any:
+            seen.append(b"".join(message.chunks()))
+            return await parse(message)
+
+        scanning.mime.parse = spy  # type: ignore[method-assign]
+        await runtime.scan(ScanRequest.of_bytes(
+            b"X-Spam-Flag: NO\r\nSubject: x\r\n\r\nbody\r\n", helo="c.example",
+            client_ip="192.0.2.7"))
+        self.assertTrue(seen)
+        for octets in seen:
+            self.assertTrue(octets.startswith(b"Received: from c.example ([192.0.2.7])"), octets)
+            self.assertNotIn(b"X-Spam-Flag", octets)
+
     async def test_reply_text_is_clean(self) -> None:
         """Control characters in a reason (a file name) never reach the reply or the JSON."""
         runtime = ScanRuntime(from_mapping({}), reactor)

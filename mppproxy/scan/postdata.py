@@ -5,10 +5,10 @@ Stage: after the spool, before the action.  The edge and all-in-one
 proxy (``edge/handler.py``) and scan mode (``scanservice/core.py``) both call
 ``scan_and_decide``, so a message gets the same verdict whichever of them
 judged it; what differs is only what follows (relay, hold, refuse, or the
-verdict as text), and the octets scanned: the edge scans the message as it
-will relay it (our Received: on top, the client's trust headers removed),
-scan mode what it was given (``tests/test_scan_equivalence.py`` compares
-the two over the corpora and lists where that changes a score).  The
+verdict as text).  Both scan the same octets: the message as the edge
+passes it on (our Received: on top, the client's trust headers removed;
+``message.prepare_content``), and ``tests/test_scan_equivalence.py``
+shows one verdict for each message of the mixed and hostile corpora.  The
 pre-DATA results come in ``record`` (scan mode has none) and the scanners'
 results are added to it.
 

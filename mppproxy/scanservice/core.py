@@ -6,7 +6,10 @@ Stage: the post-DATA step of the edge without the pre-DATA checks and
 without an action: the same ``scan.postdata.scan_and_decide`` the proxy
 calls (parse, MIME guard, engines, ``verdict.decide`` with the policy's
 virus_action and discard_score), and the outcome says what the proxy
-*would* do and why.  Nothing is relayed or stored.
+*would* do and why.  Nothing is relayed or stored.  The message is judged
+as the edge passes it on (``message.prepare_content``): our Received: on
+top, the client's trust headers removed, a loop refused, so the same
+octets get the same verdict (tests/test_scan_equivalence.py).
 
 The policy is the one named in the request, else the one of the first
 recipient's domain (as in the proxy while its policy engine runs; with
@@ -24,8 +27,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 
-from mppproxy.config.schema import ProxyConfig
+from mppproxy.config.schema import ProxyConfig, spool_directory
+from mppproxy.edge.context import resolve_hostname
 from mppproxy.logsetup import Logger
+from mppproxy.message import (HeaderBlockTooLarge, OutboundMessage, TooManyHops, header_rules,
+                              prepare_content, trace_header)
+from mppproxy.spool.spool import Spool
 from mppproxy.results import Disposition, TransactionRecord
 from mppproxy.policy.router import PolicyRouter
 from mppproxy.scan.base import ScanInput
@@ -177,6 +184,11 @@ class ScanRuntime:
         # The one policy-by-domain routing, the pre-DATA engine's too.
         self.router = PolicyRouter(config.policies)
         self.renderer = make_renderer(config)
+        # The name in our Received: and among the authserv-ids whose
+        # Authentication-Results are removed, as at the edge.
+        self.hostname = resolve_hostname(config)
+        self.header_rules = header_rules(config.limits.max_hop_count, config.smtp.strip_headers,
+                                         (self.hostname, *config.smtp.authserv_ids))
 
     # -- lifetime
 
@@ -207,13 +219,29 @@ class ScanRuntime:
             raise UnknownPolicy(f"no policy {name!r} (known: {', '.join(sorted(self.scanning))})")
         queue_id = request.queue_id or new_id()
         record = TransactionRecord(policy=name)
-        scan_input = ScanInput(
-            chunks=request.chunks, size=request.size, client_ip=request.client_ip,
-            helo=request.helo, sender=request.sender, recipients=request.recipients,
-            queue_id=queue_id, policy=name, path=request.path, smtputf8=request.smtputf8)
-        # The proxy's own post-DATA step (edge/handler.py calls it too).
-        scanned = await scan_and_decide(scanning, scan_input, record,
-                                        self.config.policies[name].scoring)
+        spool = Spool(self.config.limits.memory_spool_bytes, spool_directory(self.config))
+        message: Optional[OutboundMessage] = None
+        try:
+            message = self._as_the_edge_passes_it(request, queue_id, spool)
+            scan_input = ScanInput(
+                chunks=message.chunks, size=message.size, client_ip=request.client_ip,
+                helo=request.helo, sender=request.sender, recipients=request.recipients,
+                queue_id=queue_id, policy=name, path=request.path, smtputf8=request.smtputf8)
+            # The proxy's own post-DATA step (edge/handler.py calls it too).
+            scanned = await scan_and_decide(scanning, scan_input, record,
+                                            self.config.policies[name].scoring)
+        except (TooManyHops, HeaderBlockTooLarge) as refused:
+            # The edge refuses these before any scanner sees them.
+            why = (f"mail loop: {refused}" if isinstance(refused, TooManyHops)
+                   else "message header block too large")
+            verdict = Verdict(Disposition.REJECT, reasons=(why,))
+            log.info("scanned {queue_id} with policy {policy}: {action} ({why})",
+                     queue_id=queue_id, policy=name, action=verdict.action, why=why)
+            return ScanOutcome(verdict, name, queue_id, {}, record)
+        finally:
+            spool.close()
+            if message is not None and message.spool is not spool:
+                message.spool.close()
         verdict = replace(scanned.verdict,
                           reasons=tuple(_printable(r) for r in scanned.verdict.reasons))
         skipped = scanned.skipped
@@ -228,6 +256,23 @@ class ScanRuntime:
                  queue_id=queue_id, policy=name, action=verdict.action, score=verdict.score,
                  reasons=list(verdict.reasons), scan_skipped=skipped)
         return ScanOutcome(verdict, name, queue_id, scanners, record)
+
+    def _as_the_edge_passes_it(self, request: ScanRequest, queue_id: str,
+                               spool: Spool) -> OutboundMessage:
+        """The message as the edge would scan and relay it: copied into
+        ``spool`` (memory, then a file past limits.memory_spool_bytes), our
+        Received: on top, the fields the edge removes removed.  Raises
+        ``TooManyHops`` and ``HeaderBlockTooLarge`` as the edge meets them."""
+        for chunk in request.chunks():
+            spool.write(chunk)
+        proto = "UTF8ESMTP" if request.smtputf8 else "ESMTP"  # RFC 6531 3.7.3
+        only = request.recipients[0] if len(request.recipients) == 1 else None
+        prefix = trace_header(self.hostname, request.helo or "unknown",
+                              request.client_ip or "unknown", proto, queue_id, only)
+        message, _ = prepare_content(spool, prefix, self.header_rules,
+                                     self.config.limits.memory_spool_bytes,
+                                     spool_directory(self.config))
+        return message
 
     # -- the SMTP reply
 
