@@ -24,9 +24,11 @@ class Logger(_TwistedLogger):
     """Twisted's ``Logger`` (same events, same observers), used by every
     module of ours.  Its ``emit`` checks the level against
     ``LogLevel.iterconstants()``, which sorts the constants again for
-    every event: 2-3 % of a policy-server request, whose decision is
-    logged.  Here the check is a set lookup; a level that fails it takes
-    Twisted's path, which reports it."""
+    every event.  Here the check is a set lookup; a level that fails it
+    takes Twisted's path, which reports it.  It stays because it pays:
+    ``benchmarks/logger_emit.py`` times both in one interleaved run (1.54x
+    on emit, 0.77 us saved per event, about 1.3 % of a cached policy-server
+    request, whose decision is logged)."""
 
     def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
         if level not in _LEVELS:
