@@ -58,7 +58,10 @@ class Spool:
             # meets it, not in a flush long after (or in close()).
             self._file = tempfile.TemporaryFile(prefix="mpp-spool-", dir=self._dir, buffering=0)
             assert self._mem is not None
-            _write_all(self._file, self._mem.getbuffer())
+            # Released even when the write fails: a view still exported
+            # would make the BytesIO refuse to be freed (BufferError).
+            with self._mem.getbuffer() as held:
+                _write_all(self._file, held)
             self._mem = None
         if self._file is not None:
             _write_all(self._file, data)
@@ -85,12 +88,15 @@ class Spool:
                 if self.size:
                     yield self._mem.getvalue()
                 return
-            view = self._mem.getbuffer()
-            try:
-                for i in range(0, len(view), size):
-                    yield bytes(view[i:i + size])
-            finally:
-                view.release()
+            # A view is taken per chunk and released before the yield: one
+            # held across a yield stays exported while a reader that stopped
+            # half-way (a failed write) keeps the generator, and the
+            # BytesIO then cannot be freed (BufferError).
+            mem = self._mem
+            for i in range(0, self.size, size):
+                with mem.getbuffer() as view:
+                    chunk = bytes(view[i:i + size])
+                yield chunk
             return
         # os.pread at an offset of our own, not seek + read: several readers
         # (the relay, scanners running at once) may interleave their
@@ -119,9 +125,13 @@ def _write_all(file: BinaryIO, data: bytes | memoryview) -> None:
     part of it (a disk that fills up in the middle takes what fits, and the
     next call gets ENOSPC)."""
     view = memoryview(data)
-    while view:
-        written = file.write(view)
-        if not written:
-            # Regular files never do this; a loop without progress must end.
-            raise OSError(errno.EIO, "spool write made no progress")
-        view = view[written:]
+    try:
+        while view:
+            written = file.write(view)
+            if not written:
+                # Regular files never do this; a loop without progress must end.
+                raise OSError(errno.EIO, "spool write made no progress")
+            view = view[written:]
+    finally:
+        # A failed write's traceback must not keep the buffer exported.
+        view.release()
