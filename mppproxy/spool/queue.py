@@ -1,0 +1,540 @@
+"""The durable queue: message copies kept on disk until they are sent on.
+
+Ground floor (spool/), for the hold action and the archive copies (issue
+12, "Edge side").  The proxy enqueues a copy and answers ``250`` only once
+``enqueue`` has returned: by then the item is written, fsync'ed, renamed into
+``new/`` and ``new/`` is fsync'ed (docs/design.md promise 1).  A forwarder (to come) claims items,
+sends them, and finishes, retries or gives them up to ``bad/``.  The queue
+never decides what an item means; it keeps bytes and a small JSON dict.
+
+The model is Mailman 3's switchboard (``core/switchboard.py``): a file per
+item written as a temporary file and renamed into place, claimed by a
+rename (its ``.bak``), finished by an unlink, poison items kept in a bad
+queue, claimed items of a dead process put back at start, a counted number
+of times.  Unlike the switchboard, every rename that must survive a crash is
+followed by an fsync of the directory, and several processes may share one
+queue (the proxy's workers): the owner of a claim is a process, not "the
+runner".
+
+Layout under the queue directory::
+
+    tmp/      <owner>_<id>.tmp       being written by enqueue (or a bad reason)
+    new/      <due>_<id>_<attempts>_<recoveries>
+                                     waiting; claimable once <due> has passed
+    claimed/  <id>_<attempts>_<recoveries>_<owner>
+                                     taken by the process <owner>
+    bad/      <id>_<attempts>_<recoveries> and <id>.reason.json
+                                     given up: kept for a person, never deleted
+    owners/   <owner>                one lock file per open queue (flock)
+
+``<id>`` is ``<enqueued µs, 16 digits>-<pid>-<counter>-<random>``: unique
+across processes and restarts, and it carries the enqueue time (the item's
+age).  ``<due>`` is the time, in µs and 16 digits, from which the item may be
+claimed, so the names of ``new/`` sort in due order.  ``<owner>`` is
+``<pid>-<random>``, the token of one open ``DurableQueue``, whose file in
+``owners/`` it holds locked (``fcntl.flock``) while it is open: the kernel
+drops the lock when the process dies, however it dies, so "is the owner
+alive?" is "is its lock free?", with no pid-reuse guessing.  flock needs a
+local file system (not NFS).
+
+An item file is ``MPPQ1 <n>\\n``, ``n`` octets of JSON metadata, ``\\n``, then
+the message octets.  It is only ever visible in ``new/`` once whole.
+
+Every method that touches the disk blocks (writes, fsyncs, renames): the
+proxy calls them in the thread pool (``deferToThreadPool``), never on the
+reactor thread.  This module imports no reactor.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
+
+from mppproxy.logsetup import Logger
+
+log = Logger()
+
+MAGIC = b"MPPQ1"
+READ_CHUNK = 65536
+# The metadata is a small dict (envelope, state headers); a header claiming
+# more is a damaged file, not one to read into memory.
+MAX_METADATA = 1024 * 1024
+# Retry delays (seconds) and the age after which an item goes to bad/
+# rather than back to new/.  The forwarder's config (issue 12) sets them.
+DEFAULT_BASE_DELAY = 60.0
+DEFAULT_MAX_DELAY = 3600.0
+DEFAULT_MAX_AGE = 5 * 86400.0
+# Claimed by a process that died this many times: the item itself is likely
+# what kills it (Mailman's MAX_BAK_COUNT), so it goes to bad/.
+DEFAULT_MAX_RECOVERIES = 3
+
+_SUBDIRS = ("tmp", "new", "claimed", "bad", "owners")
+_ID = r"\d{16}-\d+-\d+-[0-9a-f]+"
+_OWNER = r"\d+-[0-9a-f]+"
+_NEW_NAME = re.compile(rf"(\d{{16}})_({_ID})_(\d+)_(\d+)")
+_CLAIMED_NAME = re.compile(rf"({_ID})_(\d+)_(\d+)_({_OWNER})")
+_TMP_NAME = re.compile(rf"({_OWNER})_(.+)\.tmp")
+
+_counter_lock = threading.Lock()
+_counter = 0
+
+Message = Union[bytes, Iterable[bytes]]
+
+
+class ItemState(enum.Enum):
+    """Where an item is; its directory says it, a rename moves it.
+
+    - ``WRITING``: in ``tmp/``, being written by ``enqueue``; invisible to
+      ``claim``.  A crash leaves it there; ``recover`` deletes it once its
+      owner is dead.  Moves to QUEUED by the rename at the end of ``enqueue``.
+    - ``QUEUED``: in ``new/``, whole and durable, claimable from its due
+      time.  ``claim`` moves it to CLAIMED.
+    - ``CLAIMED``: in ``claimed/``, taken by one open queue (one process).
+      ``finish`` removes it; ``retry`` moves it back to QUEUED with a later
+      due time (or to BAD once too old); ``bad`` moves it to BAD; the death
+      of its owner sends it back to QUEUED at the next ``recover``.
+    - ``BAD``: in ``bad/``, given up, with a reason file and an error log
+      line; kept for a person to look at.  Nothing moves it on.
+    """
+
+    WRITING = "writing"
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    BAD = "bad"
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """A claimed item: its metadata, and its message read from ``path``."""
+
+    id: str
+    metadata: dict[str, Any]
+    # Failed sends so far (``retry`` counts them).
+    attempts: int
+    # Times a process died holding it (``recover`` counts them).
+    recoveries: int
+    enqueued: float
+    path: str
+    # Where the message octets begin in the file, and how many there are.
+    offset: int
+    size: int
+
+    def chunks(self, size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The message in chunks of at most ``size`` octets (memory stays
+        bounded whatever the message's size)."""
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            while True:
+                block = f.read(size)
+                if not block:
+                    return
+                yield block
+
+    def message(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What ``stats`` counts: items waiting, items claimed, items in bad/,
+    and the age in seconds of the oldest waiting or claimed item."""
+
+    queued: int
+    claimed: int
+    bad: int
+    oldest_age: Optional[float]
+
+    @property
+    def depth(self) -> int:
+        return self.queued + self.claimed
+
+
+class DurableQueue:
+    """One queue directory (see the module docstring for the layout).
+
+    Construction does no I/O; ``open`` creates the directories, takes this
+    process's owner lock and runs ``recover``.  Several ``DurableQueue``
+    objects, in one process or many, may share a directory."""
+
+    def __init__(self, directory: str, *, clock: Callable[[], float] = time.time,
+                 base_delay: float = DEFAULT_BASE_DELAY, max_delay: float = DEFAULT_MAX_DELAY,
+                 max_age: float = DEFAULT_MAX_AGE,
+                 max_recoveries: int = DEFAULT_MAX_RECOVERIES):
+        self.directory = directory
+        self._clock = clock
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.max_age = max_age
+        self.max_recoveries = max_recoveries
+        self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._owner_file: Optional[BinaryIO] = None
+
+    def _dir(self, sub: str) -> str:
+        return os.path.join(self.directory, sub)
+
+    # -- open, close, recover ----------------------------------------------------
+
+    def open(self) -> None:
+        """Create the layout, take the owner lock, recover (blocking)."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for sub in _SUBDIRS:
+            os.makedirs(self._dir(sub), mode=0o700, exist_ok=True)
+        _fsync_dir(self.directory)
+        # The lock file is locked before it appears in owners/, so a
+        # recover running meanwhile never sees it free and takes our claims.
+        # (A crash before the rename leaves the dot file, unlocked: the next
+        # recover removes it like any dead owner's file.)
+        staging = os.path.join(self._dir("owners"), f".{self.owner}.new")
+        f = open(staging, "wb")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, os.path.join(self._dir("owners"), self.owner))
+        except BaseException:
+            f.close()
+            _unlink_quietly(staging)
+            raise
+        self._owner_file = f
+        self.recover()
+
+    def close(self) -> None:
+        """Drop the owner lock: items still claimed by this queue go back to
+        new/ at the next ``recover`` of any process."""
+        if self._owner_file is not None:
+            _unlink_quietly(os.path.join(self._dir("owners"), self.owner))
+            self._owner_file.close()
+            self._owner_file = None
+
+    def _check_open(self) -> None:
+        # Our files in tmp/ and claimed/ are safe from other processes'
+        # recover only while our owner lock is held.
+        if self._owner_file is None:
+            raise RuntimeError(f"the queue {self.directory} is not open")
+
+    def __enter__(self) -> "DurableQueue":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def recover(self) -> int:
+        """Clean up after processes that died: their half-written files in
+        tmp/ are deleted, their claimed items go back to new/ (or to bad/
+        after ``max_recoveries`` deaths), their owner files are removed.
+        Items of live owners are left alone.  Returns the items put back."""
+        dead: dict[str, bool] = {}
+
+        def is_dead(owner: str) -> bool:
+            if owner not in dead:
+                dead[owner] = owner != self.owner and not self._owner_alive(owner)
+            return dead[owner]
+
+        for name in sorted(os.listdir(self._dir("tmp"))):
+            m = _TMP_NAME.fullmatch(name)
+            if m is not None and is_dead(m.group(1)):
+                _unlink_quietly(os.path.join(self._dir("tmp"), name))
+        put_back = 0
+        for name in sorted(os.listdir(self._dir("claimed"))):
+            m = _CLAIMED_NAME.fullmatch(name)
+            if m is None:
+                log.warn("unknown file {path} in the queue's claimed/ left alone",
+                         path=os.path.join(self._dir("claimed"), name))
+                continue
+            item_id, attempts, recoveries, owner = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            if not is_dead(owner):
+                continue
+            path = os.path.join(self._dir("claimed"), name)
+            recoveries += 1
+            if recoveries >= self.max_recoveries:
+                self._to_bad(path, item_id, attempts, recoveries,
+                             f"claimed {recoveries} times by a process that died")
+                continue
+            try:
+                os.rename(path, os.path.join(self._dir("new"), _new_name(
+                    _enqueued(item_id), item_id, attempts, recoveries)))
+            except FileNotFoundError:
+                continue  # another process recovered it first
+            put_back += 1
+            log.warn("queue item {item_id} put back: its process died while holding it",
+                     item_id=item_id, recoveries=recoveries, queue=self.directory)
+        if put_back:
+            _fsync_dir(self._dir("new"))
+        for owner, was_dead in dead.items():
+            if was_dead:
+                _unlink_quietly(os.path.join(self._dir("owners"), owner))
+        # Owners that died holding nothing leave only their file.
+        for owner in os.listdir(self._dir("owners")):
+            if owner not in dead and is_dead(owner):
+                _unlink_quietly(os.path.join(self._dir("owners"), owner))
+        return put_back
+
+    def _owner_alive(self, owner: str) -> bool:
+        """True while the queue ``owner`` is open: its lock file is locked."""
+        try:
+            fd = os.open(os.path.join(self._dir("owners"), owner), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock, if we got it
+        return False
+
+    # -- enqueue -----------------------------------------------------------------
+
+    def enqueue(self, message: Message, metadata: Mapping[str, Any],
+                due: Optional[float] = None) -> str:
+        """Store one item; return its id (blocking).  When this returns the
+        item is durable and visible in new/; the caller may answer 250.
+
+        ``message`` is bytes or an iterable of chunks, streamed to the file
+        (memory stays bounded).  ``metadata`` must be JSON-serialisable.  A
+        failed write, fsync or rename (ENOSPC, EDQUOT, EIO...) raises its
+        ``OSError`` with the path it concerns as ``filename``, and leaves
+        nothing visible: the client gets a 4xx (``replies.storage_failure``)
+        and keeps its message."""
+        self._check_open()
+        header = json.dumps(dict(metadata), separators=(",", ":"), sort_keys=True).encode("utf-8")
+        now = self._clock()
+        item_id = _new_id(now)
+        tmp_path = os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.tmp")
+        new_path = os.path.join(self._dir("new"), _new_name(
+            now if due is None else due, item_id, 0, 0))
+        visible = False
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, MAGIC + b" %d\n" % len(header) + header + b"\n")
+                for chunk in ([message] if isinstance(message, bytes) else message):
+                    _write_all(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # rename(2) may need room for the directory entry (ENOSPC too).
+            os.rename(tmp_path, new_path)
+            visible = True
+            _fsync_dir(self._dir("new"))
+        except BaseException as e:
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = new_path if visible else tmp_path
+            # Visible but not known durable: the client will be told 4xx and
+            # send again, so this copy must go (no duplicate).
+            _unlink_quietly(new_path if visible else tmp_path)
+            raise
+        return item_id
+
+    # -- claim, finish, retry, bad -------------------------------------------------
+
+    def claim(self) -> Optional[QueueItem]:
+        """The item with the earliest due time that has passed, now claimed
+        by this queue, or None (blocking).  The claim is a rename: of two
+        processes renaming the same file one succeeds, the other gets
+        ENOENT and tries the next.  Not fsync'ed: after a power loss the
+        item is in new/ or in claimed/, and either way comes back."""
+        self._check_open()
+        now_us = _micros(self._clock())
+        for name in sorted(os.listdir(self._dir("new"))):
+            m = _NEW_NAME.fullmatch(name)
+            if m is None:
+                continue
+            if int(m.group(1)) > now_us:
+                break  # sorted by due time: nothing later is due either
+            item_id, attempts, recoveries = m.group(2), int(m.group(3)), int(m.group(4))
+            path = os.path.join(self._dir("claimed"),
+                                f"{item_id}_{attempts}_{recoveries}_{self.owner}")
+            try:
+                os.rename(os.path.join(self._dir("new"), name), path)
+            except FileNotFoundError:
+                continue  # claimed by another process
+            try:
+                metadata, offset, size = _read_header(path)
+            except (OSError, ValueError) as e:
+                self._to_bad(path, item_id, attempts, recoveries, f"unreadable item: {e}")
+                continue
+            return QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
+                             path, offset, size)
+        return None
+
+    def finish(self, item: QueueItem) -> None:
+        """The item was sent: remove it, durably (blocking)."""
+        os.unlink(item.path)
+        _fsync_dir(self._dir("claimed"))
+
+    def retry(self, item: QueueItem, error: str) -> ItemState:
+        """A send failed in a way that may pass: put the item back, due after
+        ``min(base_delay * 2**attempts, max_delay)`` seconds, or to bad/ once
+        it is older than ``max_age`` (blocking).  Returns where it went."""
+        now = self._clock()
+        age = now - item.enqueued
+        attempts = item.attempts + 1
+        if age >= self.max_age:
+            self._to_bad(item.path, item.id, attempts, item.recoveries,
+                         f"older than {self.max_age:g} s; last error: {error}", now)
+            return ItemState.BAD
+        delay = self.backoff(item.attempts)
+        os.rename(item.path, os.path.join(self._dir("new"), _new_name(
+            now + delay, item.id, attempts, item.recoveries)))
+        _fsync_dir(self._dir("new"))
+        log.info("queue item {item_id} will be tried again in {delay:.0f} s: {error}",
+                 item_id=item.id, delay=delay, attempts=attempts, error=error,
+                 age=age, queue=self.directory)
+        return ItemState.QUEUED
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next try of an item that failed ``attempts``
+        times before this failure."""
+        # 2**64 already passes any sane max_delay; the cap keeps it a float.
+        return float(min(self.max_delay, self.base_delay * 2.0 ** min(attempts, 64)))
+
+    def bad(self, item: QueueItem, reason: str) -> None:
+        """Give the item up (a permanent refusal): move it to bad/ with its
+        reason, and log it (blocking)."""
+        self._to_bad(item.path, item.id, item.attempts, item.recoveries, reason)
+
+    def _to_bad(self, path: str, item_id: str, attempts: int, recoveries: int, reason: str,
+                now: Optional[float] = None) -> None:
+        now = self._clock() if now is None else now
+        age = now - _enqueued(item_id)
+        try:
+            # First the move, which at most one process can make (two
+            # recovering the same dead owner's items race here).
+            os.rename(path, os.path.join(self._dir("bad"), f"{item_id}_{attempts}_{recoveries}"))
+        except FileNotFoundError:
+            return
+        record = json.dumps({"id": item_id, "reason": reason, "attempts": attempts,
+                             "recoveries": recoveries, "age": age, "time": now}).encode("utf-8")
+        reason_tmp = os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.reason.tmp")
+        try:
+            fd = os.open(reason_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, record)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(reason_tmp, os.path.join(self._dir("bad"), f"{item_id}.reason.json"))
+        except OSError as e:
+            # The item is in bad/ all the same; the log line below has the reason.
+            _unlink_quietly(reason_tmp)
+            log.error("could not write the reason file of queue item {item_id}: {error}",
+                      item_id=item_id, error=str(e), queue=self.directory)
+        _fsync_dir(self._dir("bad"))
+        log.error("queue item {item_id} moved to bad/ after {attempts} attempt(s), "
+                  "{age:.0f} s old: {reason}", item_id=item_id, age=age, attempts=attempts,
+                  recoveries=recoveries, reason=reason, queue=self.directory)
+
+    # -- depth and age -----------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        """Count the items (blocking: lists three directories)."""
+        oldest: Optional[float] = None
+        counts = []
+        for sub, pattern, group in (("new", _NEW_NAME, 2), ("claimed", _CLAIMED_NAME, 1)):
+            n = 0
+            for name in os.listdir(self._dir(sub)):
+                m = pattern.fullmatch(name)
+                if m is None:
+                    continue
+                n += 1
+                enqueued = _enqueued(m.group(group))
+                oldest = enqueued if oldest is None else min(oldest, enqueued)
+            counts.append(n)
+        bad = sum(1 for name in os.listdir(self._dir("bad")) if not name.endswith(".json"))
+        age = None if oldest is None else max(0.0, self._clock() - oldest)
+        return QueueStats(counts[0], counts[1], bad, age)
+
+    def depth(self) -> int:
+        return self.stats().depth
+
+    def oldest_age(self) -> Optional[float]:
+        return self.stats().oldest_age
+
+    def log_stats(self) -> QueueStats:
+        """Log the queue's depth and oldest age (the forwarder calls it every
+        minute from a LoopingCall, in the thread pool); returns the counts."""
+        stats = self.stats()
+        log.info("queue {queue}: {depth} item(s), oldest {oldest_age} s, {bad} in bad/",
+                 queue=self.directory, depth=stats.depth, queued=stats.queued,
+                 claimed=stats.claimed, bad=stats.bad,
+                 oldest_age=None if stats.oldest_age is None else round(stats.oldest_age, 1))
+        return stats
+
+
+# -- names and files ---------------------------------------------------------------------
+
+def _micros(when: float) -> int:
+    return max(0, int(when * 1_000_000))
+
+
+def _new_id(now: float) -> str:
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        n = _counter
+    return f"{_micros(now):016d}-{os.getpid()}-{n}-{secrets.token_hex(4)}"
+
+
+def _enqueued(item_id: str) -> float:
+    return int(item_id.split("-", 1)[0]) / 1_000_000
+
+
+def _new_name(due: float, item_id: str, attempts: int, recoveries: int) -> str:
+    return f"{_micros(due):016d}_{item_id}_{attempts}_{recoveries}"
+
+
+def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
+    """(metadata, offset of the message, message size) of an item file;
+    ValueError for a file that is no item."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        first = f.readline(32)
+        magic, _, length = first.rstrip(b"\n").partition(b" ")
+        if magic != MAGIC or not first.endswith(b"\n") or not length.isdigit():
+            raise ValueError("no queue item header")
+        n = int(length)
+        if n > MAX_METADATA:
+            raise ValueError(f"metadata of {n} octets")
+        raw = f.read(n + 1)
+        if len(raw) != n + 1 or not raw.endswith(b"\n"):
+            raise ValueError("truncated metadata")
+        metadata = json.loads(raw[:-1])
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+        offset = len(first) + n + 1
+        return metadata, offset, size - offset
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """write(2) may take only part of ``data`` (a disk filling up)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(errno.EIO, "queue write made no progress")
+        view = view[written:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("could not remove {path}: {error}", path=path, error=str(e))
