@@ -14,12 +14,8 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import shutil
-import subprocess
-import tempfile
-import unittest as stdlib_unittest
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -29,6 +25,7 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from fakes_backend import FakeBackend
+from helpers import mount_tmpfs
 from loopback import RawClient, proxy_config, start_proxy, wait_reactor_quiet
 from mppproxy.config.schema import LimitsConfig
 from mppproxy.db import StateDatabase, StateDatabaseError
@@ -43,7 +40,7 @@ from mppproxy.smtp.replies import Reply
 from mppproxy.spool import spool as spool_module
 from mppproxy.spool.spool import Spool
 from test_edge_handler import make_config, make_gateway, make_session, make_txn, temp_dir
-from test_server import CONFIG, RecordingHandler, ServerTestCase, codes, split_replies, tuned
+from test_server import ServerTestCase, codes, split_replies, tuned
 
 
 def no_space() -> OSError:
@@ -380,32 +377,6 @@ class EdgeTests(SynchronousTestCase):
 
 
 # --- a real full file system (tmpfs, root) ---------------------------------------------
-
-def mount_tmpfs(case: Any, size: str = "1m") -> str:
-    """A tmpfs of ``size`` on a fresh directory, unmounted after the test."""
-    path = tempfile.mkdtemp(prefix="mpp-full-")
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                           capture_output=True, text=True, timeout=30)
-        problem = None if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        problem = str(e)
-    if problem is not None:
-        os.rmdir(path)
-        why = f"cannot mount a tmpfs (needs root): {problem}"
-        if os.environ.get("MPP_REQUIRE_SERVICES") == "1":
-            case.fail(why)
-        raise stdlib_unittest.SkipTest(why)
-
-    def unmount() -> None:
-        r = subprocess.run(["umount", path], capture_output=True, timeout=30)
-        if r.returncode != 0:  # still in use by a closing process: detach it
-            subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
-        os.rmdir(path)
-
-    case.addCleanup(unmount)
-    return path
-
 
 def fill(path: str, leave: int = 0) -> str:
     """Fill the file system of ``path`` with one file until ENOSPC, then

@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import unittest as stdlib_unittest
 from pathlib import Path
 from typing import Any, Optional
 
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from helpers import mount_tmpfs
 from mppproxy.smtp import replies
 from mppproxy.spool import queue as queue_module
 from mppproxy.spool.queue import DurableQueue, ItemState, QueueItem
@@ -348,7 +348,7 @@ class StorageFailureTests(QueueTestCase):
         def failing_fsync_dir(path: str) -> None:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-        self.patch(queue_module, "_fsync_dir", failing_fsync_dir)
+        self.patch(queue_module, "fsync_dir", failing_fsync_dir)
         with self.assertRaises(OSError) as caught:
             q.enqueue(b"m", {})
         self.assertTrue(str(caught.exception.filename).startswith(os.path.join(q.directory, "new")))
@@ -433,29 +433,3 @@ def kill(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
-
-
-def mount_tmpfs(case: SynchronousTestCase, size: str) -> str:
-    """A tmpfs of ``size`` on a fresh directory, unmounted after the test."""
-    path = tempfile.mkdtemp(prefix="mpp-queue-full-")
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                           capture_output=True, text=True, timeout=30)
-        problem = None if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        problem = str(e)
-    if problem is not None:
-        os.rmdir(path)
-        why = f"cannot mount a tmpfs (needs root): {problem}"
-        if os.environ.get("MPP_REQUIRE_SERVICES") == "1":
-            case.fail(why)
-        raise stdlib_unittest.SkipTest(why)
-
-    def unmount() -> None:
-        r = subprocess.run(["umount", path], capture_output=True, timeout=30)
-        if r.returncode != 0:  # still in use by a closing process: detach it
-            subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
-        os.rmdir(path)
-
-    case.addCleanup(unmount)
-    return path

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 from mppproxy.logsetup import Logger
 from mppproxy.smtp.address import Address, normalise_domain
+from mppproxy.spool.durable import fsync_dir
 
 log = Logger()
 
@@ -67,14 +68,6 @@ def _unique_name() -> str:
     now = time.time()
     host = socket.gethostname().replace("/", "_").replace(":", "_")
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{host}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ensure_maildir(path: str) -> None:
@@ -130,7 +123,7 @@ def deliver(chunks_factory: Callable[[], Iterable[bytes]], sender: Address,
                 # rename(2) may need room for the new directory entry (ENOSPC).
                 os.rename(tmp_path, new_path)
                 done.append(new_path)
-                _fsync_dir(os.path.join(root, "new"))
+                fsync_dir(os.path.join(root, "new"))
             except OSError as e:
                 _name_file(e, new_path)
                 raise

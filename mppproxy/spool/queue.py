@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from mppproxy.logsetup import Logger
+from mppproxy.spool.durable import fsync_dir
 
 log = Logger()
 
@@ -187,7 +188,7 @@ class DurableQueue:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         for sub in _SUBDIRS:
             os.makedirs(self._dir(sub), mode=0o700, exist_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         # The lock file is locked before it appears in owners/, so a
         # recover running meanwhile never sees it free and takes our claims.
         # (A crash before the rename leaves the dot file, unlocked: the next
@@ -266,7 +267,7 @@ class DurableQueue:
             log.warn("queue item {item_id} put back: its process died while holding it",
                      item_id=item_id, recoveries=recoveries, queue=self.directory)
         if put_back:
-            _fsync_dir(self._dir("new"))
+            fsync_dir(self._dir("new"))
         for owner, was_dead in dead.items():
             if was_dead:
                 _unlink_quietly(os.path.join(self._dir("owners"), owner))
@@ -323,7 +324,7 @@ class DurableQueue:
             # rename(2) may need room for the directory entry (ENOSPC too).
             os.rename(tmp_path, new_path)
             visible = True
-            _fsync_dir(self._dir("new"))
+            fsync_dir(self._dir("new"))
         except BaseException as e:
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = new_path if visible else tmp_path
@@ -368,7 +369,7 @@ class DurableQueue:
     def finish(self, item: QueueItem) -> None:
         """The item was sent: remove it, durably (blocking)."""
         os.unlink(item.path)
-        _fsync_dir(self._dir("claimed"))
+        fsync_dir(self._dir("claimed"))
 
     def retry(self, item: QueueItem, error: str) -> ItemState:
         """A send failed in a way that may pass: put the item back, due after
@@ -384,7 +385,7 @@ class DurableQueue:
         delay = self.backoff(item.attempts)
         os.rename(item.path, os.path.join(self._dir("new"), _new_name(
             now + delay, item.id, attempts, item.recoveries)))
-        _fsync_dir(self._dir("new"))
+        fsync_dir(self._dir("new"))
         log.info("queue item {item_id} will be tried again in {delay:.0f} s: {error}",
                  item_id=item.id, delay=delay, attempts=attempts, error=error,
                  age=age, queue=self.directory)
@@ -427,7 +428,7 @@ class DurableQueue:
             _unlink_quietly(reason_tmp)
             log.error("could not write the reason file of queue item {item_id}: {error}",
                       item_id=item_id, error=str(e), queue=self.directory)
-        _fsync_dir(self._dir("bad"))
+        fsync_dir(self._dir("bad"))
         log.error("queue item {item_id} moved to bad/ after {attempts} attempt(s), "
                   "{age:.0f} s old: {reason}", item_id=item_id, age=age, attempts=attempts,
                   recoveries=recoveries, reason=reason, queue=self.directory)
@@ -521,14 +522,6 @@ def _write_all(fd: int, data: bytes) -> None:
         if not written:
             raise OSError(errno.EIO, "queue write made no progress")
         view = view[written:]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:
