@@ -160,3 +160,35 @@ def load_keys(path: str) -> KeyRing:
         line = data[:e.start].count(b"\n") + 1
         raise KeyFileError([f"{path}:{line}: not ASCII text"]) from None
     return parse_keys(text, path)
+
+
+def load_or_create_keys(path: str, key_id: str) -> KeyRing:
+    """The key ring at ``path``, made first with one new random key named
+    ``key_id`` when no file is there.  Written to a temporary file, then
+    linked into place: ``link(2)`` fails when ``path`` exists, so of two
+    processes starting at once one file wins whole and both read it.  For a
+    node that keeps its copies on its own host, where no administrator
+    shares a key file between hosts."""
+    if not os.path.lexists(path):
+        secret = base64.b64encode(os.urandom(MIN_KEY_OCTETS)).decode("ascii")
+        text = ("# mppproxy archive keys, made at first start (mppproxy/archive/keys.py)\n"
+                f"{key_id} = {secret}\n").encode("ascii")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                         0o600)
+            try:
+                os.write(fd, text)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        except OSError as e:
+            raise KeyFileError([f"{path}: cannot create the key file: {e.strerror}"]) from None
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+    return load_keys(path)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mppproxy.config.archive import ArchiveConfig, ArchiveNodeConfig, ReleaseConfig, StoreConfig
 from mppproxy.config.database import DatabaseConfig
 from mppproxy.config.dns import DnsConfig
 from mppproxy.config.fields import at_least as _at_least, choice as _choice, endpoints as _endpoints, opt as _opt
@@ -26,7 +27,7 @@ MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
 # docs/design.md and arrive with their issues; asking for one is a config error
 # that says so, not a half-started process.
-IMPLEMENTED_MODES = ("all-in-one", "edge", "policy", "scan")
+IMPLEMENTED_MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 
 
 def _port(value: int) -> Optional[str]:
@@ -247,3 +248,9 @@ class ProxyConfig:
     policyd: PolicydConfig = PolicydConfig()
     # The listeners of mode "scan" (config/scanservice.py).
     scanservice: ScanServiceConfig = ScanServiceConfig()
+    # Quarantine and archive copies (config/archive.py): what the edge
+    # keeps and sends, the archive node's receiver, the store, release.
+    archive: ArchiveConfig = ArchiveConfig()
+    archive_node: ArchiveNodeConfig = ArchiveNodeConfig()
+    store: StoreConfig = StoreConfig()
+    release: ReleaseConfig = ReleaseConfig()
