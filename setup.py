@@ -12,7 +12,10 @@ setup(
     # The Jinja2 templates live at the top of the repository (templates/) and
     # are installed inside the package as mppproxy/templates.
     package_dir={"mppproxy.templates": "templates"},
+    # The archive store's Alembic revisions are packages (find_packages
+    # takes them); their template is not Python.
     package_data={"twisted": ["plugins/mppproxy_plugin.py"],
-                  "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2"]},
+                  "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2"],
+                  "mppproxy.store.migrations": ["script.py.mako"]},
     include_package_data=True,
 )

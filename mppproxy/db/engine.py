@@ -43,11 +43,12 @@ POOL_TIMEOUT = 10.0
 WRITE = {"mpp_write": True}
 
 
-def database_url(config: DatabaseConfig, data_dir: str) -> URL:
-    """The configured URL; empty means SQLite at ``data_dir/state.sqlite``.
+def database_url(config: DatabaseConfig, data_dir: str, filename: str = "state.sqlite") -> URL:
+    """The configured URL; empty means SQLite at ``data_dir/<filename>``
+    (``state.sqlite``; the archive store's is ``archive.sqlite``).
     ``mysql://`` and ``mariadb://`` without a driver use PyMySQL."""
     if not config.url:
-        path = os.path.abspath(os.path.join(data_dir, "state.sqlite"))
+        path = os.path.abspath(os.path.join(data_dir, filename))
         return URL.create("sqlite", database=path)
     url = make_url(config.url)
     if url.drivername in ("mysql", "mariadb"):
@@ -61,11 +62,15 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def make_engine(url: URL, config: DatabaseConfig) -> Engine:
-    """An engine for ``url``; no connection is made yet (no I/O)."""
+def make_engine(url: URL, config: DatabaseConfig, durable: bool = False) -> Engine:
+    """An engine for ``url``; no connection is made yet (no I/O).
+
+    ``durable``: SQLite fsyncs every commit (``synchronous = FULL``), for
+    a store that holds mail (the archive store: its writer removes a
+    queued copy once the row is committed); the state database does not."""
     backend = url.get_backend_name()
     if backend == "sqlite":
-        return _sqlite_engine(url, config)
+        return _sqlite_engine(url, config, durable)
     if backend in ("mysql", "mariadb"):
         return create_engine(
             url, pool_pre_ping=True, pool_recycle=MYSQL_POOL_RECYCLE,
@@ -224,7 +229,7 @@ def placeholders(dialect: Any, n: int) -> str:
     return f"({', '.join([mark] * n)})"
 
 
-def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
+def _sqlite_engine(url: URL, config: DatabaseConfig, durable: bool = False) -> Engine:
     connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT}
     if is_memory_sqlite(url):
         # One connection for the process (the thread pool has one thread).
@@ -256,8 +261,9 @@ def _sqlite_engine(url: URL, config: DatabaseConfig) -> Engine:
             # each checkpoint is.  Greylist and blacklist state is not
             # mail: losing the last second of it on power loss only
             # greylists a few triplets again (docs/design.md promise 1 is about
-            # messages, which never live here).
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            # messages, which never live here).  A durable engine (the
+            # archive store, where messages do live) fsyncs each commit.
+            cursor.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         if not is_memory_sqlite(url) and config.sqlite_in_reactor:
             # The commit that crosses the WAL's checkpoint threshold would
             # copy pages back and fsync on the reactor thread: checkpoints
