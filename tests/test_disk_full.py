@@ -1,6 +1,6 @@
 """A full disk on the message path (issue #15): every write of a message
-(the spool, its cleaned copy, the Maildir, the quarantine Maildir, the
-state database's file) that the disk cannot take ends in a 4xx for that
+(the spool, its cleaned copy, the Maildir, the archive queue of held
+messages, the state database's file) that the disk cannot take ends in a 4xx for that
 message, never a dropped connection and never a 250, and the session goes
 on (docs/design.md promises 1 and 4).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,7 @@ from mppproxy.db import StateDatabase, StateDatabaseError
 from mppproxy.delivery import maildir
 from mppproxy.actions.quarantine import hold
 from mppproxy.message import prepare
+from mppproxy.results import Disposition
 from mppproxy.config.database import DatabaseConfig
 from mppproxy.config.policy import GreylistConfig
 from mppproxy.smtp import replies
@@ -39,6 +41,7 @@ from mppproxy.smtp.framing import DataError, DataReader
 from mppproxy.smtp.replies import Reply
 from mppproxy.spool import spool as spool_module
 from mppproxy.spool.spool import Spool
+from mppproxy.verdict import Verdict
 from test_edge_handler import make_config, make_gateway, make_session, make_txn, temp_dir
 from test_server import ServerTestCase, codes, split_replies, tuned
 
@@ -344,18 +347,24 @@ class EdgeTests(SynchronousTestCase):
                          replies.LOCAL_ERROR)
 
     def test_quarantine_on_full_disk_is_452_and_says_quarantine(self) -> None:
-        """The local quarantine Maildir on a full disk answers 452 4.3.1 and the log line names the quarantine."""
+        """The archive queue on a full disk answers 452 4.3.1 for a held message, the log line names the quarantine, and nothing is queued."""
         data_dir = temp_dir(self)
         _, ctx = make_gateway(make_config(data_dir))
+        ctx.archive.open()
+        self.addCleanup(ctx.archive.close)
         self.failing_fsync(errno.EDQUOT)
         txn = make_txn(b"Subject: m\r\n\r\nbody\r\n")
         message, _ = prepare(make_session(), txn, None)
         with capturedLogs() as events:
             reply = self.successResultOf(Deferred.fromCoroutine(
-                hold(ctx.delivery, make_session(), txn, message)))
+                hold(ctx.archive, make_session(), txn, message,
+                     Verdict(Disposition.QUARANTINE), time.time())))
         self.assertEqual(reply, replies.STORAGE_ERROR)
         [logged] = errors_logged(events)
         self.assertEqual(logged["what"], "quarantine")
+        queue = ctx.archive.queue
+        self.assertEqual(queue.stats().depth, 0)
+        self.assertEqual(os.listdir(os.path.join(queue.directory, "tmp")), [])
         self.assertEqual(maildir_files(data_dir), [])
 
     def test_cleaned_copy_on_full_disk_is_452(self) -> None:

@@ -183,16 +183,22 @@ class DnsblTests(PolicyCase):
 
     async def test_listed_client_over_quarantine_is_held_not_relayed(self) -> None:
         """A listed client scoring over the quarantine threshold gets 250, and the message is
-        held in the recipient's quarantine Maildir instead of relayed."""
+        held in the archive queue, with the DNS list hit in its state, instead of relayed."""
+        from mppproxy.archive.copies import state_of
+
         fake, proxy = self.start(self.dnsbl_policy(11, quarantine=10))
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
         self.assertEqual(out["data"][0], 250)
         self.assertEqual(fake.messages, [])
-        import glob
-        import os
-        held = glob.glob(os.path.join(proxy.service.config.data_dir, "quarantine", "example.com",
-                                      "a", "new", "*"))
-        self.assertEqual(len(held), 1)
+        queue = proxy.service.archive_queue
+        assert queue is not None
+        item = queue.claim()
+        assert item is not None
+        self.addCleanup(queue.finish, item)
+        state = state_of(item.metadata)
+        self.assertEqual((state.recipients, state.verdict, state.score),
+                         (("a@example.com",), "quarantine", 11.0))
+        self.assertIn("dnsbl", [c.name for c in state.checks])
 
     async def test_dead_dns_server_scores_nothing_and_mail_flows(self) -> None:
         """With the DNS server silent, the DNS list check times out, scores nothing, and the

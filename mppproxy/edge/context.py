@@ -2,9 +2,10 @@
 
 Composition (docs/design.md, "Floors"): ``make_context`` only builds objects
 -- the backend pool, relay control, the trusted networks, the reply
-renderer, the actions' helpers -- and takes the policy runtime and the scan
-stage the service built beside it, so neither stage builds the other.  A
-reload builds a new context; sessions keep the one they began with.
+renderer, the actions' helpers -- and takes the policy runtime, the scan
+stage and the archive queue the service built beside it, so neither stage
+builds the other.  A reload builds a new context; sessions keep the one
+they began with (the archive queue is the process's one, shared by all).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mppproxy.actions.deliver import LocalDelivery
 from mppproxy.actions.rewrite import Rewriter
+from mppproxy.archive.copies import ArchiveCopies, node_name, open_queue
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.match import SetCache, TrustedNetworks
 from mppproxy.policy.runtime import PolicyRuntime
@@ -51,27 +53,35 @@ class EdgeContext:
     sets: SetCache
     delivery: LocalDelivery
     rewriter: Rewriter
+    # The archive queue: held messages and archive copies (issue 12).
+    archive: ArchiveCopies
 
 
 def make_context(config: ProxyConfig, reactor: Any, threadpool: ThreadPool,
                  backend_tls_context: Any = None,
                  policy: Optional[PolicyRuntime] = None,
-                 scan: Optional[ScanStage] = None) -> EdgeContext:
+                 scan: Optional[ScanStage] = None,
+                 archive: Optional[ArchiveCopies] = None) -> EdgeContext:
     """The context of ``config``.  ``backend_tls_context`` is what
     ``tlsconfig.backend_context`` gives (options or a connection creator,
     None for no STARTTLS).  ``scan`` is the service's scan stage (it
     starts and stops its engine-health watch); without one a stage is built
-    here, unwatched.  No I/O."""
+    here, unwatched.  ``archive`` is the service's archive queue (opened
+    at its start, shared by every context of the process); without one a
+    queue for ``config`` is set up here, opened at its first use.  No I/O."""
     hostname = resolve_hostname(config)
     pool = None
     if config.backend is not None:
         pool = BackendPool(reactor, config.backend, config.backend.helo_name or hostname,
                            backend_tls_context)
     sets = SetCache()
+    if archive is None:
+        archive = ArchiveCopies(reactor, threadpool, open_queue(config.archive, config.data_dir),
+                                config.archive, node_name(config.archive, hostname))
     return EdgeContext(
         config, reactor, threadpool, hostname, RelayDomains(config.relay_domains),
         TrustedNetworks(config.trusted_networks), pool, policy,
         scan if scan is not None else ScanStage(config, reactor),
         policy.engine.renderer if policy is not None else make_renderer(config),
         sets, LocalDelivery(reactor, threadpool, config.data_dir, config.delivery.maildir),
-        Rewriter(reactor, threadpool, sets))
+        Rewriter(reactor, threadpool, sets), archive)

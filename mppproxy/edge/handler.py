@@ -17,7 +17,7 @@ from typing import Optional
 from mppproxy import txlog
 from mppproxy.actions.deliver import not_stored
 from mppproxy.actions.discard import discard
-from mppproxy.actions.quarantine import hold
+from mppproxy.actions.quarantine import hold, keep_copy
 from mppproxy.actions.refuse import domain_of, refuse
 from mppproxy.config.schema import spool_directory
 from mppproxy.edge.context import EdgeContext
@@ -152,6 +152,8 @@ class EdgeSession:
 
     async def on_data_end(self, session: Session, txn: Transaction) -> Reply:
         t_data = time.monotonic()
+        # The end of DATA as the copies' state gives it (X-MPP-Received).
+        received = time.time()
         verdict = self._verdict(txn)
         if verdict.action is REJECT or verdict.action is TEMPFAIL:
             return self._refuse(session, txn, verdict)
@@ -200,19 +202,26 @@ class EdgeSession:
             # Accepted and dropped on purpose (a policy's hard action): logged.
             self._reset_backend()
             return discard(session, txn, verdict)
+        archive = self.ctx.archive
         if action is QUARANTINE:
-            # Held, not relayed: a durable copy in the local quarantine
+            # Held, not relayed: a durable copy in the archive queue
             # (docs/design.md promise 1) before the 250.
             self._reset_backend()
-            reply = await hold(self.ctx.delivery, session, txn, message)
-        elif self.relay is not None:
-            # The relay action is the lockstep relay's DATA itself: the
-            # client's 250 is the backend's (docs/design.md promise 1).
-            reply = await self.relay.data(session, txn, message)
+            reply = await hold(archive, session, txn, message, verdict, received)
         else:
-            reply = await self.ctx.delivery.deliver(session, txn, message)
-            if action is RELAY:
-                action = Disposition.DELIVER
+            if self.relay is not None:
+                # The relay action is the lockstep relay's DATA itself: the
+                # client's 250 is the backend's (docs/design.md promise 1).
+                reply = await self.relay.data(session, txn, message)
+            else:
+                reply = await self.ctx.delivery.deliver(session, txn, message)
+                if action is RELAY:
+                    action = Disposition.DELIVER
+            # archive.copy "all"/"domains": a copy once the message is
+            # accepted, never of refused mail (why after, not before: see
+            # keep_copy).
+            if reply.is_positive and archive.wants_copy(txn):
+                await keep_copy(archive, session, txn, message, verdict, received, action)
         timings = {"data_ms": round((time.monotonic() - t_data) * 1000, 2)}
         if txn.t_mail is not None:
             timings["total_ms"] = round((time.monotonic() - txn.t_mail) * 1000, 2)

@@ -213,6 +213,11 @@ class DurableQueue:
             self._owner_file.close()
             self._owner_file = None
 
+    @property
+    def is_open(self) -> bool:
+        """True between ``open`` and ``close``."""
+        return self._owner_file is not None
+
     def _check_open(self) -> None:
         # Our files in tmp/ and claimed/ are safe from other processes'
         # recover only while our owner lock is held.
@@ -390,6 +395,17 @@ class DurableQueue:
                  item_id=item.id, delay=delay, attempts=attempts, error=error,
                  age=age, queue=self.directory)
         return ItemState.QUEUED
+
+    def release(self, item: QueueItem) -> None:
+        """Hand a claimed item back unsent and uncounted (blocking): it goes
+        back to new/ as ``recover`` puts items back, due from its enqueue
+        time, but with its attempts and recoveries as they were.  For a
+        clean stop that cut a send short: neither the item nor the node
+        failed, so neither ``retry``'s backoff nor ``recover``'s count (which
+        sends an item to bad/ after ``max_recoveries``) applies."""
+        os.rename(item.path, os.path.join(self._dir("new"), _new_name(
+            item.enqueued, item.id, item.attempts, item.recoveries)))
+        fsync_dir(self._dir("new"))
 
     def backoff(self, attempts: int) -> float:
         """Seconds before the next try of an item that failed ``attempts``
