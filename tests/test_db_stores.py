@@ -445,8 +445,11 @@ class StoreTests:
                          [("203.0.113.9/32", START + 107, "r7")])
 
     def per_client(self, db: StateDatabase) -> None:
-        """Turn the blacklist mirror off: lookups ask the database per client."""
+        """Turn the blacklist mirror off: lookups ask the database per client.
+        The allow list's reloads stop too, so ``db.calls`` counts only the
+        blacklist's lookups."""
         db.blacklist.stop_mirror()
+        db.allowlist.stop_mirror()
         db.blacklist.mirrored_at = None
 
     async def test_blacklist_cache(self) -> None:

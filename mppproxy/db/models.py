@@ -1,12 +1,16 @@
-"""The tables of the shared state: the auto-blacklist and the greylist.
+"""The tables of the shared state: the auto-blacklist, the greylist and the
+per-domain sender allow list.
 
-Plain SQLAlchemy Core tables, created with ``metadata.create_all`` when
-missing (no migrations yet: three small tables whose rows all expire).
-Times are Unix seconds (``reactor.seconds()`` of the node that wrote
-them), so nodes sharing one database need synchronised clocks (NTP).
+Plain SQLAlchemy Core tables, created when missing (``create_missing``;
+no migrations yet: small tables whose rows expire or that administrators
+edit one row at a time).  Times are Unix seconds (``reactor.seconds()``
+of the node that wrote them), so nodes sharing one database need
+synchronised clocks (NTP).
 
-Every row carries ``expires``: the purge deletes what is past it without
-knowing any policy's settings.  Long keys (a triplet of two addresses and a
+Every blacklist and greylist row carries ``expires``: the purge deletes
+what is past it without knowing any policy's settings.  Allow-list rows
+(``allowlist.py``) have no end: an administrator adds and removes them.
+Long keys (a triplet of two addresses and a
 network) are hashed for the primary key (MySQL's index limit is 3072 bytes,
 and utf8mb4 costs four per character); the readable columns stay for
 administrators and are cut to their column width.
@@ -14,14 +18,24 @@ administrators and are cut to their column width.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 from sqlalchemy import (Boolean, Column, Double, Index, MetaData, String, Table)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from mppproxy.db.engine import WRITE
 
 # "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128" is 43 characters.
 NETWORK_LENGTH = 49
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets; room for a little more.
 ADDRESS_LENGTH = 320
 REASON_LENGTH = 255
+# RFC 1035 2.3.4: a name is at most 255 octets (253 characters as text).
+DOMAIN_LENGTH = 255
+# Who added an allow-list entry (an administrator's login or address) and why.
+ADDED_BY_LENGTH = 255
+NOTE_LENGTH = 255
 
 
 def triplet_key(client_net: str, sender: str, recipient: str) -> str:
@@ -35,7 +49,7 @@ def clip(text: str, length: int) -> str:
 
 
 class StateTables:
-    """The three tables, their names starting with ``prefix`` (so one
+    """The tables, their names starting with ``prefix`` (so one
     database can hold several independent sets: tests, or two clusters)."""
 
     def __init__(self, prefix: str = "mpp_"):
@@ -76,3 +90,31 @@ class StateTables:
             Column("expires", Double, nullable=False),  # last_seen + lifetime
             Index(f"{prefix}greylist_whitelist_expires", "expires"),
         )
+        # A sender allowed for a recipient domain (allowlist.py): an address,
+        # "@domain" or ".parent" (its subdomains).  The key is 575
+        # characters, 2300 bytes in utf8mb4: under InnoDB's 3072.
+        self.allow_senders = Table(
+            f"{prefix}allow_senders", self.metadata,
+            Column("domain", String(DOMAIN_LENGTH), primary_key=True),
+            Column("sender", String(ADDRESS_LENGTH), primary_key=True),
+            Column("added", Double, nullable=False),
+            Column("added_by", String(ADDED_BY_LENGTH), nullable=False, default=""),
+            Column("note", String(NOTE_LENGTH), nullable=False, default=""),
+        )
+
+
+def create_missing(engine: Engine, tables: Iterable[Table]) -> None:
+    """Create each of ``tables`` that does not exist yet (blocking).
+
+    SQLite: one IMMEDIATE transaction per table, so two processes creating
+    them at once take turns.  MySQL commits each CREATE on its own: a
+    table another node created between our look and our CREATE ("already
+    exists") is taken as it is."""
+    with engine.connect().execution_options(**WRITE) as conn:
+        for table in tables:
+            try:
+                with conn.begin():
+                    table.create(conn, checkfirst=True)
+            except (OperationalError, ProgrammingError) as e:
+                if "already exists" not in str(e.orig):
+                    raise

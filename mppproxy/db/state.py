@@ -1,5 +1,6 @@
 """The state database: one SQLAlchemy engine, its own thread pool, the
-periodic purge, and the two stores the policy checks use.
+periodic purge, and the three stores the policy checks use (greylist,
+auto-blacklist, the per-domain sender allow list).
 
 All database work runs in the pool's threads (``deferToThreadPool``); the
 reactor thread only reads the in-process caches and waits on Deferreds
@@ -16,18 +17,19 @@ from typing import Any, Callable, Optional, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mppproxy._transitions import StateEnum, TransitionError
+from mppproxy.db.allowlist import SqlAllowListStore
 from mppproxy.db.blacklist import SqlBlacklistStore
 from mppproxy.db.engine import (WRITE, WriteLockBusy, database_url, is_memory_sqlite,
                                 make_engine, no_lock_wait)
 from mppproxy.db.greylist import SqlGreylistStore
-from mppproxy.db.models import StateTables
+from mppproxy.db.models import StateTables, create_missing
 from mppproxy.logsetup import Logger
 from mppproxy.config.database import DatabaseConfig
 
@@ -106,13 +108,13 @@ _CHECKPOINT_MOVES: dict[CheckpointState, frozenset[CheckpointState]] = {
 
 
 class StateDatabase:
-    """Shared greylist and blacklist state in SQL.
+    """Shared greylist, blacklist and allow-list state in SQL.
 
     ``StateDatabase(db_config, data_dir, reactor)``: construction does no
     I/O.  ``start()`` starts the thread pool, creates missing tables and
     the purge of expired rows every ``purge_interval``; ``stop()`` stops
-    them and closes the connections.  ``blacklist`` and ``greylist`` are the
-    stores (``policy/services.py`` protocols).
+    them and closes the connections.  ``blacklist``, ``greylist`` and
+    ``allowlist`` are the stores (``policy/services.py`` protocols).
 
     ``clock`` (default: the reactor) gives the time the stores and the
     purge use; tests pass a ``task.Clock``.  ``table_prefix`` names the
@@ -155,6 +157,7 @@ class StateDatabase:
         self.calls = 0
         self.blacklist = SqlBlacklistStore(self, db_config.cache_seconds)
         self.greylist = SqlGreylistStore(self, db_config.cache_seconds)
+        self.allowlist = SqlAllowListStore(self, db_config.cache_seconds)
 
     @property
     def running(self) -> bool:
@@ -200,11 +203,14 @@ class StateDatabase:
             return False
 
         def mirror(ready: bool) -> bool | defer.Deferred[bool]:
-            # The blacklist's lookups are answered from memory once this
-            # load is in (db/blacklist.py); a failed one is tried again.
+            # The blacklist's and the allow list's lookups are answered
+            # from memory once these loads are in (db/blacklist.py,
+            # db/allowlist.py); a failed one is tried again.  Neither fails.
             if self.state is not DatabaseState.RUNNING:  # stopped while the check ran
                 return ready
-            return self.blacklist.start_mirror().addBoth(lambda _: ready)
+            loads = defer.gatherResults([self.blacklist.start_mirror(),
+                                         self.allowlist.start_mirror()])
+            return loads.addBoth(lambda _: ready)
 
         d = self.run(lambda engine: True)
         d.addErrback(failed)
@@ -223,6 +229,7 @@ class StateDatabase:
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
         self.blacklist.stop_mirror()
+        self.allowlist.stop_mirror()
         if state is DatabaseState.RUNNING:
             g, b = self.greylist.batcher, self.blacklist.batcher
             log.info("state database {database} stopping: greylist {g_items} calls in {g_jobs} "
@@ -341,18 +348,7 @@ class StateDatabase:
             return
         if self.url.get_backend_name() == "sqlite" and not is_memory_sqlite(self.url):
             os.makedirs(os.path.dirname(str(self.url.database)), exist_ok=True)
-        # SQLite: one IMMEDIATE transaction, so two processes creating
-        # the tables at once take turns.  MySQL commits each CREATE on
-        # its own: a table another node created between our look and
-        # our CREATE ("already exists") is taken as it is.
-        with self.engine.connect().execution_options(**WRITE) as conn:
-            for table in self.tables.metadata.sorted_tables:
-                try:
-                    with conn.begin():
-                        table.create(conn, checkfirst=True)
-                except (OperationalError, ProgrammingError) as e:
-                    if "already exists" not in str(e.orig):
-                        raise
+        create_missing(self.engine, self.tables.metadata.sorted_tables)
         self._schema_ready = True
 
     # -- purge -------------------------------------------------------------
