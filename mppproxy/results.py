@@ -111,6 +111,11 @@ class CheckResult:
     # The check put the client on the auto-blacklist: the engine refuses
     # the client's message even for recipients accepted before.
     blacklisted: bool = False
+    # With WHITELIST_RECIPIENT: the database allow list of the recipient's
+    # domain has the sender (db/allowlist.py).  When every recipient the
+    # engine passed is allowed so, the message counts as whitelisted
+    # (``TransactionRecord.allowed_for_all``).
+    sender_allowed: bool = False
 
     @property
     def hit(self) -> bool:
@@ -177,6 +182,12 @@ class TransactionRecord:
     score: float = 0.0
     # A check blacklisted the client during this transaction.
     blacklisted_during: bool = False
+    # Recipients the policy engine let through, and those of them whose
+    # domain's allow list has the sender (a check answered WHITELIST_RECIPIENT
+    # with ``sender_allowed``).  The backend may still refuse a passed one:
+    # it then counts against ``allowed_for_all``, the safe side.
+    passed_recipients: set[str] = field(default_factory=set)
+    allowed_recipients: set[str] = field(default_factory=set)
     # Results of TRANSACTION-scoped checks, reused for later recipients.
     once: dict[str, CheckResult] = field(default_factory=dict)
     recorded: list[Recorded] = field(default_factory=list)
@@ -184,3 +195,12 @@ class TransactionRecord:
     # What decided the engine's last refusal: a check's name, "score" (the
     # reject threshold) or "policy_group"; the transaction log names it.
     refused_by: str = ""
+
+    @property
+    def allowed_for_all(self) -> bool:
+        """Every recipient the engine passed (at least one) was allowed
+        this sender by its domain's allow list (db/allowlist.py): the
+        verdict treats the message as whitelisted.  Not ``whitelisted``
+        itself, which also makes the engine skip the checks of later
+        recipients, whose domains may not allow the sender."""
+        return bool(self.passed_recipients) and self.passed_recipients <= self.allowed_recipients

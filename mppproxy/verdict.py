@@ -86,6 +86,9 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Optional[S
                        (), tuple(headers))
     if record.whitelisted:
         return Verdict(RELAY, score, ("whitelisted",), headers=tuple(headers))
+    if record.allowed_for_all:
+        # Every recipient's domain allows the sender (db/allowlist.py).
+        return Verdict(RELAY, score, ("sender allowed",), headers=tuple(headers))
     action = _score_action(score, scoring, discard_score)
     if action is REJECT:
         return Verdict(REJECT, score, reasons, "score",

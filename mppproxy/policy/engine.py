@@ -15,6 +15,11 @@ Order per recipient:
   3. the checks in ``FINAL_ORDER`` (greylisting), which should only see
      mail that would otherwise be accepted.
 
+A recipient let through is noted on the record (``passed_recipients``); one
+that the database allow list let through also in ``allowed_recipients``:
+when the two agree, the verdict relays the message as whitelisted
+(``TransactionRecord.allowed_for_all``, ``db/allowlist.py``).
+
 A check still waiting after ``policy.check_timeout`` gets what its
 section's ``on_timeout`` says: "pass" (DNS lists, SPF) or "tempfail", 451
 4.3.0 (the state-database checks; docs/design.md promise 4), logged with
@@ -150,6 +155,7 @@ class PolicyEngine:
             return refusal
         if record.rcpt_whitelisted:
             record.rcpt_whitelisted = False
+            record.passed_recipients.add(facts.recipient)
             return None
         reject_at = runtime.config.scoring.reject
         if reject_at > 0 and record.score >= reject_at:
@@ -159,6 +165,8 @@ class PolicyEngine:
                                 reasons=_public(reasons))
         refusal = await self._run(runtime.final, facts, record)
         record.rcpt_whitelisted = False
+        if refusal is None:
+            record.passed_recipients.add(facts.recipient)
         return refusal
 
     async def _run(self, checks: Iterable[tuple[Check, Exemptions]], facts: Facts,
@@ -213,6 +221,10 @@ class PolicyEngine:
                     record.whitelisted = True
                 else:
                     record.rcpt_whitelisted = True
+                    if result.sender_allowed:
+                        # Counts towards the message's whitelisting
+                        # (TransactionRecord.allowed_for_all).
+                        record.allowed_recipients.add(facts.recipient)
                 log.info("{check} whitelisted {what} for {recipient} from {client}", check=name,
                          what="; ".join(result.reasons), recipient=facts.recipient,
                          client=facts.client_ip, session_id=facts.session_id,

@@ -42,6 +42,8 @@ class PolicyRuntime:
         if database is not None:
             self.services.blacklist = database.blacklist
             self.services.greylist = database.greylist
+            # Test doubles of the database may have no allow list.
+            self.services.allowlist = getattr(database, "allowlist", None)
         self._attach_spf(config)
         self.engine = self._make_engine(config)
 

@@ -26,6 +26,17 @@ class BlacklistStore(Protocol):
         entry is extended, never shortened."""
 
 
+class AllowListStore(Protocol):
+    """The per-recipient-domain sender allow list (``db/allowlist.py``:
+    "release and allow this sender" writes it, the ``access`` check reads
+    it).  Answered from memory; only a list too large to mirror waits for
+    the database."""
+
+    async def lookup(self, domain: str, sender: str) -> Optional[str]:
+        """The entry allowing ``sender`` to recipients at ``domain`` (an
+        address, ``@domain`` or ``.parent``), or None."""
+
+
 class GreylistStore(Protocol):
     async def check(self, client_net: str, sender: str, recipient: str,
                     settings: Any) -> Optional[float]:
@@ -41,6 +52,7 @@ class PolicyServices:
     resolver: Optional[Resolver] = None
     blacklist: Optional[BlacklistStore] = None
     greylist: Optional[GreylistStore] = None
+    allowlist: Optional[AllowListStore] = None
     counters: Any = None  # mppproxy.policy.counters.RateCounters
     spf: Any = None  # the SPF evaluator
 

@@ -1,7 +1,9 @@
-"""Whitelists and blacklists of clients, HELO names, senders, recipients."""
+"""Whitelists and blacklists of clients, HELO names, senders, recipients:
+the policy's own lists (``policies.NAME.access``) and the per-domain sender
+allow list of the state database (``db/allowlist.py``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mppproxy.policy.base import Check, Facts, Scope
 from mppproxy.results import MISS, CheckResult, HardAction
@@ -12,7 +14,14 @@ class AccessCheck(Check):
     """Blacklists are looked at first: a client on both lists is refused
     (an explicit "no" wins over a broad "yes").  A whitelisted client, HELO
     or sender skips the later checks for the whole transaction (the engine
-    remembers it); a whitelisted recipient only for that recipient."""
+    remembers it); a whitelisted recipient only for that recipient.
+
+    Then the database allow list (``services.allowlist``): a sender allowed
+    for the recipient's domain is answered ``WHITELIST_RECIPIENT`` marked
+    ``sender_allowed`` (that recipient skips the later checks; when every
+    recipient is allowed so, the verdict relays the message whatever its
+    score).  Not for a client on the auto-blacklist: that "no" wins too,
+    and the ``blacklist`` check then refuses it if the policy enforces it."""
 
     name = "access"
     # Runs for every recipient (recipient lists); the lookups are set probes.
@@ -30,6 +39,9 @@ class AccessCheck(Check):
                            ("helo", HeloSet(s.whitelist_helos), "helo"),
                            ("sender", AddressSet(s.whitelist_senders), "sender"))
         self._white_rcpt = AddressSet(s.whitelist_recipients)
+        # The stores outlive a reload; the runtime sets them before it
+        # builds the engine (policy/runtime.py).
+        self._allow = getattr(services, "allowlist", None)
 
     async def check(self, facts: Facts) -> CheckResult:
         for what, entries, attr in self._black:
@@ -42,10 +54,27 @@ class AccessCheck(Check):
             value = getattr(facts, attr)
             if entries and (value or what == "sender") and value in entries:
                 return CheckResult(reasons=(f"{what} whitelisted",), action=HardAction.WHITELIST)
+        if self._allow is not None and facts.sender:
+            # From memory: a dict probe for most domains (db/allowlist.py).
+            entry = await self._allow.lookup(facts.recipient_domain, facts.sender)
+            if entry is not None and not await self._auto_blacklisted(facts):
+                return CheckResult(
+                    reasons=(f"sender allowed for {facts.recipient_domain} ({entry})",),
+                    action=HardAction.WHITELIST_RECIPIENT, sender_allowed=True)
         if self._white_rcpt and facts.recipient in self._white_rcpt:
             # Whitelisting a recipient must not whitelist the transaction.
             return CheckResult(reasons=("recipient whitelisted",), action=HardAction.WHITELIST_RECIPIENT)
         return MISS
+
+    async def _auto_blacklisted(self, facts: Facts) -> bool:
+        """The client is on the shared auto-blacklist (a spam trap or a
+        threshold listed it).  Asked only for an allowed sender, from the
+        blacklist's mirror; a store that fails fails the check
+        (``policy.on_error``), as the ``blacklist`` check would."""
+        store: Optional[Any] = getattr(self.services, "blacklist", None)
+        if store is None:
+            return False
+        return await store.lookup(facts.client_ip) is not None
 
 
 def _shown(what: str, value: str) -> str:
