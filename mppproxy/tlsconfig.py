@@ -1,5 +1,6 @@
 """TLS contexts: the server certificate for STARTTLS (RFC 3207) and the
-client context for STARTTLS to the backend.
+client contexts for STARTTLS to the backend and to the archive node (with a
+client certificate when the node asks for one).
 
 The all-in-one default has no certificate configured, so one self-signed
 certificate is generated into the data directory on first start and reused.
@@ -67,16 +68,8 @@ def server_context(config: ProxyConfig, hostname: str) -> Optional[Any]:
 
 def load_server_certificate(cert_file: str, key_file: str) -> tuple[Optional[Any], Optional[str]]:
     """The TLS options for a PEM certificate and key, or why they cannot be used."""
-    try:
-        with open(cert_file, "rb") as f:
-            cert_pem = f.read()
-        with open(key_file, "rb") as f:
-            key_pem = f.read()
-        # Twisted's ssl module is unannotated.
-        pem = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
-        return pem.options(), None
-    except (OSError, ValueError, crypto.Error, SSL.Error) as e:
-        return None, f"cannot load certificate {cert_file} with key {key_file}: {e or type(e).__name__}"
+    pem, problem = load_private_certificate(cert_file, key_file)
+    return (pem.options() if pem is not None else None), problem
 
 
 def load_ca_certificate(path: str) -> tuple[Optional[Any], Optional[str]]:
@@ -89,15 +82,47 @@ def load_ca_certificate(path: str) -> tuple[Optional[Any], Optional[str]]:
 
 def backend_context(config: BackendConfig) -> Optional[Any]:
     """Client context for STARTTLS to the backend."""
-    if config.tls == "none":
+    return client_context(config.host, config.tls, config.tls_verify, config.tls_ca_file,
+                          section="backend")
+
+
+def client_context(host: str, tls: str, verify: bool, ca_file: str = "", cert_file: str = "",
+                   key_file: str = "", section: str = "backend") -> Optional[Any]:
+    """Client context for STARTTLS to ``host`` (the backend, the archive
+    node), None when ``tls`` is "none".  ``cert_file``/``key_file``: a
+    client certificate, presented when the server asks for one (the
+    archive node's require_client_cert).  Errors name ``section``'s keys."""
+    if tls == "none":
         return None
-    if not config.tls_verify:
-        # Opportunistic TLS between MTAs (RFC 7435): encrypt, don't authenticate.
-        return ssl.CertificateOptions()
-    trust = None
-    if config.tls_ca_file:
-        cert, problem = load_ca_certificate(config.tls_ca_file)
+    client: Optional[Any] = None
+    if cert_file:
+        client, problem = load_private_certificate(cert_file, key_file or cert_file)
         if problem:
-            raise ConfigError([f"backend.tls_ca_file: {problem}"])
+            raise ConfigError([f"{section}.tls_cert_file: {problem}"])
+    if not verify:
+        # Opportunistic TLS between MTAs (RFC 7435): encrypt, don't authenticate.
+        if client is None:
+            return ssl.CertificateOptions()
+        return ssl.CertificateOptions(privateKey=client.privateKey.original,
+                                      certificate=client.original)
+    trust = None
+    if ca_file:
+        cert, problem = load_ca_certificate(ca_file)
+        if problem:
+            raise ConfigError([f"{section}.tls_ca_file: {problem}"])
         trust = ssl.trustRootFromCertificates([cert])  # type: ignore[no-untyped-call]  # Twisted's, unannotated
-    return ssl.optionsForClientTLS(config.host, trustRoot=trust)
+    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
+
+
+def load_private_certificate(cert_file: str, key_file: str) -> tuple[Optional[Any], Optional[str]]:
+    """The ``PrivateCertificate`` of a PEM certificate and key (ours, as a
+    server or as a client), or why it cannot be used."""
+    try:
+        with open(cert_file, "rb") as f:
+            cert_pem = f.read()
+        with open(key_file, "rb") as f:
+            key_pem = f.read()
+        # Twisted's ssl module is unannotated.
+        return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem), None  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, crypto.Error, SSL.Error) as e:
+        return None, f"cannot load certificate {cert_file} with key {key_file}: {e or type(e).__name__}"

@@ -369,6 +369,10 @@ class BackendProtocol(Protocol):
         if self.state is not _CLOSED and self.transport is not None:
             self._move_to(_CLOSED)
             self.transport.write(b"QUIT\r\n")
+            # Over TLS the close (close_notify) starts only once no producer
+            # is registered (twisted.protocols.tls): ours would hold the
+            # connection open until the server timed it out.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
