@@ -125,6 +125,48 @@ def _scan(args: argparse.Namespace) -> int:
     return status[0]
 
 
+def _db(args: argparse.Namespace) -> int:
+    """``mppproxy db upgrade|current --config FILE``: the archive store's
+    schema (mppproxy/store/migrate.py).  Exit status: 0 done, 1 the
+    database failed (named by its URL, without password or traceback),
+    2 a usage or configuration error."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mppproxy.store.migrate import MigrationLockTimeout, head
+    from mppproxy.store.store import ArchiveStore, StoreError
+
+    try:
+        config = load(args.config, None)
+    except ConfigError as e:
+        print(f"mppproxy db {args.db_command}: the configuration has errors:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    store = ArchiveStore(config.store, config.data_dir)
+    where = f"the archive store at {store.display_url} ([store] url)"
+    try:
+        if args.db_command == "upgrade":
+            before, after = store.upgrade_schema()
+            if before == after:
+                print(f"{where}: already at revision {after} (newest)")
+            else:
+                print(f"{where}: upgraded from revision {before or 'none (empty)'} to {after}")
+        else:
+            found = store.schema_revision()
+            newest = head()
+            state = ("newest" if found == newest
+                     else f"behind {newest}: run 'mppproxy db upgrade --config FILE'")
+            print(f"{where}: revision {found or 'none (empty)'} ({state})")
+    except (SQLAlchemyError, StoreError, MigrationLockTimeout, OSError) as e:
+        said = str(getattr(e, "orig", None) or e).strip()
+        reason = said.splitlines()[0] if said else type(e).__name__
+        if store.url.password:
+            reason = reason.replace(str(store.url.password), "***")
+        print(f"mppproxy db {args.db_command}: {where}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mppproxy", description="mppproxy tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +185,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     scan.add_argument("--helo", default="", help="the client's HELO name")
     scan.add_argument("--smtputf8", action="store_true", help="the message came with SMTPUTF8")
     scan.set_defaults(func=_scan)
+    db = sub.add_parser("db", help="the archive store's database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, text in (("upgrade", "bring the schema to the newest revision"),
+                       ("current", "print the schema's revision")):
+        db_command = db_sub.add_parser(name, help=text)
+        db_command.add_argument("--config", "-c", required=True, help="TOML configuration file")
+        db_command.set_defaults(func=_db)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -155,5 +155,9 @@ class ArchiveTables:
         return f"{self.prefix}archive_alembic_version"
 
 
+# The unprefixed tables (a site's store; benchmarks/archive_bench.py).
 TABLES = ArchiveTables()
 metadata = TABLES.metadata
+messages = TABLES.messages
+raw = TABLES.raw
+audit = TABLES.audit

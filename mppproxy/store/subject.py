@@ -27,6 +27,8 @@ def header_section(message: bytes) -> bytes:
     """The bytes before the first empty line (all of them if there is
     none; nothing if the message starts with one)."""
     head = message[:HEADER_SCAN_LIMIT]
+    if head.startswith((b"\r\n", b"\n")):
+        return b""
     end = _END.search(head)
     return head[:end.start()] if end else head
 
