@@ -192,6 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         db_command = db_sub.add_parser(name, help=text)
         db_command.add_argument("--config", "-c", required=True, help="TOML configuration file")
         db_command.set_defaults(func=_db)
+    from mppproxy.quarantine_cli import add_parser as add_quarantine_parser
+    add_quarantine_parser(sub)  # list, show, delete, hold, export (quarantine_cli.py)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
