@@ -350,6 +350,9 @@ def test_search_newest_first_with_keyset_paging(filled: ArchiveStore) -> None:
     (Search(rcpt="ann@a.example"), ["2a", "1a"]),  # not annex@
     (Search(rcpt="@b.example"), ["2b"]),
     (Search(rcpt="ann*"), ["4a", "2a", "1a"]),
+    (Search(rcpt="*nn@a.example"), ["2a", "1a"]),
+    (Search(rcpt="nn*"), []),  # a glob matches a whole address
+    (Search(rcpt="zed@b.example"), ["2b"]),
     (Search(rcpt="bo_b@a.example"), ["3a"]),
     (Search(rcpt="bo%b@a.example"), []),
     (Search(subject="PILLS"), ["1a"]),
@@ -502,6 +505,17 @@ def test_delete_skips_legal_hold_and_keeps_raw_while_a_row_lives(store: ArchiveS
     actions = [(a["action"], a["rcpt_domain"]) for a in store.audit_rows()]
     assert actions == [("delete", "b.example"), ("delete", "a.example"), ("hold", "a.example")]
     assert store.delete(Search(), "ann", "cli:ann@host") == 0  # the held one stays
+
+
+def test_delete_leaves_a_release_in_flight_alone(store: ArchiveStore) -> None:
+    """A row being released is not deleted under its release, which then
+    finishes normally."""
+    store.add_copies([copy(1)])
+    row = store.search(Search())[0]
+    assert store.claim_release(row.id, "ann", "cli") is not None
+    assert store.delete(Search(), "bob", "cli") == 0
+    store.finish_release(row.id, "ann", "cli", True, "250 ok")
+    assert store.delete(Search(), "bob", "cli") == 1
 
 
 def test_set_hold_on_and_off(store: ArchiveStore) -> None:

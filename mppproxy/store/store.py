@@ -240,8 +240,9 @@ class ArchiveStore:
                         f"the archive store at {self.display_url} is at revision "
                         f"{found or 'none (empty)'}, this version needs {migrate.head()}: "
                         f"run 'mppproxy db upgrade --config FILE' ([store] auto_upgrade is off)")
-            if self.files:
+            if self.files and not os.path.isdir(self.raw_dir):
                 os.makedirs(self.raw_dir, exist_ok=True)
+                fsync_dir(os.path.dirname(os.path.abspath(self.raw_dir)))
         except BaseException:
             engine.dispose()
             raise
@@ -615,15 +616,17 @@ class ArchiveStore:
         return list(conn.execute(query))
 
     def delete(self, s: Search, actor: str, origin: str) -> int:
-        """Mark every row matching ``s`` deleted (legal hold rows are
-        skipped); a message's raw data goes when no live row of it is
+        """Mark every row matching ``s`` deleted (rows on legal hold or
+        being released are skipped); a message's raw data goes when no live row of it is
         left.  One audit row per row; returns the rows deleted."""
         m = self.tables.messages
         total, after = 0, 0
         for _ in range(1_000_000):  # bounded: each pass moves `after` on
             removed: list[str] = []
             with self._write() as conn:
-                rows = self._matching_ids(conn, s, [m.c.status != DELETED,
+                # A row being released is left to its release (which
+                # finishes it released, or held again).
+                rows = self._matching_ids(conn, s, [m.c.status.not_in((DELETED, RELEASING)),
                                                     m.c.legal_hold == false()], after)
                 if not rows:
                     break
@@ -823,24 +826,26 @@ def _glob(pattern: str) -> str:
 
 def _address_match(column: Any, value: str, single: bool) -> ColumnElement[bool]:
     """An address condition: exact, ``@domain``, or a ``*`` glob.  The
-    recipients column holds a ", "-joined list: an exact address or a
-    domain matches one of its items."""
+    recipients column holds a ", "-joined list: the condition must match
+    one of its items (``ann@x`` does not find ``joann@x``)."""
     if "*" in value:
-        found: ColumnElement[bool] = column.like(f"%{_glob(value)}%" if not single
-                                                 else _glob(value), escape="\\")
-        return found
-    if value.startswith("@"):
-        tail = _glob(value)
-        if single:
-            ends: ColumnElement[bool] = column.like(f"%{tail}", escape="\\")
-            return ends
-        return or_(column.like(f"%{tail}", escape="\\"), column.like(f"%{tail}, %", escape="\\"))
+        item = _glob(value)
+    elif value.startswith("@"):
+        item = f"%{_glob(value)}"
+    else:
+        item = ""
     if single:
-        same: ColumnElement[bool] = column == value
-        return same
-    item = _glob(value)
-    return or_(column == value, column.like(f"{item}, %", escape="\\"),
-               column.like(f"%, {item}", escape="\\"), column.like(f"%, {item}, %", escape="\\"))
+        found: ColumnElement[bool] = (column == value if not item
+                                      else column.like(item, escape="\\"))
+        return found
+    if not item:
+        item = _glob(value)
+        first: ColumnElement[bool] = column == value
+    else:
+        first = column.like(item, escape="\\")
+    return or_(first, column.like(f"{item}, %", escape="\\"),
+               column.like(f"%, {item}", escape="\\"),
+               column.like(f"%, {item}, %", escape="\\"))
 
 
 def _utc(epoch: float) -> datetime:
