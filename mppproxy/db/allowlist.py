@@ -327,6 +327,9 @@ class SqlAllowListStore:
         # ends late must not undo a newer one).
         self._loads_started = 0
         self._loads_applied = 0
+        # Loads in flight (the reload loop waits for its own before it
+        # schedules the next).
+        self.loading = 0
         # Local changes a load may have missed: (domain, sender) -> (present,
         # loads started when the database had it; None: not written yet).
         self._local: dict[tuple[str, str], tuple[bool, Optional[int]]] = {}
@@ -444,10 +447,16 @@ class SqlAllowListStore:
         never fails: a failure is logged once per outage and the last
         mirror keeps serving."""
         self._loads_started += 1
+        self.loading += 1
         seq, started = self._loads_started, self._now()
         d = self._db.run(_load, self._db.tables, self.mirror_max_rows)
         d.addCallbacks(self._mirror_loaded, self._mirror_failed, callbackArgs=(seq, started))
+        d.addBoth(self._load_ended)
         return d
+
+    def _load_ended(self, result: None) -> None:
+        self.loading -= 1
+        return result
 
     def _mirror_loaded(self, loaded: tuple[int, Optional[list[tuple[str, str]]]], seq: int,
                        started: float) -> None:

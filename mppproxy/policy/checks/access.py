@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from mppproxy.db.state import StateDatabaseError
+from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Check, Facts, Scope
 from mppproxy.results import MISS, CheckResult, HardAction
 from mppproxy.match import AddressSet, HeloSet, NetworkSet
+
+log = Logger()
 
 
 class AccessCheck(Check):
@@ -21,7 +25,9 @@ class AccessCheck(Check):
     ``sender_allowed`` (that recipient skips the later checks; when every
     recipient is allowed so, the verdict relays the message whatever its
     score).  Not for a client on the auto-blacklist: that "no" wins too,
-    and the ``blacklist`` check then refuses it if the policy enforces it."""
+    and the ``blacklist`` check then refuses it if the policy enforces it.
+    The allow list is asked only when the policy's own lists said nothing
+    that ends the list (so it adds no work for their hits)."""
 
     name = "access"
     # Runs for every recipient (recipient lists); the lookups are set probes.
@@ -68,14 +74,22 @@ class AccessCheck(Check):
 
     async def _auto_blacklisted(self, facts: Facts) -> bool:
         """The client is on the shared auto-blacklist (a spam trap or a
-        threshold listed it).  Asked only for an allowed sender, from the
-        blacklist's mirror; a store that fails fails the check
-        (``policy.on_error``), as the ``blacklist`` check would."""
+        threshold listed it).  Asked only for an allowed sender.  The
+        blacklist answers a listing from memory first; when it then has to
+        ask a database that fails, the client is taken as not listed (logged):
+        the allow list keeps serving while the database is down, as its own
+        mirror does (db/allowlist.py), and a listing still in memory wins."""
         store: Optional[Any] = getattr(self.services, "blacklist", None)
         if store is None:
             return False
-        return await store.lookup(facts.client_ip) is not None
-
+        try:
+            return await store.lookup(facts.client_ip) is not None
+        except StateDatabaseError as e:
+            log.warn("allow list: auto-blacklist not consulted for {client}: {error}; the "
+                     "allowed sender passes", client=facts.client_ip, error=str(e),
+                     recipient=facts.recipient, session_id=facts.session_id,
+                     queue_id=facts.queue_id)
+            return False
 
 def _shown(what: str, value: str) -> str:
     # What the refusal may name: the client's own facts, nothing internal.
