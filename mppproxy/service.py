@@ -8,6 +8,17 @@ complete new configuration and context and swaps them into the factory;
 sessions already running keep the snapshot they began with, and no open
 session is dropped.  ``stopService`` lets the messages in flight finish
 within ``timeouts.shutdown_grace`` and fires when they have.
+
+The archive queue (issue 12): every process opens the node's one durable
+queue at start (``archive.queue_dir``; its ``recover`` runs then), and the
+hold action and archive copies of every process write into it.  Only the
+main process forwards (``archive.node`` set): one forwarder per node, so
+``archive.connections`` is the number of connections the archive node
+sees from this edge whatever ``workers`` says, one stats line per node,
+and no forwarding lost while a worker restarts.  The forwarder polls the
+queue each second, so the workers' copies leave without a wake-up.
+Without ``archive.node`` nothing here forwards: ``archive_queue`` is the
+queue a local writer (``archive/writer.py``) stores from.
 """
 from __future__ import annotations
 
@@ -16,6 +27,9 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 
+from mppproxy.archive.copies import ArchiveCopies, node_name, open_queue, queue_directory
+from mppproxy.archive.forwarder import Forwarder
+from mppproxy.archive.keys import KeyRing, load_keys
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
 from mppproxy.edge.handler import EdgeSession
@@ -25,6 +39,7 @@ from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.scan.runtime import ScanStage
 from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
+from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
                               close_sockets)
@@ -58,11 +73,21 @@ class ProxyService(ReloadOnHup, TopService):
         self.scan: Optional[ScanStage] = None
         # Listening sockets bound by privilegedStartService, by endpoint.
         self.prebound: dict[str, Any] = {}
+        # The archive queue (opened in startService), what the edge copies
+        # into it, and the forwarder to the archive node (main process,
+        # archive.node set).  Queues left by a reload that moved
+        # archive.queue_dir stay open until the stop: sessions that began
+        # before it may still write there.
+        self.archive_queue: Optional[DurableQueue] = None
+        self.archive: Optional[ArchiveCopies] = None
+        self.forwarder: Optional[Forwarder] = None
+        self._old_queues: list[DurableQueue] = []
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
         bctx = backend_context(config.backend) if config.backend else None
-        ctx = make_context(config, self.reactor, threadpool, bctx, self.policy, self.scan)
+        ctx = make_context(config, self.reactor, threadpool, bctx, self.policy, self.scan,
+                           self.archive)
         tls = server_context(config, ctx.hostname)
         return ctx, tls
 
@@ -88,6 +113,56 @@ class ProxyService(ReloadOnHup, TopService):
         if old is not None:
             old.stop()
 
+    def _update_archive(self, config: ProxyConfig) -> None:
+        """Open (or keep) the archive queue for ``config`` and start,
+        keep or rebuild the forwarder.  Blocking only when a queue is
+        opened (at start, or a reload that moves archive.queue_dir): a few
+        directory listings.  The key file is read before anything changes,
+        so a key file that cannot be read leaves the running setup as it
+        was (ConfigError)."""
+        old = self.config if self.archive_queue is not None else None
+        forwards = bool(config.archive.node) and not self.inherited_fds
+        keys = load_keys(config.archive.key_file) if forwards else None
+        hostname = resolve_hostname(config)
+        queue = self.archive_queue
+        directory = queue_directory(config.archive, config.data_dir)
+        if queue is None or queue.directory != directory:
+            new_queue = open_queue(config.archive, config.data_dir)
+            new_queue.open()
+            if queue is not None:
+                self._old_queues.append(queue)
+            queue = self.archive_queue = new_queue
+        else:
+            # The limits are read at each retry: a reload changes them in place.
+            queue.base_delay = config.archive.retry_base
+            queue.max_delay = config.archive.retry_max
+            queue.max_age = config.archive.max_age
+        self.archive = ArchiveCopies(self.reactor, self.reactor.getThreadPool(), queue,
+                                     config.archive, node_name(config.archive, hostname))
+        forwarder = self.forwarder
+        same = (old is not None and forwarder is not None and forwarder.queue is queue
+                and old.archive == config.archive and resolve_hostname(old) == hostname
+                and old.timeouts.shutdown_grace == config.timeouts.shutdown_grace)
+        if same and keys is not None:
+            assert forwarder is not None
+            forwarder.keys = keys  # a rotated key file takes effect at the next copy
+        else:
+            if forwarder is not None:
+                self.forwarder = None
+                forwarder.stop().addErrback(
+                    lambda f: log.failure("stopping the old archive forwarder failed", f))
+            if keys is not None:
+                self._start_forwarder(config, queue, keys, hostname)
+        if self.forwarder is not None:
+            self.archive.wake = self.forwarder.wake
+
+    def _start_forwarder(self, config: ProxyConfig, queue: DurableQueue, keys: KeyRing,
+                         hostname: str) -> None:
+        forwarder = Forwarder(self.reactor, self.reactor.getThreadPool(), queue, config.archive,
+                              keys, hostname, grace=config.timeouts.shutdown_grace)
+        forwarder.start()
+        self.forwarder = forwarder
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if not self.inherited_fds:  # a worker's listeners are the main process's
@@ -103,6 +178,7 @@ class ProxyService(ReloadOnHup, TopService):
         os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
         self._update_policy(self.config)
         self._update_scan(self.config)
+        self._update_archive(self.config)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
         self.factory = SMTPServerFactory(self.config, lambda: EdgeSession(ctx), self.reactor,
@@ -134,6 +210,7 @@ class ProxyService(ReloadOnHup, TopService):
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration (``reload``)."""
         os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
+        self._update_archive(config)
         self._update_policy(config)
         self._update_scan(config)
         ctx, tls = self._build_factory_parts(config)
@@ -171,6 +248,10 @@ class ProxyService(ReloadOnHup, TopService):
             ds.append(self.workers.stop(grace))
         if self.factory is not None:
             ds.append(self.factory.shut_down(grace))
+        if self.forwarder is not None:
+            # Alongside the sessions' drain: copies in flight finish or are
+            # handed back within the same grace.
+            ds.append(self.forwarder.stop(grace))
         d = defer.DeferredList(ds)
         d.addBoth(lambda _: self._stop_the_rest())
         return d
@@ -183,4 +264,10 @@ class ProxyService(ReloadOnHup, TopService):
             self.scan.stop()
         if self.policy is not None:
             ds.append(self.policy.stop())
+        # Nothing writes to the queues now (the sessions have ended) and
+        # nothing sends from them: this process's claims are all settled.
+        if self.archive is not None:
+            self.archive.close()
+        for queue in self._old_queues:
+            queue.close()
         return defer.DeferredList(ds)

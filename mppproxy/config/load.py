@@ -21,12 +21,13 @@ from typing import Any, Mapping, Optional
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from mppproxy.archive.keys import KeyFileError, load_keys
 from mppproxy.config.dns import parse_nameserver
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.ladder import config_ladder_problems
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.templates import REFUSALS, make_renderer
-from mppproxy.tlsconfig import load_ca_certificate, load_server_certificate
+from mppproxy.tlsconfig import load_ca_certificate, load_private_certificate, load_server_certificate
 
 # A config command that hangs must not hang startup or a reload forever.
 CONFIG_COMMAND_TIMEOUT = 30.0
@@ -185,6 +186,73 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
         problems.append("database.pool_min: is larger than database.pool_max")
     if config.tls.key_file and not config.tls.cert_file:
         problems.append("tls.key_file: is set but tls.cert_file is not")
+    problems.extend(_archive_checks(config))
+    return problems
+
+
+# The modes whose edge reads [archive] (the hold action, archive copies,
+# the forwarder).
+_ARCHIVE_MODES = ("all-in-one", "edge")
+
+
+def _archive_checks(config: ProxyConfig) -> list[str]:
+    """``[archive]`` on an edge: keys that need another (the files
+    themselves: ``_archive_files``)."""
+    if config.mode not in _ARCHIVE_MODES:
+        return []
+    archive = config.archive
+    problems = []
+    if archive.node and not archive.key_file.strip():
+        problems.append("archive.key_file: archive.node is set, and the copies' state is signed "
+                        "with these keys (the archive node's archive_node.key_file): set it")
+    if archive.copy == "domains" and not archive.domains:
+        problems.append("archive.domains: archive.copy is 'domains' and names none: list the "
+                        "domains whose mail is copied")
+    if archive.domains and archive.copy != "domains":
+        problems.append(f"archive.domains: is set, but archive.copy is {archive.copy!r}, which "
+                        "does not read it (copy = \"domains\" does)")
+    for d in archive.domains:
+        if "*" in d:
+            problems.append(f"archive.domains: {d!r}: no wildcards; write '.{d.lstrip('*.')}' "
+                            "for the subdomains of a domain")
+    if archive.tls_cert_file and not archive.tls_key_file:
+        problems.append("archive.tls_key_file: archive.tls_cert_file is set: set the key of "
+                        "that client certificate too")
+    if archive.tls_key_file and not archive.tls_cert_file:
+        problems.append("archive.tls_key_file: is set but archive.tls_cert_file is not")
+    if archive.tls_cert_file and archive.tls == "none":
+        problems.append("archive.tls_cert_file: a client certificate is sent over STARTTLS, "
+                        "and archive.tls is 'none'")
+    if archive.retry_base > archive.retry_max:
+        problems.append("archive.retry_base: is larger than archive.retry_max")
+    return problems
+
+
+def _archive_files(config: ProxyConfig) -> list[str]:
+    """``[archive]``'s files: the key file loads (archive/keys.py: mode
+    600, one good key a line), the client certificate and CA load, the
+    queue directory can be made; each problem named by its key."""
+    if config.mode not in _ARCHIVE_MODES:
+        return []
+    archive = config.archive
+    problems = []
+    if archive.key_file.strip():
+        try:
+            load_keys(archive.key_file)
+        except KeyFileError as e:
+            problems += [f"archive.key_file: {line}" for line in e.errors]
+    if archive.tls_cert_file and archive.tls_key_file:
+        problem = load_private_certificate(archive.tls_cert_file, archive.tls_key_file)[1]
+        if problem:
+            problems.append(f"archive.tls_cert_file: {problem}")
+    if archive.tls_ca_file:
+        problem = load_ca_certificate(archive.tls_ca_file)[1]
+        if problem:
+            problems.append(f"archive.tls_ca_file: {problem}")
+    if archive.queue_dir:
+        problem = _creatable_dir(archive.queue_dir)
+        if problem:
+            problems.append(f"archive.queue_dir: {problem}")
     return problems
 
 
@@ -282,6 +350,7 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         # engine off too): directories exist, every template parses, no
         # file is misnamed.
         errors.extend(make_renderer(config).check_templates())
+    errors.extend(_archive_files(config))
     problem = _creatable_dir(config.data_dir)
     if problem:
         errors.append(f"data_dir: {problem}")
