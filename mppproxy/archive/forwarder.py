@@ -195,9 +195,10 @@ class Forwarder:
 
     # -- start, stop, wake ---------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the senders and the stats line (loads the TLS client
-        certificate: ``ConfigError`` when it cannot)."""
+    def start(self) -> Deferred[None]:
+        """Start the senders and the stats line; fires at once (a Deferred
+        like ``stop``'s, for callers that treat both alike).  Loads the TLS
+        client certificate: ``ConfigError`` when it cannot."""
         if self._tls is None and self.config.tls != "none":
             self._tls = node_tls_context(self.config)
         self._move_to(_RUNNING)
@@ -211,6 +212,7 @@ class Forwarder:
         done.addCallback(lambda _: self._all_stopped())
         log.info("archive forwarder started: {connections} connection(s) to {node}",
                  connections=self.config.connections, node=self.node)
+        return defer.succeed(None)
 
     def wake(self) -> None:
         """An item was enqueued: senders waiting on an empty queue look now."""
