@@ -332,6 +332,12 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     """Load the configuration, open the store, run ``handler``; every
     failure becomes a message and an exit status, never a traceback."""
     out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        if isinstance(stream, io.TextIOWrapper):
+            # A terminal or pipe that is not UTF-8 (PYTHONIOENCODING=ascii,
+            # a latin-1 locale) gets "?" for what it cannot show, not a
+            # traceback half-way through a list.
+            stream.reconfigure(errors="replace")
     name = f"mppproxy quarantine {args.quarantine_command}"
     try:
         config = load_config(args.config, args.config_command)
@@ -643,8 +649,9 @@ def _delete(ctx: Context, args: argparse.Namespace) -> int:
     require_selection(args, "delete")
     search = search_from(args)
     if args.dry_run:
-        return _preview(ctx, args, search, "delete", lambda row: not row.legal_hold,
-                        "on legal hold, kept")
+        return _preview(ctx, args, search, "delete",
+                        lambda row: not row.legal_hold and row.status != "deleted",
+                        "on legal hold (kept) or deleted before")
     changed = _bulk(ctx, args, search, lambda s: ctx.store.delete(s, ctx.actor, ctx.origin))
     return _report(ctx, args, "delete", "deleted", changed)
 
