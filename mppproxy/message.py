@@ -308,17 +308,27 @@ def _survey(spool: Spool, rules: HeaderRules) -> tuple[int, int, int]:
     return removed, hops, length
 
 
+# The one removed field the edge still reads: the mark of a message
+# released from the quarantine (archive/released.py), which must not be
+# held again on its way.
+RELEASED_FIELD = b"x-mpp-released"
+
+
 def strip_trust_headers(spool: Spool, length: int, out: Spool,
-                        rules: HeaderRules = HeaderRules()) -> int:
+                        rules: HeaderRules = HeaderRules(),
+                        released: Optional[list[bytes]] = None) -> int:
     """Copy the message into ``out`` without the fields ``rules`` remove
     (X-MPP-* always), folded lines included; return how many went.
     ``out`` is a spool like the client's, so memory stays bounded
-    (docs/design.md promise 6)."""
+    (docs/design.md promise 6).  Removed ``X-MPP-Released`` fields are
+    appended to ``released`` when given (bounded: the header section is)."""
     removed = 0
     for name, lines in _fields(spool):
         field = b"".join(lines)
         if name and rules.removes(name, field):
             removed += 1
+            if released is not None and name == RELEASED_FIELD:
+                released.append(field)
         else:
             out.write(field)
     skip = length
@@ -348,6 +358,9 @@ class OutboundMessage:
         self.header = b""
         self.body: Optional[bytes] = None
         self._header_split = False
+        # X-MPP-Released fields the client sent, removed from the message
+        # (strip_trust_headers): the edge verifies one before holding.
+        self.released_fields: tuple[bytes, ...] = ()
 
     @property
     def size(self) -> int:
@@ -474,9 +487,12 @@ def prepare_content(spool: Spool, prefix: bytes, rules: HeaderRules,
     if not found:
         return OutboundMessage(prefix, spool, 0), 0
     cleaned = Spool(spool_limit, spool_dir)
+    released: list[bytes] = []
     try:
-        removed = strip_trust_headers(spool, length, cleaned, rules)
+        removed = strip_trust_headers(spool, length, cleaned, rules, released)
     except BaseException:
         cleaned.close()
         raise
-    return OutboundMessage(prefix, cleaned, 0), removed
+    message = OutboundMessage(prefix, cleaned, 0)
+    message.released_fields = tuple(released)
+    return message, removed

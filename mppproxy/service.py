@@ -29,7 +29,8 @@ from twisted.internet import defer
 
 from mppproxy.archive.copies import ArchiveCopies, node_name, open_queue, queue_directory
 from mppproxy.archive.forwarder import Forwarder
-from mppproxy.archive.keys import KeyRing, load_keys
+from mppproxy.archive.keys import KeyRing, load_keys, load_or_create_keys
+from mppproxy.config.archive import key_file_path
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
 from mppproxy.edge.handler import EdgeSession
@@ -45,6 +46,15 @@ from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_
                               close_sockets)
 
 log = Logger()
+
+
+def archive_keys(config: ProxyConfig) -> KeyRing:
+    """The archive keys of an edge or all-in-one node: ``archive.key_file``,
+    or the node's own key file under data_dir, made at first start."""
+    if config.archive.key_file:
+        return load_keys(config.archive.key_file)
+    path = key_file_path(config.mode, config.archive, config.archive_node, config.data_dir)
+    return load_or_create_keys(path, "local-1")
 
 
 class ProxyService(ReloadOnHup, TopService):
@@ -122,7 +132,11 @@ class ProxyService(ReloadOnHup, TopService):
         was (ConfigError)."""
         old = self.config if self.archive_queue is not None else None
         forwards = bool(config.archive.node) and not self.inherited_fds
-        keys = load_keys(config.archive.key_file) if forwards else None
+        # Every process verifies the X-MPP-Released mark of released mail
+        # with the archive keys: the shared key file, or, without one, the
+        # node's own, made at first start (archive/keys.py).
+        ring = archive_keys(config)
+        keys = ring if forwards else None
         hostname = resolve_hostname(config)
         queue = self.archive_queue
         directory = queue_directory(config.archive, config.data_dir)
@@ -139,6 +153,7 @@ class ProxyService(ReloadOnHup, TopService):
             queue.max_age = config.archive.max_age
         self.archive = ArchiveCopies(self.reactor, self.reactor.getThreadPool(), queue,
                                      config.archive, node_name(config.archive, hostname))
+        self.archive.keys = ring
         forwarder = self.forwarder
         same = (old is not None and forwarder is not None and forwarder.queue is queue
                 and old.archive == config.archive and resolve_hostname(old) == hostname

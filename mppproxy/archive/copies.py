@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mppproxy.archive.keys import KeyRing
 from mppproxy.archive.state import CopyState, StateRefused, decode_state, encode_state, state_from
 from mppproxy.config.archive import ArchiveConfig
 from mppproxy.message import OutboundMessage
@@ -107,6 +108,10 @@ class ArchiveCopies:
         self.config = config
         self.node = node
         self.wake: Callable[[], None] = lambda: None
+        # The archive keys, which verify the X-MPP-Released mark of a
+        # message released from the quarantine (archive/released.py); None:
+        # no mark is honoured.
+        self.keys: Optional[KeyRing] = None
         self._domains = RelayDomains(config.domains)
         self._open_lock = threading.Lock()
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from mppproxy.archive.keys import KEY_ID, KeyRing
-from mppproxy.archive.state import BodyDigest
-from mppproxy.message import format_header
+from mppproxy.archive.state import BodyDigest, parse_fields
+from mppproxy.message import OutboundMessage, format_header
 
 FIELD = "X-MPP-Released"
 VERSION = 1
@@ -120,3 +120,26 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
     if end < 0:
         return data, b""
     return data[:end + 4], data[end + 4:]
+
+
+def released_mark(message: OutboundMessage, keys: KeyRing, now: float) -> Optional[Mark]:
+    """The verified mark of a message at the edge, or None: the one
+    ``X-MPP-Released`` field the client sent (removed from the message with
+    every X-MPP-* field; ``OutboundMessage.released_fields``), checked
+    against the message's body as it arrived (before any disclaimer)."""
+    if not message.released_fields:
+        return None
+    value = find_field(parse_fields(b"".join(message.released_fields) + b"\r\n"))
+    if value is None:
+        return None
+    message.header_section()
+    digest = hashlib.sha256()
+    octets = 0
+    skip = 2  # the empty line that ends the header section
+    for chunk in message.chunks_after_header():
+        if skip:
+            taken = min(skip, len(chunk))
+            chunk, skip = chunk[taken:], skip - taken
+        digest.update(chunk)
+        octets += len(chunk)
+    return verify_mark(value, BodyDigest(digest.digest(), octets), keys, now)

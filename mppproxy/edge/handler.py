@@ -11,6 +11,7 @@ gets its one log event (``txlog.py``; promise 5).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -19,6 +20,7 @@ from mppproxy.actions.deliver import not_stored
 from mppproxy.actions.discard import discard
 from mppproxy.actions.quarantine import hold, keep_copy
 from mppproxy.actions.refuse import domain_of, refuse
+from mppproxy.archive.released import released_mark
 from mppproxy.config.schema import spool_directory
 from mppproxy.edge.context import EdgeContext
 from mppproxy.logsetup import Logger
@@ -188,6 +190,8 @@ class EdgeSession:
             verdict = scanned
             if verdict.action is REJECT or verdict.action is TEMPFAIL:
                 return self._refuse(session, txn, verdict)
+        if verdict.action is QUARANTINE and message.released_fields:
+            verdict = self._released(session, txn, message, verdict)
         # Result headers (Authentication-Results, X-Spam-*) go right below
         # our Received: (RFC 8601 2.1).
         for name, value in verdict.headers:
@@ -231,6 +235,25 @@ class EdgeSession:
                               "backend" if self.relay is not None and action is not QUARANTINE
                               else "storage")
         return reply
+
+    def _released(self, session: Session, txn: Transaction, message: OutboundMessage,
+                  verdict: Verdict) -> Verdict:
+        """A message the verdict would hold that carries a valid
+        X-MPP-Released mark (``mppproxy quarantine release`` re-injected it,
+        after its own re-scan) is relayed, not held a second time; a mark
+        that does not verify changes nothing (archive/released.py)."""
+        keys = self.ctx.archive.keys
+        found = released_mark(message, keys, time.time()) if keys is not None else None
+        if found is None:
+            log.warn("message {queue_id} carries an X-MPP-Released mark that does not verify "
+                     "(forged, stale or another site's key): held as its verdict says",
+                     queue_id=txn.id, session_id=session.id, client=session.peer_host)
+            return verdict
+        log.info("message {queue_id} was released from the quarantine (reference {ref}): "
+                 "relayed, not held again", queue_id=txn.id, ref=found.ref, session_id=session.id)
+        return dataclasses.replace(
+            verdict, action=RELAY, reasons=verdict.reasons + (f"released from quarantine "
+                                                              f"(reference {found.ref})",))
 
     def _header_rules(self) -> HeaderRules:
         """The edge's rules for the client's header section: fields to
