@@ -51,9 +51,20 @@ def summary(config: Any) -> str:
         service = config.scanservice
         return (f"scan service: SMTP {_endpoints(service.smtp_listen)}, "
                 f"HTTP {_endpoints(service.http_listen)}, {policies}")
+    if config.mode == "archive":
+        node = config.archive_node
+        return (f"archive node on {_endpoints(node.listen)}, edges {', '.join(node.edges)}, "
+                f"store {_store_url(config)}")
     target = (f"relay to {config.backend.host}:{config.backend.port}" if config.backend
               else "local Maildir delivery")
     return f"listen {_endpoints(config.listen)}, {target}"
+
+
+def _store_url(config: Any) -> str:
+    """The archive store's database, without its password."""
+    from mppproxy.store.store import ArchiveStore
+
+    return ArchiveStore(config.store, config.data_dir).display_url
 
 
 def _endpoints(listen: Any) -> str:

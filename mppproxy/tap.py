@@ -28,8 +28,10 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["config-command", None, None, "Command whose standard output is the TOML configuration."],
         # Only the modes this version runs (the loader refuses the others,
-        # e.g. archive, naming the ones there are): --help promises no more.
-        ["mode", "m", None, f"{' | '.join(IMPLEMENTED_MODES)} (default {IMPLEMENTED_MODES[0]})."],
+        # naming the ones there are): --help promises no more.
+        ["mode", "m", None, f"{' | '.join(IMPLEMENTED_MODES)} (default {IMPLEMENTED_MODES[0]}); "
+                            "archive is the central archive node, which needs "
+                            "[archive_node] key_file."],
         ["backend", "b", None, "Backend MTA as HOST:PORT ([v6addr]:PORT for IPv6); relay in lockstep to it."],
         ["data-dir", "d", None, "Data directory (default ./mppproxy-data or $MPP_HOME)."],
         ["workers", "w", None, "Processes sharing the listening sockets.", int],
@@ -45,7 +47,7 @@ class Options(usage.Options):
         self.raw_args: list[str] = []
 
     def opt_listen(self, value: str) -> None:
-        """Endpoint to listen on, e.g. tcp:25:interface=0.0.0.0 (repeatable)."""
+        """Endpoint to listen on, e.g. tcp:25:interface=0.0.0.0 (repeatable; modes policy, scan, archive: that mode's listener)."""
         self["listen"].append(value)
 
     def opt_relay_domain(self, value: str) -> None:
@@ -92,6 +94,11 @@ class Options(usage.Options):
             from dataclasses import replace
             config = replace(config, scanservice=replace(config.scanservice,
                                                          smtp_listen=tuple(self["listen"])))
+        if config.mode == "archive" and self["listen"]:
+            # The archive node's receiver listens on archive_node.listen.
+            from dataclasses import replace
+            config = replace(config, archive_node=replace(config.archive_node,
+                                                          listen=tuple(self["listen"])))
         check_files(config, source_name(self["config"], self["config-command"]))
         return config
 
@@ -160,5 +167,9 @@ def makeService(options: Options) -> Any:
         from mppproxy.scanservice.service import ScanService
 
         return ScanService(config, reactor, reload_config=options.load_config)
+    if config.mode == "archive":
+        from mppproxy.archivenode.service import ArchiveService
+
+        return ArchiveService(config, reactor, reload_config=options.load_config)
     return ProxyService(config, reactor, reload_config=options.load_config,
                         inherited_fds=inherited, worker_argv=worker_argv)

@@ -47,8 +47,13 @@ def generate_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
         os.umask(old)
 
 
-def server_context(config: ProxyConfig, hostname: str) -> Optional[Any]:
-    """The STARTTLS context, or None when TLS is off."""
+def server_context(config: ProxyConfig, hostname: str,
+                   client_ca: Optional[Any] = None) -> Optional[Any]:
+    """The STARTTLS context, or None when TLS is off.  With ``client_ca``
+    (an ``ssl.Certificate``, from ``load_ca_certificate``) clients are asked
+    for a certificate, and one it did not sign fails the handshake; a
+    client that sends none still gets TLS, and the session decides (the
+    archive node answers its MAIL 530, archive/receiver.py)."""
     tls = config.tls
     if not tls.enabled:
         return None
@@ -63,6 +68,13 @@ def server_context(config: ProxyConfig, hostname: str) -> Optional[Any]:
     options, problem = load_server_certificate(cert_file, key_file)
     if problem:
         raise ConfigError([f"tls.cert_file: {problem}"])
+    if client_ca is not None and options is not None:
+        # PrivateCertificate.options(ca) would also refuse a handshake
+        # without a certificate (requireCertificate); a 530 at MAIL says
+        # more to the client's administrator than a failed handshake.
+        return ssl.CertificateOptions(privateKey=options.privateKey,
+                                      certificate=options.certificate, verify=True,
+                                      caCerts=[client_ca.original], requireCertificate=False)
     return options
 
 

@@ -20,7 +20,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from sqlalchemy.engine import make_url
-from twisted.internet import defer, protocol, reactor as _reactor
+from twisted.internet import defer, reactor as _reactor
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.protocols import portforward
@@ -303,7 +303,9 @@ class WriterTests:
         self.assertTrue(all(n.endswith("_0_0") for n in self.new_names()))
         self.enqueue("S3")  # taken into the queue meanwhile
         await back()
-        await wait_until(lambda: self.depth() == 0, "copies stored once the store is back")
+        await wait_until(lambda: bool(said(self.events, "archive store available again")),
+                         "store reported back")
+        self.assertEqual(self.depth(), 0)
         self.assertEqual(len(await self.rows(store)), 8)
         (line,) = said(self.events, "archive store available again")
         self.assertEqual(line["waited"], 4)
@@ -344,7 +346,9 @@ class WriterTests:
         self.assertEqual(self.depth(), 4)
         self.assertTrue(all(n.endswith("_0_0") for n in self.new_names()), self.new_names())
         await back()
-        await wait_until(lambda: self.depth() == 0, "copies stored once the store is back")
+        await wait_until(lambda: bool(said(self.events, "archive store available again")),
+                         "store reported back")
+        self.assertEqual(self.depth(), 0)
         self.assertEqual(len(await self.rows(store)), 8)
         self.assertEqual(len(said(self.events, "archive store unavailable")), 1)
         self.assertEqual(len(said(self.events, "archive store available again")), 1)

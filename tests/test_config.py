@@ -65,7 +65,7 @@ def test_unknown_key_suggests_the_right_one():
     ({"tls": {"enabled": "yes"}}, "tls.enabled"),
     ({"timeouts": {"command": -1}}, "timeouts.command"),
     ({"listen": []}, "listen"),
-    ({"mode": "archive"}, "mode"),
+    ({"mode": "archive"}, "archive_node.key_file"),
     ({"policyd": {"default_action": "OK"}}, "policyd.default_action"),
     ({"policyd": {"listen": ["tcp:notaport"]}}, "policyd.listen"),
     ({"policyd": {"max_line": 80}}, "policyd.max_line"),

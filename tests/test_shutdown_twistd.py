@@ -272,29 +272,29 @@ def test_uid_and_gid_serve_a_privileged_port(tmp_path):
 
 
 def test_help_offers_only_the_modes_there_are(capsys):
-    """--help lists the modes this version runs, without archive, and --mode archive is refused naming them."""
-    from mppproxy.config.schema import IMPLEMENTED_MODES
+    """--help lists the modes this version runs, archive among them; --mode archive without its key file is refused naming archive_node.key_file."""
+    from mppproxy.config.schema import IMPLEMENTED_MODES, MODES
     from mppproxy.tap import Options
 
+    assert set(IMPLEMENTED_MODES) == set(MODES)
     help_text = str(Options())
     mode_line = " ".join(help_text[help_text.index("--mode"):].split("\n--")[0].split())
-    assert "archive" not in mode_line
     for mode in IMPLEMENTED_MODES:
         assert mode in mode_line
     with pytest.raises(SystemExit):
         Options().parseOptions(["--mode", "archive"])
     err = capsys.readouterr().err
-    assert "mode 'archive' is not available" in err
-    assert ", ".join(IMPLEMENTED_MODES) in err
+    assert "archive_node.key_file:" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("mode", ["edge", "policy", "scan"])
+@pytest.mark.parametrize("mode", ["edge", "policy", "scan", "archive"])
 def test_privileged_start_binds_the_tcp_listeners(mode):
     """privilegedStartService (run by twistd before --uid/--gid drop root) already holds each TCP listener of the mode's service."""
     from dataclasses import replace
 
     from twisted.internet import reactor
 
+    from mppproxy.archivenode.service import ArchiveService
     from mppproxy.config.schema import ProxyConfig
     from mppproxy.policyd.service import PolicyServerService
     from mppproxy.scanservice.service import ScanService
@@ -309,6 +309,9 @@ def test_privileged_start_binds_the_tcp_listeners(mode):
     elif mode == "policy":
         service = PolicyServerService(
             replace(config, policyd=replace(config.policyd, listen=(desc,))), reactor)
+    elif mode == "archive":
+        service = ArchiveService(
+            replace(config, archive_node=replace(config.archive_node, listen=(desc,))), reactor)
     else:
         service = ScanService(replace(config, scanservice=replace(
             config.scanservice, smtp_listen=(desc,), http_listen=())), reactor)

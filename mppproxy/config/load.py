@@ -186,6 +186,7 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
         problems.append("database.pool_min: is larger than database.pool_max")
     if config.tls.key_file and not config.tls.cert_file:
         problems.append("tls.key_file: is set but tls.cert_file is not")
+    problems.extend(_archive_node_checks(config))
     problems.extend(_archive_checks(config))
     return problems
 
@@ -253,6 +254,50 @@ def _archive_files(config: ProxyConfig) -> list[str]:
         problem = _creatable_dir(archive.queue_dir)
         if problem:
             problems.append(f"archive.queue_dir: {problem}")
+    return problems
+
+
+def _archive_node_checks(config: ProxyConfig) -> list[str]:
+    """``[archive_node]`` in mode "archive": what the receiver cannot do
+    without (the files themselves: ``_archive_node_files``)."""
+    if config.mode != "archive":
+        return []
+    node = config.archive_node
+    problems = []
+    if not node.key_file.strip():
+        problems.append("archive_node.key_file: mode 'archive' verifies the edges' copies with "
+                        "the keys they sign with (their archive.key_file): set it")
+    if node.require_client_cert:
+        if not node.client_ca_file.strip():
+            problems.append("archive_node.client_ca_file: archive_node.require_client_cert "
+                            "needs the CA certificate that signs the edges' client certificates")
+        if not config.tls.enabled:
+            problems.append("archive_node.require_client_cert: client certificates come with "
+                            "STARTTLS, and tls.enabled is false")
+    return problems
+
+
+def _archive_node_files(config: ProxyConfig) -> list[str]:
+    """The key file loads (archive/keys.py: mode 600, one good key a
+    line), the client CA certificate loads, the queue directory can be
+    made; each problem named by its key."""
+    if config.mode != "archive":
+        return []
+    node = config.archive_node
+    problems = []
+    if node.key_file.strip():
+        try:
+            load_keys(node.key_file)
+        except KeyFileError as e:
+            problems += [f"archive_node.key_file: {line}" for line in e.errors]
+    if node.require_client_cert and node.client_ca_file.strip():
+        problem = load_ca_certificate(node.client_ca_file)[1]
+        if problem:
+            problems.append(f"archive_node.client_ca_file: {problem}")
+    if node.queue_dir:
+        problem = _creatable_dir(node.queue_dir)
+        if problem:
+            problems.append(f"archive_node.queue_dir: {problem}")
     return problems
 
 
@@ -351,6 +396,7 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         # file is misnamed.
         errors.extend(make_renderer(config).check_templates())
     errors.extend(_archive_files(config))
+    errors.extend(_archive_node_files(config))
     problem = _creatable_dir(config.data_dir)
     if problem:
         errors.append(f"data_dir: {problem}")
