@@ -35,7 +35,7 @@ from helpers import free_port, mount_tmpfs, stop_process, wait_for
 from mppproxy.archive.keys import Key, KeyRing
 from mppproxy.archive.receiver import ArchiveReceiver, ReceiverContext
 from mppproxy.archive.state import BodyDigest, CopyState, render, sign
-from mppproxy.archive.writer import state_of
+from mppproxy.archive.copies import state_of
 from mppproxy.archivenode.service import ArchiveFactory, ArchiveService, tls_context
 from mppproxy.config.archive import ArchiveNodeConfig, StoreConfig
 from mppproxy.config.schema import BackendConfig, ProxyConfig, TLSConfig, spool_directory
@@ -211,7 +211,7 @@ class ReceiverTests(NodeCase):
         self.assertIn("Q1", reply.text)
         [item] = self.items()
         self.assertEqual(item.message(), EDGE_MESSAGE)
-        self.assertEqual(state_of(item.metadata)[0], state)
+        self.assertEqual(state_of(item.metadata), state)
         [line] = said(self.events, "archive copy {ref} from {node} queued")
         self.assertEqual((line["ref"], line["node"], line["item_id"]), ("Q1", "edge-1", item.id))
 

@@ -29,7 +29,8 @@ from twisted.trial import unittest
 from helpers import free_port
 from test_db_stores import require_mariadb
 from mppproxy.archive.state import CopyState, encode_state
-from mppproxy.archive.writer import CopyWriter, copy_of, item_metadata, state_of
+from mppproxy.archive.copies import metadata_for
+from mppproxy.archive.writer import CopyWriter, copy_of, state_json
 from mppproxy.config.archive import StoreConfig
 from mppproxy.db import engine as db_engine
 from mppproxy.results import Disposition
@@ -158,7 +159,7 @@ class WriterTests:
         return writer
 
     def enqueue(self, queue_id: str, **kw: Any) -> str:
-        return self.queue.enqueue(MESSAGE, item_metadata(state(queue_id, **kw)))
+        return self.queue.enqueue(MESSAGE, metadata_for(state(queue_id, **kw)))
 
     def depth(self) -> int:
         return self.queue.stats().depth
@@ -376,14 +377,14 @@ class MariaDBWriterTests(WriterTests, unittest.TestCase):
 
 
 def test_item_metadata_round_trips_and_names_what_is_wrong() -> None:
-    """item_metadata and state_of agree; a wrong version, a missing or bad state is refused by name."""
+    """The writer reads what copies.metadata_for writes, with the state's JSON; a wrong version, a missing or bad state is refused by name."""
     s = state("R1")
-    back, text = state_of(item_metadata(s))
+    back, text = state_json(metadata_for(s))
     assert back == s and '"queue_id":"R1"' in text
-    for metadata, problem in (({"v": 2, "state": "x"}, "version"), ({"v": 1}, "no state"),
+    for metadata, problem in (({"v": 2, "state": "x"}, "version"), ({"v": 1}, "without a state"),
                               ({"v": 1, "state": "@@"}, "does not parse")):
         try:
-            state_of(metadata)
+            state_json(metadata)
         except ValueError as e:
             assert problem in str(e), (metadata, e)
         else:

@@ -44,10 +44,10 @@ from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet.threads import deferToThreadPool
 
+from mppproxy.archive.copies import metadata_for
 from mppproxy.archive.keys import KeyRing
 from mppproxy.archive.state import (READABLE, SIGNED, BodyDigest, CopyState, StateRefused,
                                     parse_fields, verify)
-from mppproxy.archive.writer import item_metadata
 from mppproxy.logsetup import Logger
 from mppproxy.message import MAX_HEADER_BLOCK, OutboundMessage
 from mppproxy.smtp import replies
@@ -210,7 +210,7 @@ def receive_copy(spool: Spool, keys: KeyRing, queue: DurableQueue) -> Queued:
     ``StateRefused`` with the reply, or the ``OSError`` of the queue."""
     header, body_offset = header_section(spool)
     state = verify(parse_fields(header), BodyDigest.of(_from(spool, body_offset)), keys)
-    metadata = item_metadata(state)
+    metadata = metadata_for(state)
     if len(metadata["state"]) + 64 > MAX_METADATA:
         raise StateRefused(STATE_TOO_LARGE, f"state of {len(metadata['state'])} octets")
     kept = strip_state_fields(header)

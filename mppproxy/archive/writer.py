@@ -4,8 +4,8 @@ Stage: after the queue (issue 12, "Archive node").  On the archive node the
 receiver (``receiver.py``) queues each verified copy and this writer stores
 it; in all-in-one mode the hold action queues into the edge's own queue and
 the same writer stores into the embedded SQLite store.  It knows the queue
-item's metadata (``item_metadata``) and the store's ``NewCopy``, nothing
-of SMTP.
+item's metadata (``copies.metadata_for``, the same on both) and the store's
+``NewCopy``, nothing of SMTP.
 
 The loop: claim up to ``batch`` items (and at most ``max_batch_bytes`` of
 messages), decode each one's state, store them all with one
@@ -47,7 +47,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 from mppproxy._async import as_deferred
-from mppproxy.archive.state import CopyState, StateRefused, decode_state, encode_state
+from mppproxy.archive.copies import state_of
+from mppproxy.archive.state import CopyState
 from mppproxy.logsetup import Logger
 from mppproxy.spool.queue import DurableQueue, QueueItem
 from mppproxy.store.store import NewCopy, StoreError
@@ -56,8 +57,6 @@ log = Logger()
 
 _T = TypeVar("_T")
 
-# The version of the queue item's metadata, {"v": 1, "state": <X-MPP-State>}.
-ITEM_VERSION = 1
 # The messages of one batch are read into memory for the store: bounded
 # here whatever their sizes (one item always goes, however large).
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -95,31 +94,23 @@ class UndecodableItem(ValueError):
     """A queue item that is not an archive copy this writer can store."""
 
 
-def item_metadata(state: CopyState) -> dict[str, Any]:
-    """The metadata of a queue item that holds a copy with ``state``."""
-    return {"v": ITEM_VERSION, "state": encode_state(state)}
-
-
-def state_of(metadata: Mapping[str, Any]) -> tuple[CopyState, str]:
-    """The state of an item's metadata and its JSON text; UndecodableItem
-    naming what is wrong."""
-    if metadata.get("v") != ITEM_VERSION:
-        raise UndecodableItem(f"metadata version {metadata.get('v')!r} is not {ITEM_VERSION}")
-    blob = metadata.get("state")
-    if not isinstance(blob, str):
-        raise UndecodableItem("metadata has no state")
+def state_json(metadata: Mapping[str, Any]) -> tuple[CopyState, str]:
+    """The state of an item's metadata (``copies.metadata_for``: the edge's
+    hold action and the node's receiver write the same) and its JSON text
+    for the store; UndecodableItem naming what is wrong."""
     try:
-        state = decode_state(blob)
-    except StateRefused as e:
-        raise UndecodableItem(e.reason) from None
-    # decode_state has read it: base64url of ASCII JSON.
+        state = state_of(metadata)
+    except ValueError as e:
+        raise UndecodableItem(str(e)) from None
+    # state_of has read it: base64url of ASCII JSON.
+    blob = metadata["state"]
     text = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)).decode("ascii")
     return state, text
 
 
 def copy_of(item: QueueItem) -> NewCopy:
     """The store's value for a claimed item (blocking: reads its message)."""
-    state, text = state_of(item.metadata)
+    state, text = state_json(item.metadata)
     return NewCopy(node=state.node, queue_id=state.queue_id, received=state.received,
                    client=state.client, helo=state.helo, tls=state.tls, sender=state.sender,
                    recipients=state.recipients, policy=state.policy, verdict=str(state.verdict),
