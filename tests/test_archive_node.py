@@ -44,7 +44,7 @@ from mppproxy.results import Disposition
 from mppproxy.smtp.client import BackendError, connect_backend
 from mppproxy.smtp.replies import Reply
 from mppproxy.spool.queue import DurableQueue
-from mppproxy.store.store import ArchiveStore, Search
+from mppproxy.store.store import ArchiveStore, Search, StoreError
 
 reactor: Any = _reactor
 
@@ -419,6 +419,25 @@ class ServiceTests(unittest.TestCase):
         service.apply(replace(config, archive_node=replace(config.archive_node, key_file=both)))
         self.assertEqual((await self.send(port, copy)).code, 250)
         await self.until_stored(service, 1)
+
+    async def test_purge_removes_copies_past_retention_and_stop_closes_everything(self) -> None:
+        """The retention purge removes a copy older than store.retention_days and keeps a new one; a stop then closes the queue and the store and ends the writer."""
+        service, port = self.make()
+        old = copy_state("OLD", received=time.time() - 3 * 86400)
+        for state in (old, copy_state("NEW", received=time.time())):
+            self.assertEqual((await self.send(port, signed_copy(state=state))).code, 250)
+        await self.until_stored(service, 2)
+        service.config = replace(service.config, store=replace(service.config.store,
+                                                               retention_days=1))
+        await service._purge()
+        self.assertEqual([r.queue_id for r in await self.rows(service)], ["NEW"])
+        [line] = said(self.events, "archive retention purge: {purged} rows removed")
+        self.assertEqual(line["purged"], 1)
+        await service.stopService()
+        assert service.queue is not None and service.writer is not None
+        self.assertFalse(service.queue.is_open)
+        with self.assertRaises(StoreError):
+            service.store.engine  # type: ignore[union-attr]  # closed: no engine
 
     async def test_copies_are_taken_while_the_database_is_down(self) -> None:
         """With the store's database unreachable at start the node still answers 250 (the copies wait in its queue) and stores them once the database is there."""

@@ -111,6 +111,21 @@ class EnqueueClaimTests(QueueTestCase):
         clock.now += 100
         self.assertEqual(self.claim(q).id, later)
 
+    def test_claim_many_takes_due_items_in_order_up_to_the_limit_and_size(self) -> None:
+        """claim_many claims up to its limit of due items, earliest first, stops once the messages reach max_size (always taking one), and leaves the rest for later."""
+        clock = Clock()
+        q = self.make_queue(clock=clock)
+        ids = []
+        for n in range(5):
+            ids.append(q.enqueue(b"x" * 100, {"n": n}))
+            clock.now += 1
+        q.enqueue(b"later", {}, due=clock.now + 100)
+        self.assertEqual([i.id for i in q.claim_many(2)], ids[:2])
+        self.assertEqual([i.id for i in q.claim_many(10, max_size=150)], ids[2:4])
+        self.assertEqual([i.id for i in q.claim_many(10, max_size=1)], ids[4:])
+        self.assertEqual(q.claim_many(10), [])
+        self.assertEqual(len(files(q.directory, "claimed")), 5)
+
     def test_ids_are_unique(self) -> None:
         """Items enqueued within the same microsecond still get different ids."""
         q = self.make_queue(clock=Clock())

@@ -219,13 +219,10 @@ class CopyWriter:
         return True
 
     def _claim_batch(self) -> list[tuple[QueueItem, NewCopy]]:
-        """Claim and decode up to ``batch`` items (in the thread pool)."""
+        """Claim and decode up to ``batch`` items (in the thread pool; one
+        listing of the queue per batch)."""
         out: list[tuple[QueueItem, NewCopy]] = []
-        size = 0
-        while len(out) < self.batch and size < self.max_batch_bytes and not self._stopping:
-            item = self.queue.claim()
-            if item is None:
-                break
+        for item in self.queue.claim_many(self.batch, self.max_batch_bytes):
             try:
                 copy = copy_of(item)
             except UndecodableItem as e:
@@ -238,7 +235,6 @@ class CopyWriter:
                 self.queue.retry(item, f"cannot read the queued copy: {e}")
                 continue
             out.append((item, copy))
-            size += item.size
         return out
 
     async def _store(self, batch: list[tuple[QueueItem, NewCopy]]) -> None:

@@ -347,9 +347,24 @@ class DurableQueue:
         processes renaming the same file one succeeds, the other gets
         ENOENT and tries the next.  Not fsync'ed: after a power loss the
         item is in new/ or in claimed/, and either way comes back."""
+        items = self.claim_many(1)
+        return items[0] if items else None
+
+    def claim_many(self, limit: int, max_size: Optional[int] = None) -> list[QueueItem]:
+        """Up to ``limit`` due items, earliest first, claimed as ``claim``
+        claims one, with one listing of new/ (blocking).  A consumer that
+        works in batches (the archive writer) pays one listing per batch:
+        listing and sorting a queue that grew while its consumer was away
+        (20,000 items) takes ~10 ms, which per item would cap the rate at
+        ~100 items a second.  ``max_size``: stop once the claimed messages
+        reach this many octets (the first item is always taken)."""
         self._check_open()
         now_us = _micros(self._clock())
+        out: list[QueueItem] = []
+        total = 0
         for name in sorted(os.listdir(self._dir("new"))):
+            if len(out) >= limit or (max_size is not None and out and total >= max_size):
+                break
             m = _NEW_NAME.fullmatch(name)
             if m is None:
                 continue
@@ -367,9 +382,10 @@ class DurableQueue:
             except (OSError, ValueError) as e:
                 self._to_bad(path, item_id, attempts, recoveries, f"unreadable item: {e}")
                 continue
-            return QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
-                             path, offset, size)
-        return None
+            out.append(QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
+                                 path, offset, size))
+            total += size
+        return out
 
     def finish(self, item: QueueItem) -> None:
         """The item was sent: remove it, durably (blocking)."""
