@@ -1,7 +1,10 @@
 """The archive wing (issue 12): what travels with a held or archived copy.
 
-Built so far: ``state.py`` (the transaction's authenticated state in
-``X-MPP-*`` header fields) and ``keys.py`` (the key file that signs and
-verifies it).  The forwarder at the edge and the archive node that receives,
-queues and stores copies are not built yet.
+``state.py`` (the transaction's authenticated state in ``X-MPP-*`` header
+fields) and ``keys.py`` (the key file that signs and verifies it); at the
+edge ``copies.py`` (held messages and archive copies into the durable
+queue), ``forwarder.py`` (the queue to the archive node over ESMTP) and
+``released.py`` (the mark of a released message); on the archive node
+``receiver.py`` (verified copies into its queue) and ``writer.py`` (a queue
+into the store, also the edge's own in all-in-one mode).
 """
