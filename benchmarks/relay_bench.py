@@ -64,6 +64,7 @@ PORTS = {
     "mppproxy": 2627,
     "mppproxy-w2": 2628,
     "mppproxy-policy": 2629,
+    "mppproxy-copyall": 2630,
     "haraka-proxy-n1": 2633,
     "haraka-proxy-n2": 2634,
     "twisted-relay-nodelay": 2644,
@@ -315,6 +316,19 @@ def proxy_server(name, template, backend_port, extra=()):
                   env=env)
 
 
+def copyall_server(template, backend_port):
+    """The proxy keeping an archive copy of every relayed message (issue 12:
+    ``[archive] copy = "all"``): each copy is written to the durable queue
+    (fsync'ed) after the backend's 250 and before the client's, and the
+    node's own writer stores it in the embedded SQLite store."""
+    server = proxy_server("mppproxy-copyall", template, backend_port)
+    config = os.path.join(RUN_DIR, "mppproxy-copyall", "copyall.toml")
+    with open(config, "w") as f:
+        f.write('[archive]\ncopy = "all"\n')
+    server.argv += ["--config", config]
+    return server
+
+
 def policy_config(path):
     """The realistic policy of mppproxy-policy as a TOML file."""
     clients = [f'"198.{18 + i // 256}.{i % 256}.0/24"' for i in range(1000)]
@@ -491,6 +505,8 @@ def build_servers(names, a):
             servers[n] = proxy_server(n, template, BACKEND_PORT)
         elif n == "mppproxy-policy":
             servers[n] = policy_server(BACKEND_PORT)
+        elif n == "mppproxy-copyall":
+            servers[n] = copyall_server(template, BACKEND_PORT)
         elif n == "mppproxy-w2":
             if a.proxy_cmd:
                 note("mppproxy-w2 skipped: --proxy-cmd given (cannot probe "

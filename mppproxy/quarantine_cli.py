@@ -73,6 +73,8 @@ EXIT_OK = 0
 EXIT_NOTHING = 1
 EXIT_USAGE = 2
 EXIT_STORE = 3
+# release/forward: some selected rows could not be done (each line says why).
+EXIT_PARTIAL = 4
 
 EXIT_HELP = """\
 exit status:
@@ -81,6 +83,8 @@ exit status:
   2  usage error: bad option or date, configuration errors, a bulk action
      without a filter or --all, an output file that cannot be written
   3  the store is unavailable (database down, schema not current)
+  4  release/forward: some rows could not be done (refused by the re-scan,
+     deferred, refused by the route); each line says why
 """
 
 # The row statuses of the store (store_api: held | releasing | released |
@@ -963,7 +967,155 @@ def _add_export(sub: Any) -> None:
                         help="where to write; - for standard output (mbox only)")
 
 
+# -- release and forward ---------------------------------------------------------
+
+
+def _release(ctx: Context, args: argparse.Namespace) -> int:
+    """Release the selected held rows (mppproxy/release.py says how: claim,
+    re-scan, re-inject through the route, mark, audit)."""
+    require_selection(args, "release")
+    search = search_from(args)
+    if not args.status:
+        search = replace(search, status=("held",))
+    rows = list(iter_rows(ctx.store, search, args.limit))
+    if not rows:
+        return _no_rows(ctx, args, "release")
+    if args.dry_run:
+        return _release_preview(ctx, args, rows)
+    rescan = False if args.no_rescan else (True if args.rescan else None)
+    results = _with_releaser(ctx, rescan, lambda releaser: [releaser.release(r) for r in rows])
+    if args.allow_sender:
+        _allow_senders(ctx, rows, results)
+    return _release_report(ctx, args, results)
+
+
+def _forward(ctx: Context, args: argparse.Namespace) -> int:
+    """A copy of each selected row to --to (any status but deleted)."""
+    require_selection(args, "forward")
+    rows = list(iter_rows(ctx.store, search_from(args), args.limit))
+    if not rows:
+        return _no_rows(ctx, args, "forward")
+    to = tuple(args.to)
+    results = _with_releaser(ctx, False, lambda releaser: [releaser.forward(r, to) for r in rows])
+    return _release_report(ctx, args, results)
+
+
+def _with_releaser(ctx: Context, rescan: Optional[bool],
+                   work: Callable[[Any], list[Any]]) -> list[Any]:
+    """Run ``work(releaser)`` (a list of coroutines, run one after the
+    other: one route connection at a time) under a reactor; the results."""
+    from twisted.internet import task
+
+    from mppproxy._async import as_deferred
+    from mppproxy.archive.keys import node_keys
+    from mppproxy.release import Releaser
+
+    keys = node_keys(ctx.config)
+    results: list[Any] = []
+    failure: list[BaseException] = []
+
+    async def run(reactor: Any) -> None:
+        releaser = Releaser(ctx.config, ctx.store, reactor, keys, ctx.actor, ctx.origin,
+                            rescan=rescan)
+        try:
+            for step in work(releaser):
+                results.append(await step)
+        except BaseException as e:  # reported after the reactor stopped
+            failure.append(e)
+        finally:
+            releaser.close()
+
+    try:
+        task.react(lambda reactor: as_deferred(run(reactor)))
+    except SystemExit:
+        pass  # react() always exits; what happened is in results/failure
+    if failure:
+        raise failure[0]
+    return results
+
+
+def _allow_senders(ctx: Context, rows: Sequence[StoredRow], results: Sequence[Any]) -> None:
+    """"Release and allow this sender": the sender of each released row
+    goes on the allow list of the row's recipient domain (db/allowlist.py,
+    shared by every edge through the state database)."""
+    from mppproxy.db.allowlist import open_allow_list
+    from mppproxy.release import Outcome
+
+    released = [row for row, result in zip(rows, results) if result.outcome is Outcome.RELEASED]
+    if not released:
+        return
+    with open_allow_list(ctx.config.database, ctx.config.data_dir) as allow:
+        for row in released:
+            if not row.sender:
+                continue  # the null sender: "<>" would allow every bounce
+            new = allow.allow(row.rcpt_domain, row.sender, ctx.actor,
+                              f"released {row.queue_id} ({ctx.origin})")
+            ctx.store.audit(ctx.actor, ctx.origin, "allow-sender", row,
+                            f"{row.sender} allowed for {row.rcpt_domain}"
+                            + ("" if new else " (already allowed)"))
+
+
+def _no_rows(ctx: Context, args: argparse.Namespace, action: str) -> int:
+    if args.json:
+        ctx.out.write(json.dumps({"action": action, "results": []}) + "\n")
+    else:
+        print(f"no row matches: nothing to {action}", file=ctx.out)
+    return EXIT_NOTHING
+
+
+def _release_preview(ctx: Context, args: argparse.Namespace, rows: Sequence[StoredRow]) -> int:
+    if args.json:
+        ctx.out.write(json.dumps({"action": "release", "dry_run": True,
+                                  "rows": [row_json(r) for r in rows]}) + "\n")
+    else:
+        write_table(ctx.out, rows, terminal_columns(ctx.out))
+        print(f"dry run: release would try {len(rows)} row(s)", file=ctx.out)
+    return EXIT_OK
+
+
+def _release_report(ctx: Context, args: argparse.Namespace, results: Sequence[Any]) -> int:
+    """One line (or JSON object) per row; the exit status: 0 every row
+    done, 1 none was held any more (another administrator was first),
+    4 some could not be done (refused by the re-scan, deferred, failed)."""
+    from mppproxy.release import Outcome
+
+    if args.json:
+        ctx.out.write(json.dumps({"results": [r.to_json() for r in results]}) + "\n")
+    else:
+        for r in results:
+            print(f"{r.row_id} {r.ref} {r.domain}: {r.outcome}: {clean(r.detail)}", file=ctx.out)
+    done = (Outcome.RELEASED, Outcome.FORWARDED)
+    if all(r.outcome in done for r in results):
+        return EXIT_OK
+    if all(r.outcome is Outcome.BUSY for r in results):
+        return EXIT_NOTHING
+    return EXIT_PARTIAL
+
+
+def _add_release(sub: Any) -> None:
+    parser = subcommand(sub, "release", "re-scan the selected held messages and deliver each "
+                        "once to its recipients of that domain ([release] routes)", _release)
+    rescan = parser.add_mutually_exclusive_group()
+    rescan.add_argument("--no-rescan", action="store_true",
+                        help="do not scan again before delivering (default: [release] rescan)")
+    rescan.add_argument("--rescan", action="store_true",
+                        help="scan again even where [release] says not to")
+    parser.add_argument("--allow-sender", action="store_true",
+                        help="also put each released message's sender on its recipient "
+                             "domain's allow list (all edges, within database.cache_seconds)")
+    add_bulk_options(parser)
+
+
+def _add_forward(sub: Any) -> None:
+    parser = subcommand(sub, "forward", "send a copy of the selected messages to other "
+                        "addresses (the rows stay as they are)", _forward)
+    parser.add_argument("--to", action="append", required=True, metavar="ADDRESS",
+                        help="recipient of the copy (repeatable)")
+    parser.add_argument("--all", action="store_true",
+                        help="act on every row when no filter is given")
+
+
 # The subcommands, in the order --help lists them.
 SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (
-    _add_list, _add_show, _add_delete, _add_hold, _add_export,
+    _add_list, _add_show, _add_release, _add_forward, _add_delete, _add_hold, _add_export,
 )

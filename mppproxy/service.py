@@ -29,8 +29,8 @@ from twisted.internet import defer
 
 from mppproxy.archive.copies import ArchiveCopies, node_name, open_queue, queue_directory
 from mppproxy.archive.forwarder import Forwarder
-from mppproxy.archive.keys import KeyRing, load_keys, load_or_create_keys
-from mppproxy.config.archive import key_file_path
+from mppproxy.archivenode.keeper import StoreKeeper
+from mppproxy.archive.keys import KeyFileError, KeyRing, node_keys
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
 from mppproxy.edge.handler import EdgeSession
@@ -46,15 +46,6 @@ from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_
                               close_sockets)
 
 log = Logger()
-
-
-def archive_keys(config: ProxyConfig) -> KeyRing:
-    """The archive keys of an edge or all-in-one node: ``archive.key_file``,
-    or the node's own key file under data_dir, made at first start."""
-    if config.archive.key_file:
-        return load_keys(config.archive.key_file)
-    path = key_file_path(config.mode, config.archive, config.archive_node, config.data_dir)
-    return load_or_create_keys(path, "local-1")
 
 
 class ProxyService(ReloadOnHup, TopService):
@@ -91,6 +82,8 @@ class ProxyService(ReloadOnHup, TopService):
         self.archive_queue: Optional[DurableQueue] = None
         self.archive: Optional[ArchiveCopies] = None
         self.forwarder: Optional[Forwarder] = None
+        # Without archive.node: the store, its writer and purge (main process).
+        self.keeper: Optional[StoreKeeper] = None
         self._old_queues: list[DurableQueue] = []
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
@@ -135,7 +128,18 @@ class ProxyService(ReloadOnHup, TopService):
         # Every process verifies the X-MPP-Released mark of released mail
         # with the archive keys: the shared key file, or, without one, the
         # node's own, made at first start (archive/keys.py).
-        ring = archive_keys(config)
+        ring: Optional[KeyRing]
+        try:
+            ring = node_keys(config)
+        except KeyFileError as e:
+            if config.archive.key_file:
+                raise  # the administrator's file: the loader named it already
+            # The node's own key file cannot be made (a full data disk): mail
+            # must flow all the same; only the release mark goes unverified.
+            log.error("cannot make the archive key file under data_dir ({error}): a released "
+                      "message will be held again until it can be made",
+                      error="; ".join(e.errors))
+            ring = None
         keys = ring if forwards else None
         hostname = resolve_hostname(config)
         queue = self.archive_queue
@@ -170,6 +174,29 @@ class ProxyService(ReloadOnHup, TopService):
                 self._start_forwarder(config, queue, keys, hostname)
         if self.forwarder is not None:
             self.archive.wake = self.forwarder.wake
+        self._update_keeper(config, queue)
+
+    def _update_keeper(self, config: ProxyConfig, queue: DurableQueue) -> None:
+        """Without archive.node the main process stores the queue's copies
+        itself (archivenode/keeper.py: the embedded store by default), so
+        a held message is listed and released on this host; a reload that
+        changes [store] or [archive_node] starts a new keeper after the old
+        one has ended its batch."""
+        wanted = not config.archive.node and not self.inherited_fds
+        old = self.keeper
+        if old is not None and wanted and old.queue is queue and (
+                old.config.store, old.config.archive_node, old.config.data_dir) == (
+                config.store, config.archive_node, config.data_dir):
+            old.config = config
+        else:
+            self.keeper = None
+            started = old.stop() if old is not None else defer.succeed(None)
+            if wanted:
+                keeper = StoreKeeper(self.reactor, config, queue)
+                self.keeper = keeper
+                started.addBoth(lambda _: keeper.start() if self.keeper is keeper else None)
+        if self.keeper is not None and self.archive is not None:
+            self.archive.wake = self.keeper.wake
 
     def _start_forwarder(self, config: ProxyConfig, queue: DurableQueue, keys: KeyRing,
                          hostname: str) -> None:
@@ -280,9 +307,17 @@ class ProxyService(ReloadOnHup, TopService):
         if self.policy is not None:
             ds.append(self.policy.stop())
         # Nothing writes to the queues now (the sessions have ended) and
-        # nothing sends from them: this process's claims are all settled.
+        # nothing sends from them: this process's claims are all settled,
+        # once the local writer has ended its batch.
+        if self.keeper is not None:
+            keeper, self.keeper = self.keeper, None
+            ds.append(keeper.stop().addBoth(lambda _: self._close_queues()))
+        else:
+            self._close_queues()
+        return defer.DeferredList(ds)
+
+    def _close_queues(self) -> None:
         if self.archive is not None:
             self.archive.close()
         for queue in self._old_queues:
             queue.close()
-        return defer.DeferredList(ds)

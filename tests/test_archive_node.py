@@ -429,7 +429,9 @@ class ServiceTests(unittest.TestCase):
         await self.until_stored(service, 2)
         service.config = replace(service.config, store=replace(service.config.store,
                                                                retention_days=1))
-        await service._purge()
+        assert service.keeper is not None
+        service.keeper.config = service.config
+        await service.keeper.purge_once()
         self.assertEqual([r.queue_id for r in await self.rows(service)], ["NEW"])
         [line] = said(self.events, "archive retention purge: {purged} rows removed")
         self.assertEqual(line["purged"], 1)

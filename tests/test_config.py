@@ -169,7 +169,7 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if typing.get_origin(tp) is dict:
+        if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             # named tables such as [policies.NAME]
             out += _keys(typing.get_args(tp)[1], prefix + f.name + ".<name>.")
             continue
@@ -207,7 +207,8 @@ def _containers(cls: type, prefix: str = "") -> list[str]:
         args = typing.get_args(tp)
         if typing.get_origin(tp) is dict:
             out.append(prefix + f.name)
-            out += _containers(args[1], prefix + f.name + ".<name>.")
+            if dataclasses.is_dataclass(args[1]):
+                out += _containers(args[1], prefix + f.name + ".<name>.")
         elif dataclasses.is_dataclass(tp):
             out += _containers(tp, prefix + f.name + ".")
         elif any(dataclasses.is_dataclass(a) for a in args):

@@ -18,14 +18,14 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
-from fakes_backend import FakeBackend
+from fakes_backend import FakeBackend, poll_until
 from helpers import mount_tmpfs
 from loopback import RawClient, proxy_config, start_proxy, wait_reactor_quiet
 from mppproxy.config.schema import LimitsConfig
@@ -514,6 +514,12 @@ class TmpfsLoopbackTests(unittest.TestCase):
         config = proxy_config(data_dir)
         proxy = start_proxy(self, config)
         await self.warm_up(proxy.port)
+        # The node's own archive store (archivenode/keeper.py) is made in
+        # data_dir at start: filled before it is, its SQLite journal could
+        # give space back under the test.
+        keeper = proxy.service.keeper
+        assert keeper is not None
+        await poll_until(reactor, lambda: keeper.writer.store_ready, 20.0, "the archive store open")
         filler = fill(data_dir)
         msg = b"Subject: m\r\n\r\nbody\r\n.\r\n"
         first = [(b"EHLO client.test\r\n", 250), (b"MAIL FROM:<s@client.test>\r\n", 250),

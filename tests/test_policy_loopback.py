@@ -13,10 +13,11 @@ import smtplib
 import time
 from typing import Any, Optional
 
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from fakes_backend import FakeBackend
+from fakes_backend import FakeBackend, poll_until
 from loopback import CLIENT_TIMEOUT, InProcessProxy, proxy_config, start_proxy, wait_reactor_quiet
 from test_dnsbl import start_dns_server
 
@@ -183,22 +184,23 @@ class DnsblTests(PolicyCase):
 
     async def test_listed_client_over_quarantine_is_held_not_relayed(self) -> None:
         """A listed client scoring over the quarantine threshold gets 250, and the message is
-        held in the archive queue, with the DNS list hit in its state, instead of relayed."""
-        from mppproxy.archive.copies import state_of
+        held (archive queue, then the node's own store), with the DNS list hit in its state,
+        instead of relayed."""
+        from mppproxy.store.store import Search
 
         fake, proxy = self.start(self.dnsbl_policy(11, quarantine=10))
         out = await self.run_session(proxy.port, ("a@example.com",), source="127.0.0.2")
         self.assertEqual(out["data"][0], 250)
         self.assertEqual(fake.messages, [])
-        queue = proxy.service.archive_queue
-        assert queue is not None
-        item = queue.claim()
-        assert item is not None
-        self.addCleanup(queue.finish, item)
-        state = state_of(item.metadata)
-        self.assertEqual((state.recipients, state.verdict, state.score),
+        queue_id = bytes(out["data"][1]).split()[-1].decode()
+        keeper = proxy.service.keeper
+        assert keeper is not None
+        rows = await poll_until(reactor, lambda: keeper.writer.store_ready and keeper.store.search(
+            Search(ref=queue_id)), 20.0, "the held message in the store")
+        self.assertEqual((rows[0].recipients, rows[0].verdict, rows[0].score),
                          (("a@example.com",), "quarantine", 11.0))
-        self.assertIn("dnsbl", [c.name for c in state.checks])
+        state = keeper.store.state(rows[0])
+        self.assertIn("dnsbl", [c["check"] for c in state["checks"]])
 
     async def test_dead_dns_server_scores_nothing_and_mail_flows(self) -> None:
         """With the DNS server silent, the DNS list check times out, scores nothing, and the

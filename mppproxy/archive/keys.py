@@ -32,9 +32,13 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
+from mppproxy.config.archive import key_file_path
 from mppproxy.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mppproxy.config.schema import ProxyConfig
 
 # RFC 2104 section 3: less than L (32 octets for SHA-256) weakens the MAC.
 MIN_KEY_OCTETS = 32
@@ -42,6 +46,8 @@ KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
 # A key file is a few lines; anything larger is not one.
 _MAX_FILE_OCTETS = 64 * 1024
+# The id of the key a node makes for itself (node_keys).
+LOCAL_KEY_ID = "local-1"
 
 
 class KeyFileError(ConfigError):
@@ -192,3 +198,18 @@ def load_or_create_keys(path: str, key_id: str) -> KeyRing:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
     return load_keys(path)
+
+
+def node_keys(config: "ProxyConfig") -> Union[KeyRing, None]:
+    """The archive keys of a node: the archive node's
+    ``archive_node.key_file`` (shared with its edges; None without one), an
+    edge's ``archive.key_file``, or, where an edge or all-in-one node has
+    none, the key file it makes under ``data_dir`` at first start.  They
+    sign the copies' state and the X-MPP-Released mark of released mail,
+    and verify both."""
+    if config.mode == "archive":
+        return load_keys(config.archive_node.key_file) if config.archive_node.key_file else None
+    if config.archive.key_file:
+        return load_keys(config.archive.key_file)
+    path = key_file_path(config.mode, config.archive, config.archive_node, config.data_dir)
+    return load_or_create_keys(path, LOCAL_KEY_ID)

@@ -208,6 +208,9 @@ class CopyWriter:
                 await self._sleep(self.retry_delay, wakeable=False)
                 return True
             self.store_ready = True
+        if self._stopping:
+            # Stopped while the store was opening: claim nothing more.
+            return False
         self._woken = False
         batch = await self._in_thread(self._claim_batch)
         if not batch:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, task
@@ -34,6 +33,7 @@ from mppproxy._async import as_deferred
 from mppproxy.archive.keys import load_keys
 from mppproxy.archive.receiver import ArchiveReceiver, ReceiverContext
 from mppproxy.archive.writer import CopyWriter
+from mppproxy.archivenode.keeper import StoreKeeper
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.listeners import listen_on
@@ -105,6 +105,7 @@ class ArchiveService(ReloadOnHup, TopService):
         self.queue: Optional[DurableQueue] = None
         self.store: Optional[ArchiveStore] = None
         self.writer: Optional[CopyWriter] = None
+        self.keeper: Optional[StoreKeeper] = None
         self.ctx: Optional[ReceiverContext] = None
         self._loops: list[task.LoopingCall] = []
         # The queue directory and store settings opened at start.
@@ -122,17 +123,17 @@ class ArchiveService(ReloadOnHup, TopService):
         config = self.config
         os.makedirs(config.data_dir, exist_ok=True)
         os.makedirs(spool_directory(config), mode=0o700, exist_ok=True)
-        threadpool = self.reactor.getThreadPool()
         node = config.archive_node
         # Blocking, once, before anything listens: the receiver needs the
         # queue, and items a dead process held go back first.
         self.queue = DurableQueue(queue_directory(config))
         self.queue.open()
-        self.store = ArchiveStore(config.store, config.data_dir)
+        # The store, its writer and the retention purge: the same parts an
+        # all-in-one node runs on its own queue (archivenode/keeper.py).
+        self.keeper = StoreKeeper(self.reactor, config, self.queue)
+        self.store, self.writer = self.keeper.store, self.keeper.writer
         self._opened = (queue_directory(config), config.store, config.data_dir)
-        self.writer = CopyWriter(self.reactor, threadpool, self.queue, self.store,
-                                 batch=node.writer_batch, retry_delay=node.writer_retry)
-        self.writer.start()
+        self.keeper.start()
         hostname = config.smtp.hostname or socket.getfqdn()
         self.ctx = self._context(config)
         ctx = self.ctx
@@ -142,13 +143,9 @@ class ArchiveService(ReloadOnHup, TopService):
                                       hostname=hostname)
         for desc in node.listen:
             self._listen(desc)
-        purge = task.LoopingCall(self._purge)
-        purge.clock = self.reactor
         stats = task.LoopingCall(self._log_stats)
         stats.clock = self.reactor
-        self._loops = [purge, stats]
-        # The first purge after an interval: the store may still be opening.
-        purge.start(config.store.purge_interval, now=False)
+        self._loops = [stats]
         stats.start(STATS_INTERVAL, now=False)
         self.reload_on_hup()
         log.info("mppproxy archive node starting: edges {edges}, queue {queue}",
@@ -179,6 +176,8 @@ class ArchiveService(ReloadOnHup, TopService):
             log.warn("archive node: a new queue directory, data directory or [store] "
                      "takes a restart; the running ones are kept")
         self.ctx = ctx
+        if self.keeper is not None:
+            self.keeper.config = config  # retention and purge settings apply at once
         self.factory.config = config
         self.factory.make_handler = lambda: ArchiveReceiver(ctx)
         self.factory.tls_context = tls
@@ -206,38 +205,11 @@ class ArchiveService(ReloadOnHup, TopService):
         return d
 
     async def _stop_the_rest(self) -> None:
-        if self.writer is not None:
-            await self.writer.stop()
-        threadpool = self.reactor.getThreadPool()
+        if self.keeper is not None:
+            await self.keeper.stop()
         if self.queue is not None:
             self.queue.close()
-        if self.store is not None and self.writer is not None and self.writer.store_ready:
-            try:
-                await deferToThreadPool(self.reactor, threadpool, self.store.close)
-            except Exception:
-                log.failure("closing the archive store")
         await defer.maybeDeferred(super().stopService)
-
-    # -- beside the copies
-
-    def _purge(self) -> defer.Deferred[None]:
-        """One retention purge, in the thread pool; a failure is logged and
-        the next interval tries again (LoopingCall stops on an error)."""
-        return as_deferred(self._purge_once())
-
-    async def _purge_once(self) -> None:
-        if self.store is None or self.writer is None or not self.writer.store_ready:
-            return
-        store = self.config.store
-        try:
-            purged = await deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self.store.purge, time.time(),
-                store.retention_days, dict(store.retention_domains), store.purge_batch)
-        except Exception as e:
-            log.error("archive retention purge failed: {error}", error=f"{type(e).__name__}: {e}"[:500])
-            return
-        if purged:
-            log.info("archive retention purge: {purged} rows removed", purged=purged)
 
     def _log_stats(self) -> defer.Deferred[None]:
         return as_deferred(self._log_stats_once())
