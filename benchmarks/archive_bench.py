@@ -43,7 +43,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from sqlalchemy import create_engine, delete, func, insert, select  # noqa: E402
+from sqlalchemy import create_engine, delete, func, insert, inspect, select  # noqa: E402
 
 from mppproxy.archive.state import CopyState, encode_state  # noqa: E402
 from mppproxy.results import Disposition  # noqa: E402
@@ -54,6 +54,8 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 MARIADB_URL = "mysql+pymysql://test:test@127.0.0.1:3306/test"
 START_TIMEOUT = 60.0
 RAW_BATCH = 500
+# archive_node.writer_batch of the edge's own writer (all-in-one path).
+WRITER_BATCH = int(os.environ.get("MPP_BENCH_WRITER_BATCH", "500"))
 
 
 def free_port() -> int:
@@ -109,6 +111,13 @@ def start(args: list[str], workdir: str, name: str) -> tuple[subprocess.Popen[by
     return proc, log
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -128,12 +137,23 @@ def empty_store(url: str) -> None:
     engine.dispose()
 
 
-def stored_rows(engine: Any) -> int:
+def inspect_tables(engine: Any) -> bool:
     with engine.connect() as conn:
+        return bool(inspect(conn).has_table(schema.TABLES.messages.name))
+
+
+def stored_rows(engine: Any) -> int:
+    """Rows stored so far (0 while the writer has not made the tables yet)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(schema.TABLES.messages.name):
+            return 0
         return int(conn.execute(select(func.count()).select_from(schema.TABLES.messages)).scalar_one())
 
 
-def path_rate(store_url: str, size: int, count: int, workdir: str) -> float:
+def path_rate(store_url: str, size: int, count: int, workdir: str, connections: int,
+              local: bool) -> tuple[float, float, float]:
+    """Copies/s, and the edge's and the node's CPU ms per copy.  ``local``:
+    no archive node, the edge's own writer stores its queue (all-in-one)."""
     keys = os.path.join(workdir, "archive.keys")
     with open(keys, "w") as f:
         f.write("bench = " + base64.b64encode(os.urandom(32)).decode() + "\n")
@@ -151,16 +171,29 @@ def path_rate(store_url: str, size: int, count: int, workdir: str) -> float:
     edge_cfg = os.path.join(workdir, "edge.toml")
     with open(edge_cfg, "w") as f:
         f.write(f'data_dir = "{workdir}/edge"\nlisten = ["tcp:{edge_port}:interface=127.0.0.1"]\n'
-                f'[archive]\nnode = "127.0.0.1:{node_port}"\nkey_file = "{keys}"\n'
-                f'queue_dir = "{queue_dir}"\nnode_name = "edge.test"\nretry_base = 1.0\n')
+                + (f'[store]\nurl = "{store_url}"\n[archive]\n' if local else
+                   f'[archive]\nnode = "127.0.0.1:{node_port}"\n')
+                + f'key_file = "{keys}"\n'
+                f'queue_dir = "{queue_dir}"\nnode_name = "edge.test"\nretry_base = 1.0\n'
+                f'connections = {connections}\n'
+                f'[archive_node]\nwriter_batch = {WRITER_BATCH}\n')
     empty_store(store_url)
     engine = create_engine(store_url)
-    node, node_log = start(["--config", node_cfg], workdir, "node")
+    node = None if local else start(["--config", node_cfg], workdir, "node")[0]
     edge = None
     try:
-        wait_banner(node_port, node, node_log)
+        if node is not None:
+            wait_banner(node_port, node, os.path.join(workdir, "node.log"))
         edge, edge_log = start(["--config", edge_cfg], workdir, "edge")
         t0 = wait_banner(edge_port, edge, edge_log)
+        if local:
+            # From the moment the writer's store is open (its tables exist):
+            # the raw rate does not count making the tables either.
+            opened = time.monotonic() + START_TIMEOUT
+            while not inspect_tables(engine) and time.monotonic() < opened:
+                time.sleep(0.01)
+            t0 = time.monotonic()
+        cpu0 = (cpu_seconds(edge.pid), cpu_seconds(node.pid) if node is not None else 0.0)
         deadline = time.monotonic() + max(120.0, count * size / 2e6)
         n = 0
         while time.monotonic() < deadline:
@@ -171,11 +204,15 @@ def path_rate(store_url: str, size: int, count: int, workdir: str) -> float:
         elapsed = time.monotonic() - t0
         if n < count:
             raise SystemExit(f"only {n} of {count} stored in {elapsed:.0f} s; logs in {workdir}")
-        return count / elapsed
+        edge_ms = (cpu_seconds(edge.pid) - cpu0[0]) * 1000 / count
+        node_ms = ((cpu_seconds(node.pid) - cpu0[1]) * 1000 / count
+                   if node is not None else 0.0)
+        return count / elapsed, edge_ms, node_ms
     finally:
         if edge is not None:
             stop(edge)
-        stop(node)
+        if node is not None:
+            stop(node)
         engine.dispose()
 
 
@@ -227,10 +264,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,262144")
     parser.add_argument("--stores", default="sqlite,mariadb")
     parser.add_argument("--mariadb-url", default=os.environ.get("MPP_MARIADB_URL", MARIADB_URL))
+    parser.add_argument("--connections", type=int, default=4,
+                        help="archive.connections of the edge (the forwarder's)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     a = parser.parse_args()
-    print("| store | size | copies | path copies/s | raw rows/s | path / raw |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| store | size | path | copies | copies/s | edge CPU ms/copy | node CPU ms/copy "
+          "| raw rows/s | copies / raw |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for store in a.stores.split(","):
         for size in (int(s) for s in a.sizes.split(",")):
             count = a.count or (2000 if size <= 65536 else 300)
@@ -239,14 +279,19 @@ def main() -> None:
                    else f"sqlite:///{workdir}/node/archive.sqlite")
             os.makedirs(os.path.join(workdir, "node"), exist_ok=True)
             try:
-                path = path_rate(url, size, count, workdir)
                 raw = raw_rate(url if store == "mariadb"
                                else f"sqlite:///{workdir}/raw.sqlite", size, count)
+                for local in (True, False):
+                    path, edge_ms, node_ms = path_rate(url, size, count, workdir,
+                                                       a.connections, local)
+                    shutil.rmtree(os.path.join(workdir, "edge-queue"), ignore_errors=True)
+                    print(f"| {store} | {size // 1024} KiB | "
+                          f"{'edge queue -> own writer' if local else 'edge -> ESMTP -> node'} | "
+                          f"{count} | {path:,.0f} | {edge_ms:.2f} | "
+                          f"{node_ms:.2f} | {raw:,.0f} | {path / raw:.2f} |", flush=True)
             finally:
                 if not a.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
-            print(f"| {store} | {size // 1024} KiB | {count} | {path:,.0f} | {raw:,.0f} | "
-                  f"{path / raw:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,5 +6,7 @@ edge ``copies.py`` (held messages and archive copies into the durable
 queue), ``forwarder.py`` (the queue to the archive node over ESMTP) and
 ``released.py`` (the mark of a released message); on the archive node
 ``receiver.py`` (verified copies into its queue) and ``writer.py`` (a queue
-into the store, also the edge's own in all-in-one mode).
+into the store, also the edge's own in all-in-one mode).  Releasing is
+``mppproxy/release.py``; the store, its writer and purge together are
+``mppproxy/archivenode/keeper.py``.
 """

@@ -368,7 +368,10 @@ class Forwarder:
     async def _outcome(self, item: QueueItem, state: CopyState, reply: Reply,
                        final: bool) -> None:
         if final and reply.is_positive:
-            await self._settle(item, "finish", self.queue.finish, item)
+            # The node took it.  Its store is idempotent on node + queue id,
+            # so a removal a power cut undoes costs one more send that stores
+            # nothing: no directory sync per copy (spool/queue.finish_many).
+            await self._settle(item, "finish", self.queue.finish_many, [item], False)
             log.info("archive copy of message {queue_id} taken by {node}: {reply}",
                      queue_id=state.queue_id, item_id=item.id, node=self.node,
                      reply=str(reply))
