@@ -63,6 +63,10 @@ MAX_BATCH_BYTES = 32 * 1024 * 1024
 # Seconds between looks at an idle queue: another process may enqueue
 # (all-in-one workers), and handed-back items fall due, without a wake().
 POLL_INTERVAL = 1.0
+# Seconds the writer waits after a batch that emptied the queue before it
+# claims again: copies queued meanwhile go into one transaction (the client
+# has its 250 already; only the row appears this much later).
+LINGER = 0.05
 
 # Errors that may mean "the store is not there": a connection refused or
 # lost, a server gone away, a pool that cannot give a connection.  Whether
@@ -127,6 +131,7 @@ class CopyWriter:
     def __init__(self, reactor: Any, threadpool: Any, queue: DurableQueue, store: CopyStore,
                  batch: int = 100, retry_delay: float = 5.0, *,
                  max_batch_bytes: int = MAX_BATCH_BYTES, poll_interval: float = POLL_INTERVAL,
+                 linger: float = LINGER,
                  clock: Callable[[], float] = time.time):
         self.reactor = reactor
         self.threadpool = threadpool
@@ -136,6 +141,9 @@ class CopyWriter:
         self.retry_delay = retry_delay
         self.max_batch_bytes = max_batch_bytes
         self.poll_interval = poll_interval
+        self.linger = linger
+        # The last batch took as many copies as a batch may: more wait.
+        self._last_full = False
         self._clock = clock
         # True once store.open() succeeded.
         self.store_ready = False
@@ -195,6 +203,12 @@ class CopyWriter:
                 continue
             if not busy:
                 await self._sleep(self.poll_interval, wakeable=True)
+            if self.linger and not self._last_full:
+                # The queue was drained (or a copy just woke us): let more
+                # arrive, so one transaction takes them together.  A commit
+                # per copy costs a database fsync each and, on a busy edge
+                # with its own writer, the relay's CPU.
+                await self._sleep(self.linger, wakeable=False)
 
     async def _step(self) -> bool:
         """One batch; False when there was nothing to do."""
@@ -213,6 +227,7 @@ class CopyWriter:
             return False
         self._woken = False
         batch = await self._in_thread(self._claim_batch)
+        self._last_full = len(batch) >= self.batch
         if not batch:
             if self._down_since is not None and self.store_ready:
                 # Opened again, and nothing waited.
