@@ -222,6 +222,7 @@ class CopyWriter:
                 await self._sleep(self.retry_delay, wakeable=False)
                 return True
             self.store_ready = True
+            log.info("archive store open: {store}", store=getattr(self.store, "display_url", ""))
         if self._stopping:
             # Stopped while the store was opening: claim nothing more.
             return False

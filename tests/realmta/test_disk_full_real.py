@@ -142,6 +142,11 @@ def test_all_in_one_full_disk_452_session_answers_then_delivers(
         token = uuid.uuid4().hex
         with _start(proxy_process, tmp_path, config, "--data-dir", data_dir) as proxy:
             _warm_up(proxy.port)
+            # The node's own archive store is made under data_dir at start
+            # (archivenode/keeper.py): filled before it is open, its SQLite
+            # journal could give space back under the test.
+            wait_for(lambda: "archive store open" in proxy.log_text(), 30,
+                     what="the archive store open")
             filler = fill(data_dir)
             c = RawClient(proxy.port)
             try:
