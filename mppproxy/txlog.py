@@ -77,6 +77,7 @@ def log_transaction(session: Session, txn: Transaction, action: Disposition,
         # DATA (down, timeout, over max_size, garbage, not sent); {} when
         # all answered or nothing was scanned.
         scan_skipped=txn.scan_skipped or {},
+        archive_item=txn.archive_item,
         timings=timings,
         policy=record.policy if record is not None else None,
         score=round(record.score, 2) if record is not None else None,

@@ -236,6 +236,21 @@ class CopyTests(EdgeCase):
         self.assertEqual((logged["errno"], logged["disposition"]), (errno.ENOSPC, "relay"))
         [transaction] = [e for e in events.events if e.get("mpp_event") == "transaction"]
         self.assertEqual(logged["queue_id"], transaction["queue_id"])
+        self.assertIsNone(transaction["archive_item"])
+
+    async def test_the_log_line_names_the_archive_item(self) -> None:
+        """The transaction's log line names the queue item that holds a held message, and the one of a copy kept by copy-all."""
+        fake, proxy = self.start(ArchiveConfig(copy="all"), POLICY)
+        events = Events(self)
+        for message in (SPAM, CLEAN):
+            code, text = await self.send(proxy, message=message)
+            self.assertEqual(code, 250, text)
+        queue = proxy.service.archive_queue
+        assert queue is not None
+        items = {name.split("_")[1] for name in queued(queue)}
+        logged = [e for e in events.events if e.get("mpp_event") == "transaction"]
+        self.assertEqual([e["action"] for e in logged], ["quarantine", "relay"])
+        self.assertEqual({e["archive_item"] for e in logged}, items)
 
 
 class ForwardingTests(EdgeCase):

@@ -45,6 +45,7 @@ async def hold(archive: ArchiveCopies, session: Session, txn: Transaction,
     except OSError as e:
         # DurableQueue.enqueue removed what it wrote: nothing is visible.
         return not_stored(session, txn, e, "quarantine")
+    txn.archive_item = item_id
     log.info("message {queue_id} held as archive queue item {item_id}", queue_id=txn.id,
              item_id=item_id, session_id=session.id)
     return Reply(250, "2.0.0", f"Ok: queued as {txn.id}")
@@ -67,7 +68,7 @@ async def keep_copy(archive: ArchiveCopies, session: Session, txn: Transaction,
     on disk (a crash right after the reply loses neither)."""
     state = copy_state(archive.node, session, txn, verdict, received, disposition)
     try:
-        await archive.enqueue(message, state)
+        txn.archive_item = await archive.enqueue(message, state)
     except OSError as e:
         log.error("archive copy of message {queue_id} NOT kept ({disposition} already "
                   "acknowledged): the queue write failed on {path}: {error} (errno {errno})",

@@ -75,6 +75,9 @@ class StageRecord:
     refusals: Optional[list[tuple[str, str, Reply]]] = None
     # Scanner -> "kind: reason" of each scanner not consulted after DATA.
     scan_skipped: Optional[dict[str, str]] = None
+    # The archive queue item that holds this message or its archive copy
+    # (actions/quarantine.py), for the log line; None when none was kept.
+    archive_item: Optional[str] = None
 
 
 @dataclass
