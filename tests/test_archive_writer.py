@@ -200,6 +200,24 @@ class WriterTests:
         self.assertEqual(writer.stored, 5)
         self.assertFalse(said(self.events, "archive store unavailable"))
 
+    async def test_a_stop_mid_drain_leaves_every_copy_stored_or_queued_uncounted(self) -> None:
+        """Stopped while it drains a long queue (the next batch claimed ahead of the one being stored): each copy is either stored or back in new/ with no attempt counted, and nothing stays claimed."""
+        store = self.make_store()
+        for i in range(60):
+            self.enqueue(f"M{i:02d}", recipients=("bob@example.com",))
+        writer = self.start_writer(store, batch=4, linger=0.0)
+        await wait_until(lambda: writer.stored >= 8, "a few batches stored")
+        await writer.stop()
+        stored = {r.queue_id for r in await self.rows(store)}
+        waiting = self.new_names()
+        self.assertEqual(len(stored) + len(waiting), 60, (len(stored), len(waiting)))
+        self.assertEqual(os.listdir(os.path.join(self.queue.directory, "claimed")), [])
+        # <due>_<id>_<attempts>_<recoveries>: handed back, never counted.
+        self.assertEqual({name.split("_")[2] for name in waiting} - {"0"}, set())
+        writer.start()
+        await wait_until(lambda: self.depth() == 0, "the rest stored after a restart")
+        self.assertEqual(len({r.queue_id for r in await self.rows(store)}), 60)
+
     async def test_wake_stores_a_new_copy_before_the_next_poll(self) -> None:
         """A copy queued while the writer idles is stored at once after wake(), not at the next poll."""
         store = self.make_store()
