@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 import zlib
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -34,7 +35,7 @@ from test_db_stores import require_mariadb
 from mppproxy import cli
 from mppproxy.config.archive import StoreConfig
 from mppproxy.store import (ArchiveStore, NewCopy, NotReleasing, RawMissing, SchemaNotCurrent,
-                            Search, StoredRow)
+                            Search, StoredRow, StoreError)
 from mppproxy.store import migrate
 from mppproxy.store.schema import SUBJECT_LENGTH
 from mppproxy.store.store import ORPHAN_AGE, ZLIB_LEVEL, raw_key_for
@@ -484,6 +485,108 @@ def test_concurrent_claims_from_two_processes_have_one_winner(stores: Stores) ->
     assert [p.returncode for p in procs] == [0, 0], [o[1].decode()[-2000:] for o in outs]
     won = [int(x) for o in outs for x in o[0].decode().strip().split(",") if x]
     assert sorted(won) == ids
+
+
+# -- stuck releases ------------------------------------------------------------------
+
+def age_claims(store: ArchiveStore, row_id: int, seconds: float) -> None:
+    """Move the "release-claim" audit rows of ``row_id`` ``seconds`` into the
+    past, as if the claiming process had died that long ago."""
+    a = store.tables.audit
+    with store.engine.begin() as conn:
+        for audit_id, at in conn.execute(select(a.c.id, a.c.at).where(
+                a.c.row_id == row_id, a.c.action == "release-claim")).all():
+            conn.execute(a.update().where(a.c.id == audit_id)
+                         .values(at=at - timedelta(seconds=seconds)))
+
+
+def test_stuck_release_older_than_the_threshold_is_reset(store: ArchiveStore) -> None:
+    """A row left in releasing by a claim 40 minutes old goes back to held
+    with a "release-reset" audit row naming the claim and warning that the
+    message may have been delivered; a claim of 5 minutes is left alone;
+    a second reset finds nothing; the row can be released again."""
+    store.add_copies([copy(1), copy(2)])
+    old, young = sorted(store.search(Search()), key=lambda r: r.queue_id)
+    assert store.claim_release(old.id, "ann", "cli:ann@laptop") is not None
+    assert store.claim_release(young.id, "bob", "cli:bob@host") is not None
+    age_claims(store, old.id, 40 * 60)
+    age_claims(store, young.id, 5 * 60)
+    stuck = store.stuck_releases(Search(), 30 * 60)
+    assert [s.row.id for s in stuck] == [old.id] and stuck[0].claimed_by == "ann"
+    reset = store.reset_stuck_releases(Search(), 30 * 60, "carol", "cli:carol@host")
+    assert [(r.id, r.status) for r in reset] == [(old.id, "held")]
+    assert store.get(young.id).status == "releasing"  # type: ignore[union-attr]
+    last = store.audit_rows(limit=1)[0]
+    assert (last["action"], last["row_id"], last["actor"], last["origin"]) == (
+        "release-reset", old.id, "carol", "cli:carol@host")
+    assert "claimed at" in last["detail"] and "by ann (cli:ann@laptop)" in last["detail"]
+    assert "did not finish" in last["detail"]
+    assert "may already have been delivered" in last["detail"]
+    assert store.reset_stuck_releases(Search(), 30 * 60, "carol", "cli") == []
+    assert store.claim_release(old.id, "carol", "cli") is not None
+    # The young claim is stuck too once it is older than the threshold.
+    later = time.time() + 26 * 60
+    assert [r.id for r in store.reset_stuck_releases(Search(), 30 * 60, "carol", "cli",
+                                                     now=later)] == [young.id]
+
+
+def test_fresh_claim_is_never_reset(store: ArchiveStore) -> None:
+    """A release that is still running (claimed a second ago) is not reset,
+    nor listed as stuck, whatever the filters; a row in releasing with no
+    claim audit row at all counts as stuck."""
+    store.add_copies([copy(1), copy(2)])
+    running, orphan = sorted(store.search(Search()), key=lambda r: r.queue_id)
+    assert store.claim_release(running.id, "ann", "cli") is not None
+    m = store.tables.messages
+    with store.engine.begin() as conn:  # releasing, but its claim was never audited
+        conn.execute(m.update().where(m.c.id == orphan.id).values(status="releasing"))
+    assert [s.row.id for s in store.stuck_releases(Search(), 30 * 60)] == [orphan.id]
+    assert store.stuck_releases(Search(), 30 * 60)[0].claimed_at is None
+    assert store.reset_stuck_releases(Search(ref="Q000001"), 30 * 60, "bob", "cli") == []
+    reset = store.reset_stuck_releases(Search(), 30 * 60, "bob", "cli")
+    assert [r.id for r in reset] == [orphan.id]
+    assert "no claim recorded" in store.audit_rows(limit=1)[0]["detail"]
+    assert store.get(running.id).status == "releasing"  # type: ignore[union-attr]
+    store.finish_release(running.id, "ann", "cli", True, "250 ok")  # it finishes normally
+    with pytest.raises(StoreError):
+        store.reset_stuck_releases(Search(), -1, "bob", "cli")
+
+
+def test_concurrent_resets_reset_each_row_once(stores: Stores) -> None:
+    """Two threads (each with its own engine) resetting the same 20 stuck
+    rows at the same moment: each row is reset by exactly one of them, with
+    one "release-reset" audit row."""
+    first, second = stores.make(), stores.make()
+    first.add_copies([copy(i) for i in range(20)])
+    ids = sorted(r.id for r in first.search(Search(limit=100)))
+    for row_id in ids:
+        assert first.claim_release(row_id, "gone", "cli:gone@laptop") is not None
+    later = time.time() + 3600
+    barrier = threading.Barrier(2, timeout=30)
+    reset: dict[str, list[int]] = {"first": [], "second": []}
+    errors: list[BaseException] = []
+
+    def run(name: str, s: ArchiveStore) -> None:
+        try:
+            barrier.wait()
+            for row_id in ids:  # row by row, so the two really interleave
+                for row in s.reset_stuck_releases(Search(ids=(row_id,)), 1800, name, "test",
+                                                  now=later):
+                    reset[name].append(row.id)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n, s))
+               for n, s in (("first", first), ("second", second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(reset["first"] + reset["second"]) == ids
+    audits = [a for a in first.audit_rows(limit=1000) if a["action"] == "release-reset"]
+    assert sorted(a["row_id"] for a in audits) == ids
+    assert {r.status for r in first.search(Search(limit=100))} == {"held"}
 
 
 # -- delete, hold, audit ------------------------------------------------------------

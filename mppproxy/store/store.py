@@ -25,6 +25,14 @@ the issue's "nothing stored twice"):
 * ``claim_release`` moves one row from held to releasing with a single
   conditional UPDATE: of two admins releasing at once, one wins (the
   issue's exactly-once release; Proxmox MG bug #6126).
+* ``reset_stuck_releases`` is the way out for a row whose releasing
+  process died between claim and finish (SIGKILL, power cut, a laptop
+  closed): a row in releasing whose newest "release-claim" audit row is
+  older than a threshold goes back to held, audited "release-reset".  The
+  same kind of conditional UPDATE decides (still releasing, and no claim
+  newer than the threshold), so a release still running is never reset and
+  two resets at once reset a row once.  What it cannot know is whether the
+  dead release had already delivered; its audit row says so.
 """
 from __future__ import annotations
 
@@ -77,6 +85,9 @@ ADD_TRIES = 3
 # SQLite's limit on bound values per statement is 32766 (3.32+); IN
 # lists stay well below it.
 IN_CHUNK = 500
+# The audit actions of a release's claim and of its reset (reset_stuck_releases).
+CLAIM_ACTION = "release-claim"
+RESET_ACTION = "release-reset"
 
 
 class StoreError(Exception):
@@ -150,6 +161,28 @@ class StoredRow:
         out["received_iso"] = _iso(self.received)
         out["released_at_iso"] = _iso(self.released_at) if self.released_at is not None else None
         return out
+
+
+@dataclass(frozen=True)
+class StuckRelease:
+    """A row left in releasing, with its newest claim ("release-claim"
+    audit row; all None when there is none)."""
+
+    row: StoredRow
+    claimed_at: Optional[float]
+    claimed_by: Optional[str]  # the claim's actor
+    claimed_from: Optional[str]  # the claim's origin
+
+    def detail(self) -> str:
+        """What the reset's audit row (and the CLI's line) says."""
+        if self.claimed_at is None:
+            claim = "the release of this row (no claim recorded)"
+        else:
+            when = datetime.fromtimestamp(self.claimed_at, timezone.utc)
+            claim = (f"the release claimed at {when:%Y-%m-%d %H:%M:%S} UTC by "
+                     f"{self.claimed_by} ({self.claimed_from})")
+        return (f"{claim} did not finish; reset to held: the message may already have "
+                f"been delivered")
 
 
 @dataclass(frozen=True)
@@ -584,7 +617,7 @@ class ArchiveStore:
                 return None
             row = _stored(conn.execute(select(*self._row_columns())
                                        .where(m.c.id == row_id)).one())
-            self._audit(conn, actor, origin, "release-claim", row, "")
+            self._audit(conn, actor, origin, CLAIM_ACTION, row, "")
         return row
 
     def finish_release(self, row_id: int, actor: str, origin: str, ok: bool, detail: str) -> None:
@@ -601,17 +634,121 @@ class ArchiveStore:
                                        .where(m.c.id == row_id)).one())
             self._audit(conn, actor, origin, "release" if ok else "release-failed", row, detail)
 
+    # -- stuck releases ----------------------------------------------------------
+
+    def stuck_releases(self, s: Search, older_than: float,
+                       now: Optional[float] = None) -> list[StuckRelease]:
+        """The rows matching ``s`` that ``reset_stuck_releases`` would
+        reset now (a dry run), oldest id first; changes nothing."""
+        cutoff = self._stuck_cutoff(older_than, now)
+        m = self.tables.messages
+        found: list[StuckRelease] = []
+        after = 0
+        for _ in range(1_000_000):  # bounded: each pass moves `after` on
+            with self._read() as conn:
+                rows = self._matching_ids(conn, s, [m.c.status == RELEASING], after, lock=False)
+                if not rows:
+                    break
+                after = rows[-1].id
+                found.extend(self._stuck_of(conn, rows, cutoff))
+            if len(rows) < CHANGE_BATCH:
+                break
+        return found
+
+    def reset_stuck_releases(self, s: Search, older_than: float, actor: str, origin: str,
+                             now: Optional[float] = None) -> list[StoredRow]:
+        """releasing -> held for the rows matching ``s`` (limit and paging
+        ignored, as the bulk forms do) whose newest release claim is older
+        than ``older_than`` seconds before ``now``, or that have no claim
+        audit row at all: their releasing process died between
+        ``claim_release`` and ``finish_release``.  One "release-reset"
+        audit row each (``StuckRelease.detail``).  Returns the rows reset,
+        now held.
+
+        Per row, one conditional UPDATE decides (status still releasing,
+        no claim at or after the cutoff): a release still running, or
+        claimed again since the row was read, is left alone, and of two
+        resets at once only one changes the row (rowcount, as in
+        ``claim_release``).  On MariaDB the rows are also locked (SELECT
+        ... FOR UPDATE) from the read to the commit.  Claim times are the
+        claiming host's clock: with MariaDB shared by several hosts, keep
+        ``older_than`` well above their clock differences."""
+        cutoff = self._stuck_cutoff(older_than, now)
+        m, a = self.tables.messages, self.tables.audit
+        reset: list[StoredRow] = []
+        after = 0
+        for _ in range(1_000_000):  # bounded: each pass moves `after` on
+            with self._write() as conn:
+                rows = self._matching_ids(conn, s, [m.c.status == RELEASING], after)
+                if not rows:
+                    break
+                after = rows[-1].id
+                for stuck in self._stuck_of(conn, rows, cutoff):
+                    row = stuck.row
+                    # The audit's queue_id index finds the row's claims
+                    # (there is none on row_id).
+                    fresh = (select(a.c.id)
+                             .where(a.c.queue_id == row.queue_id, a.c.row_id == row.id,
+                                    a.c.action == CLAIM_ACTION, a.c.at >= cutoff)
+                             .exists())
+                    changed = conn.execute(update(m).where(m.c.id == row.id,
+                                                           m.c.status == RELEASING, ~fresh)
+                                           .values(status=HELD)).rowcount
+                    if changed != 1:
+                        continue  # another reset was first, or a release claimed it anew
+                    now_held = _stored(conn.execute(select(*self._row_columns())
+                                                    .where(m.c.id == row.id)).one())
+                    self._audit(conn, actor, origin, RESET_ACTION, now_held, stuck.detail())
+                    reset.append(now_held)
+            if len(rows) < CHANGE_BATCH:
+                break
+        return reset
+
+    @staticmethod
+    def _stuck_cutoff(older_than: float, now: Optional[float]) -> datetime:
+        if older_than < 0:
+            raise StoreError(f"older_than must not be negative ({older_than:g} seconds)")
+        return _utc((time.time() if now is None else now) - older_than)
+
+    def _stuck_of(self, conn: Connection, rows: Sequence[Row[Any]],
+                  cutoff: datetime) -> list[StuckRelease]:
+        """Those of ``rows`` (in releasing) whose newest claim is before
+        ``cutoff``, or that have none."""
+        a = self.tables.audit
+        ids = {int(row.id) for row in rows}
+        # row id -> (at, audit id, actor, origin) of its newest claim
+        newest: dict[int, tuple[datetime, int, str, str]] = {}
+        for chunk in _chunks(sorted({row.queue_id for row in rows}), IN_CHUNK):
+            query = (select(a.c.id, a.c.row_id, a.c.at, a.c.actor, a.c.origin)
+                     .where(a.c.queue_id.in_(chunk), a.c.action == CLAIM_ACTION))
+            for audit_id, row_id, at, actor, origin in conn.execute(query):
+                if row_id is None or int(row_id) not in ids:
+                    continue  # the same reference's row for another domain or node
+                claim = (at, int(audit_id), actor, origin)
+                best = newest.get(int(row_id))
+                if best is None or claim[:2] > best[:2]:
+                    newest[int(row_id)] = claim
+        out: list[StuckRelease] = []
+        for row in rows:
+            found = newest.get(int(row.id))
+            if found is None:
+                out.append(StuckRelease(_stored(row), None, None, None))
+            elif found[0] < cutoff:
+                out.append(StuckRelease(_stored(row), _epoch(found[0]), found[2], found[3]))
+        return out
+
     # -- delete, hold ----------------------------------------------------------
 
     def _matching_ids(self, conn: Connection, s: Search, extra: list[ColumnElement[bool]],
-                      after: int) -> list[Row[Any]]:
+                      after: int, lock: bool = True) -> list[Row[Any]]:
         """Up to CHANGE_BATCH rows matching ``s`` (limit and paging
-        ignored: the bulk forms act on every match), locked on MariaDB."""
+        ignored: the bulk forms act on every match), locked on MariaDB
+        (unless ``lock`` is false: a read that changes nothing)."""
         m = self.tables.messages
         query: Select[Any] = (select(*self._row_columns())
                               .where(*self._where(s), *extra, m.c.id > after)
                               .order_by(m.c.id).limit(CHANGE_BATCH))
-        if self._mysql:
+        if self._mysql and lock:
             query = query.with_for_update()
         return list(conn.execute(query))
 
