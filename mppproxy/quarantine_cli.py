@@ -1,5 +1,5 @@
-"""``mppproxy quarantine``: list, show, delete, hold and export what the
-archive store keeps (issue 12, "Operations on the store").
+"""``mppproxy quarantine``: list, show, release, forward, delete, hold and
+export what the archive store keeps (issue 12, "Operations on the store").
 
 Floor 4 (entry points): ``cli.py`` hands the ``quarantine`` subcommand here;
 this module reads the configuration, opens the store (``mppproxy/store/``)
@@ -13,6 +13,12 @@ Subcommands (``mppproxy quarantine COMMAND --help`` for each)::
     list    the newest matching rows, one line each (--json: an array)
     show    every field and the stored state of the selected rows; --raw adds
             the message (alone, as stored, without --json)
+    release re-scan the selected held rows and deliver each once through its
+            route (mppproxy/release.py); --stuck [MINUTES] first puts back to
+            held the selected rows left in "releasing" by a release that died
+            (claimed more than MINUTES ago, default 30), warning that each may
+            already have been delivered, and releases those
+    forward a copy of the selected rows to other addresses
     delete  mark the selected rows deleted (rows on legal hold are kept)
     hold    put the selected rows on legal hold (--off lifts it)
     export  the selected messages as an mbox (mboxrd) or a zip of .eml files
@@ -34,6 +40,11 @@ Exit status, for scripts:
        action without a filter, an output file that cannot be written
     3  the store is unavailable: database down, schema not current, SQLite
        file missing (the message names the store, never its password)
+    4  release/forward: some selected rows could not be done (refused by the
+       re-scan, deferred, refused by the route); each line says why.
+       release exits 0 when every row was delivered, 1 when there was
+       nothing to do (nothing held, every row taken by someone else; with
+       --stuck, no stuck row)
 
 Adding a subcommand (``release`` and ``forward`` come this way): one
 function ``(Context, argparse.Namespace) -> int`` and one ``_add_*``
@@ -67,7 +78,8 @@ from mppproxy.config.errors import ConfigError
 from mppproxy.config.load import load
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.store.migrate import MigrationLockTimeout
-from mppproxy.store.store import ArchiveStore, RawMissing, Search, StoredRow, StoreError
+from mppproxy.store.store import (ArchiveStore, RawMissing, Search, StoredRow, StoreError,
+                                  StuckRelease)
 
 EXIT_OK = 0
 EXIT_NOTHING = 1
@@ -100,6 +112,12 @@ MPP_HOME_ENV = "MPP_HOME"
 DEFAULT_DATA_DIR = "./mppproxy-data"
 # Seconds between progress bar redraws (a terminal is slow to scroll).
 PROGRESS_INTERVAL = 0.1
+# release --stuck: minutes after its claim that a row still in "releasing"
+# is taken for the leftover of a release that died.  A live release is a
+# connection and a handful of SMTP steps of at most release.py's
+# ROUTE_TIMEOUT (60 s) each, and a re-scan bounded by the engines'
+# timeouts: far less than this.
+STUCK_MINUTES = 30.0
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
@@ -972,21 +990,138 @@ def _add_export(sub: Any) -> None:
 
 def _release(ctx: Context, args: argparse.Namespace) -> int:
     """Release the selected held rows (mppproxy/release.py says how: claim,
-    re-scan, re-inject through the route, mark, audit)."""
-    require_selection(args, "release")
+    re-scan, re-inject through the route, mark, audit); with ``--stuck``,
+    the selected rows a dead release left in releasing (``_release_stuck``)."""
+    require_selection(args, "release --stuck" if args.stuck is not None else "release")
     search = search_from(args)
+    if args.stuck is not None:
+        return _release_stuck(ctx, args, search)
     if not args.status:
         search = replace(search, status=("held",))
     rows = list(iter_rows(ctx.store, search, args.limit))
     if not rows:
+        if not args.status:
+            _hint_stuck(ctx, ctx.store.count(replace(search, status=("releasing",))))
         return _no_rows(ctx, args, "release")
     if args.dry_run:
         return _release_preview(ctx, args, rows)
+    results = _release_rows(ctx, args, rows)
+    code = _release_report(ctx, args, results)
+    _hint_busy(ctx, results)
+    return code
+
+
+def _release_rows(ctx: Context, args: argparse.Namespace,
+                  rows: Sequence[StoredRow]) -> list[Any]:
+    """Release ``rows`` one after the other; --allow-sender after."""
     rescan = False if args.no_rescan else (True if args.rescan else None)
     results = _with_releaser(ctx, rescan, lambda releaser: [releaser.release(r) for r in rows])
     if args.allow_sender:
         _allow_senders(ctx, rows, results)
-    return _release_report(ctx, args, results)
+    return results
+
+
+def _release_stuck(ctx: Context, args: argparse.Namespace, search: Search) -> int:
+    """``release --stuck``: the selected rows in releasing whose claim is
+    older than ``--stuck`` minutes (their releasing process died: SIGKILL,
+    power cut, a laptop closed) go back to held (``reset_stuck_releases``,
+    one line and one audit row each, with the warning that the message may
+    already have been delivered), then are released as any held row.  Only
+    those: held rows the filters also match are not released by --stuck."""
+    if args.status:
+        raise UsageError("--stuck selects rows in releasing; --status does not go with it")
+    older = args.stuck * 60.0
+    search = replace(search, status=("releasing",))
+    # Newest first, like every selection here (--limit keeps the newest).
+    stuck = sorted(ctx.store.stuck_releases(search, older),
+                   key=lambda s: (s.row.received, s.row.id), reverse=True)
+    if args.limit is not None:
+        stuck = stuck[:args.limit]
+    if not stuck:
+        return _no_stuck(ctx, args, search)
+    if args.dry_run:
+        return _stuck_preview(ctx, args, stuck)
+    ids = [s.row.id for s in stuck]
+    reset: list[StoredRow] = []
+    for start in range(0, len(ids), PAGE):
+        chunk = tuple(ids[start:start + PAGE])
+        reset += ctx.store.reset_stuck_releases(
+            replace(search, ids=chunk, limit=len(chunk), before_id=None), older,
+            ctx.actor, ctx.origin)
+    found = {s.row.id: s for s in stuck}
+    order = {row_id: n for n, row_id in enumerate(ids)}
+    reset.sort(key=lambda row: order[row.id])
+    if not args.json:
+        for row in reset:
+            print(f"{row.id} {clean(row.queue_id)} {clean(row.rcpt_domain)}: reset to held: "
+                  f"{clean(found[row.id].detail())}", file=ctx.out)
+    if not reset:
+        # Between the look and the reset another administrator reset them
+        # (or their release finished after all).
+        return _no_stuck(ctx, args, search)
+    results = _release_rows(ctx, args, reset)
+    return _release_report(ctx, args, results,
+                           reset=[_stuck_json(found[row.id]) for row in reset])
+
+
+def _stuck_json(stuck: StuckRelease) -> dict[str, Any]:
+    row = stuck.row
+    return {"id": row.id, "ref": row.queue_id, "domain": row.rcpt_domain,
+            "claimed_at": stuck.claimed_at, "claimed_by": stuck.claimed_by,
+            "claimed_from": stuck.claimed_from, "detail": stuck.detail()}
+
+
+def _no_stuck(ctx: Context, args: argparse.Namespace, search: Search) -> int:
+    """Nothing to reset: say so, and whether rows in releasing were left
+    alone because their release may still be running."""
+    young = ctx.store.count(search)
+    if args.json:
+        ctx.out.write(json.dumps({"action": "release", "stuck_minutes": args.stuck,
+                                  "reset": [], "results": []}) + "\n")
+    else:
+        print(f"no stuck release matches (a row in releasing claimed more than "
+              f"{args.stuck:g} minutes ago): nothing to reset", file=ctx.out)
+    if young:
+        print(f"{young} matching row(s) in releasing were claimed less than {args.stuck:g} "
+              f"minutes ago: their release may still be running; left alone", file=ctx.err)
+    return EXIT_NOTHING
+
+
+def _stuck_preview(ctx: Context, args: argparse.Namespace,
+                   stuck: Sequence[StuckRelease]) -> int:
+    if args.json:
+        ctx.out.write(json.dumps({"action": "release", "dry_run": True,
+                                  "stuck_minutes": args.stuck,
+                                  "reset": [_stuck_json(s) for s in stuck],
+                                  "rows": [row_json(s.row) for s in stuck]}) + "\n")
+        return EXIT_OK
+    write_table(ctx.out, [s.row for s in stuck], terminal_columns(ctx.out))
+    for s in stuck:
+        print(f"{s.row.id} {clean(s.row.queue_id)} {clean(s.row.rcpt_domain)}: would reset "
+              f"to held: {clean(s.detail())}", file=ctx.out)
+    print(f"dry run: release --stuck would reset {len(stuck)} row(s) to held and release "
+          f"them", file=ctx.out)
+    return EXIT_OK
+
+
+def _hint_stuck(ctx: Context, releasing: int) -> None:
+    if releasing:
+        print(f"{releasing} matching row(s) are in releasing (another release has them; "
+              f"if it died, 'release --stuck' puts them back to held and releases them "
+              f"once their claim is {STUCK_MINUTES:g} minutes old)", file=ctx.err)
+
+
+def _hint_busy(ctx: Context, results: Sequence[Any]) -> None:
+    """A row reported busy because it is in releasing: say how to get it
+    out if the release that has it died."""
+    from mppproxy.release import Outcome
+
+    releasing = 0
+    for result in results:
+        if result.outcome is Outcome.BUSY:
+            row = ctx.store.get(result.row_id)
+            releasing += row is not None and row.status == "releasing"
+    _hint_stuck(ctx, releasing)
 
 
 def _forward(ctx: Context, args: argparse.Namespace) -> int:
@@ -1073,14 +1208,19 @@ def _release_preview(ctx: Context, args: argparse.Namespace, rows: Sequence[Stor
     return EXIT_OK
 
 
-def _release_report(ctx: Context, args: argparse.Namespace, results: Sequence[Any]) -> int:
+def _release_report(ctx: Context, args: argparse.Namespace, results: Sequence[Any],
+                    reset: Optional[list[dict[str, Any]]] = None) -> int:
     """One line (or JSON object) per row; the exit status: 0 every row
     done, 1 none was held any more (another administrator was first),
-    4 some could not be done (refused by the re-scan, deferred, failed)."""
+    4 some could not be done (refused by the re-scan, deferred, failed).
+    ``reset``: the rows ``--stuck`` put back to held (JSON "reset")."""
     from mppproxy.release import Outcome
 
     if args.json:
-        ctx.out.write(json.dumps({"results": [r.to_json() for r in results]}) + "\n")
+        document: dict[str, Any] = {"results": [r.to_json() for r in results]}
+        if reset is not None:
+            document = {"stuck_minutes": args.stuck, "reset": reset, **document}
+        ctx.out.write(json.dumps(document) + "\n")
     else:
         for r in results:
             print(f"{r.row_id} {r.ref} {r.domain}: {r.outcome}: {clean(r.detail)}", file=ctx.out)
@@ -1103,7 +1243,24 @@ def _add_release(sub: Any) -> None:
     parser.add_argument("--allow-sender", action="store_true",
                         help="also put each released message's sender on its recipient "
                              "domain's allow list (all edges, within database.cache_seconds)")
+    parser.add_argument("--stuck", nargs="?", const=STUCK_MINUTES, type=_minutes,
+                        metavar="MINUTES",
+                        help="release instead the selected rows left in releasing by a "
+                             "release that died (claimed more than MINUTES ago, default "
+                             f"{STUCK_MINUTES:g}): each goes back to held first, with a "
+                             "warning and an audit row (it may already have been delivered); "
+                             "row ids go before --stuck")
     add_bulk_options(parser)
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of minutes above 0")
+    return value
 
 
 def _add_forward(sub: Any) -> None:

@@ -11,20 +11,25 @@ failing under ``MPP_REQUIRE_SERVICES=1``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mailbox
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from sqlalchemy import select
 
 from helpers import free_port
 from test_db_stores import require_mariadb
@@ -512,6 +517,194 @@ def test_paging_walks_every_row_once(tmp_path: Path) -> None:
         assert len(box) == 1200
     finally:
         box.close()
+
+
+# -- release --stuck ---------------------------------------------------------------
+
+# Seconds an SmtpSink serves at most, and waits for one client's line.
+SINK_LIFETIME = 300.0
+SINK_READ_TIMEOUT = 10.0
+
+
+class SmtpSink:
+    """A minimal SMTP server on loopback, in a thread: it accepts every
+    command (RFC 5321 4.3.2's replies for a successful transaction) and
+    keeps each message's envelope and content (dot-stuffing undone), so
+    the CLI's release, run as a subprocess, has a real route to deliver
+    to.  Every loop is bounded: the thread ends when stopped or after
+    SINK_LIFETIME, a session after 1,000 commands or a silent client."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="smtp-sink", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + SINK_LIFETIME
+        while not self.stopped.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                try:
+                    self._session(conn)
+                except OSError:
+                    pass  # the client went away or fell silent: next one
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(SINK_READ_TIMEOUT)
+        stream = conn.makefile("rwb")
+
+        def reply(text: str) -> None:
+            stream.write(text.encode("ascii") + b"\r\n")
+            stream.flush()
+
+        reply("220 sink.test ESMTP")
+        sender, recipients = "", []
+        for _ in range(1000):
+            line = stream.readline(65536)
+            if not line:
+                return
+            verb = line[:4].upper()
+            argument = line.decode("utf-8", "replace").partition(":")[2].strip()
+            if verb in (b"EHLO", b"HELO"):
+                reply("250 sink.test")
+            elif verb == b"MAIL":
+                sender, recipients = argument.split(">")[0].lstrip("<"), []
+                reply("250 2.1.0 ok")
+            elif verb == b"RCPT":
+                recipients.append(argument.split(">")[0].lstrip("<"))
+                reply("250 2.1.5 ok")
+            elif verb == b"DATA":
+                reply("354 go on")
+                lines = []
+                for _ in range(1_000_000):
+                    data = stream.readline(65536)
+                    if not data or data == b".\r\n":
+                        break
+                    lines.append(data[1:] if data.startswith(b".") else data)
+                self.messages.append((sender, recipients, b"".join(lines)))
+                reply("250 2.0.0 queued")
+            elif verb == b"QUIT":
+                reply("221 2.0.0 bye")
+                return
+            else:
+                reply("250 2.0.0 ok")  # RSET, NOOP
+
+
+@pytest.fixture
+def sink() -> Any:
+    """An SmtpSink for the test, stopped after it."""
+    server = SmtpSink()
+    yield server
+    server.stop()
+
+
+STUCK_REF = "REFSTUCK1"
+
+
+def leave_releasing(site: Site, minutes_ago: float) -> int:
+    """A held (quarantined) message claimed for release by a process that
+    then died: claim_release without finish_release, its claim's audit
+    time moved ``minutes_ago`` into the past.  Returns the row's id."""
+    stuck = dataclasses.replace(
+        copy(STUCK_REF, NOW - 2 * HOUR, "friend@partner.test", ("frank@example.com",),
+             b"Quarterly report"), disposition="quarantine")
+    store = site.store()
+    try:
+        assert store.add_copies([stuck]) == 1
+        row = store.search(Search(ref=STUCK_REF))[0]
+        assert store.claim_release(row.id, "ann", "cli:ann@laptop") is not None
+        a = store.tables.audit
+        with store.engine.begin() as conn:
+            # Read, then write the earlier time (SQLite keeps DATETIME as
+            # text: arithmetic in SQL would not give a date back).
+            claims = conn.execute(select(a.c.id, a.c.at).where(
+                a.c.row_id == row.id, a.c.action == "release-claim")).all()
+            assert len(claims) == 1
+            for audit_id, at in claims:
+                conn.execute(a.update().where(a.c.id == audit_id)
+                             .values(at=at - timedelta(minutes=minutes_ago)))
+        return row.id
+    finally:
+        store.close()
+
+
+def test_release_stuck_resets_and_releases_once(tmp_path: Path, sink: SmtpSink) -> None:
+    """A row left in releasing by a dead release is busy for release; with
+    --stuck it is listed by a dry run, left alone while its claim is younger
+    than the minutes given, then reset to held with a warning and an audit
+    row and released: the route gets it once; a second --stuck finds nothing."""
+    site = make_site(tmp_path, f'[release]\ndefault_route = "127.0.0.1:{sink.port}"\n')
+    row_id = leave_releasing(site, 45)
+    plain = run("release", "--ref", STUCK_REF, "--no-rescan", config=site.config)
+    assert plain.code == 1 and "nothing to release" in plain.out, plain.err
+    assert "release --stuck" in plain.err
+    busy = run("release", "--ref", STUCK_REF, "--status", "releasing", "--no-rescan",
+               config=site.config)
+    assert busy.code == 1 and f"{row_id} {STUCK_REF} example.com: busy" in busy.out, busy.err
+    dry = run("release", "--ref", STUCK_REF, "--stuck", "--dry-run", config=site.config)
+    assert dry.code == 0, dry.err
+    assert "would reset to held: the release claimed at" in dry.out
+    assert "by ann (cli:ann@laptop)" in dry.out and "would reset 1 row(s)" in dry.out
+    young = run("release", "--ref", STUCK_REF, "--stuck", "60", "--no-rescan",
+                config=site.config)
+    assert young.code == 1 and "may still be running" in young.err, young.out + young.err
+    assert run_json("list", "--ref", STUCK_REF, config=site.config)[0]["status"] == "releasing"
+    assert sink.messages == []
+    done = run("release", "--ref", STUCK_REF, "--stuck", "--no-rescan", "--actor", "bob",
+               config=site.config)
+    assert done.code == 0, done.out + done.err
+    lines = done.out.splitlines()
+    assert lines[0].startswith(f"{row_id} {STUCK_REF} example.com: reset to held: "
+                               "the release claimed at ")
+    assert lines[0].endswith("did not finish; the message may already have been delivered")
+    assert lines[1].startswith(f"{row_id} {STUCK_REF} example.com: released: route 127.0.0.1:")
+    assert len(sink.messages) == 1
+    sender, recipients, data = sink.messages[0]
+    assert (sender, recipients) == ("friend@partner.test", ["frank@example.com"])
+    assert b"Subject: Quarterly report" in data
+    assert run_json("list", "--ref", STUCK_REF, config=site.config)[0]["status"] == "released"
+    trail = [(a["action"], a["actor"]) for a in audit(site) if a["row_id"] == row_id]
+    assert trail == [("release", "bob"), ("release-claim", "bob"), ("release-reset", "bob"),
+                     ("release-claim", "ann")]
+    again = run("release", "--ref", STUCK_REF, "--stuck", "--no-rescan", config=site.config)
+    assert again.code == 1 and "nothing to reset" in again.out
+    assert len(sink.messages) == 1
+
+
+def test_release_stuck_json_and_refusals(tmp_path: Path, sink: SmtpSink) -> None:
+    """release --stuck --json reports the reset row and the release in one
+    document; --stuck with --status, with no filter, or with 0 minutes is
+    a usage error that changes nothing."""
+    site = make_site(tmp_path, f'[release]\ndefault_route = "127.0.0.1:{sink.port}"\n')
+    row_id = leave_releasing(site, 31)
+    for bad in (("--ref", STUCK_REF, "--stuck", "--status", "releasing"), ("--stuck",),
+                ("--ref", STUCK_REF, "--stuck", "0")):
+        refused = run("release", *bad, "--no-rescan", config=site.config)
+        assert refused.code == 2, (bad, refused.out, refused.err)
+    assert run_json("list", "--ref", STUCK_REF, config=site.config)[0]["status"] == "releasing"
+    result = run("release", str(row_id), "--stuck", "--no-rescan", "--json", config=site.config)
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    assert document["stuck_minutes"] == 30
+    [reset] = document["reset"]
+    assert (reset["id"], reset["ref"], reset["claimed_by"]) == (row_id, STUCK_REF, "ann")
+    assert "may already have been delivered" in reset["detail"]
+    assert [r["outcome"] for r in document["results"]] == ["released"]
+    assert len(sink.messages) == 1
 
 
 # -- MariaDB --------------------------------------------------------------------
