@@ -229,6 +229,24 @@ def placeholders(dialect: Any, n: int) -> str:
     return f"({', '.join([mark] * n)})"
 
 
+def _journal_mode_wal(cursor: Any, no_wait: bool) -> Any:
+    """``PRAGMA journal_mode = WAL``, tried again for up to the busy timeout
+    while the file is locked.  SQLite answers "database is locked" to a
+    journal-mode change at once, without its busy handler, while another
+    connection holds the file: two processes opening a new database at the
+    same moment (workers at start, the archive node and ``mppproxy
+    quarantine``) would otherwise fail the second.  Once the file is in WAL
+    mode (it stays so) the pragma takes no lock."""
+    deadline = time.monotonic() + (0.0 if no_wait else SQLITE_BUSY_TIMEOUT)
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as e:
+            if not _is_lock_error(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
 def _sqlite_engine(url: URL, config: DatabaseConfig, durable: bool = False) -> Engine:
     connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT}
     if is_memory_sqlite(url):
@@ -255,7 +273,7 @@ def _sqlite_engine(url: URL, config: DatabaseConfig, durable: bool = False) -> E
         cursor.execute(f"PRAGMA busy_timeout = {0 if busy_off else _BUSY_TIMEOUT_MS}")
         record.info[_BUSY_OFF] = busy_off
         if not is_memory_sqlite(url):
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = _journal_mode_wal(cursor, busy_off)
             record.info[_WAL] = bool(mode) and str(mode[0]).lower() == "wal"
             # WAL with synchronous=NORMAL: a commit is not fsync'ed, only
             # each checkpoint is.  Greylist and blacklist state is not
