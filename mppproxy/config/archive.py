@@ -9,13 +9,12 @@ edge's hold action and forwarder read ``[archive]``, the archive node
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mppproxy.config.fields import (at_least as _at_least, choice as _choice,
-                                    endpoints as _endpoints, opt as _opt)
+                                    endpoints as _endpoints, networks as _networks, opt as _opt)
 
 # Five days: what RFC 5321 4.5.4.1 suggests as the least time an MTA keeps
 # retrying a message before it gives up ("at least 4-5 days").
@@ -52,15 +51,6 @@ def split_host_port(value: str, default_port: int) -> tuple[str, Optional[int]]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         return host, None
     return host, int(port_text)
-
-
-def _networks(values: tuple[str, ...]) -> Optional[str]:
-    for v in values:
-        try:
-            ipaddress.ip_network(v, strict=False)
-        except ValueError:
-            return f"{v!r} is not an IP network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
-    return None
 
 
 def _routes(values: dict[str, str]) -> Optional[str]:

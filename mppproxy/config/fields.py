@@ -7,6 +7,7 @@ use it without import cycles (docs/design.md, "Floors").
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Any, Callable, Optional
@@ -76,4 +77,14 @@ def endpoints(values: tuple[str, ...]) -> Optional[str]:
             serverFromString(object(), v)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         except (ValueError, TypeError, KeyError) as e:
             return f"{v!r} is not a Twisted endpoint description ({e})"
+    return None
+
+
+def networks(values: tuple[str, ...]) -> Optional[str]:
+    """IP networks in CIDR form (trusted_networks, archive_node.edges)."""
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            return f"{v!r} is not an IP network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
     return None

@@ -237,23 +237,15 @@ def _archive_files(config: ProxyConfig) -> list[str]:
         return []
     archive = config.archive
     problems = []
-    if archive.key_file.strip():
-        try:
-            load_keys(archive.key_file)
-        except KeyFileError as e:
-            problems += [f"archive.key_file: {line}" for line in e.errors]
+    problems += _key_file_problems("archive.key_file", archive.key_file)
     if archive.tls_cert_file and archive.tls_key_file:
         problem = load_private_certificate(archive.tls_cert_file, archive.tls_key_file)[1]
         if problem:
             problems.append(f"archive.tls_cert_file: {problem}")
     if archive.tls_ca_file:
-        problem = load_ca_certificate(archive.tls_ca_file)[1]
-        if problem:
-            problems.append(f"archive.tls_ca_file: {problem}")
+        problems += _named("archive.tls_ca_file", load_ca_certificate(archive.tls_ca_file)[1])
     if archive.queue_dir:
-        problem = _creatable_dir(archive.queue_dir)
-        if problem:
-            problems.append(f"archive.queue_dir: {problem}")
+        problems += _named("archive.queue_dir", _creatable_dir(archive.queue_dir))
     return problems
 
 
@@ -285,20 +277,30 @@ def _archive_node_files(config: ProxyConfig) -> list[str]:
         return []
     node = config.archive_node
     problems = []
-    if node.key_file.strip():
-        try:
-            load_keys(node.key_file)
-        except KeyFileError as e:
-            problems += [f"archive_node.key_file: {line}" for line in e.errors]
+    problems += _key_file_problems("archive_node.key_file", node.key_file)
     if node.require_client_cert and node.client_ca_file.strip():
-        problem = load_ca_certificate(node.client_ca_file)[1]
-        if problem:
-            problems.append(f"archive_node.client_ca_file: {problem}")
+        problems += _named("archive_node.client_ca_file",
+                           load_ca_certificate(node.client_ca_file)[1])
     if node.queue_dir:
-        problem = _creatable_dir(node.queue_dir)
-        if problem:
-            problems.append(f"archive_node.queue_dir: {problem}")
+        problems += _named("archive_node.queue_dir", _creatable_dir(node.queue_dir))
     return problems
+
+
+def _named(key: str, problem: Optional[str]) -> list[str]:
+    """``key: problem`` when there is one."""
+    return [f"{key}: {problem}"] if problem else []
+
+
+def _key_file_problems(key: str, path: str) -> list[str]:
+    """The archive key file at ``path`` (set) loads: mode 600, one good key
+    a line (archive/keys.py); each of its problems named by ``key``."""
+    if not path.strip():
+        return []
+    try:
+        load_keys(path)
+    except KeyFileError as e:
+        return [f"{key}: {line}" for line in e.errors]
+    return []
 
 
 def _policy_checks(config: ProxyConfig) -> list[str]:

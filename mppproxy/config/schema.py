@@ -8,7 +8,6 @@ configuration.md lists every key; tests/test_config.py checks the two agree.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from typing import Optional
 from mppproxy.config.archive import ArchiveConfig, ArchiveNodeConfig, ReleaseConfig, StoreConfig
 from mppproxy.config.database import DatabaseConfig
 from mppproxy.config.dns import DnsConfig
-from mppproxy.config.fields import at_least as _at_least, choice as _choice, endpoints as _endpoints, opt as _opt
+from mppproxy.config.fields import (at_least as _at_least, choice as _choice, endpoints as _endpoints,
+                                    networks as _networks, opt as _opt)
 from mppproxy.config.policy import PolicyConfig, PolicyEngineConfig
 from mppproxy.config.policyd import PolicydConfig
 from mppproxy.config.scanners import ScannersConfig
@@ -33,15 +33,6 @@ IMPLEMENTED_MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 def _port(value: int) -> Optional[str]:
     if not 1 <= value <= 65535:
         return f"must be a TCP port from 1 to 65535, not {value!r}"
-    return None
-
-
-def _networks(values: tuple[str, ...]) -> Optional[str]:
-    for v in values:
-        try:
-            ipaddress.ip_network(v, strict=False)
-        except ValueError:
-            return f"{v!r} is not an IP network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
     return None
 
 
