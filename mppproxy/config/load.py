@@ -26,6 +26,7 @@ from mppproxy.config.dns import parse_nameserver
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.ladder import config_ladder_problems
 from mppproxy.config.schema import ProxyConfig
+from mppproxy.config.web import web_problems, web_wanted
 from mppproxy.templates import REFUSALS, make_renderer
 from mppproxy.tlsconfig import load_ca_certificate, load_private_certificate, load_server_certificate
 
@@ -188,6 +189,7 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
         problems.append("tls.key_file: is set but tls.cert_file is not")
     problems.extend(_archive_node_checks(config))
     problems.extend(_archive_checks(config))
+    problems.extend(web_problems(config.mode, config.web))
     return problems
 
 
@@ -284,6 +286,15 @@ def _archive_node_files(config: ProxyConfig) -> list[str]:
     if node.queue_dir:
         problems += _named("archive_node.queue_dir", _creatable_dir(node.queue_dir))
     return problems
+
+
+def _web_files(config: ProxyConfig) -> list[str]:
+    """The console's certificate and key load (config/web.py)."""
+    web = config.web
+    if not web_wanted(config.mode, web) or not web.tls_cert_file:
+        return []
+    return _named("web.tls_cert_file", load_server_certificate(
+        web.tls_cert_file, web.tls_key_file or web.tls_cert_file)[1])
 
 
 def _named(key: str, problem: Optional[str]) -> list[str]:
@@ -399,6 +410,7 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         errors.extend(make_renderer(config).check_templates())
     errors.extend(_archive_files(config))
     errors.extend(_archive_node_files(config))
+    errors.extend(_web_files(config))
     problem = _creatable_dir(config.data_dir)
     if problem:
         errors.append(f"data_dir: {problem}")

@@ -22,6 +22,7 @@ from mppproxy.config.policy import PolicyConfig, PolicyEngineConfig
 from mppproxy.config.policyd import PolicydConfig
 from mppproxy.config.scanners import ScannersConfig
 from mppproxy.config.scanservice import ScanServiceConfig
+from mppproxy.config.web import WebConfig
 
 MODES = ("all-in-one", "edge", "archive", "policy", "scan")
 # Modes whose services this build can start.  The others are named in
@@ -245,3 +246,5 @@ class ProxyConfig:
     archive_node: ArchiveNodeConfig = ArchiveNodeConfig()
     store: StoreConfig = StoreConfig()
     release: ReleaseConfig = ReleaseConfig()
+    # The web console of the archive node and all-in-one mode (config/web.py).
+    web: WebConfig = WebConfig()
