@@ -39,6 +39,8 @@ STATUS_LENGTH = 16
 RAW_KEY_LENGTH = 128
 ACTOR_LENGTH = 255
 ACTION_LENGTH = 32
+# A web console account's name (store/accounts.py checks its characters).
+ADMIN_NAME_LENGTH = 64
 
 # What a row's status may be; "deleted" rows stay (hidden) until purged,
 # so the audit trail keeps pointing at something.
@@ -144,6 +146,25 @@ class ArchiveTables:
             Column("detail", _long_text(), nullable=False),
             Index(f"{a}_newest", "at"),
             Index(f"{a}_by_ref", "queue_id"),
+            sqlite_autoincrement=True,
+            **MYSQL_TABLE)
+
+        w = f"{prefix}web_admins"
+        # The web console's accounts (revision 0002; store/accounts.py).
+        self.web_admins = Table(
+            w, self.metadata,
+            Column("id", _id(), primary_key=True, autoincrement=True),
+            Column("name", String(ADMIN_NAME_LENGTH), nullable=False),
+            Column("password_hash", String(255), nullable=False),
+            Column("superadmin", Boolean(create_constraint=False), nullable=False),
+            # A JSON array of lower-case domains: the administrator's scope.
+            Column("domains", Text(), nullable=False),
+            Column("created", _time(), nullable=False),
+            Column("last_login", _time(), nullable=True),
+            Column("disabled", Boolean(create_constraint=False), nullable=False),
+            # Set by someone else (one-time password): change it at login.
+            Column("must_change", Boolean(create_constraint=False), nullable=False),
+            UniqueConstraint("name", name=f"{w}_by_name"),
             sqlite_autoincrement=True,
             **MYSQL_TABLE)
 

@@ -564,6 +564,22 @@ class ArchiveStore:
             return int(conn.execute(select(func.count()).select_from(m)
                                     .where(*self._where(s))).scalar_one())
 
+    # Columns count_by may group on (the web console's counts per reason).
+    COUNT_COLUMNS = ("verdict", "reason", "rcpt_domain", "status", "disposition")
+
+    def count_by(self, s: Search, column: str, limit: int = 20) -> list[tuple[str, int]]:
+        """Rows matching ``s`` (limit and paging ignored) per value of
+        ``column``, the most frequent first, at most ``limit`` values."""
+        if column not in self.COUNT_COLUMNS:
+            raise StoreError(f"cannot count by {column!r}")
+        m = self.tables.messages
+        key = m.c[column]
+        n = func.count().label("n")
+        query = (select(key, n).where(*self._where(s)).group_by(key)
+                 .order_by(n.desc(), key).limit(max(1, limit)))
+        with self._read() as conn:
+            return [(str(value), int(count)) for value, count in conn.execute(query)]
+
     def get(self, row_id: int) -> Optional[StoredRow]:
         """The row ``row_id`` whatever its status (deleted too)."""
         m = self.tables.messages
