@@ -9,6 +9,12 @@ the scanners of a configuration, as ``--mode scan`` does, and prints the
 verdict (``--json`` for JSON).  The exit status says what the proxy would
 do: 0 relay or tag, 1 reject or quarantine, 2 tempfail or an error (an
 unreadable file, a bad configuration, an unknown policy).
+
+``mppproxy --version`` prints the version with Python's and Twisted's.
+``mppproxy show-config [FILE|--config-command CMD] [--all] [--json]``
+prints the effective configuration (``config/show.py``: only what differs
+from the defaults unless ``--all``; secrets masked); a configuration with
+errors prints them as ``check-config`` does and exits 1.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from mppproxy import __version__
 from mppproxy._async import as_deferred
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.load import check_files, load, source_name
@@ -37,6 +44,49 @@ def _check_config(args: argparse.Namespace) -> int:
         return 1
     source = source_name(args.file, args.config_command)
     print(f"{source}: OK (mode {config.mode}, {summary(config)})")
+    return 0
+
+
+def version_text() -> str:
+    """``mppproxy X (Python Y, Twisted Z)``: what a bug report needs first."""
+    import platform
+
+    import twisted
+
+    return (f"mppproxy {__version__} (Python {platform.python_version()}, "
+            f"Twisted {twisted.__version__})")
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    """The effective configuration (``config/show.py``); exit 0, or 1 with
+    check-config's messages for a configuration with errors, 2 for usage."""
+    from mppproxy.config.show import config_tree, toml_lines
+    from mppproxy.quarantine_cli import load_config
+
+    if args.file and args.config_command:
+        print("mppproxy show-config: give a FILE or --config-command, not both", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.file, args.config_command)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        print(f"{len(e.errors)} error(s); the configuration is not valid", file=sys.stderr)
+        return 1
+    tree = config_tree(config, all_keys=args.all)
+    if args.json:
+        text = json.dumps(tree, indent=2, ensure_ascii=False)
+    else:
+        source = source_name(args.file, args.config_command)
+        what = "every key" if args.all else "keys that differ from their defaults"
+        text = "\n".join([f"# {source}: {what}; secrets masked", *toml_lines(tree)])
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `| head`: the reader has what it wanted.  Python would complain
+        # again when it flushes at exit, so stdout goes to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -180,11 +230,18 @@ def _db(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mppproxy", description="mppproxy tools")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", help="TOML configuration file")
     check.add_argument("--config-command", help="command whose output is the configuration")
     check.set_defaults(func=_check_config)
+    show = sub.add_parser("show-config", help="print the effective configuration, secrets masked")
+    show.add_argument("file", nargs="?", help="TOML configuration file (default: built-in defaults)")
+    show.add_argument("--config-command", help="command whose output is the configuration")
+    show.add_argument("--all", action="store_true", help="every key, defaults filled in")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_show_config)
     scan = sub.add_parser("scan", help="scan one message and print the verdict")
     scan.add_argument("file", help="the message (RFC 5322), or - for standard input")
     scan.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")

@@ -58,6 +58,13 @@ class Options(usage.Options):
         """Client network allowed to relay anywhere, CIDR (repeatable; replaces the default loopback)."""
         self["trusted-network"].append(value)
 
+    def opt_version(self) -> None:
+        """Print mppproxy's, Python's and Twisted's versions and exit."""
+        from mppproxy.cli import version_text
+
+        print(version_text())
+        raise SystemExit(0)
+
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
         self.raw_args = list(sys.argv[1:] if options is None else options)
         super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's usage.Options is unannotated
