@@ -16,6 +16,8 @@ setup(
     # takes them); their template is not Python.
     package_data={"twisted": ["plugins/mppproxy_plugin.py"],
                   "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2"],
-                  "mppproxy.store.migrations": ["script.py.mako"]},
+                  "mppproxy.store.migrations": ["script.py.mako"],
+                  # The Public Suffix List for DMARC (mppproxy/data/README.md).
+                  "mppproxy": ["data/public_suffix_list.dat", "data/README.md"]},
     include_package_data=True,
 )
