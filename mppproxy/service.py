@@ -40,6 +40,7 @@ from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.scan.runtime import ScanStage
 from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
+from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
@@ -85,6 +86,7 @@ class ProxyService(ReloadOnHup, TopService):
         # Without archive.node: the store, its writer and purge (main process).
         self.keeper: Optional[StoreKeeper] = None
         self._old_queues: list[DurableQueue] = []
+        self._old_committers: list[GroupCommitter] = []
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
@@ -155,8 +157,14 @@ class ProxyService(ReloadOnHup, TopService):
             queue.base_delay = config.archive.retry_base
             queue.max_delay = config.archive.retry_max
             queue.max_age = config.archive.max_age
-        self.archive = ArchiveCopies(self.reactor, self.reactor.getThreadPool(), queue,
-                                     config.archive, node_name(config.archive, hostname))
+        # One committer thread writes each queue: a reload that keeps the
+        # queue keeps its committer; one that moves it ends the old one at the stop.
+        previous = self.archive
+        committer = previous.committer if previous is not None and previous.queue is queue else None
+        if previous is not None and committer is None:
+            self._old_committers.append(previous.committer)
+        self.archive = ArchiveCopies(self.reactor, queue, config.archive,
+                                     node_name(config.archive, hostname), committer)
         self.archive.keys = ring
         forwarder = self.forwarder
         same = (old is not None and forwarder is not None and forwarder.queue is queue
@@ -317,6 +325,8 @@ class ProxyService(ReloadOnHup, TopService):
         return defer.DeferredList(ds)
 
     def _close_queues(self) -> None:
+        for committer in self._old_committers:
+            committer.stop()
         if self.archive is not None:
             self.archive.close()
         for queue in self._old_queues:

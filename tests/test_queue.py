@@ -382,6 +382,69 @@ class StorageFailureTests(QueueTestCase):
         self.assertEqual(self.claim(q).message(), b"small")
 
 
+class EnqueueManyTests(QueueTestCase):
+
+    def test_batch_is_written_with_one_directory_fsync(self) -> None:
+        """enqueue_many writes every item whole, in order, with one fsync of new/ for the batch."""
+        q = self.make_queue()
+        synced: list[str] = []
+        real = queue_module.fsync_dir
+
+        def counting_fsync_dir(path: str) -> None:
+            synced.append(path)
+            real(path)
+
+        self.patch(queue_module, "fsync_dir", counting_fsync_dir)
+        results = q.enqueue_many([(b"one", {"n": 1}), ([b"tw", b"o"], {"n": 2}), (b"three", {"n": 3})])
+        self.assertEqual(synced, [os.path.join(q.directory, "new")])
+        self.assertTrue(all(isinstance(r, str) for r in results))
+        items = [self.claim(q) for _ in range(3)]
+        self.assertEqual([(i.id, i.metadata["n"], i.message()) for i in items],
+                         list(zip(results, [1, 2, 3], [b"one", b"two", b"three"])))
+
+    def test_one_failed_item_does_not_fail_the_others(self) -> None:
+        """A write error fails only its own item (with the file named); the rest of the batch is stored."""
+        q = self.make_queue()
+        real = queue_module._write_all
+
+        def failing_write(fd: int, data: bytes) -> None:
+            if data == b"bad":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(fd, data)
+
+        self.patch(queue_module, "_write_all", failing_write)
+        results = q.enqueue_many([(b"good1", {}), (b"bad", {}), (b"good2", {})])
+        self.assertIsInstance(results[1], OSError)
+        error = results[1]
+        assert isinstance(error, OSError)
+        self.assertEqual(error.errno, errno.ENOSPC)
+        self.assertTrue(str(error.filename).startswith(os.path.join(q.directory, "tmp")))
+        self.assertEqual(files(q.directory, "tmp"), [])
+        stored = sorted(self.claim(q).message() for _ in range(2))
+        self.assertEqual(stored, [b"good1", b"good2"])
+        self.assertIsNone(q.claim())
+
+    def test_failed_directory_fsync_fails_the_whole_batch_and_removes_it(self) -> None:
+        """When the fsync of new/ fails, every item of the batch is removed again and each gets the error."""
+        q = self.make_queue()
+
+        def failing_fsync_dir(path: str) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(queue_module, "fsync_dir", failing_fsync_dir)
+        results = q.enqueue_many([(b"a", {}), (b"b", {})])
+        self.assertEqual([getattr(r, "errno", None) for r in results], [errno.EIO, errno.EIO])
+        self.assertEqual((files(q.directory, "tmp"), files(q.directory, "new")), ([], []))
+
+    def test_unserialisable_metadata_fails_only_that_item(self) -> None:
+        """Metadata that is not JSON fails its own item with the TypeError and creates no file for it."""
+        q = self.make_queue()
+        results = q.enqueue_many([(b"a", {"x": object()}), (b"b", {})])
+        self.assertIsInstance(results[0], TypeError)
+        self.assertIsInstance(results[1], str)
+        self.assertEqual(self.claim(q).message(), b"b")
+
+
 # -- processes ---------------------------------------------------------------------------
 
 _PRELUDE = "import sys, time\nfrom mppproxy.spool.queue import DurableQueue\n"

@@ -22,9 +22,6 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
-
 from mppproxy.archive.keys import KeyRing
 from mppproxy.archive.state import CopyState, StateRefused, decode_state, encode_state, state_from
 from mppproxy.config.archive import ArchiveConfig
@@ -32,6 +29,7 @@ from mppproxy.message import OutboundMessage
 from mppproxy.results import Disposition
 from mppproxy.smtp.address import RelayDomains
 from mppproxy.smtp.session import Session, Transaction
+from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
 
 if TYPE_CHECKING:
@@ -98,13 +96,19 @@ class ArchiveCopies:
 
     ``wake`` is called on the reactor thread after each enqueue: the
     forwarder's ``wake`` when this process forwards, so a copy leaves at
-    once instead of at the next poll."""
+    once instead of at the next poll.
 
-    def __init__(self, reactor: Any, threadpool: ThreadPool, queue: DurableQueue,
-                 config: ArchiveConfig, node: str):
+    The items are written by the queue's group committer
+    (``spool/committer.py``), one thread writing the copies of all sessions
+    in batches; a reload that keeps the queue passes the committer on
+    (``committer``), so one thread writes each queue."""
+
+    def __init__(self, reactor: Any, queue: DurableQueue, config: ArchiveConfig, node: str,
+                 committer: Optional[GroupCommitter] = None):
         self.reactor = reactor
-        self.threadpool = threadpool
         self.queue = queue
+        self.committer = (committer if committer is not None
+                          else GroupCommitter(reactor, queue, prepare=self.open))
         self.config = config
         self.node = node
         self.wake: Callable[[], None] = lambda: None
@@ -127,18 +131,15 @@ class ArchiveCopies:
         return any(r.domain and r.domain in self._domains for r in txn.recipients)
 
     async def enqueue(self, message: OutboundMessage, state: CopyState) -> str:
-        """Write ``message`` with ``state`` as one item, in the thread pool;
-        the item's id once it is durable (docs/design.md promise 1).  The
-        ``OSError`` of a write that failed (ENOSPC...) propagates, and
-        nothing of the item is visible."""
-        item_id: str = await deferToThreadPool(self.reactor, self.threadpool, self._enqueue,
-                                               message, metadata_for(state))
+        """Write ``message`` with ``state`` as one item, in the committer's
+        thread; the item's id once it is durable (docs/design.md promise
+        1).  The ``OSError`` of a write that failed (ENOSPC...) propagates,
+        and nothing of the item is visible."""
+        # chunks() is a generator: the message is read in the committer's
+        # thread, as it is written.
+        item_id: str = await self.committer.submit(message.chunks(), metadata_for(state))
         self.wake()
         return item_id
-
-    def _enqueue(self, message: OutboundMessage, metadata: dict[str, Any]) -> str:
-        self.open()
-        return self.queue.enqueue(message.chunks(), metadata)
 
     def open(self) -> None:
         """Open the queue if it is not open yet (blocking; ``recover`` runs)."""
@@ -147,6 +148,8 @@ class ArchiveCopies:
                 self.queue.open()
 
     def close(self) -> None:
-        """Drop this process's hold on the queue (blocking, quick)."""
+        """End the committer's thread, then drop this process's hold on the
+        queue (blocking; quick once the sessions have ended)."""
+        self.committer.stop()
         with self._open_lock:
             self.queue.close()

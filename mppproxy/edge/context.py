@@ -76,7 +76,7 @@ def make_context(config: ProxyConfig, reactor: Any, threadpool: ThreadPool,
                            backend_tls_context)
     sets = SetCache()
     if archive is None:
-        archive = ArchiveCopies(reactor, threadpool, open_queue(config.archive, config.data_dir),
+        archive = ArchiveCopies(reactor, open_queue(config.archive, config.data_dir),
                                 config.archive, node_name(config.archive, hostname))
     return EdgeContext(
         config, reactor, threadpool, hostname, RelayDomains(config.relay_domains),

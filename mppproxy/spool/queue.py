@@ -56,7 +56,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from mppproxy.logsetup import Logger
 from mppproxy.spool.durable import fsync_dir
@@ -309,35 +309,70 @@ class DurableQueue:
         ``OSError`` with the path it concerns as ``filename``, and leaves
         nothing visible: the client gets a 4xx (``replies.storage_failure``)
         and keeps its message."""
+        result = self.enqueue_many([(message, metadata)], due)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def enqueue_many(self, items: Sequence[tuple[Message, Mapping[str, Any]]],
+                     due: Optional[float] = None) -> list[Union[str, Exception]]:
+        """Store several items with one fsync of new/ for all (blocking): for
+        each, in order, its id once it is durable and visible, or the
+        exception that failed it, with nothing of that item left visible
+        (as ``enqueue``; one item's full disk does not fail the others that
+        were already written).  ``spool/committer.py`` batches the items of
+        many sessions through this.
+
+        Each file is written and fsync'ed before any is renamed, so every
+        rename makes visible a whole, durable file; the one directory fsync
+        after the renames makes them survive a crash.  Only once it has
+        returned may a caller answer 250."""
         self._check_open()
-        header = json.dumps(dict(metadata), separators=(",", ":"), sort_keys=True).encode("utf-8")
         now = self._clock()
-        item_id = _new_id(now)
-        tmp_path = os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.tmp")
-        new_path = os.path.join(self._dir("new"), _new_name(
-            now if due is None else due, item_id, 0, 0))
-        visible = False
+        results: list[Union[str, Exception]] = []
+        # (index, id, tmp path, new path) of the items written so far.
+        written: list[tuple[int, str, str, str]] = []
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, MAGIC + b" %d\n" % len(header) + header + b"\n")
-                for chunk in ([message] if isinstance(message, bytes) else message):
-                    _write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # rename(2) may need room for the directory entry (ENOSPC too).
-            os.rename(tmp_path, new_path)
-            visible = True
-            fsync_dir(self._dir("new"))
-        except BaseException as e:
-            if isinstance(e, OSError) and e.filename is None:
-                e.filename = new_path if visible else tmp_path
-            # Visible but not known durable: the client will be told 4xx and
-            # send again, so this copy must go (no duplicate).
-            _unlink_quietly(new_path if visible else tmp_path)
+            for index, (message, metadata) in enumerate(items):
+                item_id = _new_id(now)
+                tmp_path = os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.tmp")
+                new_path = os.path.join(self._dir("new"), _new_name(
+                    now if due is None else due, item_id, 0, 0))
+                try:
+                    _write_item(tmp_path, message, metadata)
+                except Exception as e:
+                    results.append(_with_path(e, tmp_path))
+                    continue
+                results.append(item_id)
+                written.append((index, item_id, tmp_path, new_path))
+            renamed: list[tuple[int, str]] = []
+            for index, item_id, tmp_path, new_path in written:
+                try:
+                    # rename(2) may need room for the directory entry (ENOSPC too).
+                    os.rename(tmp_path, new_path)
+                except OSError as e:
+                    _unlink_quietly(tmp_path)
+                    results[index] = _with_path(e, tmp_path)
+                    continue
+                renamed.append((index, new_path))
+            written = []
+            if renamed:
+                try:
+                    fsync_dir(self._dir("new"))
+                except OSError as e:
+                    # Visible but not known durable: the clients will be
+                    # told 4xx and send again, so these copies must go (no
+                    # duplicate).
+                    for index, new_path in renamed:
+                        _unlink_quietly(new_path)
+                        results[index] = _with_path(e, new_path)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, MemoryError): nothing of this
+            # call may stay behind half-known.
+            for _, _, tmp_path, _ in written:
+                _unlink_quietly(tmp_path)
             raise
-        return item_id
+        return results
 
     # -- claim, finish, retry, bad -------------------------------------------------
 
@@ -556,6 +591,32 @@ def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
             raise ValueError("metadata is not an object")
         offset = len(first) + n + 1
         return metadata, offset, size - offset
+
+
+def _write_item(path: str, message: Message, metadata: Mapping[str, Any]) -> None:
+    """Write one item file at ``path`` (created, never overwritten) and fsync
+    it; on any failure the file is removed and the error raised."""
+    header = json.dumps(dict(metadata), separators=(",", ":"), sort_keys=True).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            _write_all(fd, MAGIC + b" %d\n" % len(header) + header + b"\n")
+            for chunk in ([message] if isinstance(message, bytes) else message):
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+
+
+def _with_path(error: Exception, path: str) -> Exception:
+    """``error`` with ``path`` as its file name when it is an ``OSError``
+    without one (the log line and the 4xx name the file that failed)."""
+    if isinstance(error, OSError) and error.filename is None:
+        error.filename = path
+    return error
 
 
 def _write_all(fd: int, data: bytes) -> None:
