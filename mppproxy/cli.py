@@ -14,7 +14,8 @@ unreadable file, a bad configuration, an unknown policy).
 ``mppproxy show-config [FILE|--config-command CMD] [--all] [--json]``
 prints the effective configuration (``config/show.py``: only what differs
 from the defaults unless ``--all``; secrets masked); a configuration with
-errors prints them as ``check-config`` does and exits 1.
+errors prints them as ``check-config`` does and exits 1.  ``mppproxy
+state blacklist|greylist ...`` works on the state database (``state_cli.py``).
 """
 from __future__ import annotations
 
@@ -262,6 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         db_command.set_defaults(func=_db)
     from mppproxy.quarantine_cli import add_parser as add_quarantine_parser
     add_quarantine_parser(sub)  # list, show, delete, hold, export (quarantine_cli.py)
+    from mppproxy.state_cli import add_parser as add_state_parser
+    add_state_parser(sub)  # blacklist and greylist list|add|remove|whitelist (state_cli.py)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
