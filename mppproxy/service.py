@@ -43,6 +43,8 @@ from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
+from mppproxy.config.web import web_wanted
+from mppproxy.web.service import WebConsole
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
                               close_sockets)
 
@@ -86,6 +88,8 @@ class ProxyService(ReloadOnHup, TopService):
         # Without archive.node: the store, its writer and purge (main process).
         self.keeper: Optional[StoreKeeper] = None
         self._old_queues: list[DurableQueue] = []
+        # The web console (all-in-one, embedded store; main process only).
+        self.web: Optional[WebConsole] = None
         self._old_committers: list[GroupCommitter] = []
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
@@ -229,6 +233,10 @@ class ProxyService(ReloadOnHup, TopService):
         self._update_policy(self.config)
         self._update_scan(self.config)
         self._update_archive(self.config)
+        if (not self.inherited_fds and not self.config.archive.node
+                and web_wanted(self.config.mode, self.config.web)):
+            self.web = WebConsole(self.config, self.reactor)
+            self.web.setServiceParent(self)  # type: ignore[no-untyped-call]  # stopped with the other children (Twisted is unannotated)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
         self.factory = SMTPServerFactory(self.config, lambda: EdgeSession(ctx), self.reactor,
@@ -263,6 +271,8 @@ class ProxyService(ReloadOnHup, TopService):
         self._update_archive(config)
         self._update_policy(config)
         self._update_scan(config)
+        if self.web is not None:
+            self.web.apply(config)
         ctx, tls = self._build_factory_parts(config)
         old_ctx = self._ctx
         assert self.factory is not None

@@ -44,6 +44,8 @@ from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory, SMTPServe
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.store.store import ArchiveStore
 from mppproxy.tlsconfig import load_ca_certificate, server_context
+from mppproxy.config.web import web_wanted
+from mppproxy.web.service import WebConsole
 from mppproxy.workers import bind_listeners, close_sockets
 
 log = Logger()
@@ -110,6 +112,8 @@ class ArchiveService(ReloadOnHup, TopService):
         self._loops: list[task.LoopingCall] = []
         # The queue directory and store settings opened at start.
         self._opened: tuple[str, Any, str] = ("", None, "")
+        # The web console ([web]), a child service.
+        self.web: Optional[WebConsole] = None
 
     # -- lifetime
 
@@ -134,6 +138,9 @@ class ArchiveService(ReloadOnHup, TopService):
         self.store, self.writer = self.keeper.store, self.keeper.writer
         self._opened = (queue_directory(config), config.store, config.data_dir)
         self.keeper.start()
+        if web_wanted(config.mode, config.web):
+            self.web = WebConsole(config, self.reactor)
+            self.web.setServiceParent(self)  # type: ignore[no-untyped-call]  # stopped with the other children (Twisted is unannotated)
         hostname = config.smtp.hostname or socket.getfqdn()
         self.ctx = self._context(config)
         ctx = self.ctx
@@ -183,6 +190,8 @@ class ArchiveService(ReloadOnHup, TopService):
         self.factory.tls_context = tls
         self.factory.is_trusted = ctx.is_edge
         self.factory.hostname = hostname
+        if self.web is not None:
+            self.web.apply(config)
         self.config = config
         sync_listeners(self.ports, config.archive_node.listen, self._listen)
         log.info("configuration reloaded")
