@@ -15,7 +15,7 @@ setup(
     # The archive store's Alembic revisions are packages (find_packages
     # takes them); their template is not Python.
     package_data={"twisted": ["plugins/mppproxy_plugin.py"],
-                  "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2"],
+                  "mppproxy.templates": ["*/*.txt", "*/*.html", "*/*.j2", "*/*.css"],
                   "mppproxy.store.migrations": ["script.py.mako"],
                   # The Public Suffix List for DMARC (mppproxy/data/README.md).
                   "mppproxy": ["data/public_suffix_list.dat", "data/README.md"]},

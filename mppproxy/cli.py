@@ -263,6 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         db_command.set_defaults(func=_db)
     from mppproxy.quarantine_cli import add_parser as add_quarantine_parser
     add_quarantine_parser(sub)  # list, show, delete, hold, export (quarantine_cli.py)
+    from mppproxy.accounts_cli import add_parser as add_admin_parser
+    add_admin_parser(sub)  # the web console's accounts (accounts_cli.py)
     from mppproxy.state_cli import add_parser as add_state_parser
     add_state_parser(sub)  # blacklist and greylist list|add|remove|whitelist (state_cli.py)
     args = parser.parse_args(argv)
