@@ -68,6 +68,12 @@ def _stop_with_error(reactor: Any) -> None:
 _exit_code = [0]
 
 
+def start_failed() -> bool:
+    """Whether the service is stopping because no listener opened (then
+    no readiness is reported to systemd: ``tap.py``)."""
+    return bool(_exit_code[0])
+
+
 def exit_code_hook(reactor: Any) -> None:
     """twistd exits 0 after reactor.stop(); make a failed start exit 1."""
     def exit_now() -> None:

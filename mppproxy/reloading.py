@@ -23,6 +23,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
+from mppproxy import sdnotify
 from mppproxy.config.errors import ConfigError
 from mppproxy.logsetup import Logger
 
@@ -67,10 +68,20 @@ class ReloadOnHup:
         if self.reload_config is None:
             return defer.succeed(None)
         log.info("SIGHUP: reloading configuration")
+        # systemd hears of the reload and of its end, applied or refused
+        # (mppproxy/sdnotify.py; nothing without $NOTIFY_SOCKET).
+        notify = sdnotify.notifier()
+        notify.reloading()
+
+        def failed(f: Any) -> None:
+            _reload_failed(f)
+            notify.ready("reload failed: the running configuration is kept (see the log)")
+
         d = deferToThread(self.reload_config)
-        # addCallback then addErrback: a failure inside apply() is reported too.
+        # addCallback then the errback: a failure inside apply() is reported too.
         d.addCallback(self.apply)
-        d.addErrback(_reload_failed)
+        d.addCallbacks(lambda _: notify.ready("configuration reloaded"), failed)
+        d.addCallback(lambda _: None)
         return d
 
 

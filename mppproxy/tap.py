@@ -141,6 +141,38 @@ def parse_host_port(value: str) -> dict[str, Any]:
     return out
 
 
+def _notify_systemd(reactor: Any, config: Any) -> None:
+    """Under systemd (``Type=notify``, $NOTIFY_SOCKET set): READY=1 once
+    the reactor runs with the listeners open, STOPPING=1 when the stop
+    begins (mppproxy/sdnotify.py; reloads: reloading.py).  The variable is
+    taken out of the environment first, so workers and command scanners,
+    started later, do not inherit it."""
+    from mppproxy import sdnotify
+    from mppproxy.cli import summary
+    from mppproxy.listeners import start_failed
+
+    notify = sdnotify.take_from_environment()
+    if not notify.enabled:
+        return
+    status = f"{config.mode}: {summary(config)}"
+    if config.workers > 1:
+        status += f", {config.workers} workers"
+
+    def ready() -> None:
+        # A listener that failed has scheduled the stop (exit 1) at the
+        # reactor's start, before this: systemd then sees a failed start,
+        # not a ready service that stops at once.
+        if not start_failed():
+            notify.ready(status)
+
+    # startService opened the listeners before the reactor started; a turn
+    # later the ones that failed have said so.
+    reactor.callWhenRunning(reactor.callLater, 0, ready)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", notify.stopping,
+        f"stopping: letting messages in flight finish (up to {config.timeouts.shutdown_grace:g} s)")
+
+
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
@@ -153,6 +185,7 @@ def makeService(options: Options) -> Any:
 
     config = options.config
     start_json_log(config)
+    _notify_systemd(reactor, config)
     # twistd's text log observer exists once the reactor runs.
     reactor.callWhenRunning(batch_text_log, reactor)
     # After start-up, before the first request (mppproxy/gctune.py).
