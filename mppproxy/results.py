@@ -18,8 +18,10 @@ Two enums, on purpose:
   for instead of a score.  Two of its requests (``WHITELIST``,
   ``WHITELIST_RECIPIENT``) steer the engine -- skip the later checks -- and
   are no fate of a message: putting them in ``Disposition`` would let a
-  verdict say "whitelist".  The other two ask for a refusal and map onto
-  the disposition of the same name (``HardAction.disposition``).
+  verdict say "whitelist".  Two ask for a refusal and map onto the
+  disposition of the same name (``HardAction.disposition``); ``QUARANTINE``
+  (scanners only) asks to hold the message, and the verdict weighs it
+  against the score.
 """
 from __future__ import annotations
 
@@ -79,6 +81,10 @@ class HardAction(enum.Enum):
     # Refuse it for now (4xx): greylisting, a DNS or database failure that
     # a policy turns into a tempfail (docs/design.md promise 4).
     TEMPFAIL = "tempfail"
+    # After DATA only: accept the message and hold it instead of relaying
+    # (a DMARC fail under p=quarantine, scan/scanners/authentication.py).
+    # A refusal or a higher score wins over it (verdict.py).
+    QUARANTINE = "quarantine"
 
     @property
     def disposition(self) -> Optional[Disposition]:
@@ -116,6 +122,10 @@ class CheckResult:
     # engine passed is allowed so, the message counts as whitelisted
     # (``TransactionRecord.allowed_for_all``).
     sender_allowed: bool = False
+    # What the check found, for later stages to read, as (name, value)
+    # pairs: the SPF check's result and the domain it checked, which DMARC
+    # needs after DATA (scan/postdata.py).
+    facts: tuple[tuple[str, str], ...] = ()
 
     @property
     def hit(self) -> bool:

@@ -66,6 +66,10 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "attachment": (550, "5.7.1"),
     # A header content rule (scan/scanners/headers.py).
     "content": (550, "5.7.1"),
+    # A DMARC fail under p=reject (scan/scanners/authentication.py): RFC
+    # 7489 10.3 refuses during the transaction; RFC 3463 5.7.1 "delivery
+    # not authorized, message refused".
+    "dmarc": (550, "5.7.1"),
 }
 
 # The template a refusal falls back to when its own cannot be rendered.

@@ -90,6 +90,13 @@ def decide(record: TransactionRecord, scoring: ScoringConfig, report: Optional[S
         # Every recipient's domain allows the sender (db/allowlist.py).
         return Verdict(RELAY, score, ("sender allowed",), headers=tuple(headers))
     action = _score_action(score, scoring, discard_score)
+    holds = getattr(report, "holds", None)
+    if holds and action in (RELAY, TAG):
+        # A scanner asked to hold the message (a DMARC fail under
+        # p=quarantine); a score that refuses or discards it says worse.
+        held = tuple(r for _, hit in holds for r in hit.reasons)
+        return Verdict(QUARANTINE, score, reasons + tuple(r for r in held if r not in reasons),
+                       headers=tuple(headers))
     if action is REJECT:
         return Verdict(REJECT, score, reasons, "score",
                        (("score", score), ("reasons", list(reasons[:5]))), tuple(headers))

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from mppproxy.config.authentication import DkimConfig, DmarcConfig
 from mppproxy.config.fields import (at_least as _at_least, finite as _finite, opt as _opt,
                                     regex as _regex, tempfail_or_skip as _on_failure)
 from mppproxy.match import check_address_patterns, check_cidrs
@@ -363,6 +364,10 @@ class ScanConfig:
     mime: MimeCheckConfig = MimeCheckConfig()
     attachments: AttachmentConfig = AttachmentConfig()
     headers: HeaderFilterConfig = HeaderFilterConfig()
+    # Message authentication (config/authentication.py): DKIM signatures
+    # and the DMARC policy of the From: domain, one Authentication-Results.
+    dkim: DkimConfig = DkimConfig()
+    dmarc: DmarcConfig = DmarcConfig()
     # A scanner that cannot answer (a GeoIP file that cannot be read, a
     # parse failure): "tempfail" (451 4.3.0, docs/design.md promise 4) or "skip".
     on_failure: str = field(default="tempfail", metadata=_opt(_on_failure))

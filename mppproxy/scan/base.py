@@ -65,7 +65,9 @@ class ScanInput:
     ``smtputf8``: the transaction asked for SMTPUTF8 (RFC 6531), so UTF-8
     in header fields is legal (RFC 6532); without it, 8-bit octets in a
     header are a defect.  Envelope and client facts come along for header
-    rules and logs.
+    rules and logs.  ``spf``: what the pre-DATA SPF check found, as its
+    ``CheckResult.facts`` (result, domain, identity), for DMARC; empty when
+    it did not run.
     """
 
     chunks: Any  # Callable[[], Iterator[bytes]]
@@ -79,6 +81,7 @@ class ScanInput:
     path: Optional[str] = None
     parsed: Any = None
     smtputf8: bool = False
+    spf: tuple[tuple[str, str], ...] = ()
 
     def iter_chunks(self) -> Iterator[bytes]:
         return iter(self.chunks())

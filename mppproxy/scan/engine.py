@@ -79,6 +79,10 @@ class ScanReport:
     # because a guard refused the message.  Kinds: scan/base.py.
     skipped: list[tuple[str, str]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # (scanner, result) of each scanner that asked to hold the message
+    # (HardAction.QUARANTINE: a DMARC fail under p=quarantine); the verdict
+    # holds it unless a refusal or the score says worse.
+    holds: list[tuple[str, CheckResult]] = field(default_factory=list)
     # scanner -> its rule names / reasons (for X-MPP-* and X-Spam-Status).
     rules: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -195,14 +199,17 @@ def _add(record: TransactionRecord, report: ScanReport, name: str, result: Check
     weighted = result.score * weight
     if weighted != result.score:
         result = CheckResult(weighted, result.reasons, result.action, result.template,
-                             result.template_vars, result.headers, result.blacklisted)
+                             result.template_vars, result.headers, result.blacklisted,
+                             facts=result.facts)
     record.recorded.append(Recorded(f"scan:{name}", result))
     record.score += weighted
     report.score += weighted
     report.headers.extend(result.headers)
     if result.reasons:
         report.rules[name] = result.reasons
-    if result.action in (HardAction.REJECT, HardAction.TEMPFAIL):
+    if result.action is HardAction.QUARANTINE:
+        report.holds.append((name, result))
+    elif result.action in (HardAction.REJECT, HardAction.TEMPFAIL):
         report.hard_hits.append((name, result))
         if report.hard is None:
             report.hard = (name, result)

@@ -11,8 +11,22 @@ from mppproxy.config.scan import ScanConfig
 from mppproxy.scan.base import Scanner
 from mppproxy.scan.engine import ScanEngine, SlotSettings
 from mppproxy.scan.scanners.attachments import AttachmentScanner
+from mppproxy.scan.scanners.authentication import AuthenticationScanner, AuthSettings
 from mppproxy.scan.scanners.headers import HeaderFilterScanner
 from mppproxy.scan.scanners.mime_check import MimeCheckScanner
+
+
+@dataclass(frozen=True)
+class AuthServices:
+    """What the authentication scanner (DKIM, DMARC) needs beside its
+    settings: a DNS resolver and our authserv-id (RFC 8601 2.5)."""
+
+    resolver: Any
+    authserv_id: str
+
+
+def wants_authentication(config: ScanConfig) -> bool:
+    return config.enabled and (config.dkim.enabled or config.dmarc.enabled)
 
 
 @dataclass
@@ -46,7 +60,8 @@ def build_engines(config: ProxyConfig, reactor: Any) -> dict[str, Scanner]:
 
 
 def build(config: ScanConfig, reactor: Any,
-          engines: Optional[dict[str, Scanner]] = None) -> Optional[PolicyScanning]:
+          engines: Optional[dict[str, Scanner]] = None,
+          auth: Optional[AuthServices] = None) -> Optional[PolicyScanning]:
     if not config.enabled:
         return None
     slot = SlotSettings(on_failure=config.on_failure)
@@ -69,4 +84,13 @@ def build(config: ScanConfig, reactor: Any,
         slots.append((AttachmentScanner(config.attachments, reactor), slot))
     if config.headers.enabled and config.headers.rules:
         slots.append((HeaderFilterScanner(config.headers, reactor), slot))
+    if (config.dkim.enabled or config.dmarc.enabled) and auth is not None:
+        # Two DNS rounds at most (keys and the From: domain's policy at
+        # once, then the organisational domain's), each bounded by the
+        # resolver's timeout, and the verification: the engine's bound is
+        # a backstop above that.
+        timeout = 2 * float(getattr(auth.resolver, "timeout", 5.0)) + 10.0
+        slots.append((AuthenticationScanner(AuthSettings(config.dkim, config.dmarc), reactor,
+                                            auth.resolver, auth.authserv_id),
+                      replace(slot, timeout=timeout)))
     return PolicyScanning(mime, ScanEngine(slots, reactor), config)

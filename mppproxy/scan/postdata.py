@@ -20,6 +20,10 @@ results are added to it.
    consulted is listed, with why, in ``report.skipped``.
 4. ``verdict.decide`` turns the sum and the hard hits into one action, with
    the policy's ``virus_action`` and ``discard_score``.
+   The pre-DATA SPF check's findings go along (``ScanInput.spf``) for
+   DMARC, and when the authentication scanner (DKIM, DMARC) wrote an
+   Authentication-Results field, the SPF check's own field is dropped: the
+   one field carries SPF, DKIM and DMARC.
 5. An accepted message gets the result headers: ``X-MPP-Scan`` and
    ``X-MPP-Scan-Rules`` when ``result_headers`` is on, and
    ``X-MPP-Scan-Skipped`` whenever a scanner was not consulted.
@@ -33,6 +37,8 @@ from mppproxy.scan.base import ScanInput
 from mppproxy.scan.engine import ScanReport
 from mppproxy.scan.factory import PolicyScanning
 from mppproxy.verdict import Verdict, decide, result_headers, skipped_headers
+
+AUTH_RESULTS = "Authentication-Results"
 
 # The actions under which the message goes on (or is kept), so the result
 # headers travel with it.
@@ -56,8 +62,15 @@ async def scan_and_decide(scanning: PolicyScanning, message: ScanInput, record: 
                           scoring: ScoringConfig) -> PostData:
     """Scan ``message`` with ``scanning`` (a ``scan.factory.PolicyScanning``)
     and decide on it against ``scoring``; see the module docstring."""
-    message = replace(message, parsed=await scanning.mime.parse(message))
+    spf = record.once.get("spf")
+    message = replace(message, parsed=await scanning.mime.parse(message),
+                      spf=spf.facts if spf is not None else ())
     report = await scanning.engine.scan(message, record)
+    if any(name == AUTH_RESULTS for name, _ in report.headers):
+        # The authentication scanner wrote the one Authentication-Results
+        # field, SPF in it: the SPF check's own field goes (RFC 8601 allows
+        # several, but one per authserv-id is what readers expect).
+        record.headers[:] = [h for h in record.headers if h[0] != AUTH_RESULTS]
     config = scanning.config
     verdict = decide(record, scoring, report, config.virus_action, config.discard_score)
     if verdict.action in ACCEPTED:

@@ -14,6 +14,7 @@ reload builds a new one and stops the old.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -22,6 +23,8 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.python.failure import Failure
 
 from mppproxy.config.schema import ProxyConfig
+from mppproxy.dns.nameservers import nameservers
+from mppproxy.dns.resolver import Resolver
 from mppproxy.logsetup import Logger
 from mppproxy.scan import factory
 from mppproxy.scan.base import Scanner
@@ -41,10 +44,19 @@ class ScanStage:
         # One scanner per engine, shared by every policy so each engine's
         # connection bound holds across policies.
         self.engines: dict[str, Scanner] = factory.build_engines(config, reactor)
+        scans = {name: replace(p.scan, enabled=True) if always else p.scan
+                 for name, p in config.policies.items()}
+        # DKIM and DMARC ask DNS: the stage's own resolver (its cache lives
+        # as long as the stage), made only when a policy authenticates.
+        self.resolver: Optional[Resolver] = None
+        auth = None
+        if any(factory.wants_authentication(s) for s in scans.values()):
+            self.resolver = Resolver(reactor, nameservers(config.dns), timeout=config.dns.timeout)
+            auth = factory.AuthServices(self.resolver,
+                                        config.smtp.hostname or socket.getfqdn())
         self.scanning: dict[str, Optional[PolicyScanning]] = {
-            name: factory.build(replace(p.scan, enabled=True) if always else p.scan,
-                                reactor, self.engines)
-            for name, p in config.policies.items()}
+            name: factory.build(scan, reactor, self.engines, auth)
+            for name, scan in scans.items()}
         self.health: Optional[HealthMonitor] = None
         self._starting: Optional[DelayedCall] = None
 
@@ -87,6 +99,9 @@ class ScanStage:
             d = maybeDeferred(close)
             d.addErrback(_log_close_failure, scanner.name)
             closing.append(d)
+        if self.resolver is not None:
+            closing.append(self.resolver.close())
+            self.resolver = None
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
         return done
 

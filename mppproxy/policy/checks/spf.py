@@ -52,8 +52,12 @@ class SpfCheck(Check):
             vars_ = (("sender_domain", domain), ("explanation", result.explanation))
         elif result.result == "temperror" and s.tempfail_on_temperror:
             action, template = HardAction.TEMPFAIL, "spf_temperror"
+        # DMARC (after DATA) aligns the domain SPF checked with From:'s and
+        # writes SPF into its one Authentication-Results field.
+        found = (("result", result.result), ("domain", domain), ("identity", identity),
+                 ("sender", sender), ("client_ip", facts.client_ip), ("helo", facts.helo))
         return CheckResult(score=score, reasons=reasons, action=action, template=template,
-                           template_vars=vars_, headers=headers)
+                           template_vars=vars_, headers=headers, facts=found)
 
 
 def authentication_results(authserv_id: str, result: str, identity: str, sender: str,
