@@ -127,6 +127,13 @@ class SmtpConfig:
     # name (smtp.hostname), which our Authentication-Results carry, is
     # always among them; list here the other names of our ADMD.
     authserv_ids: tuple[str, ...] = field(default=(), metadata=_opt(_authserv_ids))
+    # Upstream MTAs (Postfix before or after the queue) that may tell the
+    # real client with XFORWARD (that transaction; they did relay control)
+    # or XCLIENT (the rest of the connection), like Postfix's
+    # smtpd_authorized_xforward_hosts / smtpd_authorized_xclient_hosts.
+    # Empty: neither is announced nor accepted (smtp/forwarded.py).
+    xforward_hosts: tuple[str, ...] = field(default=(), metadata=_opt(_networks))
+    xclient_hosts: tuple[str, ...] = field(default=(), metadata=_opt(_networks))
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,9 @@ class EdgeSession:
 
     async def on_rcpt(self, session: Session, txn: Transaction, rcpt: Address,
                       params: dict[str, Optional[str]]) -> Reply:
-        if not session.trusted:
+        # An upstream MTA that forwarded the client with XFORWARD accepted
+        # the recipient already (smtp/forwarded.py): relay control is its.
+        if not (session.trusted or session.relay_checked):
             reason = relay_refusal_reason(rcpt, self.ctx.relay_domains)
             if reason is not None:
                 log.info("relay denied for {rcpt} from {client}: {reason}", rcpt=rcpt.text,

@@ -23,9 +23,13 @@ from mppproxy._async import drive
 from mppproxy._wire import close_now, send_now
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.logsetup import Logger
+from mppproxy.match import TrustedNetworks
 from mppproxy.smtp import replies
 from mppproxy.smtp.address import Address, AddressError, parse_path, split_argument
 from mppproxy.smtp.commands import Command, parse_command
+from mppproxy.smtp.forwarded import (FORWARD_OK, IN_TRANSACTION, NOT_AUTHORISED,
+                                     XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES,
+                                     ForwardedSyntaxError, parse_attributes)
 from mppproxy.smtp.framing import DataError, DataReader
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction
@@ -277,6 +281,15 @@ class SMTPServerProtocol(Protocol):
         self._after_decision = False
         self._decided_in = SessionState.CLOSING
         self._hostname = hostname
+        # The connection's own client address (Session.peer_host may carry
+        # forwarded facts: smtp/forwarded.py).
+        self._peer = "unknown"
+        # XFORWARD attributes for the next transaction, and the session's
+        # own facts while forwarded ones are applied (restored at its end).
+        self._xforward: Optional[dict[str, Optional[str]]] = None
+        self._own_facts: Optional[tuple[str, Optional[str], bool]] = None
+        # XCLIENT replaced the connection's client for the rest of it.
+        self._xclient = False
         self._spool_dir = _spool_directory(config)
         # Read on every command; the session keeps the configuration it
         # began with anyway.
@@ -309,6 +322,7 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(peer_host, getattr(peer, "port", 0),
                                getattr(host, "host", ""), getattr(host, "port", 0),
                                trusted=self.is_trusted(peer_host))
+        self._peer = peer_host
         if factory is not None and factory.stopping:
             # RFC 5321 3.8: a server shutting down answers a new connection 421.
             self._refuse(replies.SHUTTING_DOWN, "shutting down")
@@ -362,7 +376,8 @@ class SMTPServerProtocol(Protocol):
         previous = self.state
         self.state = SessionState.CLOSING
         if self._counted and self.session is not None:
-            self.counter.remove(self.session.peer_host)
+            # The connection's own address: XCLIENT may have changed peer_host.
+            self.counter.remove(self._peer)
             self._counted = False
         if self.session is None:
             return
@@ -679,7 +694,20 @@ class SMTPServerProtocol(Protocol):
         lines.append("ENHANCEDSTATUSCODES")  # RFC 2034
         if self.tls_context is not None and not self.session.tls:
             lines.append("STARTTLS")  # RFC 3207
+        # Postfix sends XFORWARD / XCLIENT only to a server that announces
+        # them with the attributes it takes (XFORWARD_README, XCLIENT_README).
+        if self._may("xforward"):
+            lines.append("XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        if self._may("xclient"):
+            lines.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
         return lines
+
+    def _may(self, command: str) -> bool:
+        """Whether the connection's own client may send XFORWARD or XCLIENT
+        (smtp.xforward_hosts / smtp.xclient_hosts)."""
+        hosts = (self.config.smtp.xforward_hosts if command == "xforward"
+                 else self.config.smtp.xclient_hosts)
+        return bool(hosts) and _networks(hosts)(self._peer)
 
     def _size_limit(self) -> int:
         return self._caps.size if self._caps else self.config.limits.max_message_size
@@ -703,6 +731,7 @@ class SMTPServerProtocol(Protocol):
         txn.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
         assert self.session is not None
         session = self.session
+        self._apply_xforward()
 
         def answer(reply: Reply) -> None:
             if reply.is_positive:
@@ -711,6 +740,8 @@ class SMTPServerProtocol(Protocol):
                 session.transactions += 1
             else:
                 self.handler.on_reset(session, txn, f"MAIL refused: {reply.code}")
+                # No transaction began: the attributes wait for the next MAIL.
+                self._restore_own_facts()
             self._send(reply)
 
         self._await(self.handler.on_mail(session, txn), answer)
@@ -853,6 +884,7 @@ class SMTPServerProtocol(Protocol):
             self.txn = None
             txn.close()
             self.state = SessionState.MAIL
+            self._end_xforward()
             self._send(reply)
 
         self._await(self.handler.on_data_end(session, txn), answer)
@@ -878,6 +910,7 @@ class SMTPServerProtocol(Protocol):
             self.txn = None
         if self.state in (SessionState.RCPT, SessionState.DATA):
             self.state = SessionState.MAIL
+        self._end_xforward()
 
     def _cmd_rset(self, cmd: Command) -> None:
         # RFC 5321 4.1.1.5: RSET clears the transaction, keeps the EHLO.
@@ -928,9 +961,113 @@ class SMTPServerProtocol(Protocol):
     def _cmd_auth(self, cmd: Command) -> None:
         self._send(replies.NOT_IMPLEMENTED.with_text("AUTH not available"))
 
+    # -- XFORWARD / XCLIENT (smtp/forwarded.py) ------------------------------------
+
+    def _forwarded_attributes(self, command: str, allowed: tuple[str, ...], arg: str
+                              ) -> Optional[dict[str, Optional[str]]]:
+        """The attributes of an XFORWARD or XCLIENT the client may send now,
+        or None with the refusal sent."""
+        if not self._may(command.lower()):
+            log.warn("{command} refused from {client}: not in smtp.{key}", command=command,
+                     client=self._peer, key=f"{command.lower()}_hosts",
+                     session_id=self.session.id if self.session else None)
+            self._send(NOT_AUTHORISED)
+            return None
+        if not self._need_greeted():
+            return None
+        if self.state is not SessionState.MAIL:
+            self._send(IN_TRANSACTION)
+            return None
+        try:
+            return parse_attributes(arg, allowed)
+        except ForwardedSyntaxError as e:
+            self._send(e.reply)
+            return None
+
+    def _cmd_xforward(self, cmd: Command) -> None:
+        attributes = self._forwarded_attributes("XFORWARD", XFORWARD_ATTRIBUTES, cmd.arg)
+        if attributes is None:
+            return
+        # XFORWARD_README, "Server operation": the first XFORWARD sets every
+        # attribute to [UNAVAILABLE], each one overwrites those it names.
+        if self._xforward is None:
+            self._xforward = dict.fromkeys(XFORWARD_ATTRIBUTES)
+        self._xforward.update(attributes)
+        self._send(FORWARD_OK)
+
+    def _apply_xforward(self) -> None:
+        """At MAIL: the forwarded client becomes the transaction's client.
+        ADDR [UNAVAILABLE] is a local submission on the upstream host: the
+        connection's facts stay (XFORWARD_README), but relay control was
+        still the upstream's."""
+        session = self.session
+        if self._xforward is None or session is None:
+            return
+        self._own_facts = (session.peer_host, session.helo, session.trusted)
+        upstream = session.via or session.peer_host
+        addr = self._xforward.get("ADDR")
+        if addr is not None:
+            session.peer_host = addr
+            session.helo = self._xforward.get("HELO")
+            session.trusted = self.is_trusted(addr)
+        session.via = upstream
+        session.relay_checked = True
+
+    def _restore_own_facts(self) -> None:
+        session = self.session
+        if self._own_facts is None or session is None:
+            return
+        session.peer_host, session.helo, session.trusted = self._own_facts
+        self._own_facts = None
+        session.relay_checked = False
+        # After XCLIENT the session's facts are still forwarded ones.
+        session.via = self._peer if self._xclient else None
+
+    def _end_xforward(self) -> None:
+        """The transaction is over (RSET, the end of DATA, a new EHLO):
+        XFORWARD_README, "the attributes are reset to the real client
+        information"."""
+        self._restore_own_facts()
+        self._xforward = None
+
+    def _cmd_xclient(self, cmd: Command) -> None:
+        attributes = self._forwarded_attributes("XCLIENT", XCLIENT_ATTRIBUTES, cmd.arg)
+        if attributes is None:
+            return
+        session = self.session
+        assert session is not None
+        self._end_xforward()
+        # XCLIENT_README: the forwarded client replaces the connection's for
+        # the rest of it, its checks included; the session starts again.
+        addr = attributes.get("ADDR")
+        if "ADDR" in attributes:
+            session.peer_host = addr if addr is not None else self._peer
+            session.trusted = self.is_trusted(session.peer_host)
+        if "HELO" in attributes:
+            session.helo = attributes["HELO"]
+        session.via = self._peer
+        self._xclient = True
+        log.info("XCLIENT from {upstream}: client {client} (helo {helo})", upstream=self._peer,
+                 client=session.peer_host, helo=session.helo, session_id=session.id,
+                 login=attributes.get("LOGIN"))
+        refusal = self.handler.on_connect(session)
+        if refusal is not None:
+            self._close_with(refusal)
+            return
+        self.state = SessionState.READY
+        self._caps = None
+        self._send(_own_reply(220, "", f"{self._hostname} {self.config.smtp.banner}"))
+
     _COMMANDS: dict[str, Callable[["SMTPServerProtocol", Command], None]] = {
         "EHLO": _cmd_ehlo, "HELO": _cmd_helo, "MAIL": _cmd_mail, "RCPT": _cmd_rcpt,
         "DATA": _cmd_data, "RSET": _cmd_rset, "NOOP": _cmd_noop, "QUIT": _cmd_quit,
         "VRFY": _cmd_vrfy, "EXPN": _cmd_expn, "HELP": _cmd_help, "STARTTLS": _cmd_starttls,
-        "AUTH": _cmd_auth,
+        "AUTH": _cmd_auth, "XFORWARD": _cmd_xforward, "XCLIENT": _cmd_xclient,
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(hosts: tuple[str, ...]) -> TrustedNetworks:
+    """The matcher of smtp.xforward_hosts or smtp.xclient_hosts, built once
+    per configured list (not per connection)."""
+    return TrustedNetworks(hosts)

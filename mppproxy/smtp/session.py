@@ -48,6 +48,13 @@ class Session:
     tls_cipher: Optional[str] = None
     transactions: int = 0
     errors: int = 0
+    # The upstream MTA's address when peer_host and helo are the facts it
+    # forwarded (XFORWARD for this transaction, XCLIENT for the session;
+    # smtp/forwarded.py); None: they are the connection's own.
+    via: Optional[str] = None
+    # The upstream MTA did relay control for this transaction (XFORWARD
+    # from smtp.xforward_hosts): the proxy does not repeat it.
+    relay_checked: bool = False
 
 
 class StageRecord:
