@@ -1,9 +1,11 @@
 """Log observers: the optional JSON-lines file beside twistd's own log, and
-twistd's text log written in batches."""
+twistd's text log written in batches; both reopened on SIGUSR1, for
+logrotate (``reopen_on_usr1``)."""
 from __future__ import annotations
 
 import io
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -17,6 +19,10 @@ from twisted.python.compat import ioType
 from zope.interface import implementer  # type: ignore[import-untyped]  # no stubs or py.typed
 
 _started: list[Any] = []
+# The JSON log's path, by observer, to reopen it (``reopen_logs``).
+_json_paths: dict[int, str] = {}
+# The batched text observers ``batch_text_log`` put in place.
+_batched: list["BatchedTextLogObserver"] = []
 _LEVELS = frozenset(LogLevel.iterconstants())
 
 
@@ -53,6 +59,7 @@ def start_json_log(config: Any) -> None:
     # mypy does not see zope's @implementer(ILogObserver) on FileLogObserver.
     globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     _started.append(observer)
+    _json_paths[id(observer)] = path
 
 
 # -- twistd's text log, written in batches ---------------------------------------
@@ -119,6 +126,9 @@ class BatchedTextLogObserver:
         self._stalled = False
         self._reactor_thread = threading.get_ident()
         self._writer: Optional[_LogWriter] = None
+        # Set by ``reopen``: the writer thread reopens the file before its
+        # next write (it alone writes, so no write races the reopen).
+        self._reopen_wanted = False
         # The descriptor the writer uses (``_raw_fd``), found on its first write.
         self._fd: Any = _UNKNOWN
         self._second = -1
@@ -192,6 +202,36 @@ class BatchedTextLogObserver:
         if self._writer is None:
             self._writer = _LogWriter(self)
         self._writer.wake()
+
+    @property
+    def reopens(self) -> bool:
+        """Whether the sink is a file that can be reopened (twistd's
+        ``--logfile``, a ``LogFile``), not standard output."""
+        return callable(getattr(self._out, "reopen", None)) and hasattr(self._out, "path")
+
+    def reopen(self) -> None:
+        """Have the writer thread reopen the log file at its path (after
+        logrotate renamed it) before it writes again; returns at once."""
+        self._reopen_wanted = True
+        self.flush()
+
+    def _reopen_if_wanted(self) -> None:
+        """The writer's side of ``reopen``."""
+        if not self._reopen_wanted:
+            return
+        self._reopen_wanted = False
+        try:
+            # twisted.python.logfile's reopen closes the file before it opens
+            # the path: a path that cannot be opened would leave no file at
+            # all.  Tried first, so the old file stays in use then.
+            with open(self._out.path, "ab"):
+                pass
+            self._out.reopen()
+        except (OSError, ValueError) as e:
+            # The old file stays open and in use: nothing is lost.
+            self._held.appendleft(
+                f"{self._time(time.time())} [mppproxy.logsetup#error] cannot reopen the log "
+                f"file (it stays written where it was): {e}\n")
 
     def drain(self, timeout: float) -> bool:
         """Hand over what is held and wait, at most ``timeout`` seconds,
@@ -297,6 +337,7 @@ class _LogWriter:
             os.read(self._wake_r, 4096)
             while True:
                 self._writing = True
+                observer._reopen_if_wanted()
                 text = observer._take()
                 if not text:
                     self._writing = False
@@ -330,8 +371,15 @@ def batch_text_log(reactor: Any, publisher: Any = globalLogPublisher) -> bool:
         formatter = getattr(observer, "formatEvent", None)
         if (isinstance(observer, FileLogObserver) and observer not in _started
                 and getattr(formatter, "__qualname__", "") == _TWISTD_FORMATTER):
-            batched = BatchedTextLogObserver(observer._outFile, reactor)
+            out: Any = observer._outFile
+            batched = BatchedTextLogObserver(out, reactor)
             observers[i] = batched
+            _batched.append(batched)
+            if batched.reopens and getattr(out, "rotateLength", None):
+                # twistd's LogFile renames itself to .1, .2 ... every
+                # 1 MB, with no end to their number.  Rotation is
+                # logrotate's job (SIGUSR1 reopens: reopen_on_usr1).
+                out.rotateLength = None
             # Whatever is held when the reactor stops is written then, if
             # the log sink takes it soon enough (EXIT_DRAIN_SECONDS).
             reactor.addSystemEventTrigger("after", "shutdown", batched.drain,
@@ -342,3 +390,52 @@ def batch_text_log(reactor: Any, publisher: Any = globalLogPublisher) -> bool:
 
 # The formatter twistd's observer uses (twisted.logger.textFileLogObserver).
 _TWISTD_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
+
+
+# -- reopening for logrotate --------------------------------------------------------
+
+_log = Logger()
+
+
+def reopen_logs() -> list[str]:
+    """Reopen the log files at their paths (after logrotate renamed them):
+    twistd's ``--logfile`` (by its writer thread, before its next line) and
+    the JSON log.  On the reactor thread; the paths reopened."""
+    reopened = []
+    for batched in _batched:
+        if batched.reopens:
+            batched.reopen()
+            reopened.append(str(getattr(batched._out, "path", "the log file")))
+    for observer in _started:
+        path = _json_paths.get(id(observer))
+        if path is None:
+            continue
+        try:
+            new = io.open(path, "a", encoding="utf-8")
+        except OSError as e:
+            _log.error("cannot reopen the JSON log {path} (it stays written where it was): "
+                       "{error}", path=path, error=e.strerror or str(e))
+            continue
+        old, observer._outFile = observer._outFile, new
+        old.close()
+        reopened.append(path)
+    return reopened
+
+
+def reopen_on_usr1(reactor: Any) -> bool:
+    """Make SIGUSR1 reopen the log files (``reopen_logs``), in place of
+    twistd's handler, which renames its file to ``.1`` itself and does
+    nothing once logrotate has moved it.  The handler only schedules the
+    work on the reactor thread (reloading.py says why).  Called once the
+    reactor runs, after ``batch_text_log``; True when there is a file to
+    reopen (standard output alone: the handler is left as it is)."""
+    if not any(b.reopens for b in _batched) and not _json_paths:
+        return False
+
+    def reopen_now() -> None:
+        paths = reopen_logs()
+        _log.info("SIGUSR1: reopened {paths}", paths=", ".join(paths) or "no log file")
+
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(reopen_now))
+    return True
+

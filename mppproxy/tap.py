@@ -177,7 +177,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     from mppproxy.gctune import tune_for_server
-    from mppproxy.logsetup import batch_text_log, start_json_log
+    from mppproxy.logsetup import batch_text_log, reopen_on_usr1, start_json_log
     from mppproxy.reloading import stop_on_signals
     from mppproxy.listeners import exit_code_hook
     from mppproxy.service import ProxyService
@@ -188,6 +188,8 @@ def makeService(options: Options) -> Any:
     _notify_systemd(reactor, config)
     # twistd's text log observer exists once the reactor runs.
     reactor.callWhenRunning(batch_text_log, reactor)
+    # Then SIGUSR1 reopens the log files, for logrotate (docs/operations.md).
+    reactor.callWhenRunning(reopen_on_usr1, reactor)
     # After start-up, before the first request (mppproxy/gctune.py).
     reactor.callWhenRunning(tune_for_server)
     exit_code_hook(reactor)
