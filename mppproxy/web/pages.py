@@ -46,8 +46,8 @@ class Pages:
         self.env.filters["utc"] = utc_text
         self.env.filters["size"] = size_text
 
-    def render(self, name: str, **context: Any) -> bytes:
-        return self.env.get_template(name).render(**context).encode("utf-8")
+    def render(self, template: str, /, **context: Any) -> bytes:
+        return self.env.get_template(template).render(**context).encode("utf-8")
 
     def static(self, name: str) -> bytes:
         """A static file beside the templates (the style sheet)."""
