@@ -723,3 +723,46 @@ class ThrottleTests(unittest.SynchronousTestCase):
         self.assertEqual(address_key("2001:db8::1"), address_key("2001:db8::ffff:1"))
         self.assertNotEqual(address_key("2001:db8::1"), address_key("2001:db8:0:1::1"))
         self.assertEqual(address_key("::ffff:192.0.2.1"), address_key("192.0.2.1"))
+
+
+class AllInOneTests(unittest.TestCase):
+    """The console inside the all-in-one service (mppproxy/service.py)."""
+
+    async def test_all_in_one_serves_the_console_and_makes_the_first_admin(self) -> None:
+        """An all-in-one node with an empty store serves the console on
+        web.listen and logs the one-time password of 'admin' once; with
+        web.enabled false it serves none."""
+        from mppproxy.service import ProxyService
+
+        data = Path(tempfile.mkdtemp(prefix="mpp-web-aio-"))
+        self.addCleanup(shutil.rmtree, data, True)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        mapping: dict[str, Any] = {"data_dir": str(data), "listen": ["tcp:0:interface=127.0.0.1"],
+                                   "web": {"listen": ["tcp:0:interface=127.0.0.1"]}}
+        service = ProxyService(from_mapping(mapping), reactor)
+        service.startService()
+        try:
+            assert service.web is not None
+            await service.web.listening
+            for _ in range(200):
+                if any(e.get("name") == "admin" and "password" in e for e in events):
+                    break
+                await deferToThread(time.sleep, 0.05)
+            made = [e for e in events if e.get("name") == "admin" and "password" in e]
+            self.assertEqual(len(made), 1)
+            port = service.web.ports[0].getHost().port
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            browser = Browser(f"http://127.0.0.1:{port}", pool)
+            page = await browser.login("admin", made[0]["password"])
+            self.assertEqual((page.code, page.header("location")), (303, "/password"))
+            await pool.closeCachedConnections()
+        finally:
+            await service.stopService()
+        off = ProxyService(from_mapping({**mapping, "web": {"enabled": False}}), reactor)
+        off.startService()
+        try:
+            self.assertIsNone(off.web)
+        finally:
+            await off.stopService()
