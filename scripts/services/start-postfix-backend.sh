@@ -19,6 +19,13 @@
 # * POLICY: PFX_POLICY_SERVICE='inet:127.0.0.1:10040' adds
 #   "check_policy_service inet:127.0.0.1:10040" to smtpd_recipient_restrictions (a policy
 #   server such as mppproxy --mode policy answers for each RCPT); unset: no policy service
+# * FILTER MODES (docs/postfix.md): PFX_FILTER=before-queue or after-queue with
+#   PFX_FILTER_ADDR=127.0.0.1:PORT (the proxy) and PFX_RETURN_PORT (a second smtpd on
+#   127.0.0.1 that takes the filtered mail back and delivers it as in backend mode):
+#   before-queue: the smtpd on PFX_PORT hands each session to the proxy in lockstep
+#   (smtpd_proxy_filter, XFORWARD when the proxy announces it);
+#   after-queue: mail is queued, then sent to the proxy by the "mppfilter" smtp
+#   transport with XFORWARD (content_filter, smtp_send_xforward_command = yes).
 # Needs root. Installs postfix, swaks, openssl and libnet-ssleay-perl (for swaks --tls)
 # through apt-install.sh if they are missing (never runs `apt-get update` unless the
 # install fails). Loopback only; nothing is ever sent out in backend mode.
@@ -35,6 +42,9 @@ PFX_DOMAINS=${PFX_DOMAINS:-"example.com example.net"}
 PFX_RELAYHOST=${PFX_RELAYHOST:-}
 PFX_XHOSTS=${PFX_XHOSTS:-127.0.0.0/8}
 PFX_POLICY_SERVICE=${PFX_POLICY_SERVICE:-}
+PFX_FILTER=${PFX_FILTER:-}
+PFX_FILTER_ADDR=${PFX_FILTER_ADDR:-}
+PFX_RETURN_PORT=${PFX_RETURN_PORT:-}
 PFX_NAME=${PFX_NAME:-$(basename "$PFX_ROOT")}
 CFG=$PFX_ROOT/etc
 TLS=$PFX_ROOT/tls
@@ -215,10 +225,53 @@ smtpd_policy_service_timeout = 10s
 CF
 fi
 
+case "$PFX_FILTER" in
+    "") ;;
+    before-queue|after-queue)
+        if [ -z "$PFX_FILTER_ADDR" ] || [ -z "$PFX_RETURN_PORT" ]; then
+            echo "PFX_FILTER=$PFX_FILTER needs PFX_FILTER_ADDR and PFX_RETURN_PORT" >&2; exit 2
+        fi ;;
+    *) echo "PFX_FILTER must be before-queue or after-queue, not $PFX_FILTER" >&2; exit 2 ;;
+esac
+if [ "$PFX_FILTER" = after-queue ]; then
+    cat >> "$CFG/main.cf" <<CF
+# AFTER-QUEUE FILTER: queued mail goes through the proxy, which relays it to the
+# return smtpd on $PFX_RETURN_PORT (content_filter is switched off there)
+content_filter = mppfilter:[${PFX_FILTER_ADDR%:*}]:${PFX_FILTER_ADDR##*:}
+CF
+fi
+
 # master.cf without chroot (chroot would need /etc/services etc. copied into the queue dir)
+SMTPD_OPTS=""
+[ "$PFX_FILTER" = before-queue ] && SMTPD_OPTS="  -o smtpd_proxy_filter=$PFX_FILTER_ADDR
+  -o smtpd_proxy_timeout=120s"
 cat > "$CFG/master.cf" <<CF
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:$PFX_PORT inet n - n - - smtpd
+$SMTPD_OPTS
+CF
+if [ -n "$PFX_FILTER" ]; then
+    cat >> "$CFG/master.cf" <<CF
+# the filtered mail comes back here: no filter again, no checks done twice
+127.0.0.1:$PFX_RETURN_PORT inet n - n - - smtpd
+  -o content_filter=
+  -o smtpd_proxy_filter=
+  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
+  -o smtpd_client_restrictions=
+  -o smtpd_helo_restrictions=
+  -o smtpd_sender_restrictions=
+  -o smtpd_recipient_restrictions=
+  -o smtpd_relay_restrictions=permit_mynetworks,reject
+  -o mynetworks=127.0.0.0/8
+  -o smtpd_authorized_xforward_hosts=127.0.0.0/8
+# the after-queue filter's transport: the proxy hears the real client (XFORWARD)
+mppfilter unix - - n - 10 smtp
+  -o smtp_send_xforward_command=yes
+  -o disable_mime_output_conversion=yes
+  -o smtp_tls_security_level=none
+CF
+fi
+cat >> "$CFG/master.cf" <<CF
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr

@@ -70,6 +70,8 @@ class PostfixBackend:
     root: Path
     domains: tuple[str, ...] = ("example.com", "example.net")
     script: Path = PFX_SCRIPT
+    # More settings for the script (PFX_FILTER..., PFX_NAME) of a second instance.
+    env_extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -92,6 +94,7 @@ class PostfixBackend:
         env = dict(os.environ)
         env.update(PFX_ROOT=str(self.root), PFX_PORT=str(self.port),
                    PFX_DOMAINS=" ".join(self.domains))
+        env.update(self.env_extra)
         return env
 
     def run_script(self, *args: str) -> subprocess.CompletedProcess[str]:
