@@ -16,14 +16,13 @@ from __future__ import annotations
 import base64
 import smtplib
 import time
-from dataclasses import replace
 from typing import Any, Optional
 
 import dkim
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import defer, reactor as _reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.names import dns as tdns
@@ -447,6 +446,22 @@ class PieceTests(unittest.SynchronousTestCase):
         self.assertEqual(organisational_domain("mail.example.co.uk"), "example.co.uk")
         self.assertEqual(organisational_domain("a.b.c.example.com"), "example.com")
         self.assertEqual(organisational_domain("me.github.io"), "me.github.io")
+
+    def test_openssl_rsa_check_agrees_with_dkimpy(self) -> None:
+        """The RSA check by OpenSSL that replaces dkimpy's pure-Python one gives its answer on a good signature, a bad one and a wrong-length one."""
+        import hashlib
+        from mppproxy.scan.auth.dkim import _PURE_RSA_VERIFY, openssl_rsa_verify
+        from dkim.crypto import parse_public_key
+        pk = parse_public_key(base64.b64decode(RSA_PUB))
+        digest = hashlib.sha256(b"signed headers")
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        good = _RSA.sign(b"signed headers", padding.PKCS1v15(), hashes.SHA256())
+        bad = bytes([good[0] ^ 1]) + good[1:]
+        for signature, expected in ((good, True), (bad, False)):
+            self.assertEqual(openssl_rsa_verify(digest.copy(), signature, pk), expected)
+            self.assertEqual(_PURE_RSA_VERIFY(digest.copy(), signature, pk), expected)
+        self.assertFalse(openssl_rsa_verify(digest.copy(), good[:-1], pk))
 
     def test_record_parsing(self) -> None:
         """DMARC records: tags, defaults, an invalid p= with and without rua=."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -110,12 +109,7 @@ class AuthenticationScanner(Scanner):
         if dmarc_cfg.enabled:
             policy_d = as_deferred(dmarc_.discover_policy(self.resolver, fields, self.psl))
         keys = await keys_d
-        started = time.monotonic()
         results = await self._verify(message, sigs, keys, dkim_cfg)
-        if sigs:
-            log.debug("DKIM of {queue_id}: {n} signatures verified in {ms} ms",
-                      queue_id=message.queue_id, n=len(sigs),
-                      ms=round((time.monotonic() - started) * 1000, 2))
         spf = dict(message.spf)
         dmarc: Optional[dmarc_.DmarcResult] = None
         if policy_d is not None:
