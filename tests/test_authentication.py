@@ -492,6 +492,10 @@ class PieceTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 from_mapping({"policies": {"default": {"scan": {key: value}}}}, "t.toml")
             self.assertIn(f"policies.default.{text}", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            from_mapping({"policies": {"default": {"scan": {"dmarc": {"enabled": True}}}}}, "t.toml")
+        self.assertIn("policies.default.scan.dmarc.enabled: needs policies.default.scan.enabled",
+                      str(caught.exception))
 
 
 # -- through the proxy ----------------------------------------------------------
