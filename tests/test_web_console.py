@@ -766,3 +766,40 @@ class AllInOneTests(unittest.TestCase):
             self.assertIsNone(off.web)
         finally:
             await off.stopService()
+
+    async def test_archive_node_serves_the_console(self) -> None:
+        """An archive node (--mode archive) serves the console on web.listen
+        over its store: the first admin is made and can log in."""
+        from test_archive_node import key_file
+
+        from mppproxy.archivenode.service import ArchiveService
+
+        data = Path(tempfile.mkdtemp(prefix="mpp-web-archive-"))
+        self.addCleanup(shutil.rmtree, data, True)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = from_mapping({
+            "mode": "archive", "data_dir": str(data / "data"), "tls": {"enabled": False},
+            "archive_node": {"key_file": key_file(str(data)),
+                             "listen": ["tcp:0:interface=127.0.0.1"]},
+            "web": {"listen": ["tcp:0:interface=127.0.0.1"]}})
+        service = ArchiveService(config, reactor)
+        service.privilegedStartService()
+        service.startService()
+        try:
+            assert service.web is not None
+            await service.web.listening
+            for _ in range(200):
+                if any(e.get("name") == "admin" and "password" in e for e in events):
+                    break
+                await deferToThread(time.sleep, 0.05)
+            made = [e for e in events if e.get("name") == "admin" and "password" in e]
+            self.assertEqual(len(made), 1)
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            browser = Browser(f"http://127.0.0.1:{service.web.ports[0].getHost().port}", pool)
+            page = await browser.login("admin", made[0]["password"])
+            self.assertEqual((page.code, page.header("location")), (303, "/password"))
+            await pool.closeCachedConnections()
+        finally:
+            await service.stopService()

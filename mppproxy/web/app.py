@@ -146,7 +146,10 @@ class Call:
     cookie_done: bool = False
 
     def field(self, name: str, limit: int = 1024) -> str:
-        values = self.form.get(name) or self.query.get(name) or [""]
+        """A POST's form field (never the query string: a token in a URL
+        would reach logs and Referer headers), or a GET's query field."""
+        source = self.form if self.request.method == b"POST" else self.query
+        values = source.get(name) or [""]
         return values[0][:limit]
 
     @property
