@@ -109,6 +109,34 @@ def test_policy_per_domain_and_subdomain():
     assert engine.policy_for("other.example") == "default"
 
 
+def test_policy_per_recipient_before_the_domains():
+    """A named policy's recipients (an address, a local part in any domain) pick it before any
+    policy's domains, case-insensitively, first such policy in the configuration's order; other
+    recipients of the domain keep the domain's policy."""
+    engine, _, _ = make_engine({"policies": {
+        "school": {"domains": ["school.example"]},
+        "vip": {"recipients": ["Head@School.example", "abuse@"]},
+        "later": {"recipients": ["head@school.example"]}}})
+    assert ask(engine, facts("head@SCHOOL.example"))[1].policy == "vip"
+    assert ask(engine, facts("abuse@other.example"))[1].policy == "vip"
+    assert ask(engine, facts("pupil@school.example"))[1].policy == "school"
+    assert ask(engine, facts("someone@other.example"))[1].policy == "default"
+    assert engine.router.policy_for_recipients(["head@school.example", "x@y.example"]) == "vip"
+
+
+def test_recipients_are_not_inherited_and_not_for_the_default():
+    """recipients, like domains, is not inherited from the default policy, and giving it to the
+    default policy is a config error naming the key."""
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"policies": {"default": {"recipients": ["a@x.example"]}}})
+    assert "policies.default.recipients" in str(info.value)
+    config = from_mapping({"policies": {"p": {"recipients": ["a@x.example"]}}})
+    assert config.policies["p"].recipients == ("a@x.example",)
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"policies": {"p": {"recipients": ["user@exa mple.com"]}}})
+    assert "policies.p.recipients" in str(info.value)
+
+
 def test_second_policy_group_gets_452_4_5_3():
     """A recipient of another policy than the transaction's first one gets 452 4.5.3, while more
     recipients of the same policy are still taken."""

@@ -156,14 +156,14 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> ProxyConf
 def inherit_default_policy(data: Mapping[str, Any]) -> Mapping[str, Any]:
     """Each named policy starts from [policies.default]: a section it does
     not set is the default's, a key it does not set is the default's.  Only
-    ``domains`` is never inherited."""
+    ``domains`` and ``recipients`` (what picks a policy) are never inherited."""
     policies = data.get("policies")
     if not isinstance(policies, Mapping):
         return data
     default = policies.get("default", {})
     if not isinstance(default, Mapping):
         return data
-    base = {k: v for k, v in default.items() if k != "domains"}
+    base = {k: v for k, v in default.items() if k not in ("domains", "recipients")}
     merged = {name: (merge(base, own) if name != "default" and isinstance(own, Mapping) else own)
               for name, own in policies.items()}
     merged.setdefault("default", {})
@@ -319,6 +319,9 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
     if config.policies["default"].domains:
         problems.append("policies.default.domains: the default policy is for every domain "
                         "no other policy names; list domains only in named policies")
+    if config.policies["default"].recipients:
+        problems.append("policies.default.recipients: the default policy is for every "
+                        "recipient no other policy takes; list recipients only in named policies")
     owner: dict[str, str] = {}
     engines = config.scanners.names()
     if len(set(engines)) != len(engines):

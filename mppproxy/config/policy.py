@@ -285,6 +285,10 @@ class PolicyConfig:
 
     # Recipient domains this policy is for (not in [policies.default]).
     domains: tuple[str, ...] = ()
+    # Recipients this policy is for, before any policy's domains (issue 14:
+    # a policy per user): "user@example.com", "user@" (that local part in
+    # any domain), "@example.com"; not in [policies.default].
+    recipients: tuple[str, ...] = field(default=(), metadata=_SENDERS)
     # Directory of reply templates that override the built-in ones for this
     # policy (templates/replies/<name>.txt); relative to data_dir.
     templates_dir: str = ""

@@ -112,6 +112,8 @@ class PolicyEngine:
         # a parent as ``.parent``), else "default".  The router's own bound
         # method, so asking per recipient costs no extra call.
         self.policy_for: Callable[[str], str] = self.router.policy_for
+        # The policy of one recipient: per-recipient policies first.
+        self.policy_for_recipient: Callable[[str, str], str] = self.router.policy_for_recipient
         for name, policy in policies.items():
             # Only the checks this policy turns on (a reload builds a new engine).
             self._policies[name] = _PolicyRuntime(
@@ -132,7 +134,7 @@ class PolicyEngine:
     async def on_recipient(self, facts: Facts, record: TransactionRecord) -> Optional[Reply]:
         """None when policy lets the recipient through (the backend then has
         its say), else the refusal.  Every result lands in ``record``."""
-        policy_name = self.policy_for(facts.recipient_domain)
+        policy_name = self.policy_for_recipient(facts.recipient, facts.recipient_domain)
         if record.policy is None:
             record.policy = policy_name
         elif record.policy != policy_name:
