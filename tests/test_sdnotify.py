@@ -57,14 +57,18 @@ class Listener:
                 pid = _CRED.unpack(payload[:_CRED.size])[0]
         return data.decode(), pid
 
-    def wait_for(self, field: str, timeout: float, seen: list[tuple[str, int]]) -> str:
+    def wait_for(self, field: str, timeout: float, seen: list[tuple[str, int]],
+                 proc: Optional[subprocess.Popen] = None) -> str:
         """The first message holding the line ``field``; every message read
-        is appended to ``seen``."""
+        is appended to ``seen``.  Fails at once when ``proc`` has exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = self.receive(max(0.01, deadline - time.monotonic()))
+            got = self.receive(min(0.5, max(0.01, deadline - time.monotonic())))
             if got is None:
-                break
+                if proc is not None and proc.poll() is not None:
+                    raise AssertionError(f"no {field}: the process exited with "
+                                         f"{proc.returncode}; got {seen}")
+                continue
             seen.append(got)
             if field in got[0].split("\n"):
                 return got[0]
@@ -147,10 +151,11 @@ def _start(tmp_path: Path, listener: Listener, port: int, workers: int = 1) -> s
     cfg = _config(tmp_path, port)
     cfg.write_text(f"workers = {workers}\n" + cfg.read_text())
     env = dict(_env(), NOTIFY_SOCKET=listener.address)
-    return subprocess.Popen([sys.executable, *TWISTD_ARGS, "mppproxy", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path, env=env,
-                            start_new_session=True)
+    # Its log stays in tmp_path/twistd.out for a failure's diagnosis.
+    with open(tmp_path / "twistd.out", "ab") as out:
+        return subprocess.Popen([sys.executable, *TWISTD_ARGS, "mppproxy", "--config", str(cfg)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, env=env, start_new_session=True)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -160,7 +165,7 @@ def test_twistd_ready_reload_stopping(tmp_path, listener, workers):
     proc = _start(tmp_path, listener, port, workers)
     seen: list[tuple[str, int]] = []
     try:
-        ready = listener.wait_for("READY=1", 60, seen)
+        ready = listener.wait_for("READY=1", 60, seen, proc)
         # Ready means listening: the port greets at once.
         session = _greeting(port)
         assert session is not None, "READY=1 came before the port accepted connections"
@@ -169,8 +174,8 @@ def test_twistd_ready_reload_stopping(tmp_path, listener, workers):
         if workers > 1:
             assert f"{workers} workers" in ready
         os.kill(proc.pid, signal.SIGHUP)
-        listener.wait_for("RELOADING=1", 30, seen)
-        reloaded = listener.wait_for("READY=1", 30, seen)
+        listener.wait_for("RELOADING=1", 30, seen, proc)
+        reloaded = listener.wait_for("READY=1", 30, seen, proc)
         assert "STATUS=configuration reloaded" in reloaded
         os.kill(proc.pid, signal.SIGTERM)
         stopping = listener.wait_for("STOPPING=1", 30, seen)
@@ -194,7 +199,7 @@ def test_failed_reload_is_ready_again(tmp_path, listener):
     proc = _start(tmp_path, listener, port)
     seen: list[tuple[str, int]] = []
     try:
-        listener.wait_for("READY=1", 60, seen)
+        listener.wait_for("READY=1", 60, seen, proc)
         cfg = tmp_path / "mpp.toml"
         cfg.write_text(cfg.read_text() + "[limits]\nmax_recipients = 0\n")
         os.kill(proc.pid, signal.SIGHUP)
