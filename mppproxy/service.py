@@ -34,6 +34,7 @@ from mppproxy.archive.keys import KeyFileError, KeyRing, node_keys
 from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
 from mppproxy.edge.handler import EdgeSession
+from mppproxy.edge.traffic import make_recorder, traffic_node
 from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
@@ -44,6 +45,7 @@ from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.config.web import web_wanted
+from mppproxy.db.traffic import TrafficRecorder
 from mppproxy.web.service import WebConsole
 from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
                               close_sockets)
@@ -91,6 +93,9 @@ class ProxyService(ReloadOnHup, TopService):
         # The web console (all-in-one, embedded store; main process only).
         self.web: Optional[WebConsole] = None
         self._old_committers: list[GroupCommitter] = []
+        # The dashboard's traffic counts and engine health of this process
+        # (edge/traffic.py); None with database.traffic_flush = 0.
+        self.traffic: Optional[TrafficRecorder] = None
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
@@ -230,6 +235,12 @@ class ProxyService(ReloadOnHup, TopService):
         super().startService()
         os.makedirs(self.config.data_dir, exist_ok=True)
         os.makedirs(spool_directory(self.config), mode=0o700, exist_ok=True)
+        # Before the state database starts: its flush at the reactor's
+        # shutdown must come before the database's stop (db/traffic.py).
+        self.traffic = make_recorder(self.config, self.reactor, lambda: self.policy,
+                                     lambda: self.scan)
+        if self.traffic is not None:
+            self.traffic.start()
         self._update_policy(self.config)
         self._update_scan(self.config)
         self._update_archive(self.config)
@@ -271,6 +282,8 @@ class ProxyService(ReloadOnHup, TopService):
         self._update_archive(config)
         self._update_policy(config)
         self._update_scan(config)
+        if self.traffic is not None:
+            self.traffic.node = traffic_node(config)
         if self.web is not None:
             self.web.apply(config)
         ctx, tls = self._build_factory_parts(config)
@@ -323,7 +336,12 @@ class ProxyService(ReloadOnHup, TopService):
         if self.scan is not None:
             self.scan.stop()
         if self.policy is not None:
-            ds.append(self.policy.stop())
+            # The last traffic counts are written before the database stops.
+            policy = self.policy
+            flushed = self.traffic.stop() if self.traffic is not None else defer.succeed(None)
+            ds.append(flushed.addCallback(lambda _: policy.stop()))
+        elif self.traffic is not None:
+            ds.append(self.traffic.stop())
         # Nothing writes to the queues now (the sessions have ended) and
         # nothing sends from them: this process's claims are all settled,
         # once the local writer has ended its batch.

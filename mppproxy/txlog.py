@@ -5,13 +5,19 @@ fields, never in the format string (a ``{`` in a HELO must not break it).
 ``mppproxy.logsetup`` can write these events as JSON lines.  It reads the
 ``Transaction``'s typed record; ``action`` is a ``Disposition``, printed as
 its lowercase word.
+
+Every transaction passes here, so here it is also counted: what it counts
+as and its reason go to the tallies of ``db/traffic.py`` (the dashboard's
+hourly counts; the metrics later), one dict increment each.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from mppproxy.db import traffic
 from mppproxy.logsetup import Logger
-from mppproxy.results import Disposition, checks_for_log
+from mppproxy.results import (Disposition, HardAction, TransactionRecord,
+                              checks_for_log)
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction
 
@@ -83,3 +89,45 @@ def log_transaction(session: Session, txn: Transaction, action: Disposition,
         score=round(record.score, 2) if record is not None else None,
         **(checks_for_log(record.recorded) if record is not None else _NO_CHECKS),
     )
+    if traffic.tallies and not scanned:
+        _count(txn, action, reply, decided_by)
+
+
+_BY_SCORE = (traffic.Counted.TAGGED, traffic.Counted.QUARANTINED, traffic.Counted.DISCARDED)
+
+
+def _count(txn: Transaction, action: Disposition, reply: Optional[Reply],
+           decided_by: Optional[str]) -> None:
+    """Hand the transaction to the tallies: what it counts as (db/traffic.py
+    maps the dispositions) and its reason: the check that refused the last
+    recipient before DATA, what decided a refusal after DATA (as the log
+    line's ``decided_by``), or, for tagged, held and discarded mail, the
+    check that weighed most (``_deciding_check``); "" for relayed mail."""
+    what = traffic.counted(action, reply.code if reply is not None else None)
+    if what is None:
+        return
+    reason: Optional[str] = None
+    if action is Disposition.REFUSED and txn.refusals:
+        reason = txn.refusals[-1][1]
+    elif decided_by:
+        reason = decided_by
+    elif what in _BY_SCORE:
+        reason = _deciding_check(txn.record)
+    key = traffic.reason_key(reason)
+    for tally in traffic.tallies:
+        tally(what, key)
+
+
+def _deciding_check(record: Optional[TransactionRecord]) -> Optional[str]:
+    """The first check or engine that asked to hold or refuse the message,
+    else the one with the highest score."""
+    if record is None:
+        return None
+    best, best_score = None, 0.0
+    for r in record.recorded:
+        result = r.result
+        if result.action is HardAction.QUARANTINE or result.action is HardAction.REJECT:
+            return r.check
+        if result.score > best_score:
+            best, best_score = r.check, result.score
+    return best

@@ -30,3 +30,10 @@ class DatabaseConfig:
     # write lock is free (db/state.py says why; a job that would wait goes
     # to the thread pool).  MySQL/MariaDB always use the pool.
     sqlite_in_reactor: bool = True
+    # The dashboard's traffic counts (db/traffic.py): each process adds its
+    # transactions up in memory and writes them every this many seconds,
+    # one batched statement per flush; 0 = not counted.
+    traffic_flush: float = field(default=30.0, metadata=_opt(_at_least(0)))
+    # Hourly traffic rows older than this many days are deleted by the
+    # purge: a year and a month, so a year's charts compare like months.
+    traffic_retention_days: int = field(default=400, metadata=_opt(_at_least(1)))

@@ -1,5 +1,6 @@
-"""The tables of the shared state: the auto-blacklist, the greylist and the
-per-domain sender allow list.
+"""The tables of the shared state: the auto-blacklist, the greylist, the
+per-domain sender allow list, and the dashboard's hourly traffic counts and
+per-node engine health (``traffic.py``, ``nodehealth.py``).
 
 Plain SQLAlchemy Core tables, created when missing (``create_missing``;
 no migrations yet: small tables whose rows expire or that administrators
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable
 
-from sqlalchemy import (Boolean, Column, Double, Index, MetaData, String, Table)
+from sqlalchemy import (BigInteger, Boolean, Column, Double, Index, MetaData, String, Table)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
@@ -36,6 +37,15 @@ DOMAIN_LENGTH = 255
 # Who added an allow-list entry (an administrator's login or address) and why.
 ADDED_BY_LENGTH = 255
 NOTE_LENGTH = 255
+# A node's name (archive.node_name or its hostname: RFC 1035's 255).
+NODE_LENGTH = 255
+# The traffic table's disposition word and reason key ("greylisting",
+# "relay control", "clamd"): short keys, cut to this.
+DISPOSITION_LENGTH = 16
+REASON_KEY_LENGTH = 64
+# An engine's or DNS list's name and what it said about itself.
+HEALTH_NAME_LENGTH = 64
+HEALTH_TEXT_LENGTH = 255
 
 
 def triplet_key(client_net: str, sender: str, recipient: str) -> str:
@@ -100,6 +110,36 @@ class StateTables:
             Column("added", Double, nullable=False),
             Column("added_by", String(ADDED_BY_LENGTH), nullable=False, default=""),
             Column("note", String(NOTE_LENGTH), nullable=False, default=""),
+        )
+        # Transactions per UTC hour, node, disposition and reason
+        # (traffic.py): each process adds its counts with one upsert per
+        # flush.  The key leads with the hour, so the dashboard's range
+        # queries over a year of rows read only the hours asked for; 335
+        # characters, 1340 bytes in utf8mb4.
+        self.traffic = Table(
+            f"{prefix}traffic", self.metadata,
+            # Unix seconds of the hour's start (a multiple of 3600: UTC).
+            Column("hour", BigInteger, primary_key=True, autoincrement=False),
+            Column("node", String(NODE_LENGTH), primary_key=True),
+            Column("disposition", String(DISPOSITION_LENGTH), primary_key=True),
+            Column("reason", String(REASON_KEY_LENGTH), primary_key=True),
+            Column("n", BigInteger, nullable=False, default=0),
+        )
+        # Each node's last report of its scan engines and DNS lists
+        # (nodehealth.py), so a console in another process can show them.
+        self.node_health = Table(
+            f"{prefix}node_health", self.metadata,
+            Column("node", String(NODE_LENGTH), primary_key=True),
+            Column("kind", String(16), primary_key=True),  # "engine" or "dns_list"
+            Column("name", String(HEALTH_NAME_LENGTH), primary_key=True),
+            Column("up", Boolean, nullable=False),
+            Column("version", String(HEALTH_TEXT_LENGTH), nullable=False, default=""),
+            # Unix time of the engine's signatures, when it tells.
+            Column("signatures_time", Double, nullable=True),
+            Column("detail", String(HEALTH_TEXT_LENGTH), nullable=False, default=""),
+            # When the node wrote this row (its clock).
+            Column("reported", Double, nullable=False),
+            Index(f"{prefix}node_health_reported", "reported"),
         )
 
 

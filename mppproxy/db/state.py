@@ -30,6 +30,8 @@ from mppproxy.db.engine import (WRITE, WriteLockBusy, database_url, is_memory_sq
                                 make_engine, no_lock_wait)
 from mppproxy.db.greylist import SqlGreylistStore
 from mppproxy.db.models import StateTables, create_missing
+from mppproxy.db.nodehealth import purge_health
+from mppproxy.db.traffic import purge_traffic
 from mppproxy.logsetup import Logger
 from mppproxy.config.database import DatabaseConfig
 
@@ -357,6 +359,13 @@ class StateDatabase:
         """Delete expired rows now; fires with {table: rows deleted}."""
         return self.run(_purge, self.tables, float(self.clock.seconds()))
 
+    def purge_dashboard(self) -> defer.Deferred[dict[str, int]]:
+        """Delete the dashboard's traffic hours past
+        ``traffic_retention_days`` and engine-health rows no node wrote for
+        a week (traffic.py, nodehealth.py); fires with {table: rows deleted}."""
+        return self.run(_purge_dashboard, self.tables, float(self.clock.seconds()),
+                        self.config.traffic_retention_days)
+
     def _purge_logged(self) -> defer.Deferred[None]:
         def done(counts: dict[str, int]) -> None:
             if any(counts.values()):
@@ -367,7 +376,10 @@ class StateDatabase:
             log.error("state database {database} purge failed: {error}", database=self.name,
                       error=f.getErrorMessage())
 
-        return self.purge().addCallbacks(done, failed)
+        d = self.purge().addCallbacks(done, failed)
+        # The dashboard's rows after the expiring ones, each its own jobs.
+        d.addCallback(lambda _: self.purge_dashboard().addCallbacks(done, failed))
+        return d
 
     def __repr__(self) -> str:
         return f"<StateDatabase {self.name} {self.state.value}>"
@@ -406,3 +418,9 @@ def _purge(engine: Engine, tables: StateTables, now: float) -> dict[str, int]:
                 break
         counts[table.name] = deleted
     return counts
+
+
+def _purge_dashboard(engine: Engine, tables: StateTables, now: float,
+                     retention_days: int) -> dict[str, int]:
+    return {tables.traffic.name: purge_traffic(engine, tables, now, retention_days),
+            tables.node_health.name: purge_health(engine, tables, now)}

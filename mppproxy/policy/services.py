@@ -7,11 +7,12 @@ in-process cache that keeps the hot path off the database.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from mppproxy.db.blacklist import BlacklistEntry
 from mppproxy.dns.resolver import Resolver
+from mppproxy.policy.dnshealth import DnsListHealth
 
 
 class BlacklistStore(Protocol):
@@ -55,6 +56,9 @@ class PolicyServices:
     allowlist: Optional[AllowListStore] = None
     counters: Any = None  # mppproxy.policy.counters.RateCounters
     spf: Any = None  # the SPF evaluator
+    # Each DNS list's recent answers (the dnsbl check notes them), for the
+    # dashboard's health table (policy/dnshealth.py).
+    dns_health: DnsListHealth = field(default_factory=DnsListHealth)
 
     def now(self) -> float:
         return float(self.reactor.seconds())

@@ -33,7 +33,9 @@ class DnsblCheck(Check):
         results = await lookup_all(resolver, s.lists, ip, domains)
         score = 0.0
         reasons = []
+        health = self.services.dns_health
         for r in results:
+            health.note(r.name, r.error)
             if r.error is not None:
                 log.warn("DNS list {dnsbl} could not answer for {client}: {error}",
                          dnsbl=r.name, client=facts.client_ip, error=r.error,
