@@ -41,6 +41,8 @@ ACTOR_LENGTH = 255
 ACTION_LENGTH = 32
 # A web console account's name (store/accounts.py checks its characters).
 ADMIN_NAME_LENGTH = 64
+# An API token's label (store/tokens.py).
+TOKEN_LABEL_LENGTH = 64
 
 # What a row's status may be; "deleted" rows stay (hidden) until purged,
 # so the audit trail keeps pointing at something.
@@ -165,6 +167,24 @@ class ArchiveTables:
             # Set by someone else (one-time password): change it at login.
             Column("must_change", Boolean(create_constraint=False), nullable=False),
             UniqueConstraint("name", name=f"{w}_by_name"),
+            sqlite_autoincrement=True,
+            **MYSQL_TABLE)
+        k = f"{prefix}web_tokens"
+        # The console's API tokens (revision 0003; store/tokens.py): only
+        # each token's SHA-256 is kept.
+        self.web_tokens = Table(
+            k, self.metadata,
+            Column("id", _id(), primary_key=True, autoincrement=True),
+            Column("admin_id", BigInteger(), nullable=False),
+            Column("label", String(TOKEN_LABEL_LENGTH), nullable=False),
+            # The token's first characters, to tell tokens apart in a list.
+            Column("prefix", String(16), nullable=False),
+            Column("token_hash", String(64), nullable=False),
+            Column("created", _time(), nullable=False),
+            Column("expires", _time(), nullable=True),
+            Column("last_used", _time(), nullable=True),
+            UniqueConstraint("token_hash", name=f"{k}_by_hash"),
+            Index(f"{k}_by_admin", "admin_id"),
             sqlite_autoincrement=True,
             **MYSQL_TABLE)
 
