@@ -335,8 +335,9 @@ class TrafficRecorder:
             self.flush_state = FlushState.FAILING
 
     def _write_health(self, db: Database, reports: list[HealthReport]) -> defer.Deferred[None]:
+        # The counts' clock: the hours and the reports' times agree.
         d: defer.Deferred[None] = db.run(write_health, db.tables, self.node, reports,
-                                         float(self.reactor.seconds()))
+                                         float(self.counts.clock()))
         # Traffic failures are logged above; a health write failing with a
         # working traffic write is rare and retried at the next flush.
         d.addErrback(lambda f: log.warn("engine health not written: {error}",
