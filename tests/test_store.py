@@ -118,7 +118,7 @@ def test_migration_creates_exactly_the_schema(stores: Stores) -> None:
 
     def ours(name: Optional[str], type_: str, parent: Any) -> bool:
         if type_ == "table":
-            # The store's tables, the web console's accounts and API tokens (0002, 0003).
+            # The store's tables (0001, 0004), the console's accounts and API tokens (0002, 0003).
             return bool(name) and str(name).startswith((f"{prefix}archive_", f"{prefix}web_"))
         return True
 
@@ -128,7 +128,7 @@ def test_migration_creates_exactly_the_schema(stores: Stores) -> None:
             "compare_type": True})
         diffs = compare_metadata(context, store.tables.metadata)
     assert diffs == []
-    assert migrate.current(store.engine, prefix) == migrate.head() == "0003"
+    assert migrate.current(store.engine, prefix) == migrate.head() == "0004"
     assert migrate.is_current(store.engine, prefix)
 
 
@@ -139,7 +139,7 @@ def test_version_table_is_the_stores_own(stores: Stores) -> None:
     with store.engine.connect() as conn:
         names = set(store.engine.dialect.get_table_names(conn))
         version = conn.execute(text(f"SELECT version_num FROM {store.tables.version_table}"))
-        assert [r[0] for r in version] == ["0003"]
+        assert [r[0] for r in version] == ["0004"]
     assert store.tables.version_table in names
     assert "alembic_version" not in {n for n in names if n.startswith(store.tables.prefix)}
 
@@ -148,8 +148,8 @@ def test_open_twice_upgrades_once(stores: Stores) -> None:
     """A second store opened on a current database finds nothing to do."""
     stores.make()
     second = stores.make()
-    assert second.schema_revision() == "0003"
-    assert second.upgrade_schema() == ("0003", "0003")
+    assert second.schema_revision() == "0004"
+    assert second.upgrade_schema() == ("0004", "0004")
 
 
 def test_auto_upgrade_off_refuses_an_old_database(stores: Stores) -> None:
@@ -177,8 +177,8 @@ def test_upgrade_from_two_processes_at_once(stores: Stores) -> None:
                               stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1].decode()[-2000:] for o in outs]
-    assert [o[0].strip() for o in outs] == [b"0003", b"0003"]
-    assert stores.make().schema_revision() == "0003"
+    assert [o[0].strip() for o in outs] == [b"0004", b"0004"]
+    assert stores.make().schema_revision() == "0004"
 
 
 def test_sqlite_store_fsyncs_every_commit(tmp_path: Path) -> None:
@@ -877,11 +877,11 @@ def test_db_current_and_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "revision none (empty)" in capsys.readouterr().out
     assert not (tmp_path / "data").exists()
     assert cli.main(["db", "upgrade", "--config", config]) == 0
-    assert "upgraded from revision none (empty) to 0003" in capsys.readouterr().out
+    assert "upgraded from revision none (empty) to 0004" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "-c", config]) == 0
-    assert "already at revision 0003" in capsys.readouterr().out
+    assert "already at revision 0004" in capsys.readouterr().out
     assert cli.main(["db", "current", "-c", config]) == 0
-    assert "revision 0003 (newest)" in capsys.readouterr().out
+    assert "revision 0004 (newest)" in capsys.readouterr().out
 
 
 def test_db_upgrade_on_a_database_that_is_down(tmp_path: Path,

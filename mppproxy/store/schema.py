@@ -187,6 +187,28 @@ class ArchiveTables:
             Index(f"{k}_by_admin", "admin_id"),
             sqlite_autoincrement=True,
             **MYSQL_TABLE)
+        # User digests (revision 0004; store/digests.py).  A digest link's
+        # token spent: its SHA-256 (the one-shot rule, kept until expiry).
+        t = f"{prefix}archive_digest_tokens"
+        self.digest_tokens = Table(
+            t, self.metadata,
+            Column("token_hash", String(64), primary_key=True),
+            Column("row_id", BigInteger(), nullable=False),
+            Column("recipient", String(SENDER_LENGTH), nullable=False),
+            Column("used", _time(), nullable=False),
+            Column("expires", _time(), nullable=False),
+            Column("origin", String(ACTOR_LENGTH), nullable=False),
+            Index(f"{t}_expires", "expires"),
+            **MYSQL_TABLE)
+        # Digests sent, per day (UTC) and recipient; recipient "" marks the
+        # day's whole run done.  A restart does not send twice.
+        d = f"{prefix}archive_digest_sent"
+        self.digest_sent = Table(
+            d, self.metadata,
+            Column("day", String(10), primary_key=True),
+            Column("recipient", String(SENDER_LENGTH), primary_key=True),
+            Column("at", _time(), nullable=False),
+            **MYSQL_TABLE)
 
     @property
     def version_table(self) -> str:
