@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from mppproxy.archive.keys import KeyFileError, load_keys
+from mppproxy.config.digest import digest_problems
 from mppproxy.config.dns import parse_nameserver
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.ladder import config_ladder_problems
@@ -192,6 +193,7 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
     problems.extend(web_problems(config.mode, config.web))
     return problems
 
+    problems.extend(digest_problems(config.digest))
 
 # The modes whose edge reads [archive] (the hold action, archive copies,
 # the forwarder).

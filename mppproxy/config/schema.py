@@ -15,6 +15,7 @@ from typing import Optional
 
 from mppproxy.config.archive import ArchiveConfig, ArchiveNodeConfig, ReleaseConfig, StoreConfig
 from mppproxy.config.database import DatabaseConfig
+from mppproxy.config.digest import DigestConfig
 from mppproxy.config.dns import DnsConfig
 from mppproxy.config.fields import (at_least as _at_least, choice as _choice, endpoints as _endpoints,
                                     networks as _networks, opt as _opt)
@@ -255,3 +256,5 @@ class ProxyConfig:
     release: ReleaseConfig = ReleaseConfig()
     # The web console of the archive node and all-in-one mode (config/web.py).
     web: WebConfig = WebConfig()
+    # User digests with one-shot release links (config/digest.py).
+    digest: DigestConfig = DigestConfig()
