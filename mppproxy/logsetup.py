@@ -1,11 +1,23 @@
 """Log observers: the optional JSON-lines file beside twistd's own log, and
 twistd's text log written in batches; both reopened on SIGUSR1, for
-logrotate (``reopen_on_usr1``)."""
+logrotate (``reopen_on_usr1``).
+
+Only Twisted's public API: the text observer reaches twistd as the
+application's ``ILogObserver`` component (``text_log_observer``, set by
+``reloading.TopService.setServiceParent``; twistd's ``AppLogger.start``
+documents that it uses that component), written to the ``--logfile`` of
+twistd's own options; the JSON log is a ``FileLogObserver`` of ours on a
+file object of ours (``ReopenableFile``), with our own event format
+(``json_event_line``): our fields, not Twisted's internals.
+"""
 from __future__ import annotations
 
+import datetime
 import io
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -13,15 +25,16 @@ from typing import Any, Optional
 
 from twisted.logger import Logger as _TwistedLogger
 from twisted.logger import (FileLogObserver, ILogObserver, LogEvent, LogLevel,
-                            formatEventAsClassicLogText, formatTime, globalLogPublisher,
-                            jsonFileLogObserver, timeFormatRFC3339)
+                            formatEvent, formatEventAsClassicLogText, formatTime,
+                            globalLogPublisher, timeFormatRFC3339)
 from twisted.python.compat import ioType
+from twisted.python.logfile import LogFile
 from zope.interface import implementer  # type: ignore[import-untyped]  # no stubs or py.typed
 
 _started: list[Any] = []
-# The JSON log's path, by observer, to reopen it (``reopen_logs``).
-_json_paths: dict[int, str] = {}
-# The batched text observers ``batch_text_log`` put in place.
+# The JSON log's file, by path, to reopen it (``reopen_logs``).
+_json_paths: dict[str, "ReopenableFile"] = {}
+# The batched text observers ``text_log_observer`` made.
 _batched: list["BatchedTextLogObserver"] = []
 _LEVELS = frozenset(LogLevel.iterconstants())
 
@@ -52,14 +65,81 @@ def start_json_log(config: Any) -> None:
     path = config.logging.json_file
     if not path or _started:
         return
-    f = io.open(path, "a", encoding="utf-8")
-    # One JSON object per line, without Twisted's default RFC 7464 record
-    # separator, so `json.loads(line)` and common log shippers read it.
-    observer = jsonFileLogObserver(f, recordSeparator="")
+    out = ReopenableFile(path)
+    # One JSON object per line (no RFC 7464 record separator), so
+    # `json.loads(line)` and common log shippers read it.
+    # FileLogObserver only calls write() and flush() on it.
+    observer = FileLogObserver(out, json_event_line)  # type: ignore[arg-type]
     # mypy does not see zope's @implementer(ILogObserver) on FileLogObserver.
     globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     _started.append(observer)
-    _json_paths[id(observer)] = path
+    _json_paths[path] = out
+
+
+class ReopenableFile:
+    """The JSON log's file, which ``reopen`` opens again at its path (after
+    logrotate renamed it).  The file it replaces is closed at the next
+    reopen, not at once: a line another thread is writing at that moment
+    still has a file to go to."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = io.open(path, "a", encoding="utf-8")
+        self._retired: Optional[Any] = None
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """Open the path again; OSError when it cannot be (the old file
+        stays in use)."""
+        new = io.open(self.path, "a", encoding="utf-8")
+        if self._retired is not None:
+            self._retired.close()
+        self._retired, self._file = self._file, new
+        self._retired.flush()
+
+    def close(self) -> None:
+        for f in (self._retired, self._file):
+            if f is not None:
+                f.close()
+
+
+# Keys of Twisted's legacy events (twisted.python.log), which are not ours.
+_LEGACY_KEYS = frozenset(["message", "isError", "system", "time", "format", "why", "failure",
+                          "printed"])
+
+
+def json_event_line(event: LogEvent) -> Optional[str]:
+    """One event as one JSON line: ``time`` (RFC 3339, UTC, microseconds),
+    ``level``, ``namespace``, ``text`` (the formatted line), the event's
+    own fields (the keyword arguments of the ``log.info(...)`` call) and,
+    for a failure, ``traceback``; none of Twisted's ``log_*`` keys.  A value
+    JSON cannot carry is written as its ``repr``."""
+    level = event.get("log_level")
+    when = event.get("log_time")
+    out: dict[str, Any] = {
+        "time": (datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+                 .isoformat(timespec="microseconds").replace("+00:00", "Z")
+                 if isinstance(when, (int, float)) else None),
+        "level": level.name if isinstance(level, type(LogLevel.info)) else None,
+        "namespace": event.get("log_namespace"),
+        "text": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS or key in out:
+            continue
+        out[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            out["traceback"] = failure.getTraceback()
+        except Exception:
+            out["traceback"] = repr(failure)
+    return json.dumps(out, default=repr, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 # -- twistd's text log, written in batches ---------------------------------------
@@ -208,6 +288,11 @@ class BatchedTextLogObserver:
         """Whether the sink is a file that can be reopened (twistd's
         ``--logfile``, a ``LogFile``), not standard output."""
         return callable(getattr(self._out, "reopen", None)) and hasattr(self._out, "path")
+
+    @property
+    def path(self) -> str:
+        """The log file's path, or a description of the sink."""
+        return str(getattr(self._out, "path", "standard output"))
 
     def reopen(self) -> None:
         """Have the writer thread reopen the log file at its path (after
@@ -358,38 +443,39 @@ class _LogWriter:
         return True
 
 
-def batch_text_log(reactor: Any, publisher: Any = globalLogPublisher) -> bool:
-    """Put a ``BatchedTextLogObserver`` in place of twistd's text log
-    observer (``--logfile``, or stdout with ``-n``), writing to the same
-    file.  Anything else (``--syslog``, ``--logger``, the JSON log) is left
-    alone.  Called once the reactor runs, when twistd's logging has begun.
-    True when an observer was replaced."""
-    observers = getattr(publisher, "_observers", None)
-    if not isinstance(observers, list):
-        return False
-    for i, observer in enumerate(observers):
-        formatter = getattr(observer, "formatEvent", None)
-        if (isinstance(observer, FileLogObserver) and observer not in _started
-                and getattr(formatter, "__qualname__", "") == _TWISTD_FORMATTER):
-            out: Any = observer._outFile
-            batched = BatchedTextLogObserver(out, reactor)
-            observers[i] = batched
-            _batched.append(batched)
-            if batched.reopens and getattr(out, "rotateLength", None):
-                # twistd's LogFile renames itself to .1, .2 ... every
-                # 1 MB, with no end to their number.  Rotation is
-                # logrotate's job (SIGUSR1 reopens: reopen_on_usr1).
-                out.rotateLength = None
-            # Whatever is held when the reactor stops is written then, if
-            # the log sink takes it soon enough (EXIT_DRAIN_SECONDS).
-            reactor.addSystemEventTrigger("after", "shutdown", batched.drain,
-                                          EXIT_DRAIN_SECONDS)
-            return True
-    return False
-
-
-# The formatter twistd's observer uses (twisted.logger.textFileLogObserver).
-_TWISTD_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
+def text_log_observer(twistd_options: Any, reactor: Any) -> Optional[BatchedTextLogObserver]:
+    """The batched observer for twistd's text log, writing where twistd's own
+    would (``--logfile``: ``-`` or none with ``-n`` is standard output,
+    none without ``-n`` is ``twistd.log``), or None to leave twistd its own
+    (``--syslog``, ``--logger``, a daemon told to log to ``-``, which twistd
+    refuses itself, or no twistd options: tests).  The caller makes it the
+    application's ``ILogObserver`` component (``reloading.TopService``).
+    twistd's ``LogFile`` would rename itself to .1, .2 ... every 1 MB with
+    no end to their number: rotation is logrotate's job here (SIGUSR1
+    reopens: ``reopen_on_usr1``), so the file is opened without it."""
+    if twistd_options is None:
+        return None
+    get = getattr(twistd_options, "get", None)
+    if get is None or get("syslog") or get("logger"):
+        return None
+    path = get("logfile")
+    nodaemon = bool(get("nodaemon"))
+    out: Any
+    if path == "-":
+        if not nodaemon:
+            return None
+        out = sys.stdout
+    elif not path and nodaemon:
+        out = sys.stdout
+    else:
+        out = LogFile.fromFullPath(  # type: ignore[no-untyped-call]  # Twisted's, unannotated
+            path or "twistd.log", rotateLength=None)
+    batched = BatchedTextLogObserver(out, reactor)
+    _batched.append(batched)
+    # Whatever is held when the reactor stops is written then, if the log
+    # sink takes it soon enough (EXIT_DRAIN_SECONDS).
+    reactor.addSystemEventTrigger("after", "shutdown", batched.drain, EXIT_DRAIN_SECONDS)
+    return batched
 
 
 # -- reopening for logrotate --------------------------------------------------------
@@ -405,19 +491,14 @@ def reopen_logs() -> list[str]:
     for batched in _batched:
         if batched.reopens:
             batched.reopen()
-            reopened.append(str(getattr(batched._out, "path", "the log file")))
-    for observer in _started:
-        path = _json_paths.get(id(observer))
-        if path is None:
-            continue
+            reopened.append(str(batched.path))
+    for path, out in _json_paths.items():
         try:
-            new = io.open(path, "a", encoding="utf-8")
+            out.reopen()
         except OSError as e:
             _log.error("cannot reopen the JSON log {path} (it stays written where it was): "
                        "{error}", path=path, error=e.strerror or str(e))
             continue
-        old, observer._outFile = observer._outFile, new
-        old.close()
         reopened.append(path)
     return reopened
 

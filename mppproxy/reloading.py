@@ -23,6 +23,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
+from twisted.logger import ILogObserver
+
 from mppproxy import sdnotify
 from mppproxy.config.errors import ConfigError
 from mppproxy.logsetup import Logger
@@ -32,7 +34,7 @@ log = Logger()
 _K = TypeVar("_K", bound=Hashable)
 
 if TYPE_CHECKING:
-    class TopService(MultiService):
+    class _Multi(MultiService):
         """``MultiService`` with the signatures of the methods the top
         services override and call (Twisted leaves them unannotated)."""
 
@@ -43,9 +45,26 @@ if TYPE_CHECKING:
         def startService(self) -> None: ...
 
         def stopService(self) -> defer.Deferred[Any]: ...
+
+        def setServiceParent(self, parent: Any) -> Any: ...
 else:
-    # The base of the three top services: MultiService itself.
-    TopService = MultiService
+    _Multi = MultiService
+
+
+class TopService(_Multi):
+    """The base of the top services: a ``MultiService`` that hands twistd
+    its text log observer (``logsetup.text_log_observer``) as the
+    application's ``ILogObserver`` component, which twistd's
+    ``AppLogger.start`` uses in place of its own.  twistd makes the
+    application, sets this service's parent, then starts logging, so the
+    component is there in time."""
+
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
 
 class ReloadOnHup:

@@ -177,18 +177,18 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     from mppproxy.gctune import tune_for_server
-    from mppproxy.logsetup import batch_text_log, reopen_on_usr1, start_json_log
+    from mppproxy.logsetup import reopen_on_usr1, start_json_log, text_log_observer
     from mppproxy.reloading import stop_on_signals
     from mppproxy.listeners import exit_code_hook
-    from mppproxy.service import ProxyService
     from mppproxy.workers import StopOnce, parse_worker_fds
 
     config = options.config
     start_json_log(config)
     _notify_systemd(reactor, config)
-    # twistd's text log observer exists once the reactor runs.
-    reactor.callWhenRunning(batch_text_log, reactor)
-    # Then SIGUSR1 reopens the log files, for logrotate (docs/operations.md).
+    # twistd's text log, batched (logsetup.py); the top service hands it to
+    # twistd (reloading.TopService).  None: twistd keeps its own.
+    text_log = text_log_observer(getattr(options, "parent", None), reactor)
+    # SIGUSR1 reopens the log files, for logrotate (docs/operations.md).
     reactor.callWhenRunning(reopen_on_usr1, reactor)
     # After start-up, before the first request (mppproxy/gctune.py).
     reactor.callWhenRunning(tune_for_server)
@@ -200,6 +200,14 @@ def makeService(options: Options) -> Any:
     # process's listening descriptors added (mppproxy/workers.py).
     inherited = parse_worker_fds(options["worker-fds"] or "")
     worker_argv = list(options.raw_args)
+    service = _top_service(config, reactor, options, inherited, worker_argv)
+    service.log_observer = text_log
+    return service
+
+
+def _top_service(config: Any, reactor: Any, options: Options, inherited: Any,
+                 worker_argv: list[str]) -> Any:
+    """The top service of the configured mode."""
     if config.mode == "policy":
         from mppproxy.policyd.service import PolicyServerService
 
@@ -213,5 +221,7 @@ def makeService(options: Options) -> Any:
         from mppproxy.archivenode.service import ArchiveService
 
         return ArchiveService(config, reactor, reload_config=options.load_config)
+    from mppproxy.service import ProxyService
+
     return ProxyService(config, reactor, reload_config=options.load_config,
                         inherited_fds=inherited, worker_argv=worker_argv)

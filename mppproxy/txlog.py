@@ -37,7 +37,12 @@ _FORMATS = {
     Disposition.TEMPFAIL: ("transaction {queue_id} from {client}: tempfailed <{sender}> to "
                            "{recipients_text} by {decided_by} ({reply_text})"),
 }
-_FORMAT = "transaction {queue_id} from {client}: {action} ({reply_text})"
+# Every other line (relayed, tagged, held, discarded, delivered, scan
+# mode's verdict) names the same facts: client, sender, recipients, what
+# was done, what decided it (the check that weighed most; "-" for none)
+# and the reference id.
+_FORMAT = ("transaction {queue_id} from {client}: {action} <{sender}> to {recipients_text}, "
+           "decided by {deciding_check} ({reply_text})")
 
 
 def log_transaction(session: Session, txn: Transaction, action: Disposition,
@@ -76,6 +81,10 @@ def log_transaction(session: Session, txn: Transaction, action: Disposition,
         refused_text=", ".join(f"<{r}>" for r, _, _ in refusals),
         # Each check (or "relay control") that refused one, in order, once.
         decided_by=decided_by or ", ".join(dict.fromkeys(by for _, by, _ in refusals)) or None,
+        # What the text line names as deciding: decided_by, or the check
+        # that asked for the action or weighed most; "-" when none did.
+        deciding_check=(decided_by or _deciding_check(record)
+                        or ", ".join(dict.fromkeys(by for _, by, _ in refusals)) or "-"),
         stripped_headers=txn.stripped_headers,
         # "added", "skipped: why", or None when no disclaimer table matched.
         disclaimer=txn.disclaimer,

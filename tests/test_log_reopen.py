@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from twisted.logger import LogLevel, LogPublisher, textFileLogObserver
+from twisted.logger import LogLevel, LogPublisher
 from twisted.python.logfile import LogFile
 
 from helpers import free_port, wait_for
@@ -27,12 +27,13 @@ from test_shutdown_twistd import TWISTD_ARGS, _config, _env, _greeting, _kill
 def test_batched_log_file_reopens_at_its_path(tmp_path):
     """After the file is renamed, reopen() makes the next lines go to a new file at the path; twistd's size rotation is off."""
     clock = RunningClock()
-    logfile = LogFile.fromFullPath(str(tmp_path / "twistd.log"))
-    publisher = LogPublisher()
-    publisher.addObserver(textFileLogObserver(logfile))
     before = len(logsetup._batched)
-    assert logsetup.batch_text_log(clock, publisher)
-    batched = logsetup._batched[-1]
+    made = logsetup.text_log_observer({"logfile": str(tmp_path / "twistd.log")}, clock)
+    assert made is not None
+    batched = made
+    logfile = batched._out
+    publisher = LogPublisher()
+    publisher.addObserver(batched)
     try:
         assert len(logsetup._batched) == before + 1
         assert batched.reopens

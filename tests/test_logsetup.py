@@ -8,10 +8,9 @@ import os
 import threading
 
 from twisted.internet.task import Clock
-from twisted.logger import (LogLevel, LogPublisher, jsonFileLogObserver, Logger,
-                            textFileLogObserver)
+from twisted.logger import LogLevel, LogPublisher, Logger, textFileLogObserver
 
-from mppproxy.logsetup import EXIT_DRAIN_SECONDS, BatchedTextLogObserver, batch_text_log
+from mppproxy.logsetup import EXIT_DRAIN_SECONDS, BatchedTextLogObserver, text_log_observer
 
 
 class RunningClock(Clock):
@@ -204,42 +203,82 @@ def test_a_pipe_nobody_reads_neither_blocks_the_caller_nor_grows_without_bound()
         os.close(r)
 
 
-def test_batch_text_log_replaces_twistds_observer_only():
-    """batch_text_log swaps twistd's text observer for the batched one, leaves the JSON observer
-    alone, drains held lines at shutdown within EXIT_DRAIN_SECONDS, and does nothing a second
-    time."""
+def test_text_log_observer_writes_where_twistd_would(tmp_path, monkeypatch):
+    """text_log_observer follows twistd's options: a --logfile path (opened without twistd's
+    1 MB rotation), standard output for -n without --logfile or with "-"; None for --syslog,
+    --logger, a daemon logging to "-", and no twistd options at all; held lines are drained at
+    shutdown within EXIT_DRAIN_SECONDS."""
+    import sys
+
+    from mppproxy import logsetup
+    monkeypatch.setattr(logsetup, "_batched", [])
     clock = RunningClock()
-    publisher = LogPublisher()
-    text_out, json_out = io.StringIO(), io.StringIO()
-    json_observer = jsonFileLogObserver(json_out)
-    publisher.addObserver(textFileLogObserver(text_out))
-    publisher.addObserver(json_observer)
-    assert batch_text_log(clock, publisher)
-    Logger(namespace="mpp.test", observer=publisher).info("hello {who}", who="admin")
-    assert text_out.getvalue() == "" and "hello" in json_out.getvalue()
-    (batched,) = [o for o in publisher._observers if isinstance(o, BatchedTextLogObserver)]
+    path = tmp_path / "twistd.log"
+    batched = text_log_observer({"logfile": str(path), "nodaemon": True}, clock)
+    assert batched is not None and batched.reopens and batched.path == str(path)
+    assert batched._out.rotateLength is None
+    batched(event("hello admin"))
     clock.advance(0)
-    assert written(batched, text_out).endswith("[mpp.test#info] hello admin\n")
-    # Held lines are written when the reactor stops, the wait bounded.
+    assert batched._writer is not None and batched._writer.wait_idle(10)
+    assert path.read_text().endswith("[mpp.test#info] hello admin\n")
     assert [t[:2] for t in clock.triggers] == [("after", "shutdown")]
-    Logger(namespace="mpp.test", observer=publisher).info("last")
-    phase, name, drain, args = clock.triggers[0]
+    _, _, drain, args = clock.triggers[0]
     assert args == (EXIT_DRAIN_SECONDS,)
-    assert drain(*args) is True
-    assert text_out.getvalue().endswith("last\n")
-    # Nothing more to replace: a second call changes nothing.
-    assert not batch_text_log(clock, publisher)
+    batched(event("last"))
+    assert drain(*args) is True and path.read_text().endswith("last\n")
+    for options in ({"nodaemon": True}, {"logfile": "-", "nodaemon": True}):
+        stdout = text_log_observer(options, RunningClock())
+        assert stdout is not None and stdout._out is sys.stdout and not stdout.reopens
+    for options in ({"syslog": True, "nodaemon": True}, {"logger": "x.y", "nodaemon": True},
+                    {"logfile": "-", "nodaemon": False}, None):
+        assert text_log_observer(options, RunningClock()) is None
 
 
-def test_batch_text_log_leaves_syslog_and_custom_observers():
-    """batch_text_log replaces nothing when there is no twistd text observer, and other
-    observers keep getting every event."""
-    publisher = LogPublisher()
-    seen = []
-    publisher.addObserver(seen.append)
-    assert not batch_text_log(RunningClock(), publisher)
-    Logger(observer=publisher).info("x")
-    assert len(seen) == 1
+def test_top_service_hands_its_observer_to_the_application():
+    """The top service sets its text log observer as the application's ILogObserver component
+    (what twistd's AppLogger.start uses), and sets nothing when it has none."""
+    from twisted.application.service import Application
+    from twisted.logger import ILogObserver
+
+    from mppproxy.reloading import TopService
+    observer = BatchedTextLogObserver(io.StringIO(), RunningClock())
+    top = TopService()
+    top.log_observer = observer
+    app = Application("t")
+    top.setServiceParent(app)
+    assert app.getComponent(ILogObserver) is observer
+    plain, other = TopService(), Application("u")
+    plain.setServiceParent(other)
+    assert other.getComponent(ILogObserver, None) is None
+
+
+def test_json_lines_carry_our_fields_not_twisteds():
+    """A JSON log line has time (RFC 3339 UTC), level, namespace, text and the event's own
+    fields; no log_* keys, values JSON cannot carry written as their repr, a failure's
+    traceback included."""
+    import json
+
+    from twisted.python.failure import Failure
+
+    from mppproxy.logsetup import json_event_line
+    line = json_event_line({**event("transaction {queue_id} from {client}"), "queue_id": "Q1",
+                            "client": "192.0.2.1", "recipients": ["a@b"], "odd": object(),
+                            "log_logger": object(), "log_source": None})
+    assert line is not None and line.endswith("\n") and "\n" not in line[:-1]
+    got = json.loads(line)
+    assert got["time"] == "2027-01-15T08:00:00.250000Z"
+    assert got["level"] == "info" and got["namespace"] == "mpp.test"
+    assert got["text"] == "transaction Q1 from 192.0.2.1"
+    assert got["queue_id"] == "Q1" and got["recipients"] == ["a@b"]
+    assert got["odd"].startswith("<object object")
+    assert not [k for k in got if k.startswith("log_")]
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    got = json.loads(json_event_line({**event("boom"), "log_failure": failure,
+                                      "log_level": LogLevel.error}))
+    assert got["level"] == "error" and "ZeroDivisionError" in got["traceback"]
 
 
 def test_every_kind_of_event_reads_as_twisteds_line():
