@@ -49,6 +49,34 @@ class RowResult:
     detail: str
 
 
+@dataclass
+class Applied:
+    """What an action did to some rows: how many it changed (released,
+    forwarded, deleted, held...), senders put on the allow list, and for
+    release and forward one result per row."""
+
+    done: int
+    allowed: int
+    results: list[RowResult]
+    recipients: tuple[str, ...] = ()
+
+    def summary(self, action: str, of: int) -> str:
+        """The answer's line, e.g. "3 of 4 released"."""
+        if action == "forward":
+            return f"{self.done} of {of} forwarded to {', '.join(self.recipients)}"
+        if action in ("release", "release-allow"):
+            line = f"{self.done} of {of} released"
+            if self.allowed:
+                line += f"; {self.allowed} sender(s) put on the allow list"
+            return line
+        return f"{self.done} of {of} {DONE_WORDS[action]}"
+
+
+# How each store action's summary says what was done.
+DONE_WORDS = {"delete": "deleted (rows on legal hold or being released are kept)",
+              "hold": "put on legal hold", "unhold": "taken off legal hold"}
+
+
 def parse_recipients(text: str) -> tuple[str, ...]:
     """The addresses of a forward form field (commas or spaces between)."""
     found = tuple(a for a in re.split(r"[\s,;]+", text.strip()) if a)
@@ -75,26 +103,38 @@ class Actions:
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
+    def check(self, action: str, to: str = "") -> tuple[str, ...]:
+        """Refuse an unknown action or a forward without good addresses
+        before anything is done (a bulk job checks first, then starts);
+        the forward's recipients."""
+        if action not in ACTIONS:
+            raise ActionError(f"unknown action {action!r}")
+        return parse_recipients(to) if action == "forward" else ()
+
     async def run(self, action: str, rows: Sequence[StoredRow], scope: Optional[tuple[str, ...]],
                   actor: str, origin: str, to: str = "") -> tuple[str, list[RowResult]]:
         """Do ``action`` on ``rows`` (already within ``scope``); a summary
         line and, for release and forward, one result per row."""
-        if action not in ACTIONS:
-            raise ActionError(f"unknown action {action!r}")
+        done = await self.apply(action, rows, scope, actor, origin, to)
+        return done.summary(action, len(rows)), done.results
+
+    async def apply(self, action: str, rows: Sequence[StoredRow],
+                    scope: Optional[tuple[str, ...]], actor: str, origin: str,
+                    to: str = "") -> "Applied":
+        """``run`` as counts: a bulk job adds up one ``Applied`` per batch."""
+        recipients = self.check(action, to)
         if action == "forward":
-            recipients = parse_recipients(to)
             results = await self._releasing(rows, actor, origin, forward_to=recipients)
             done = sum(r.outcome == str(Outcome.FORWARDED) for r in results)
-            return f"{done} of {len(rows)} forwarded to {', '.join(recipients)}", results
+            return Applied(done, 0, results, recipients)
         if action in ("release", "release-allow"):
             results = await self._releasing(rows, actor, origin)
             released = [row for row, r in zip(rows, results)
                         if r.outcome == str(Outcome.RELEASED)]
-            summary = f"{len(released)} of {len(rows)} released"
+            allowed = 0
             if action == "release-allow" and released:
                 allowed = await self._in_thread(self._allow_senders, released, actor, origin)
-                summary += f"; {allowed} sender(s) put on the allow list"
-            return summary, results
+            return Applied(len(released), allowed, results)
         ids = [row.id for row in rows]
         changed = 0
         for start in range(0, len(ids), CHUNK):
@@ -106,9 +146,7 @@ class Actions:
             else:
                 changed += await self._in_thread(self.store.set_hold, search, action == "hold",
                                                  actor, origin)
-        words = {"delete": "deleted (rows on legal hold or being released are kept)",
-                 "hold": "put on legal hold", "unhold": "taken off legal hold"}
-        return f"{changed} of {len(rows)} {words[action]}", []
+        return Applied(changed, 0, [])
 
     async def _releasing(self, rows: Sequence[StoredRow], actor: str, origin: str,
                          forward_to: tuple[str, ...] = ()) -> list[RowResult]:

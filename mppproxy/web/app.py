@@ -46,6 +46,7 @@ from mppproxy.store.schema import STATUSES
 from mppproxy.store.store import ArchiveStore, RawMissing, Search, StoredRow, StoreError
 from mppproxy.web.actions import ActionError, Actions
 from mppproxy.web.csrf import FIELD as CSRF_FIELD, PRE_LOGIN_COOKIE, Csrf
+from mppproxy.web.jobs import Jobs
 from mppproxy.web.mailview import view_message
 from mppproxy.web.pages import Pages
 from mppproxy.web.sessions import Session, SessionCodec
@@ -123,6 +124,8 @@ class ConsoleContext:
         self.ready = ready
         self.throttle = LoginThrottle(config.web.login_failures, config.web.login_lockout)
         self.css = pages.static("console.css")
+        # Bulk jobs of this process (jobs.py): in memory, gone at a restart.
+        self.jobs = Jobs()
 
     def in_thread(self, f: Callable[..., Any], *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -182,6 +185,8 @@ class Console(Resource):
     def __init__(self, ctx: ConsoleContext) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self.ctx = ctx
+        # The feature pages import this module: imported here, not at the top.
+        from mppproxy.web import jobpages
         self.routes = [
             Route(b"GET", re.compile(r"/"), Console.home, login=False),
             Route(b"GET", re.compile(r"/login"), Console.login_form, login=False),
@@ -194,6 +199,9 @@ class Console(Resource):
             Route(b"GET", re.compile(r"/quarantine/(\d{1,18})"), Console.item),
             Route(b"GET", re.compile(r"/quarantine/(\d{1,18})/raw"), Console.raw),
             Route(b"POST", re.compile(r"/quarantine/(\d{1,18})/action"), Console.action),
+            Route(b"GET", re.compile(r"/jobs"), jobpages.listing),
+            Route(b"GET", re.compile(r"/jobs/([0-9a-f]{24})"), jobpages.page),
+            Route(b"POST", re.compile(r"/jobs/([0-9a-f]{24})/cancel"), jobpages.cancel),
         ]
 
     # -- the request cycle -------------------------------------------------
@@ -576,6 +584,10 @@ class Console(Resource):
                 return self._page(400, "Too many rows", f"{matching} rows match; one action "
                                   f"takes at most {limit} (web.bulk_max): narrow the search.",
                                   call)
+            if matching > self.ctx.config.web.page_size:
+                # More than a page: a background job with a progress page.
+                from mppproxy.web import jobpages
+                return await jobpages.start(self, call, search, matching, filters, back)
             rows = await self._all_rows(search, limit)
         else:
             ids = sorted({int(v) for v in call.form.get("id", []) if v.isdigit() and len(v) < 19})

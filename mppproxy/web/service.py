@@ -125,6 +125,9 @@ class WebConsole(Service):
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self._stopped = True
         ds = [defer.maybeDeferred(port.stopListening) for port in self.ports]
+        if self.ctx is not None:
+            # Bulk jobs end after their batch in flight, before the store closes.
+            ds.append(self.ctx.jobs.stop())
         self.ports = []
         d: defer.Deferred[Any] = defer.DeferredList(ds)
         if self._own_store:
