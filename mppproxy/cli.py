@@ -16,6 +16,8 @@ prints the effective configuration (``config/show.py``: only what differs
 from the defaults unless ``--all``; secrets masked); a configuration with
 errors prints them as ``check-config`` does and exits 1.  ``mppproxy
 state blacklist|greylist ...`` works on the state database (``state_cli.py``).
+``mppproxy replay --config FILE [--against FILE] PATH...`` judges a mail
+corpus offline and shows what a configuration would change (``replay_cli.py``).
 """
 from __future__ import annotations
 
@@ -267,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_admin_parser(sub)  # the web console's accounts (accounts_cli.py)
     from mppproxy.state_cli import add_parser as add_state_parser
     add_state_parser(sub)  # blacklist and greylist list|add|remove|whitelist (state_cli.py)
+    from mppproxy.replay_cli import add_parser as add_replay_parser
+    add_replay_parser(sub)  # judge a mail corpus offline against a configuration (replay_cli.py)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
