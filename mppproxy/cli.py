@@ -269,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_admin_parser(sub)  # the web console's accounts (accounts_cli.py)
     from mppproxy.state_cli import add_parser as add_state_parser
     add_state_parser(sub)  # blacklist and greylist list|add|remove|whitelist (state_cli.py)
+    from mppproxy.trace_cli import add_parser as add_trace_parser
+    add_trace_parser(sub)  # a message's path through the logs and the archive (trace_cli.py)
     from mppproxy.replay_cli import add_parser as add_replay_parser
     add_replay_parser(sub)  # judge a mail corpus offline against a configuration (replay_cli.py)
     args = parser.parse_args(argv)
