@@ -41,6 +41,10 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "blacklist": (554, "5.7.1"),
     # RFC 5321 4.2.2 550 "mailbox unavailable" for the one recipient.
     "spamtrap": (550, "5.7.1"),
+    # A recipient domain's own block list (db/allowlist.py): RFC 5321
+    # 4.2.2/4.2.3 550 "command rejected for policy reasons", for that one
+    # recipient; RFC 3463 3.8 X.7.1 "delivery not authorized".
+    "domain_block": (550, "5.7.1"),
     "score": (550, "5.7.1"),
     # RFC 6647 section 2.1 and 4.1: greylisting answers a temporary failure;
     # 451 with RFC 3463 4.7.1 as the issue and Postfix's postscreen do.

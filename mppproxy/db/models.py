@@ -1,5 +1,5 @@
 """The tables of the shared state: the auto-blacklist, the greylist, the
-per-domain sender allow list, and the dashboard's hourly traffic counts and
+per-domain allow and block lists, and the dashboard's hourly traffic counts and
 per-node engine health (``traffic.py``, ``nodehealth.py``).
 
 Plain SQLAlchemy Core tables, created when missing (``create_missing``;
@@ -37,6 +37,8 @@ DOMAIN_LENGTH = 255
 # Who added an allow-list entry (an administrator's login or address) and why.
 ADDED_BY_LENGTH = 255
 NOTE_LENGTH = 255
+# A domain list entry's kind: "allow" or "block".
+KIND_LENGTH = 8
 # A node's name (archive.node_name or its hostname: RFC 1035's 255).
 NODE_LENGTH = 255
 # The traffic table's disposition word and reason key ("greylisting",
@@ -107,6 +109,22 @@ class StateTables:
             f"{prefix}allow_senders", self.metadata,
             Column("domain", String(DOMAIN_LENGTH), primary_key=True),
             Column("sender", String(ADDRESS_LENGTH), primary_key=True),
+            Column("added", Double, nullable=False),
+            Column("added_by", String(ADDED_BY_LENGTH), nullable=False, default=""),
+            Column("note", String(NOTE_LENGTH), nullable=False, default=""),
+        )
+        # Each recipient domain's own allow and block lists (allowlist.py):
+        # kind "allow" or "block"; entry a sender ("user@example.org",
+        # "@example.org", ".example.org") or a client network
+        # ("192.0.2.0/24").  The key is 580 characters, 2320 bytes in
+        # utf8mb4: under InnoDB's 3072.  Rows of allow_senders (the older
+        # allow list, kept so an older node's writes are not lost) are moved
+        # here when the tables are made (allowlist.move_legacy).
+        self.domain_lists = Table(
+            f"{prefix}domain_lists", self.metadata,
+            Column("domain", String(DOMAIN_LENGTH), primary_key=True),
+            Column("kind", String(KIND_LENGTH), primary_key=True),
+            Column("entry", String(ADDRESS_LENGTH), primary_key=True),
             Column("added", Double, nullable=False),
             Column("added_by", String(ADDED_BY_LENGTH), nullable=False, default=""),
             Column("note", String(NOTE_LENGTH), nullable=False, default=""),

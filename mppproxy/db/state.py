@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mppproxy._transitions import StateEnum, TransitionError
-from mppproxy.db.allowlist import SqlAllowListStore
+from mppproxy.db.allowlist import SqlAllowListStore, move_legacy
 from mppproxy.db.blacklist import SqlBlacklistStore
 from mppproxy.db.engine import (WRITE, WriteLockBusy, database_url, is_memory_sqlite,
                                 make_engine, no_lock_wait)
@@ -351,6 +351,8 @@ class StateDatabase:
         if self.url.get_backend_name() == "sqlite" and not is_memory_sqlite(self.url):
             os.makedirs(os.path.dirname(str(self.url.database)), exist_ok=True)
         create_missing(self.engine, self.tables.metadata.sorted_tables)
+        # Allow-list rows an older node wrote go to the domain lists.
+        move_legacy(self.engine, self.tables)
         self._schema_ready = True
 
     # -- purge -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+from mppproxy.db.allowlist import Decision
 from mppproxy.db.blacklist import BlacklistEntry
 from mppproxy.dns.resolver import Resolver
 from mppproxy.policy.dnshealth import DnsListHealth
@@ -28,10 +29,14 @@ class BlacklistStore(Protocol):
 
 
 class AllowListStore(Protocol):
-    """The per-recipient-domain sender allow list (``db/allowlist.py``:
-    "release and allow this sender" writes it, the ``access`` check reads
-    it).  Answered from memory; only a list too large to mirror waits for
-    the database."""
+    """Each recipient domain's allow and block lists (``db/allowlist.py``:
+    domain administrators and "release and allow this sender" write them,
+    the ``access`` check reads them).  Answered from memory; only lists
+    too large to mirror wait for the database."""
+
+    async def decide(self, domain: str, sender: str, client_ip: str) -> Optional[Decision]:
+        """The block entry of ``domain`` matching the sender or the client
+        network, else its allow entry, else None."""
 
     async def lookup(self, domain: str, sender: str) -> Optional[str]:
         """The entry allowing ``sender`` to recipients at ``domain`` (an

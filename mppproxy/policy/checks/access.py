@@ -1,10 +1,12 @@
 """Whitelists and blacklists of clients, HELO names, senders, recipients:
-the policy's own lists (``policies.NAME.access``) and the per-domain sender
-allow list of the state database (``db/allowlist.py``)."""
+the policy's own lists (``policies.NAME.access``) and each recipient
+domain's own allow and block lists in the state database
+(``db/allowlist.py``), which its administrators edit in the web console."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from mppproxy.db.allowlist import BLOCK, is_network
 from mppproxy.db.state import StateDatabaseError
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Check, Facts, Scope
@@ -20,14 +22,23 @@ class AccessCheck(Check):
     or sender skips the later checks for the whole transaction (the engine
     remembers it); a whitelisted recipient only for that recipient.
 
-    Then the database allow list (``services.allowlist``): a sender allowed
-    for the recipient's domain is answered ``WHITELIST_RECIPIENT`` marked
-    ``sender_allowed`` (that recipient skips the later checks; when every
-    recipient is allowed so, the verdict relays the message whatever its
-    score).  Not for a client on the auto-blacklist: that "no" wins too,
-    and the ``blacklist`` check then refuses it if the policy enforces it.
-    The allow list is asked only when the policy's own lists said nothing
-    that ends the list (so it adds no work for their hits)."""
+    The order, each "no" before the "yes" it overrides:
+
+    1. the policy's blacklists (site-wide): refused, ``access`` template;
+    2. the recipient domain's block list (``services.allowlist``, a
+       sender or client network its administrator blocked): that recipient
+       is refused, 550 5.7.1 from the ``domain_block`` template;
+    3. the policy's whitelists;
+    4. the recipient domain's allow list: ``WHITELIST_RECIPIENT`` marked
+       ``sender_allowed`` (that recipient skips the later checks; when
+       every recipient is allowed so, the verdict relays the message
+       whatever its score).  Not for a client on the auto-blacklist: that
+       "no" wins too, and the ``blacklist`` check then refuses it if the
+       policy enforces it;
+    5. the policy's whitelisted recipients.
+
+    The domain lists are answered from memory (a dict probe for a domain
+    without entries), once per recipient."""
 
     name = "access"
     # Runs for every recipient (recipient lists); the lookups are set probes.
@@ -56,17 +67,27 @@ class AccessCheck(Check):
             if entries and (value or what == "sender") and value in entries:
                 return CheckResult(reasons=(f"{what} blacklisted",), action=HardAction.REJECT,
                                    template="access", template_vars=(("what", _shown(what, value)),))
+        decision = None
+        if self._allow is not None:
+            # From memory: a dict probe for most domains (db/allowlist.py).
+            decision = await self._allow.decide(facts.recipient_domain, facts.sender,
+                                                facts.client_ip)
+            if decision is not None and decision.kind == BLOCK:
+                what = ("client" if is_network(decision.entry) else "sender")
+                return CheckResult(
+                    reasons=(f"{what} blocked by {facts.recipient_domain} ({decision.entry})",),
+                    action=HardAction.REJECT, template="domain_block",
+                    template_vars=(("what", _shown(what, facts.client_ip if what == "client"
+                                                   else facts.sender)),))
         for what, entries, attr in self._white_txn:
             value = getattr(facts, attr)
             if entries and (value or what == "sender") and value in entries:
                 return CheckResult(reasons=(f"{what} whitelisted",), action=HardAction.WHITELIST)
-        if self._allow is not None and facts.sender:
-            # From memory: a dict probe for most domains (db/allowlist.py).
-            entry = await self._allow.lookup(facts.recipient_domain, facts.sender)
-            if entry is not None and not await self._auto_blacklisted(facts):
-                return CheckResult(
-                    reasons=(f"sender allowed for {facts.recipient_domain} ({entry})",),
-                    action=HardAction.WHITELIST_RECIPIENT, sender_allowed=True)
+        if decision is not None and not await self._auto_blacklisted(facts):
+            what = "client" if is_network(decision.entry) else "sender"
+            return CheckResult(
+                reasons=(f"{what} allowed for {facts.recipient_domain} ({decision.entry})",),
+                action=HardAction.WHITELIST_RECIPIENT, sender_allowed=True)
         if self._white_rcpt and facts.recipient in self._white_rcpt:
             # Whitelisting a recipient must not whitelist the transaction.
             return CheckResult(reasons=("recipient whitelisted",), action=HardAction.WHITELIST_RECIPIENT)
