@@ -1,5 +1,7 @@
 """``mppproxy admin``: the web console's accounts on the command line
-(issue 13): ``add``, ``passwd``, ``list``, ``remove``.
+(issue 13): ``add``, ``passwd``, ``list``, ``remove``, and their API
+tokens: ``token add|list|revoke`` (``store/tokens.py``; ``add`` prints the
+token on standard output, once, and what it is on standard error).
 
 Floor 4 (entry points): ``cli.py`` hands the ``admin`` subcommand here.
 It loads the configuration as ``mppproxy quarantine`` does, opens the
@@ -35,6 +37,7 @@ from mppproxy.quarantine_cli import (EXIT_NOTHING, EXIT_OK, EXIT_STORE, EXIT_USA
 from mppproxy.store.accounts import AccountError, Accounts, WebAdmin
 from mppproxy.store.migrate import MigrationLockTimeout
 from mppproxy.store.store import ArchiveStore, StoreError
+from mppproxy.store.tokens import Tokens
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -61,6 +64,20 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print one JSON array")
     remove = _sub(sub, "remove", "remove an account (its sessions end)")
     remove.add_argument("name")
+    token = sub.add_parser("token", help="API tokens: add, list, revoke",
+                           description="Bearer tokens for the console's JSON API "
+                                       "(/api/v1/, docs/console.md).")
+    tokens = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    token_add = _sub(tokens, "add", "make a token for an account (printed once)")
+    token_add.add_argument("name", help="the account the token acts as")
+    token_add.add_argument("--label", default="api", help="what the token is for (audited)")
+    token_add.add_argument("--expires", type=float, metavar="DAYS",
+                           help="days the token is valid (default: no end)")
+    token_list = _sub(tokens, "list", "list the tokens (never the tokens themselves)")
+    token_list.add_argument("name", nargs="?", help="only this account's")
+    token_list.add_argument("--json", action="store_true", help="print one JSON array")
+    token_revoke = _sub(tokens, "revoke", "revoke a token (by the id 'list' shows)")
+    token_revoke.add_argument("id", type=int)
     return parser
 
 
@@ -87,6 +104,8 @@ def read_password(args: argparse.Namespace, stdin: TextIO, err: TextIO) -> str:
 def run(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
     name = f"mppproxy admin {args.admin_command}"
+    if args.admin_command == "token":
+        name += f" {args.token_command}"
     try:
         config = load_config(args.config, args.config_command)
     except ConfigError as e:
@@ -127,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
 def _command(accounts: Accounts, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     actor, where = login_name(), origin()
     command = args.admin_command
+    if command == "token":
+        return _token_command(Tokens(accounts.store), args, actor, where, out, err)
     if command == "list":
         admins = accounts.list()
         if args.json:
@@ -153,6 +174,46 @@ def _command(accounts: Accounts, args: argparse.Namespace, out: TextIO, err: Tex
     print(f"password of {args.name.strip().lower()} set"
           + (" (to be changed at the next login)" if args.temporary else ""), file=out)
     return EXIT_OK
+
+
+def _token_command(tokens: Tokens, args: argparse.Namespace, actor: str, where: str,
+                   out: TextIO, err: TextIO) -> int:
+    """``admin token add|list|revoke``."""
+    command = args.token_command
+    if command == "add":
+        made, token = tokens.add_for(args.name, args.label, args.expires, actor, where)
+        print(f"token {made.id} ({made.label}) for {args.name.strip().lower()}, "
+              f"expires {_when(made.expires) if made.expires else 'never'}; it is shown "
+              "this once:", file=err)
+        print(token, file=out)
+        return EXIT_OK
+    if command == "revoke":
+        if tokens.revoke(args.id, actor, where):
+            print(f"token {args.id} revoked", file=out)
+            return EXIT_OK
+        print(f"no token {args.id}", file=err)
+        return EXIT_NOTHING
+    names = {a.id: a.name for a in tokens.accounts.list()}
+    admin_id = None
+    if args.name:
+        admin = tokens.accounts.by_name(args.name)
+        if admin is None:
+            print(f"no account named {args.name!r}", file=err)
+            return EXIT_NOTHING
+        admin_id = admin.id
+    found = tokens.list(admin_id)
+    if args.json:
+        out.write(json.dumps([dict(t.to_json(), admin=names.get(t.admin_id, ""))
+                              for t in found], sort_keys=True) + "\n")
+    else:
+        for t in found:
+            out.write(f"{t.id}  {names.get(t.admin_id, '?')}  {t.label}  {t.prefix}...  "
+                      f"made {_when(t.created)}  expires "
+                      f"{_when(t.expires) if t.expires else 'never'}  last used "
+                      f"{_when(t.last_used)}\n")
+        if not found:
+            print("no token", file=err)
+    return EXIT_OK if found else EXIT_NOTHING
 
 
 def _scope(admin: WebAdmin) -> str:
