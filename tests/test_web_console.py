@@ -521,6 +521,24 @@ class ConsoleTests(StoreFacingTests, ConsoleCase):
         self.assertEqual(page.code, 403)
         self.assertNotIn("mpp_session", fresh.cookies)
 
+    async def test_origin_null_needs_fetch_metadata(self) -> None:
+        """Under Referrer-Policy no-referrer a browser sends "Origin: null"
+        with the console's own forms (Chromium does): accepted with
+        Sec-Fetch-Site: same-origin, refused with cross-site or without it."""
+        await self.start()
+        anna = await self.logged_in(ANNA)
+        token = (await anna.get("/quarantine")).csrf()
+        path = f"/quarantine/{self.row('REFA1', 'a.test').id}/action"
+        for site in ("cross-site", "same-site", None):
+            headers = {"origin": "null", **({"sec-fetch-site": site} if site else {})}
+            page = await anna.post(path, {"action": "hold", "csrf": token}, headers=headers)
+            self.assertEqual(page.code, 403, site)
+        self.assertFalse(self.row("REFA1", "a.test").legal_hold)
+        page = await anna.post(path, {"action": "hold", "csrf": token},
+                               headers={"origin": "null", "sec-fetch-site": "same-origin"})
+        self.assertEqual(page.code, 200)
+        self.assertTrue(self.row("REFA1", "a.test").legal_hold)
+
     async def test_account_changes_end_sessions(self) -> None:
         """A new password, a disabled account and a removed account each
         end the sessions made before."""

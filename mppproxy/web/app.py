@@ -319,7 +319,11 @@ class Console(Resource):
 
     def _same_origin(self, request: Any) -> bool:
         """No Origin header (an old browser, a script), or this console's
-        own (RFC 6454 7: the browser says where a POST's page came from)."""
+        own (RFC 6454 7: the browser says where a POST's page came from).
+        Under ``Referrer-Policy: no-referrer`` browsers send ``Origin:
+        null`` even for a form of the same origin (Fetch, "serialize a
+        request origin"); that passes only with ``Sec-Fetch-Site:
+        same-origin``, a header no page can set (Fetch Metadata)."""
         origin = request.getHeader(b"origin")
         if origin is None:
             return True
@@ -327,6 +331,8 @@ class Console(Resource):
         scheme = b"https" if self.ctx.secure else b"http"
         return bool(host) and origin == scheme + b"://" + host
 
+        if origin == b"null":
+            return request.getHeader(b"sec-fetch-site") == b"same-origin"
     async def _authenticate(self, call: Call) -> None:
         """The admin of a genuine, live session cookie whose account still
         exists, is enabled and has the password the session began with."""
