@@ -327,12 +327,12 @@ class Console(Resource):
         origin = request.getHeader(b"origin")
         if origin is None:
             return True
+        if origin == b"null":
+            return request.getHeader(b"sec-fetch-site") == b"same-origin"
         host = request.getHeader(b"host") or b""
         scheme = b"https" if self.ctx.secure else b"http"
         return bool(host) and origin == scheme + b"://" + host
 
-        if origin == b"null":
-            return request.getHeader(b"sec-fetch-site") == b"same-origin"
     async def _authenticate(self, call: Call) -> None:
         """The admin of a genuine, live session cookie whose account still
         exists, is enabled and has the password the session began with."""
