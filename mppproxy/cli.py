@@ -273,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_trace_parser(sub)  # a message's path through the logs and the archive (trace_cli.py)
     from mppproxy.replay_cli import add_parser as add_replay_parser
     add_replay_parser(sub)  # judge a mail corpus offline against a configuration (replay_cli.py)
+    from mppproxy.restart_cli import add_parser as add_restart_parser
+    add_restart_parser(sub)  # restart or upgrade without downtime, SIGUSR2 (restart_cli.py)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -17,7 +17,10 @@ What mppproxy reports (``tap.py``, ``reloading.py``):
   systemd 253 wants) when SIGHUP starts a reload, ``READY=1`` when it has
   ended, applied or refused (the running configuration then stays);
 * ``STOPPING=1`` when the stop begins, before the messages in flight are
-  let finish (``timeouts.shutdown_grace``).
+  let finish (``timeouts.shutdown_grace``);
+* ``MAINPID=`` of the new process when a restart hands over to it
+  (``hand_over``; the new process reports ``READY`` to the old one, which
+  tells systemd).
 
 Only the main process speaks: ``take_from_environment`` removes
 ``$NOTIFY_SOCKET`` from the environment, so worker processes, command
@@ -103,6 +106,17 @@ class Notifier:
     def status(self, status: str) -> bool:
         """A line for ``systemctl status``."""
         return self.notify(*_status(status))
+
+    def hand_over(self, pid: int, status: str = "") -> bool:
+        """Process ``pid`` is the service's main process from now on (a
+        restart, mppproxy/restart.py): ``MAINPID=`` with ``READY=1``, sent
+        while systemd still takes this process for the main one
+        (``NotifyAccess=main`` lets it; the new process is in the unit's
+        control group, so systemd takes it).  This notifier sends nothing
+        afterwards: systemd would refuse the old process's lines."""
+        sent = self.notify(f"MAINPID={pid}", "READY=1", *_status(status))
+        self.address = None
+        return sent
 
 
 def _status(text: str) -> list[str]:

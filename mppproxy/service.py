@@ -23,6 +23,7 @@ queue a local writer (``archive/writer.py``) stores from.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -40,6 +41,8 @@ from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.scan.runtime import ScanStage
 from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
+from mppproxy.restart import (Handover, leave_on_usr2, linger, linger_seconds, place_inherited,
+                              stop_accepting)
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
 from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
@@ -47,8 +50,8 @@ from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.config.web import web_wanted
 from mppproxy.db.traffic import TrafficRecorder
 from mppproxy.web.service import WebConsole
-from mppproxy.workers import (StopOnce, WorkerSupervisor, adopt_listeners, bind_listeners,
-                              close_sockets)
+from mppproxy.workers import (WORKER_STOP_MARGIN, StopOnce, WorkerSupervisor, adopt_listeners,
+                              bind_listeners, close_sockets)
 
 log = Logger()
 
@@ -59,7 +62,8 @@ class ProxyService(ReloadOnHup, TopService):
     def __init__(self, config: ProxyConfig, reactor: Any,
                  reload_config: Optional[Callable[[], ProxyConfig]] = None,
                  inherited_fds: tuple[tuple[int, int], ...] = (),
-                 worker_argv: Optional[list[str]] = None):
+                 worker_argv: Optional[list[str]] = None,
+                 inherited: Optional[dict[str, list[socket.socket]]] = None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -96,6 +100,17 @@ class ProxyService(ReloadOnHup, TopService):
         # The dashboard's traffic counts and engine health of this process
         # (edge/traffic.py); None with database.traffic_flush = 0.
         self.traffic: Optional[TrafficRecorder] = None
+        # A restart (restart.py): the listening sockets the previous main
+        # process handed on; the ones beyond what this node needs, accepted
+        # on here besides; the handover to a later process; and the ports
+        # this process stopped accepting on when it handed over.
+        self.inherited = inherited or {}
+        self._restarted = False
+        self._extra_sockets: list[tuple[str, socket.socket]] = []
+        self.extra_ports: list[tuple[str, Any]] = []
+        self.handover: Optional[Handover] = None
+        self.leaving = False
+        self._left: list[Any] = []
 
     def _build_factory_parts(self, config: ProxyConfig) -> tuple[Any, Any]:
         threadpool = self.reactor.getThreadPool()
@@ -225,8 +240,15 @@ class ProxyService(ReloadOnHup, TopService):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if not self.inherited_fds:  # a worker's listeners are the main process's
-            self.prebound = bind_listeners(self.reactor, self.config.listen,
-                                           self.config.listen_backlog, self._processes())
+            descs = list(self.config.listen)
+            if self.inherited:
+                # A restart: the previous process's sockets, never bound anew.
+                self.prebound, self._extra_sockets = place_inherited(
+                    self.reactor, self.inherited, descs, self._processes())
+                self._restarted, self.inherited = True, {}
+                descs = [desc for desc in descs if desc not in self.prebound]
+            self.prebound.update(bind_listeners(self.reactor, descs, self.config.listen_backlog,
+                                                self._processes()))
 
     def _processes(self) -> int:
         return self.config.workers if self.config.workers > 1 and self.worker_argv is not None else 1
@@ -247,6 +269,10 @@ class ProxyService(ReloadOnHup, TopService):
         if (not self.inherited_fds and not self.config.archive.node
                 and web_wanted(self.config.mode, self.config.web)):
             self.web = WebConsole(self.config, self.reactor)
+            if self._restarted:
+                # The previous process gives up the console's port once
+                # this one serves mail (leave()); until then, try again.
+                self.web.listen_retries = 60
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]  # stopped with the other children (Twisted is unannotated)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
@@ -262,11 +288,22 @@ class ProxyService(ReloadOnHup, TopService):
             for desc in self.config.listen:
                 self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen,
                                     self.prebound)
-            self.workers.start()
+            self.workers.start(take_over=self._restarted)
         else:
             for desc in self.config.listen:
                 self._listen(desc)
+        for desc, sock in self._extra_sockets:
+            self.extra_ports.append((desc, self.reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                                                        self.factory)))
+            sock.close()  # adoptStreamPort holds its own copy
+        self._extra_sockets = []
         self.reload_on_hup()
+        if self.inherited_fds:
+            leave_on_usr2(self.reactor, self.leave)  # the main process hands over
+        else:
+            self.handover = Handover(self.reactor, self.config.data_dir, self._hand_on,
+                                     self.leave)
+            self.handover.install()
         log.info("mppproxy {mode} starting, {target}", mode=self.config.mode,
                  target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
                          if self.config.backend else
@@ -275,6 +312,44 @@ class ProxyService(ReloadOnHup, TopService):
     def _listen(self, desc: str) -> None:
         listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc,
                   prebound=self.prebound)
+
+    def _hand_on(self) -> dict[str, list[int]]:
+        """The listening descriptors a restart hands to the new process, by
+        endpoint: this process's own first, then each worker's."""
+        groups: dict[str, list[int]] = {}
+        for desc, port in self.ports.items():
+            groups[desc] = [port.fileno()]
+            if self.workers is not None:
+                groups[desc] += [sock.fileno() for sock in self.workers.worker_sockets.get(desc, [])]
+        for desc, port in self.extra_ports:
+            groups.setdefault(desc, []).append(port.fileno())
+        return groups
+
+    def leave(self) -> None:
+        """Another process serves the listeners now (a restart, restart.py;
+        in a worker: SIGUSR2 from the main process).  Stop accepting without
+        closing the sockets, let the sessions (and the workers) end for up
+        to ``linger_seconds``, then stop as on SIGTERM: messages still in
+        flight finish within the shutdown grace."""
+        if self.leaving:
+            return
+        self.leaving = True
+        ports = [*self.ports.values(), *self.adopted, *(port for _, port in self.extra_ports)]
+        self._left = stop_accepting(ports)
+        self.ports.clear()  # the supervisor's dict too: no worker is restarted
+        self.adopted, self.extra_ports = [], []
+        if self.web is not None:
+            # The new process binds the console's port once it is free (a
+            # second's gap for the console, none for mail).
+            for port in self.web.ports:
+                port.stopListening()
+            self.web.ports = []
+        grace = self.config.timeouts.shutdown_grace
+        wait = linger_seconds(grace)
+        ds = [linger(self.reactor, self.factory, wait)]
+        if self.workers is not None:
+            ds.append(self.workers.hand_over(wait + grace + WORKER_STOP_MARGIN))
+        defer.DeferredList(ds).addBoth(lambda _: self._stop_once())
 
     def apply(self, config: ProxyConfig) -> None:
         """Swap in a new, already validated configuration (``reload``)."""
@@ -295,8 +370,9 @@ class ProxyService(ReloadOnHup, TopService):
         self.factory.tls_context = tls
         self.factory.is_trusted = ctx.trusted
         self.factory.hostname = ctx.hostname
-        if not self.inherited_fds:
-            # A worker's listeners are the main process's.
+        if not self.inherited_fds and not self.leaving:
+            # A worker's listeners are the main process's (and a process
+            # that handed over opens none).
             sync_listeners(self.ports, config.listen, self._listen,
                            self.workers.forget if self.workers is not None else None)
         if self.workers is not None:
@@ -317,6 +393,9 @@ class ProxyService(ReloadOnHup, TopService):
         close_sockets(self.prebound)
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
         ds += [defer.maybeDeferred(p.stopListening) for p in self.adopted]
+        ds += [defer.maybeDeferred(p.stopListening) for _, p in self.extra_ports]
+        if self.handover is not None:
+            self.handover.abort()  # a new process not yet serving stops too
         if self.workers is not None:
             ds.append(self.workers.stop(grace))
         if self.factory is not None:

@@ -141,18 +141,21 @@ def parse_host_port(value: str) -> dict[str, Any]:
     return out
 
 
-def _notify_systemd(reactor: Any, config: Any) -> None:
+def _notify_systemd(reactor: Any, config: Any, ready_fd: Optional[int] = None) -> None:
     """Under systemd (``Type=notify``, $NOTIFY_SOCKET set): READY=1 once
     the reactor runs with the listeners open, STOPPING=1 when the stop
     begins (mppproxy/sdnotify.py; reloads: reloading.py).  The variable is
     taken out of the environment first, so workers and command scanners,
-    started later, do not inherit it."""
+    started later, do not inherit it.  Started by a restart (``ready_fd``,
+    mppproxy/restart.py): readiness goes to the previous process, which
+    makes this one the unit's main process with MAINPID= and READY=1."""
     from mppproxy import sdnotify
     from mppproxy.cli import summary
     from mppproxy.listeners import start_failed
+    from mppproxy.restart import report_ready
 
     notify = sdnotify.take_from_environment()
-    if not notify.enabled:
+    if not notify.enabled and ready_fd is None:
         return
     status = f"{config.mode}: {summary(config)}"
     if config.workers > 1:
@@ -162,12 +165,18 @@ def _notify_systemd(reactor: Any, config: Any) -> None:
         # A listener that failed has scheduled the stop (exit 1) at the
         # reactor's start, before this: systemd then sees a failed start,
         # not a ready service that stops at once.
-        if not start_failed():
+        if start_failed():
+            return
+        if ready_fd is not None:
+            report_ready(ready_fd, status)
+        else:
             notify.ready(status)
 
     # startService opened the listeners before the reactor started; a turn
     # later the ones that failed have said so.
     reactor.callWhenRunning(reactor.callLater, 0, ready)
+    if not notify.enabled:
+        return
     reactor.addSystemEventTrigger(
         "before", "shutdown", notify.stopping,
         f"stopping: letting messages in flight finish (up to {config.timeouts.shutdown_grace:g} s)")
@@ -180,11 +189,15 @@ def makeService(options: Options) -> Any:
     from mppproxy.logsetup import reopen_on_usr1, start_json_log, text_log_observer
     from mppproxy.reloading import stop_on_signals
     from mppproxy.listeners import exit_code_hook
+    from mppproxy.restart import refuse_usr2, take_inherited, take_ready_fd
     from mppproxy.workers import StopOnce, parse_worker_fds
 
     config = options.config
     start_json_log(config)
-    _notify_systemd(reactor, config)
+    # Started by a restart (mppproxy/restart.py): the previous process's
+    # listening sockets, and the pipe that tells it this one serves.
+    inherited_listeners = take_inherited()
+    _notify_systemd(reactor, config, take_ready_fd())
     # twistd's text log, batched (logsetup.py); the top service hands it to
     # twistd (reloading.TopService).  None: twistd keeps its own.
     text_log = text_log_observer(getattr(options, "parent", None), reactor)
@@ -196,18 +209,30 @@ def makeService(options: Options) -> Any:
     # After Twisted's own handlers, which log inside the signal handler
     # (mppproxy/reloading.py says why that can hang a stop).
     reactor.callWhenRunning(stop_on_signals, reactor, StopOnce(reactor))
+    # SIGUSR2 restarts the proxy (its service installs the handler); other
+    # modes log it rather than die of it.
+    refuse_usr2(reactor, config.mode)
     # Workers (``workers`` > 1) run this same command line with the main
     # process's listening descriptors added (mppproxy/workers.py).
     inherited = parse_worker_fds(options["worker-fds"] or "")
     worker_argv = list(options.raw_args)
-    service = _top_service(config, reactor, options, inherited, worker_argv)
+    service = _top_service(config, reactor, options, inherited, worker_argv,
+                           inherited_listeners)
     service.log_observer = text_log
     return service
 
 
 def _top_service(config: Any, reactor: Any, options: Options, inherited: Any,
-                 worker_argv: list[str]) -> Any:
+                 worker_argv: list[str], inherited_listeners: Any = None) -> Any:
     """The top service of the configured mode."""
+    if inherited_listeners and config.mode not in ("all-in-one", "edge"):
+        from mppproxy.logsetup import Logger
+
+        Logger().critical("mode {mode} takes no listening sockets from a restart: closed; "
+                          "it binds its own", mode=config.mode)
+        for sockets in inherited_listeners.values():
+            for sock in sockets:
+                sock.close()
     if config.mode == "policy":
         from mppproxy.policyd.service import PolicyServerService
 
@@ -224,4 +249,5 @@ def _top_service(config: Any, reactor: Any, options: Options, inherited: Any,
     from mppproxy.service import ProxyService
 
     return ProxyService(config, reactor, reload_config=options.load_config,
-                        inherited_fds=inherited, worker_argv=worker_argv)
+                        inherited_fds=inherited, worker_argv=worker_argv,
+                        inherited=inherited_listeners)

@@ -32,6 +32,7 @@ on the port.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, Optional
@@ -172,6 +173,13 @@ class WorkerSupervisor:
         address that cannot be bound is left to ``fallback`` too, which
         logs why."""
         sockets = (prebound or {}).pop(desc, None)
+        if sockets is not None and prebound is not None and len(sockets) < self.count:
+            # Inherited by a restart from a node that ran one process (a
+            # socket without SO_REUSEPORT, restart.place_inherited): every
+            # process accepts on that one socket.
+            prebound[desc] = sockets
+            fallback(desc)
+            return
         if sockets is None:
             try:
                 sockets = reuseport_sockets(self.reactor, with_backlog(desc, backlog), self.count)
@@ -194,11 +202,16 @@ class WorkerSupervisor:
         for sock in self.worker_sockets.pop(desc, []):
             sock.close()
 
-    def start(self) -> None:
-        """Start the workers (none when nothing is listening)."""
+    def start(self, take_over: bool = False) -> None:
+        """Start the workers (none when nothing is listening).  With
+        ``take_over`` (a restart: the sockets were inherited and connections
+        may wait in their queues) this process accepts on every worker's
+        socket until that worker has started."""
         if not self.ports:
             return
         for index in range(self.count - 1):
+            if take_over:
+                self._take_over(index)
             self._start(index)
 
     def command(self, index: int) -> tuple[list[str], dict[int, Any]]:
@@ -273,12 +286,34 @@ class WorkerSupervisor:
         for port in self._takeovers.pop(index, []):
             port.stopListening()
 
-    def signal_all(self, name: str) -> None:
+    def signal_all(self, name: str | int) -> None:
+        """Signal every worker: a name Twisted knows (TERM, KILL, HUP, INT)
+        or a number (SIGUSR2, which Twisted has no name for)."""
         for proc in list(self.processes):
             try:
                 proc.transport.signalProcess(name)
             except ProcessExitedAlready:
                 pass
+
+    def hand_over(self, timeout: float) -> defer.Deferred[None]:
+        """A restart (restart.py): SIGUSR2 tells each worker to stop
+        accepting and end after its sessions; none is restarted.  Fires
+        when all have ended; one still running after ``timeout`` is killed.
+        The sockets this process took over for a worker are closed here:
+        the new process holds them too."""
+        self.stopping = True
+        for ports in self._takeovers.values():
+            for port in ports:
+                port.stopListening()
+        self._takeovers.clear()
+        self.signal_all(signal.SIGUSR2)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._stop_waiters.append(d)
+        if not self.processes:
+            self._worker_stopped()
+        elif self._kill_call is None:
+            self._kill_call = self.reactor.callLater(timeout, self._kill_rest)
+        return d
 
     def stop(self, grace: float = 0.0) -> defer.Deferred[None]:
         """SIGTERM to every worker, each of which finishes its messages in

@@ -105,7 +105,12 @@ class WebConsole(Service):
         as_deferred(self.ready()).addErrback(
             lambda f: log.failure("web console: opening the archive store", f))
 
-    def _listen(self, desc: str, factory: Any, secure: bool) -> None:
+    # A process started by a restart (mppproxy/restart.py) sets this: the
+    # previous process holds the console's port until it has handed over,
+    # a moment later, so the listen is tried again once a second.
+    listen_retries = 0
+
+    def _listen(self, desc: str, factory: Any, secure: bool, attempt: int = 0) -> None:
         endpoint = serverFromString(self.reactor, desc)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
 
         def listening(port: Any) -> None:
@@ -116,6 +121,9 @@ class WebConsole(Service):
                 self.listening.callback(None)
 
         def failed(failure: Any) -> None:
+            if attempt < self.listen_retries and not self._stopped:
+                self.reactor.callLater(1.0, self._listen, desc, factory, secure, attempt + 1)
+                return
             log.critical("web console cannot listen on {endpoint}: {error}", endpoint=desc,
                          error=str(failure.value))
 
