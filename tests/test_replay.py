@@ -341,3 +341,50 @@ def test_envelope_from_state_and_scan_header() -> None:
     _, past = read_envelope(relayed, Given(), TrustedNetworks(()))
     assert past is not None and (past.disposition, past.score) == (Disposition.TAG, 6.5)
 
+
+
+def test_shared_state_carries_the_blacklist(tmp_path: Path) -> None:
+    """Alone, a message after a spam-trap hit from the same client is
+    relayed; with --shared-state the scratch blacklist refuses it, and
+    nothing reaches the state database (none is created)."""
+    maildir = tmp_path / "Maildir"
+    (maildir / "cur").mkdir(parents=True)
+    (maildir / "cur" / "1").write_bytes(mail(rcpt="trap@example.com"))
+    (maildir / "cur" / "2").write_bytes(mail())
+    data_dir = tmp_path / "data"
+    new, _ = configs(tmp_path, new=f'data_dir = "{data_dir}"\n' + OLD)
+    alone = json.loads(run("--config", new, "--no-dns", "--json", "-", str(maildir)).stdout)
+    assert [m["new"]["disposition"] for m in alone["messages"]] == ["refused", "relay"]
+    shared = json.loads(run("--config", new, "--no-dns", "--shared-state", "--json", "-",
+                            str(maildir)).stdout)
+    second = shared["messages"][1]["new"]
+    assert (second["disposition"], second["decided_by"]) == ("refused", "blacklist")
+    assert not (data_dir / "state.sqlite").exists()
+
+
+def test_recorded_scores_take_the_new_weight(tmp_path: Path) -> None:
+    """A recorded spamd score (weighted 2 by the configuration that judged
+    it) is divided by that weight: --against keeps it at 8 (tag), the new
+    configuration's weight 1 makes it 4 (relay)."""
+    port = free_port()
+
+    def cfg(weight: float) -> str:
+        return OLD + f"""
+[scanners.spamd]
+address = "tcp:127.0.0.1:{port}"
+[policies.default.scoring]
+tag = 5.0
+[policies.default.scan.engines.spamd]
+weight = {weight}
+"""
+    spam = CheckState("scan:spamd", 8.0, ("BAYES_99",))
+    emls = tmp_path / "eml"
+    emls.mkdir()
+    (emls / "spam.eml").write_bytes(state_copy(verdict="tag", score=8.0, checks=(spam,)))
+    new, old = configs(tmp_path, new=cfg(1.0), old=cfg(2.0))
+    r = run("--config", new, "--against", old, "--no-dns", "--recorded", "--json", "-", str(emls))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["messages"][0]
+    assert (row["old"]["disposition"], row["old"]["score"]) == ("tag", 8.0)
+    assert (row["new"]["disposition"], row["new"]["score"]) == ("relay", 4.0)
+    assert row["new"]["engines"] == {"spamd": "recorded"}
