@@ -47,6 +47,9 @@ class Disposition(enum.StrEnum):
     TEMPFAIL = "tempfail"
     # Accepted and dropped on purpose, logged (``scan.discard_score``).
     DISCARD = "discard"
+    # A virus accepted and dropped (``scan.virus_action = "delete"`` or a
+    # per-engine action), logged loudly, a notice sent where configured.
+    DELETE = "delete"
     # Without a backend: written to the local Maildir (all-in-one mode).
     DELIVER = "deliver"
     # Log only: no recipient was accepted and some were refused before DATA
@@ -64,7 +67,7 @@ class Disposition(enum.StrEnum):
 # What the verdict may choose (the score ladder and the hard hits); the
 # other members only describe how a transaction ended.
 VERDICTS = (Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE, Disposition.REJECT,
-            Disposition.TEMPFAIL, Disposition.DISCARD)
+            Disposition.TEMPFAIL, Disposition.DISCARD, Disposition.DELETE)
 
 
 class HardAction(enum.Enum):

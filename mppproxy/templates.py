@@ -305,3 +305,77 @@ def _key_of(path: str, dirs: Mapping[str, str]) -> str:
         if d and os.path.commonpath([full, os.path.abspath(d)]) == os.path.abspath(d):
             return key
     return "built-in templates"
+
+
+# -- notices: whole messages we send, not replies (issue 14) --------------------------
+
+# templates/notices/<name>.txt: header fields (only Subject: is used) up to
+# an empty line, then the text of the notice.
+NOTICE_DIR = "notices"
+# Renderers kept by their directory list (few: one per policy at most).
+_NOTICE_RENDERERS: dict[tuple[str, ...], "NoticeRenderer"] = {}
+
+
+class NoticeRenderer:
+    """Renders notices (``templates/notices/<name>.txt``) from ``dirs``
+    first, then the built-in templates; sandboxed, like the replies."""
+
+    def __init__(self, dirs: list[str], builtin: Optional[Path] = None):
+        paths = [d for d in dirs if d] + [str(builtin or builtin_templates_dir())]
+        self.env = SandboxedEnvironment(loader=jinja2.FileSystemLoader(paths),
+                                        undefined=jinja2.StrictUndefined, autoescape=False,
+                                        auto_reload=False)
+
+    def render(self, name: str, context: Mapping[str, Any]) -> tuple[str, str]:
+        """(subject, text); raises jinja2.TemplateError when it cannot."""
+        text = self.env.get_template(f"{NOTICE_DIR}/{name}.txt").render(**context)
+        head, sep, body = text.lstrip("\n").partition("\n\n")
+        if not sep:
+            head, body = "", text
+        subject = ""
+        for line in head.splitlines():
+            field, colon, value = line.partition(":")
+            if colon and field.strip().lower() == "subject":
+                subject = _clean_line(value)
+        return subject, body.strip("\n") + "\n"
+
+
+def notice_dirs(config: ProxyConfig, policy: str) -> list[str]:
+    """The template directories a policy's notices are looked up in,
+    relative to ``data_dir`` as the replies' are."""
+    def resolve(path: str) -> str:
+        return os.path.join(config.data_dir, path) if path else ""
+
+    own = config.policies[policy].templates_dir if policy in config.policies else ""
+    return [resolve(own), resolve(config.policy.templates_dir)]
+
+
+def notice_renderer(dirs: list[str]) -> NoticeRenderer:
+    key = tuple(dirs)
+    renderer = _NOTICE_RENDERERS.get(key)
+    if renderer is None:
+        if len(_NOTICE_RENDERERS) > 64:  # a reload may change the directories
+            _NOTICE_RENDERERS.clear()
+        renderer = _NOTICE_RENDERERS[key] = NoticeRenderer(dirs)
+    return renderer
+
+
+def notice_problems(config: ProxyConfig) -> list[str]:
+    """Each policy that sends notices finds its template, and it parses;
+    a problem names ``policies.NAME.scan.delete_notice.template``."""
+    problems = []
+    for name, policy in config.policies.items():
+        notice = policy.scan.delete_notice
+        if not (notice.recipients or notice.admins):
+            continue
+        key = f"policies.{name}.scan.delete_notice.template"
+        renderer = NoticeRenderer(notice_dirs(config, name))
+        try:
+            renderer.env.get_template(f"{NOTICE_DIR}/{notice.template}.txt")
+        except jinja2.TemplateNotFound:
+            problems.append(f"{key}: no {NOTICE_DIR}/{notice.template}.txt in the template "
+                            "directories or the built-in templates")
+        except jinja2.TemplateSyntaxError as e:
+            problems.append(f"{key}: template {e.filename or notice.template}: line {e.lineno}: "
+                            f"{e.message}")
+    return problems

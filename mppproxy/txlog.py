@@ -36,6 +36,9 @@ _FORMATS = {
                          "{recipients_text} by {decided_by} ({reply_text})"),
     Disposition.TEMPFAIL: ("transaction {queue_id} from {client}: tempfailed <{sender}> to "
                            "{recipients_text} by {decided_by} ({reply_text})"),
+    # Accepted with 250 and never delivered (actions/delete.py): said loudly.
+    Disposition.DELETE: ("transaction {queue_id} from {client}: DELETED <{sender}> to "
+                         "{recipients_text}, not delivered: {reason} ({reply_text})"),
 }
 # Every other line (relayed, tagged, held, discarded, delivered, scan
 # mode's verdict) names the same facts: client, sender, recipients, what

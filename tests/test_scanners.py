@@ -1063,7 +1063,7 @@ class ConfigTests(unittest.TestCase):
                  (RspamdConfig, {"url": "https://x:1"}, "scanners.x.url"),
                  (RspamdConfig, {"url": "http://x:99999"}, "scanners.x.url"),
                  (RspamdConfig, {"password": "a\r\nb"}, "scanners.x.password"),
-                 (CommandScannerConfig, {"command": ["scan"]}, "scanners.x.command"),
+                 (CommandScannerConfig, {"command": []}, "scanners.x.command"),
                  (CommandScannerConfig, {"command": ["scan", "{file}", "{other}"]},
                   "scanners.x.command"),
                  (CommandScannerConfig, {"command": ["s", "{file}"], "infected_exit_codes": [256]},

@@ -26,9 +26,11 @@ from mppproxy.config.digest import digest_problems
 from mppproxy.config.dns import parse_nameserver
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.ladder import config_ladder_problems
+from mppproxy.config.scan import engine_action_problems
+from mppproxy.config.scanners import command_problems
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.config.web import web_problems, web_wanted
-from mppproxy.templates import REFUSALS, make_renderer
+from mppproxy.templates import REFUSALS, make_renderer, notice_problems
 from mppproxy.tlsconfig import load_ca_certificate, load_private_certificate, load_server_certificate
 
 # A config command that hangs must not hang startup or a reload forever.
@@ -329,11 +331,13 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
     if len(set(engines)) != len(engines):
         problems.append("scanners.command: two scanners have the same name "
                         f"(names in use: {', '.join(engines)})")
+    problems.extend(command_problems(config.scanners.command))
     for name, policy in config.policies.items():
         for engine in policy.scan.engines:
             if engine not in engines:
                 problems.append(f"policies.{name}.scan.engines.{engine}: no such scanner in "
                                 f"[scanners] (configured: {', '.join(engines) or 'none'})")
+        problems.extend(engine_action_problems(f"policies.{name}", policy.scan, engines))
         for section in ("dkim", "dmarc"):
             # Authentication runs as a scanner: without scanning it would be
             # silently off (scan mode scans every policy anyway).
@@ -420,6 +424,7 @@ def _file_problems(config: ProxyConfig) -> list[str]:
         # engine off too): directories exist, every template parses, no
         # file is misnamed.
         errors.extend(make_renderer(config).check_templates())
+        errors.extend(notice_problems(config))
     errors.extend(_archive_files(config))
     errors.extend(_archive_node_files(config))
     errors.extend(_web_files(config))

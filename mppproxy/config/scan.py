@@ -349,6 +349,117 @@ class EngineSlotConfig:
     max_size: int = field(default=0, metadata=_opt(_at_least(0)))
 
 
+# What a per-engine rule (``EngineActionRule``) may do with the message.
+# No "relay": a rule never lets through what another engine or the score
+# would stop; it chooses among the ways of stopping (or tagging) it.
+RULE_ACTIONS = ("reject", "tempfail", "quarantine", "tag", "discard", "delete")
+# The verdicts a rule may match: an engine's own word (config/scanners.py
+# ENGINE_VERDICTS) or "any" (whatever it said, a score range then decides).
+RULE_VERDICTS = ("any", "clean", "spam", "virus")
+# Actions that drop the message: never for what an engine called clean
+# (docs/design.md promise 1 -- a clean message is never lost).
+DROPPING = ("discard", "delete")
+
+
+@dataclass(frozen=True)
+class EngineActionRule:
+    """One ``[[policies.NAME.scan.engine_actions]]``: when ``engine`` (an
+    engine of ``[scanners]`` this policy asks) says ``verdict`` with its
+    own score (before the policy's weight) in [``min_score``,
+    ``max_score``), the message gets ``action``; the first matching rule in
+    the order configured wins (verdict.py has the precedence)."""
+
+    engine: str = field(metadata=_opt(lambda v: None if v else "must name an engine"))
+    action: str = field(metadata=_opt(lambda v: None if v in RULE_ACTIONS else
+                                      f"must be one of {', '.join(RULE_ACTIONS)}, not {v!r}"))
+    verdict: str = field(default="any", metadata=_opt(
+        lambda v: None if v in RULE_VERDICTS else
+        f"must be one of {', '.join(RULE_VERDICTS)}, not {v!r}"))
+    # Unset (None): no bound.  Inclusive below, exclusive above, so ranges
+    # [0, 5) and [5, 10) meet without overlap.
+    min_score: Optional[float] = field(default=None, metadata=_opt(
+        lambda v: None if v is None else _finite(v)))
+    max_score: Optional[float] = field(default=None, metadata=_opt(
+        lambda v: None if v is None else _finite(v)))
+
+    def matches(self, engine: str, verdict: str, score: float) -> bool:
+        if engine != self.engine or (self.verdict != "any" and verdict != self.verdict):
+            return False
+        if self.min_score is not None and score < self.min_score:
+            return False
+        return self.max_score is None or score < self.max_score
+
+
+def _address_or_empty(value: str) -> Optional[str]:
+    if value and (value.count("@") != 1 or any(c.isspace() or c in "<>" for c in value)):
+        return f"{value!r} is not a mail address (user@domain, no angle brackets)"
+    return None
+
+
+def _addresses(values: tuple[str, ...]) -> Optional[str]:
+    return next((problem for problem in map(_address_or_empty, values) if problem), None)
+
+
+@dataclass(frozen=True)
+class DeleteNoticeConfig:
+    """``policies.NAME.scan.delete_notice``: who hears of a deleted message
+    (``virus_action = "delete"``, or a rule's "delete"), from a Jinja2
+    template, sent through the backend (actions/notice.py)."""
+
+    # Tell each recipient of the deleted message.
+    recipients: bool = False
+    # And/or these administrators.
+    admins: tuple[str, ...] = field(default=(), metadata=_opt(_addresses))
+    # The notice's From: (its envelope sender is <>, RFC 5321 4.5.5, so it
+    # can never bounce back and forth); empty: postmaster@<our host name>.
+    sender: str = field(default="", metadata=_opt(_address_or_empty))
+    # templates/notices/<template>.txt: a "Subject:" line, an empty line,
+    # the text.  A site's own in policy.templates_dir/notices/ wins.
+    template: str = field(default="virus_deleted", metadata=_opt(
+        lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]+", v) else
+        f"{v!r} is not a template name (letters, digits, '-' and '_')"))
+    # Seconds to hand one notice to the backend; the client's 250 waits
+    # for it (bounded), the message stays deleted whatever happens.
+    timeout: float = field(default=30.0, metadata=_opt(
+        lambda v: None if 0.1 <= v <= 600 else f"must be from 0.1 to 600, not {v!r}"))
+
+
+def engine_action_problems(where: str, scan: "ScanConfig", engines: list[str]) -> list[str]:
+    """The rules of ``scan`` (policy key prefix ``where``) against the
+    engines of [scanners] and the engines the policy asks."""
+    problems = []
+    asked = [n for n, use in scan.engines.items() if use.enabled]
+    for i, rule in enumerate(scan.engine_actions):
+        key = f"{where}.scan.engine_actions[{i}]"
+        if rule.engine not in engines:
+            problems.append(f"{key}.engine: no such scanner in [scanners] ({rule.engine!r}; "
+                            f"configured: {', '.join(engines) or 'none'})")
+        elif rule.engine not in asked:
+            problems.append(f"{key}.engine: {rule.engine!r} is not asked by this policy "
+                            f"(add [{where}.scan.engines.{rule.engine}]), so the rule could "
+                            "never match")
+        if rule.action in DROPPING and rule.verdict == "clean":
+            problems.append(f"{key}.action: {rule.action!r} for verdict 'clean' would drop "
+                            "clean mail")
+        if (rule.action in DROPPING and rule.verdict == "any" and rule.min_score is None):
+            problems.append(f"{key}.action: {rule.action!r} with verdict 'any' needs a "
+                            "min_score (or verdict 'spam' or 'virus'): it would drop clean mail")
+        if rule.action == "tag" and rule.verdict == "virus":
+            problems.append(f"{key}.action: 'tag' would relay a virus; use reject, "
+                            "quarantine or delete")
+        if (rule.min_score is not None and rule.max_score is not None
+                and rule.min_score >= rule.max_score):
+            problems.append(f"{key}.max_score: must be above min_score "
+                            f"({rule.max_score:g} <= {rule.min_score:g})")
+    uses_delete = scan.virus_action == "delete" or any(
+        r.action == "delete" for r in scan.engine_actions)
+    notice = scan.delete_notice
+    if (notice.recipients or notice.admins) and not uses_delete:
+        problems.append(f"{where}.scan.delete_notice: set, but nothing in this policy deletes "
+                        "(virus_action or an engine_actions rule 'delete')")
+    return problems
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Post-DATA scanning of the policy (``policies.NAME.scan``): the MIME
@@ -378,10 +489,16 @@ class ScanConfig:
     # after the message checks.
     engines: dict[str, EngineSlotConfig] = field(default_factory=dict)
     # What a virus (or a command scanner's find) does: "reject" (554 5.7.1
-    # naming the signature) or "quarantine" (accepted and held).
+    # naming the signature), "quarantine" (accepted and held) or "delete"
+    # (accepted with 250, dropped, logged; ``delete_notice`` tells whom).
     virus_action: str = field(default="reject", metadata=_opt(
-        lambda v: None if v in ("reject", "quarantine") else
-        f"must be 'reject' or 'quarantine', not {v!r}"))
+        lambda v: None if v in ("reject", "quarantine", "delete") else
+        f"must be 'reject', 'quarantine' or 'delete', not {v!r}"))
+    # Per-engine actions, first match wins (verdict.py: before the score
+    # ladder; see EngineActionRule).
+    engine_actions: tuple[EngineActionRule, ...] = ()
+    # Who hears of a deleted message.
+    delete_notice: DeleteNoticeConfig = DeleteNoticeConfig()
     # At or above this score (0: never) the message is accepted and dropped,
     # logged (the "discard" action).  Above scoring.reject it drops the worst
     # silently; below, a reached reject wins.  Combinations in which a

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
-from mppproxy.config.fields import finite as _finite, opt as _opt, regex as _regex
+from mppproxy.config.fields import (choice as _choice, finite as _finite, opt as _opt,
+                                    regex as _regex)
 
 __all__ = ["ClamdConfig", "SpamdConfig", "RspamdConfig", "CommandScannerConfig",
-           "ScanHealthConfig", "parse_address", "validate"]
+           "ScanHealthConfig", "parse_address", "validate", "parse_verdict_spec",
+           "command_problems", "ENGINE_VERDICTS"]
 
 # -- bounds and defaults -------------------------------------------------------
 
@@ -147,10 +149,10 @@ def _spamd_command(value: str) -> Optional[str]:
 
 
 def _command(value: tuple[str, ...]) -> Optional[str]:
+    # "{file}" is required of a one-shot program only: a persistent one
+    # reads its messages on stdin (``command_problems``).
     if not value or not value[0]:
         return "needs a program and its arguments, e.g. ['clamdscan', '--no-summary', '{file}']"
-    if not any("{file}" in arg for arg in value):
-        return "one argument must hold the placeholder {file} (the message's file)"
     if any("\0" in arg for arg in value):
         return "arguments must not contain NUL"
     for arg in value:
@@ -164,6 +166,56 @@ def _command(value: tuple[str, ...]) -> Optional[str]:
 def _exit_codes(value: tuple[int, ...]) -> Optional[str]:
     if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255 for v in value):
         return f"exit codes are whole numbers from 0 to 255, not {list(value)!r}"
+    return None
+
+
+# What a command-line engine may say about a message (``exit_verdicts``,
+# the named group ``verdict`` of ``output_pattern``, a JSON answer's
+# "verdict").  "virus" refuses (a hard action, like clamd's find), "spam"
+# and "clean" add the engine's score; per-engine actions may act on any.
+ENGINE_VERDICTS = ("clean", "spam", "virus")
+OUTPUT_MODES = ("exit", "pattern", "json")
+
+
+def parse_verdict_spec(value: str) -> tuple[str, Optional[float]]:
+    """``"spam:7.5"`` -> ("spam", 7.5), ``"clean"`` -> ("clean", None).
+    Raises ValueError naming what is wrong."""
+    word, sep, score_text = value.partition(":")
+    if word not in ENGINE_VERDICTS:
+        raise ValueError(f"{value!r}: the verdict must be one of {', '.join(ENGINE_VERDICTS)}"
+                         " (optionally ':SCORE', e.g. 'spam:5')")
+    if not sep:
+        return word, None
+    try:
+        score = float(score_text)
+    except ValueError:
+        raise ValueError(f"{value!r}: {score_text!r} is not a number") from None
+    if not math.isfinite(score):
+        raise ValueError(f"{value!r}: the score must be finite")
+    return word, score
+
+
+def _exit_verdicts(value: dict[str, str]) -> Optional[str]:
+    for code, spec in value.items():
+        if not code.isdigit() or not 0 <= int(code) <= 255:
+            return f"{code!r}: keys are exit codes, \"0\" to \"255\""
+        try:
+            # The loader gave strings (dict[str, str]); a dataclass built in
+            # code may hold anything.
+            parse_verdict_spec(str(spec))
+        except ValueError as e:
+            return f"{code!r}: {e}"
+    return None
+
+
+def _output_pattern(value: str) -> Optional[str]:
+    problem = _regex(value)
+    if problem or not value:
+        return problem
+    groups = re.compile(value).groupindex
+    if "score" not in groups and "verdict" not in groups:
+        return (f"{value!r}: needs a named group 'score' or 'verdict' "
+                "(e.g. 'score=(?P<score>-?[0-9.]+)'), 'name' optional")
     return None
 
 
@@ -277,6 +329,34 @@ class CommandScannerConfig:
     # Where a message held in memory is written for the program; empty
     # means the system's temporary directory.
     temp_dir: str = ""
+    # -- spam engines (issue 14): a verdict and a score, not only virus/clean --
+    # Where the answer is read: "exit" (the exit codes above, then
+    # ``exit_verdicts``), "pattern" (``output_pattern`` over the output) or
+    # "json" (the last output line that is a JSON object: {"verdict": "spam",
+    # "score": 7.5, "name": "..."}).  A persistent engine always answers JSON.
+    output: str = field(default="exit", metadata=_opt(_choice(*OUTPUT_MODES)))
+    # Exit code (as a string: TOML keys are strings) -> "VERDICT[:SCORE]",
+    # e.g. {"0" = "clean", "1" = "virus", "2" = "spam:5"}; asked after
+    # infected_exit_codes and clean_exit_codes.
+    exit_verdicts: dict[str, str] = field(default_factory=dict,
+                                          metadata=_opt(_exit_verdicts))
+    # For output "pattern": named groups score, verdict (clean, spam or
+    # virus) and name; at least one of score and verdict.
+    output_pattern: str = field(default="", metadata=_opt(_output_pattern))
+    # The engine's score times this is added to ours (as spamd's).
+    score_factor: float = field(default=1.0, metadata=_SCORE_FACTOR)
+    # An answer with a score and no verdict is "spam" at and above this
+    # score, "clean" below it; 0: always "clean" (the score still counts).
+    spam_score: float = field(default=0.0, metadata=_opt(_finite))
+    # -- persistent engines: one process reads message after message on stdin --
+    # The framing (docs/configuration.md, "Persistent engines"): one JSON
+    # line {"size": N, ...envelope}, N octets of message; one JSON line back.
+    persistent: bool = False
+    # Messages one process scans before it is replaced (a leak bound).
+    max_messages: int = field(default=1000, metadata=_opt(_between(1, 10**9)))
+    # Scans waiting for a free process; one more fails at once (the
+    # policy's on_failure for the engine: tempfail or skip).
+    max_queue: int = field(default=100, metadata=_opt(_between(0, 100000)))
 
     def __post_init__(self) -> None:
         # A TOML list arrives as a list; the dataclass is frozen and hashable.
@@ -284,6 +364,34 @@ class CommandScannerConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+
+    def __hash__(self) -> int:
+        # exit_verdicts is a dict: hash what identifies the engine.
+        return hash((self.name, self.command))
+
+
+def command_problems(commands: tuple[CommandScannerConfig, ...]) -> list[str]:
+    """Rules between the keys of one ``[[scanners.command]]``, each as
+    ``scanners.command[i].key: what``."""
+    problems = []
+    for i, c in enumerate(commands):
+        key = f"scanners.command[{i}]"
+        has_file = any("{file}" in arg for arg in c.command)
+        if not c.persistent and not has_file:
+            problems.append(f"{key}.command: one argument must hold the placeholder {{file}} "
+                            "(the message's file), or set persistent = true for an engine "
+                            "that reads messages on stdin")
+        if c.persistent and has_file:
+            problems.append(f"{key}.command: a persistent engine reads its messages on stdin; "
+                            "remove {file}")
+        if c.output == "pattern" and not c.output_pattern:
+            problems.append(f"{key}.output_pattern: output = \"pattern\" needs a pattern")
+        if c.output_pattern and c.output != "pattern":
+            problems.append(f"{key}.output_pattern: is only read with output = \"pattern\"")
+        if c.persistent and c.output == "pattern":
+            problems.append(f"{key}.output: a persistent engine answers one JSON line per "
+                            "message; output \"pattern\" is for one-shot programs")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,8 @@ _BY_DISPOSITION = {
     Disposition.TAG: Counted.TAGGED, Disposition.QUARANTINE: Counted.QUARANTINED,
     Disposition.REJECT: Counted.REFUSED, Disposition.TEMPFAIL: Counted.TEMPFAILED,
     Disposition.DISCARD: Counted.DISCARDED,
+    # A deleted virus (issue 14) was accepted and dropped, as a discard.
+    Disposition.DELETE: Counted.DISCARDED,
 }
 
 

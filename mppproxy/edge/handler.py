@@ -16,8 +16,10 @@ import time
 from typing import Optional
 
 from mppproxy import txlog
+from mppproxy.actions.delete import delete
 from mppproxy.actions.deliver import not_stored
 from mppproxy.actions.discard import discard
+from mppproxy.actions.notice import NoticeRoute
 from mppproxy.actions.quarantine import hold, keep_copy
 from mppproxy.actions.refuse import domain_of, refuse
 from mppproxy.archive.released import released_mark
@@ -39,6 +41,7 @@ from mppproxy.smtp.address import Address, relay_refusal_reason
 from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.server import Capabilities
 from mppproxy.smtp.session import Session, Transaction
+from mppproxy.templates import notice_dirs, notice_renderer
 from mppproxy.verdict import Verdict, decide
 
 log = Logger()
@@ -48,6 +51,7 @@ RECEIVED_ALLOWANCE = 1024
 
 RELAY, TAG, QUARANTINE = Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE
 REJECT, TEMPFAIL, DISCARD = Disposition.REJECT, Disposition.TEMPFAIL, Disposition.DISCARD
+DELETE = Disposition.DELETE
 
 
 def _note_refusal(txn: Transaction, rcpt: Address, decided_by: str, reply: Reply) -> None:
@@ -208,6 +212,11 @@ class EdgeSession:
             # Accepted and dropped on purpose (a policy's hard action): logged.
             self._reset_backend()
             return discard(session, txn, verdict)
+        if action is DELETE:
+            # A virus accepted and dropped (virus_action "delete" or a
+            # per-engine rule): logged loudly, notices sent (actions/delete.py).
+            self._reset_backend()
+            return await self._delete(session, txn, message, verdict)
         archive = self.ctx.archive
         if action is QUARANTINE:
             # Held, not relayed: a durable copy in the archive queue
@@ -237,6 +246,19 @@ class EdgeSession:
                               "backend" if self.relay is not None and action is not QUARANTINE
                               else "storage")
         return reply
+
+    async def _delete(self, session: Session, txn: Transaction, message: OutboundMessage,
+                      verdict: Verdict) -> Reply:
+        """The delete action with the policy's notices, sent through the
+        backend's own settings (none without a backend)."""
+        cfg = self.ctx.config
+        name = self._policy_name(txn)
+        pool = self.ctx.pool
+        route = (NoticeRoute(self.ctx.reactor, pool.config, pool.helo_name,
+                             pool.tls_context_factory) if pool is not None else None)
+        return await delete(session, txn, verdict, message, cfg.policies[name].scan.delete_notice,
+                            notice_renderer(notice_dirs(cfg, name)), route, self.ctx.hostname,
+                            name)
 
     def _released(self, session: Session, txn: Transaction, message: OutboundMessage,
                   verdict: Verdict) -> Verdict:

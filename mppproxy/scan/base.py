@@ -148,8 +148,9 @@ class Scanner:
             return None
         log.info("{scanner}: message {queue_id} not scanned: {size} octets, over max_size",
                  scanner=self.name, queue_id=message.queue_id, size=message.size)
+        # "unscanned": no per-engine action for "clean" may match it.
         return CheckResult(reasons=(f"{self.name}: not scanned, {message.size} octets "
-                                    f"over {limit}",))
+                                    f"over {limit}",), facts=(("verdict", "unscanned"),))
 
     async def health(self) -> EngineHealth:
         """Version and signature age, for the start-up log and the periodic

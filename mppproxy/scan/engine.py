@@ -85,6 +85,27 @@ class ScanReport:
     holds: list[tuple[str, CheckResult]] = field(default_factory=list)
     # scanner -> its rule names / reasons (for X-MPP-* and X-Spam-Status).
     rules: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (scanner, its verdict word, its own score before the policy's weight,
+    # its result) of every scanner that answered, in scanner order: what
+    # the per-engine actions match (verdict.py, ``engine_verdict``).
+    verdicts: list[tuple[str, str, float, CheckResult]] = field(default_factory=list)
+
+
+def engine_verdict(result: CheckResult) -> str:
+    """One scanner's word on the message: its ``verdict`` fact (command
+    engines, spamd, rspamd: clean, spam, virus; "unscanned" over its size),
+    else "virus" for a refusal with the virus template (clamd), else the
+    hard action it asked for ("reject", "tempfail", "quarantine"), else
+    "clean"."""
+    for name, value in result.facts:
+        if name == "verdict":
+            return value
+    action = result.action
+    if action is None:
+        return "clean"
+    if action is HardAction.REJECT and result.template == "virus":
+        return "virus"
+    return action.value
 
 
 class ScanEngine:
@@ -196,6 +217,7 @@ def _skip(record: TransactionRecord, report: ScanReport, name: str, kind: str, w
 def _add(record: TransactionRecord, report: ScanReport, name: str, result: CheckResult,
          weight: float) -> None:
     """Add one scanner's answer, times its weight, to the record and report."""
+    report.verdicts.append((name, engine_verdict(result), result.score, result))
     weighted = result.score * weight
     if weighted != result.score:
         result = CheckResult(weighted, result.reasons, result.action, result.template,

@@ -19,7 +19,8 @@ results are added to it.
 3. The engines and the message rules run at once; each one that was not
    consulted is listed, with why, in ``report.skipped``.
 4. ``verdict.decide`` turns the sum and the hard hits into one action, with
-   the policy's ``virus_action`` and ``discard_score``.
+   the policy's ``virus_action``, ``discard_score`` and per-engine
+   actions (``engine_actions``).
    The pre-DATA SPF check's findings go along (``ScanInput.spf``) for
    DMARC, and when the authentication scanner (DKIM, DMARC) wrote an
    Authentication-Results field, the SPF check's own field is dropped: the
@@ -42,7 +43,8 @@ AUTH_RESULTS = "Authentication-Results"
 
 # The actions under which the message goes on (or is kept), so the result
 # headers travel with it.
-ACCEPTED = (Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE, Disposition.DISCARD)
+ACCEPTED = (Disposition.RELAY, Disposition.TAG, Disposition.QUARANTINE, Disposition.DISCARD,
+            Disposition.DELETE)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ async def scan_and_decide(scanning: PolicyScanning, message: ScanInput, record: 
         # several, but one per authserv-id is what readers expect).
         record.headers[:] = [h for h in record.headers if h[0] != AUTH_RESULTS]
     config = scanning.config
-    verdict = decide(record, scoring, report, config.virus_action, config.discard_score)
+    verdict = decide(record, scoring, report, config.virus_action, config.discard_score,
+                     config.engine_actions)
     if verdict.action in ACCEPTED:
         extra = result_headers(verdict, report) if config.result_headers else skipped_headers(report)
         verdict = replace(verdict, headers=verdict.headers + extra)

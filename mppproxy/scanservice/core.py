@@ -58,7 +58,8 @@ NOT_SCANNED = REFUSALS["tempfail"]
 
 # The exit status of ``mppproxy scan`` for each action.
 EXIT_CODES = {Disposition.RELAY: 0, Disposition.TAG: 0, Disposition.REJECT: 1,
-              Disposition.QUARANTINE: 1, Disposition.DISCARD: 1, Disposition.TEMPFAIL: 2}
+              Disposition.QUARANTINE: 1, Disposition.DISCARD: 1, Disposition.DELETE: 1,
+              Disposition.TEMPFAIL: 2}
 
 
 class UnknownPolicy(ValueError):

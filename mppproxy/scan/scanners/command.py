@@ -2,10 +2,15 @@
 code and output.
 
 Stage: post-DATA scanning.  Hands the scan engine a ``CheckResult``:
-clean, or a hard ``HardAction.REJECT`` (template ``virus`` unless configured)
-whose reason names what the program found.  A program that cannot answer
-(not found, killed, an exit code that means neither clean nor infected, the
-timeout) raises ``ScannerUnavailable``.
+clean, a hard ``HardAction.REJECT`` for a virus (template ``virus`` unless
+configured) whose reason names what the program found, or -- for spam
+engines (issue 14) -- a spam verdict and a score that joins the combined
+score, read from the exit code, a pattern or a JSON line
+(``command_answer.py``).  A program that cannot answer (not found, killed,
+an exit code that means nothing configured, garbage, the timeout) raises
+``ScannerUnavailable``.  With ``persistent`` the engine is a pool of
+long-running processes fed on stdin (``command_pool.py``) instead of one
+program per message.
 
 The programs run through a bounded pool: at most ``max_processes`` at once
 (a ``DeferredSemaphore``; a process's slot is freed only when it has ended,
@@ -36,9 +41,13 @@ from twisted.python.failure import Failure
 
 from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
-from mppproxy.results import CheckResult, HardAction
-from mppproxy.scan.base import DOWN, TIMEOUT, ScanInput, Scanner, ScannerUnavailable
+from mppproxy.results import CheckResult
+from mppproxy.scan.base import DOWN, GARBAGE, TIMEOUT, ScanInput, Scanner, ScannerUnavailable
 from mppproxy.config.scanners import CommandScannerConfig
+from mppproxy.scan.scanners.command_answer import (BadAnswer, EngineAnswer, from_exit,
+                                                   from_json_line, from_json_output,
+                                                   from_pattern, to_result)
+from mppproxy.scan.scanners.command_pool import ProcessPool
 
 log = Logger()
 
@@ -116,17 +125,27 @@ class CommandScanner(Scanner):
     def __init__(self, settings: CommandScannerConfig, reactor: Any):
         super().__init__(settings, reactor)
         self.name = settings.name  # one class, many named scanners
-        self.running = 0
+        self._running = 0
         self._slots = defer.DeferredSemaphore(settings.max_processes)
         self._pattern = re.compile(settings.infected_pattern, re.M) if settings.infected_pattern else None
+        self._output_pattern = (re.compile(settings.output_pattern, re.M)
+                                if settings.output_pattern else None)
         self._setsid: Optional[list[str]] = None
+        # Persistent engines: processes that read message after message.
+        self.pool = (ProcessPool(settings, reactor, self._spawn_worker)
+                     if settings.persistent else None)
+
+    @property
+    def running(self) -> int:
+        """The programs (or persistent processes) alive right now."""
+        return self.pool.running if self.pool is not None else self._running
 
     async def scan(self, message: ScanInput) -> CheckResult:
         settings = self.settings
         too_big = self.over_max_size(message)
         if too_big is not None:
             return too_big
-        d = as_deferred(self._scan(message))
+        d = as_deferred(self._scan(message) if self.pool is None else self._ask(message))
         d.addTimeout(settings.timeout, self.reactor)
         try:
             return await d
@@ -147,6 +166,36 @@ class CommandScanner(Scanner):
         finally:
             self._after(run, temp)
         return self._verdict(code, sig, bytes(run.output))
+
+    async def _ask(self, message: ScanInput) -> CheckResult:
+        """One message to a persistent engine (command_pool.py)."""
+        assert self.pool is not None
+        if message.path is not None:
+            # A spooled message is read off the reactor thread.
+            data = await _view(threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), message.as_bytes))
+        else:
+            data = message.as_bytes()
+
+        def parse(line: bytes) -> EngineAnswer:
+            return from_json_line(line.decode("utf-8", "replace"))
+
+        answer = await self.pool.scan(message, data, parse)
+        return to_result(self.settings, self.name, answer)
+
+    def close(self) -> Optional[Deferred[None]]:
+        """At a stop or reload (scan/runtime.py): retire the persistent
+        processes (idle ones now, busy ones after their message)."""
+        return self.pool.close() if self.pool is not None else None
+
+    def _spawn_worker(self, protocol: ProcessProtocol) -> None:
+        argv = self._argv("")
+        try:
+            self.reactor.spawnProcess(protocol, argv[0], argv, env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            raise ScannerUnavailable(self.name, f"cannot start {self.settings.command[0]}: "
+                                     f"{e}", DOWN) from None
 
     async def _write(self, message: ScanInput) -> str:
         """The message in a temporary file, written off the reactor thread.
@@ -181,13 +230,13 @@ class CommandScanner(Scanner):
 
         if run is None or run.ended.called:
             if run is not None:
-                self.running -= 1
+                self._running -= 1
             cleanup(None)
             return
         run.kill_group()
 
         def ended(result: Any) -> Any:
-            self.running -= 1
+            self._running -= 1
             return cleanup(result)
 
         run.ended.addBoth(ended)
@@ -215,23 +264,35 @@ class CommandScanner(Scanner):
         except OSError as e:
             raise ScannerUnavailable(self.name, f"cannot start {self.settings.command[0]}: "
                                      f"{e}", DOWN) from None
-        self.running += 1
+        self._running += 1
         return run
 
     def _verdict(self, code: Optional[int], sig: Optional[int], output: bytes) -> CheckResult:
+        """The result of a program that ended with ``code`` (or ``sig``)
+        and printed ``output``, read as ``settings.output`` says."""
+        settings = self.settings
         text = output.decode("utf-8", "replace")
+        command = settings.command[0]
         found = self._pattern.search(text) if self._pattern is not None else None
         if found is None and sig is not None:
-            raise ScannerUnavailable(self.name, f"{self.settings.command[0]} killed by signal "
-                                     f"{sig}: {_tail(text)}")
-        if found is not None or code in self.settings.infected_exit_codes:
-            what = _found_name(found) or f"found by {self.name} (exit {code})"
-            return CheckResult(reasons=(f"virus {what}",), action=HardAction.REJECT,
-                               template=self.settings.template, template_vars=(("virus", what),))
-        if code in self.settings.clean_exit_codes:
-            return CheckResult()
-        raise ScannerUnavailable(self.name, f"{self.settings.command[0]} exited {code}: "
-                                 f"{_tail(text)}")
+            raise ScannerUnavailable(self.name, f"{command} killed by signal {sig}: "
+                                     f"{_tail(text)}")
+        if found is not None or code in settings.infected_exit_codes:
+            answer = from_exit(settings, code, text, found)
+            assert answer is not None
+            return to_result(settings, self.name, answer, f"exit {code}")
+        try:
+            if settings.output == "pattern" and self._output_pattern is not None:
+                return to_result(settings, self.name, from_pattern(self._output_pattern, text))
+            if settings.output == "json":
+                return to_result(settings, self.name, from_json_output(text))
+        except BadAnswer as e:
+            raise ScannerUnavailable(self.name, f"{command} (exit {code}): bad answer: {e}",
+                                     GARBAGE) from None
+        answer = from_exit(settings, code, text, None)
+        if answer is None:
+            raise ScannerUnavailable(self.name, f"{command} exited {code}: {_tail(text)}")
+        return to_result(settings, self.name, answer, f"exit {code}")
 
 
 def _view(d: Deferred[_T]) -> Deferred[_T]:
@@ -257,16 +318,6 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _found_name(found: Optional[re.Match[str]]) -> str:
-    if found is None:
-        return ""
-    if "name" in found.re.groupindex:
-        return (found.group("name") or "").strip()[:200]
-    if found.re.groups:
-        return (found.group(1) or "").strip()[:200]
-    return found.group(0).strip()[:200]
 
 
 def _tail(text: str, limit: int = 200) -> str:

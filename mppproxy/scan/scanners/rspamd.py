@@ -378,10 +378,14 @@ class RspamdScanner(Scanner):
         # settings rule) rspamd skips the rules and the symbol that stopped
         # them has none, so then every symbol is a reason.
         reasons = tuple(n for n, w in weights if w != 0.0 or skipped)[:MAX_SYMBOLS]
+        # rspamd's own verdict, for the per-engine actions: the actions it
+        # takes on spam (not "greylist" or "soft reject", which defer).
+        spam = action in ("reject", "add header", "rewrite subject")
         return CheckResult(score=score * settings.score_factor, reasons=reasons,
                            template_vars=(("rspamd_action", action), ("rspamd_score", score),
                                           ("rspamd_required_score", required),
-                                          ("rspamd_symbols", weights[:MAX_SYMBOLS])))
+                                          ("rspamd_symbols", weights[:MAX_SYMBOLS])),
+                           facts=(("verdict", "spam" if spam else "clean"),))
 
     async def health(self) -> EngineHealth:
         response, body = await self._call(b"GET", self._ping, Headers({b"Host": [self._host]}),

@@ -204,8 +204,10 @@ class SpamdScanner(Scanner):
             ("spamd_spam", is_spam), ("spamd_score", score), ("spamd_threshold", threshold))
         if points:
             variables += (("spamd_points", points),)
+        # spamd's own verdict (its "Spam: True"), for the per-engine actions.
         return CheckResult(score=score * settings.score_factor, reasons=rules[:MAX_RULES],
-                           template_vars=variables)
+                           template_vars=variables,
+                           facts=(("verdict", "spam" if is_spam else "clean"),))
 
     def _request(self, message: ScanInput) -> Iterator[bytes]:
         head = [f"{self.settings.command} SPAMC/1.5", f"Content-length: {message.size}"]
