@@ -20,6 +20,7 @@ from twisted.internet import ssl
 
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import BackendConfig, ProxyConfig
+from mppproxy.tlsnames import CertificateDirectoryError, with_names
 
 
 def generate_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
@@ -72,10 +73,14 @@ def server_context(config: ProxyConfig, hostname: str,
         # PrivateCertificate.options(ca) would also refuse a handshake
         # without a certificate (requireCertificate); a 530 at MAIL says
         # more to the client's administrator than a failed handshake.
-        return ssl.CertificateOptions(privateKey=options.privateKey,
-                                      certificate=options.certificate, verify=True,
-                                      caCerts=[client_ca.original], requireCertificate=False)
-    return options
+        options = ssl.CertificateOptions(privateKey=options.privateKey,
+                                         certificate=options.certificate, verify=True,
+                                         caCerts=[client_ca.original], requireCertificate=False)
+    try:
+        # A certificate per served name (SNI), tls.cert_dir (tlsnames.py).
+        return with_names(options, tls.cert_dir, client_ca)
+    except CertificateDirectoryError as e:
+        raise ConfigError([f"tls.cert_dir: {e}"]) from None
 
 
 def load_server_certificate(cert_file: str, key_file: str) -> tuple[Optional[Any], Optional[str]]:

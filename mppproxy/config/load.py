@@ -442,6 +442,14 @@ def _certificate_problems(config: ProxyConfig) -> list[str]:
     """The STARTTLS certificate and key, each named by its own key when it
     cannot be read, the pair by tls.cert_file when it does not load."""
     tls = config.tls
+    if tls.enabled and tls.cert_dir:
+        # The certificates per served name (SNI): every file must load, or
+        # a reload would serve half a set.
+        from mppproxy.tlsnames import CertificateDirectoryError, load_directory
+        try:
+            load_directory(tls.cert_dir)
+        except CertificateDirectoryError as e:
+            return [f"tls.cert_dir: {e}"]
     if not tls.enabled or not tls.cert_file:
         return []  # none configured: a self-signed one is made at start
     key_file = tls.key_file or tls.cert_file

@@ -190,6 +190,9 @@ class TLSConfig:
     # Empty: a self-signed certificate is generated into the data directory.
     cert_file: str = ""
     key_file: str = ""
+    # A directory of certificates, one per served name (SNI, tlsnames.py);
+    # cert_file (or the self-signed one) serves clients that name none.
+    cert_dir: str = ""
 
 
 @dataclass(frozen=True)
