@@ -19,7 +19,9 @@ What every chart promises:
   colour-vision deficiencies, and never alone: a legend names each series,
   and segments are parted by a thin white line;
 * an empty period draws the frame and says so ("no mail in this period"),
-  never an error.
+  never an error;
+* ``fluid=True`` leaves out width and height, for an inline ``<svg>`` that
+  follows its container's width.
 """
 from __future__ import annotations
 
@@ -88,10 +90,14 @@ def nice_ticks(maximum: int, ticks: int = 5) -> list[int]:
     return list(range(0, top + 1, step))
 
 
-def _svg_open(width: int, height: int, ident: str, title: str, desc: str) -> list[str]:
+def _svg_open(width: int, height: int, ident: str, title: str, desc: str,
+              fluid: bool = False) -> list[str]:
+    # fluid: no width and height, so an inline <svg> takes its container's
+    # width and the viewBox's proportions (the console's page).
+    size = "" if fluid else f'width="{width}" height="{height}" '
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" {size}'
+        f'viewBox="0 0 {width} {height}" role="img" '
         f'aria-labelledby="{ident}-title {ident}-desc">',
         f'<title id="{ident}-title">{escape(title)}</title>',
         f'<desc id="{ident}-desc">{escape(desc)}</desc>',
@@ -140,7 +146,7 @@ class Bar:
 def stacked_bars(bars: Sequence[Bar], series: Sequence[Series], *, title: str,
                  ident: str = "chart", width: int = 720, height: int = 300,
                  y_title: str = "transactions per hour", x_title: str = "",
-                 empty: str = EMPTY_TEXT) -> str:
+                 empty: str = EMPTY_TEXT, fluid: bool = False) -> str:
     """A vertical stacked bar chart: one bar per entry of ``bars``, its
     segments in the order of ``series`` from the bottom.  ``ident`` makes
     the element ids (unique within the page)."""
@@ -152,7 +158,7 @@ def stacked_bars(bars: Sequence[Bar], series: Sequence[Series], *, title: str,
         desc = f"{_count(grand)} in all over {len(bars)} bars: {parts}."
     else:
         desc = f"{empty}."
-    out = _svg_open(width, height, ident, title, desc)
+    out = _svg_open(width, height, ident, title, desc, fluid)
     left, right, top, bottom = 64.0, 12.0, 34.0, 78.0
     x0, x1, y0, y1 = left, width - right, top, height - bottom
     if not grand or not bars:
@@ -231,7 +237,8 @@ def _date(t: time.struct_time) -> str:
 
 def mail_per_hour(counts: Mapping[int, Mapping[str, int]], start_hour: int, hours: int,
                   series: Sequence[Series], *, title: str, ident: str = "hours",
-                  width: int = 720, height: int = 300, empty: str = EMPTY_TEXT) -> str:
+                  width: int = 720, height: int = 300, empty: str = EMPTY_TEXT,
+                  fluid: bool = False) -> str:
     """Transactions per UTC hour from ``start_hour`` (Unix seconds, rounded
     down to the hour) for ``hours`` bars, stacked by ``series``.
     ``counts``: {hour: {series key: count}} (``db/traffic.per_hour``).
@@ -256,7 +263,8 @@ def mail_per_hour(counts: Mapping[int, Mapping[str, int]], start_hour: int, hour
     else:
         span = ""
     return stacked_bars(bars, series, title=title, ident=ident, width=width, height=height,
-                        x_title=f"hour (UTC), {span}" if span else "hour (UTC)", empty=empty)
+                        x_title=f"hour (UTC), {span}" if span else "hour (UTC)", empty=empty,
+                        fluid=fluid)
 
 
 def _hour_labels(t: time.struct_time) -> tuple[str, str]:
@@ -273,7 +281,7 @@ def _day_labels(t: time.struct_time) -> tuple[str, str]:
 
 def horizontal_bars(rows: Sequence[tuple[str, str, int]], series: Sequence[Series], *,
                     title: str, ident: str = "reasons", width: int = 720,
-                    empty: str = EMPTY_TEXT, label_chars: int = 32) -> str:
+                    empty: str = EMPTY_TEXT, label_chars: int = 32, fluid: bool = False) -> str:
     """One horizontal bar per ``(label, series key, count)`` row, in the
     order given (most first), coloured by its series; the count at its
     end.  The legend shows the series that occur."""
@@ -288,7 +296,7 @@ def horizontal_bars(rows: Sequence[tuple[str, str, int]], series: Sequence[Serie
                          f"{_count(n)}" for label, key, n in rows) + "."
     else:
         desc = f"{empty}."
-    out = _svg_open(width, height, ident, title, desc)
+    out = _svg_open(width, height, ident, title, desc, fluid)
     x0, x1 = 8.0 + 7 * label_chars * 0.9, width - 64.0
     y0, y1 = top, height - bottom
     if not rows or not total:

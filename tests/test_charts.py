@@ -126,3 +126,13 @@ def test_stacked_bars_stack_in_series_order() -> None:
     assert relayed.get("fill") == OKABE_ITO["green"] and refused.get("fill") == OKABE_ITO["vermillion"]
     assert float(relayed.get("y", "0")) > float(refused.get("y", "0"))
     assert abs(float(relayed.get("height", "0")) / float(refused.get("height", "0")) - 3) < 0.05
+
+
+def test_fluid_charts_leave_the_size_to_the_page() -> None:
+    """fluid=True keeps the viewBox and leaves out width and height."""
+    root = ET.fromstring(mail_per_hour({H0: {"relayed": 1}}, H0, 24, SERIES, title="t",
+                                       width=1000, fluid=True))
+    assert root.get("viewBox") == "0 0 1000 300"
+    assert root.get("width") is None and root.get("height") is None
+    root = ET.fromstring(horizontal_bars([("a", "relayed", 1)], SERIES, title="t", fluid=True))
+    assert root.get("width") is None and root.get("viewBox", "").startswith("0 0 720 ")
