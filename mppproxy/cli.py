@@ -267,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_quarantine_parser(sub)  # list, show, delete, hold, export (quarantine_cli.py)
     from mppproxy.accounts_cli import add_parser as add_admin_parser
     add_admin_parser(sub)  # the web console's accounts (accounts_cli.py)
+    from mppproxy.digest_cli import add_parser as add_digest_parser
+    add_digest_parser(sub)  # user digests: send now or preview (digest_cli.py)
     from mppproxy.state_cli import add_parser as add_state_parser
     add_state_parser(sub)  # blacklist and greylist list|add|remove|whitelist (state_cli.py)
     from mppproxy.trace_cli import add_parser as add_trace_parser

@@ -36,6 +36,8 @@ from mppproxy.tlsconfig import load_server_certificate
 from mppproxy.web.actions import Actions
 from mppproxy.web.app import Console, ConsoleContext, ConsoleRequest
 from mppproxy.web.csrf import Csrf
+from mppproxy.web import configpage, digestpage
+from mppproxy.web.digestrun import DigestScheduler
 from mppproxy.web.pages import Pages
 from mppproxy.web.secret import SecretFileError, load_or_create_secret
 from mppproxy.web.sessions import SessionCodec
@@ -61,6 +63,7 @@ class WebConsole(Service):
         self.ctx: Optional[ConsoleContext] = None
         self._keys: Optional[KeyRing] = None
         self._open = False
+        self.digests: Optional[DigestScheduler] = None
         self._opening = False
         self._stopped = False
         self._waiters: list[defer.Deferred[bool]] = []
@@ -91,7 +94,11 @@ class WebConsole(Service):
             self.config, self.reactor, self.store,
             SessionCodec(secret, web.session_idle, web.session_lifetime), Csrf(secret), Pages(),
             actions, secure=tls is not None, ready=self.ready)
-        site = Site(Console(self.ctx), timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        console = Console(self.ctx)
+        # The digest links' and the configuration pages (registered here:
+        # their modules import app.py, which so need not import them).
+        console.routes += [*digestpage.routes(), *configpage.routes()]
+        site = Site(console, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         site.requestFactory = ConsoleRequest
         site.displayTracebacks = False
         self.site = site
@@ -101,6 +108,10 @@ class WebConsole(Service):
         for desc in web.listen:
             self._listen(desc, factory, tls is not None)
         # The store opens (and the first account is made) now, not at the
+        # User digests ([digest]): sent by the node that serves the console.
+        self.digests = DigestScheduler(lambda: self.config, self.reactor, self.store, secret,
+                                       self.ready)
+        self.digests.start()
         # first request, so the one-time password is in the log at start.
         as_deferred(self.ready()).addErrback(
             lambda f: log.failure("web console: opening the archive store", f))
@@ -134,6 +145,8 @@ class WebConsole(Service):
         self._stopped = True
         ds = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         if self.ctx is not None:
+        if self.digests is not None:
+            ds.append(self.digests.stop())
             # Bulk jobs end after their batch in flight, before the store closes.
             ds.append(self.ctx.jobs.stop())
         self.ports = []
