@@ -15,9 +15,12 @@ import dataclasses
 import email
 import email.policy
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
@@ -27,13 +30,15 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from test_db_stores import require_mariadb
 from test_web_console import ANNA, ConsoleCase, copy
+from mppproxy.config.archive import StoreConfig
 from mppproxy.config.digest import DigestConfig
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.load import from_mapping
 from mppproxy.config.web import secret_path
 from mppproxy.store.digests import DigestLedger
-from mppproxy.store.store import NewCopy
+from mppproxy.store.store import ArchiveStore, NewCopy
 from mppproxy.web.digestmail import day_of, send_digests
 from mppproxy.web.digestrun import DigestScheduler, due
 from mppproxy.web.digesttoken import TokenError, TokenSigner
@@ -417,3 +422,42 @@ class DigestCliTests(DigestCase):
         self.assertIn("5 digest(s) sent", done.stdout)
         self.assertEqual(len(self.sink.messages), 5)
         self.assertTrue(DigestLedger(self.store).is_claimed(day_of(time.time()), "u2@a.test"))
+
+
+class LedgerTests(unittest.SynchronousTestCase):
+
+    def check(self, store: ArchiveStore) -> None:
+        ledger = DigestLedger(store)
+        self.assertTrue(ledger.spend("a" * 64, 1, "u1@a.test", time.time() + 60, "digest:x"))
+        self.assertFalse(ledger.spend("a" * 64, 1, "u1@a.test", time.time() + 60, "digest:y"))
+        self.assertTrue(ledger.spent("a" * 64))
+        ledger.unspend("a" * 64)
+        self.assertFalse(ledger.spent("a" * 64))
+        self.assertTrue(ledger.claim("2030-01-02", "U1@a.test"))
+        self.assertFalse(ledger.claim("2030-01-02", "u1@A.TEST"))
+        self.assertTrue(ledger.claim("2030-01-03", "u1@a.test"))
+        ledger.unclaim("2030-01-03", "u1@a.test")
+        self.assertFalse(ledger.is_claimed("2030-01-03", "u1@a.test"))
+        self.assertFalse(ledger.run_done("2030-01-02"))
+        ledger.mark_run_done("2030-01-02")
+        self.assertTrue(ledger.run_done("2030-01-02"))
+        self.assertTrue(ledger.spend("b" * 64, 1, "u1@a.test", time.time() - 1, "digest:x"))
+        self.assertEqual(ledger.purge(time.time(), "2030-01-03"), 3)
+        self.assertFalse(ledger.spent("b" * 64))
+
+    def test_spend_and_claim_once_on_sqlite_and_mariadb(self) -> None:
+        """A token is spent once and can be given back; a (day, recipient)
+        claimed once, case aside; the purge drops expired tokens and old
+        days: on SQLite and on MariaDB (the primary keys decide)."""
+        tmp = tempfile.mkdtemp(prefix="mpp-digest-ledger-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        store = ArchiveStore(StoreConfig(), tmp)
+        store.open()
+        self.addCleanup(store.close)
+        self.check(store)
+        url = require_mariadb()
+        maria = ArchiveStore(StoreConfig(url=url), tmp, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+        maria.open()
+        self.addCleanup(maria.close)
+        self.addCleanup(maria.drop_all)
+        self.check(maria)
