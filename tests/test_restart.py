@@ -98,8 +98,9 @@ class Load:
     """20 client threads sending until told to stop, each message with a
     token; bounded in count (MAX_PER_CLIENT) and time (the deadline)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, pause: float = PAUSE):
         self.port = port
+        self.pause = pause
         self.lock = threading.Lock()
         self.answered: collections.Counter[str] = collections.Counter()  # token -> 250s heard
         self.codes: collections.Counter[Any] = collections.Counter()
@@ -169,7 +170,7 @@ class Load:
                 pass
             finally:
                 smtp.close()
-            time.sleep(PAUSE)
+            time.sleep(self.pause)
 
     @staticmethod
     def _one(smtp: smtplib.SMTP, token: str) -> Optional[int]:
