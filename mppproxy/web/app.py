@@ -167,6 +167,8 @@ class Call:
 
 
 Handler = Callable[["Console", Call], Awaitable[Response]]
+# The API's entry: (request, path, method, client address, query) -> Response.
+ApiServe = Callable[[Any, str, bytes, str, dict[str, list[str]]], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,9 @@ class Console(Resource):
             Route(b"GET", re.compile(r"/jobs/([0-9a-f]{24})"), jobpages.page),
             Route(b"POST", re.compile(r"/jobs/([0-9a-f]{24})/cancel"), jobpages.cancel),
         ]
+        # Whatever answers /api/ (api.py's Api.serve, set by service.py):
+        # bearer tokens and JSON, before any cookie or CSRF handling.
+        self.api: Optional[ApiServe] = None
 
     # -- the request cycle -------------------------------------------------
 
@@ -257,6 +262,9 @@ class Console(Resource):
     async def _dispatch(self, request: Any) -> Response:
         path = request.path.decode("utf-8", "replace")
         method = b"GET" if request.method == b"HEAD" else request.method
+        if path.startswith("/api/") and self.api is not None:
+            return await self.api(request, path, method, _client_of(request),
+                                  _parse_query(request))
         if request.too_large:
             return self._page(413, "Too large", "The request is too large.", None)
         if path == "/static/console.css" and method == b"GET":

@@ -41,6 +41,9 @@ from mppproxy.web.digestrun import DigestScheduler
 from mppproxy.web.pages import Pages
 from mppproxy.web.secret import SecretFileError, load_or_create_secret
 from mppproxy.web.sessions import SessionCodec
+from mppproxy.web import listpages, tokenpages
+from mppproxy.web.api import Api
+from mppproxy.web.statedb import close_state
 
 log = Logger()
 
@@ -100,6 +103,11 @@ class WebConsole(Service):
         console.routes += [*digestpage.routes(), *configpage.routes()]
         site = Site(console, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         site.requestFactory = ConsoleRequest
+        # The lists, state tables and API token pages, and the JSON API
+        # (issue 13); their modules import app.py, which so need not
+        # import them.
+        site.resource.routes += [*listpages.routes(), *tokenpages.routes()]
+        site.resource.api = Api(site.resource).serve
         site.displayTracebacks = False
         self.site = site
         factory: Any = site
@@ -149,6 +157,10 @@ class WebConsole(Service):
             ds.append(self.digests.stop())
             # Bulk jobs end after their batch in flight, before the store closes.
             ds.append(self.ctx.jobs.stop())
+        if self.ctx is not None:
+            # The lists and state pages' engine on the state database.
+            ds.append(deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                        close_state, self.ctx))
         self.ports = []
         d: defer.Deferred[Any] = defer.DeferredList(ds)
         if self._own_store:
