@@ -187,3 +187,25 @@ def test_good_rules_load() -> None:
                   "engine_actions": [{"engine": "clamd", "verdict": "virus", "action": "delete"},
                                      {"engine": "clamd", "action": "quarantine",
                                       "min_score": 1, "max_score": 3}]}) == []
+
+
+def test_check_config_finds_the_notice_template(tmp_path: Any) -> None:
+    """check-config names delete_notice.template when the site's notice template is missing or does not parse."""
+    from mppproxy.config.load import check_files
+    site = tmp_path / "site"
+    (site / "notices").mkdir(parents=True)
+    (site / "notices" / "broken.txt").write_text("Subject: {% if %}\n\ntext\n")
+    base = {"data_dir": str(tmp_path), "policy": {"templates_dir": str(site)},
+            "scanners": {"clamd": {}}}
+    for template, expected in (("missing", "no notices/missing.txt"), ("broken", "line 1")):
+        config = from_mapping({**base, "policies": {"default": {"scan": {
+            "enabled": True, "engines": {"clamd": {}}, "virus_action": "delete",
+            "delete_notice": {"recipients": True, "template": template}}}}}, "t.toml")
+        with pytest.raises(ConfigError) as info:
+            check_files(config, "t.toml")
+        assert any(e.startswith("t.toml: policies.default.scan.delete_notice.template: ")
+                   and expected in e for e in info.value.errors), info.value.errors
+    config = from_mapping({**base, "policies": {"default": {"scan": {
+        "enabled": True, "engines": {"clamd": {}}, "virus_action": "delete",
+        "delete_notice": {"admins": ["a@example.com"]}}}}}, "t.toml")
+    check_files(config, "t.toml")  # the built-in virus_deleted template

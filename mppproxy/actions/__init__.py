@@ -4,7 +4,8 @@ discard, deliver locally).
 
 One small module each: ``refuse``, ``quarantine`` (hold), ``deliver``
 (local Maildir), ``rewrite`` (Subject prefix of tagged mail, disclaimer),
-``discard``.  The edge (``mppproxy/edge/``) picks the action from the
+``discard``, ``delete`` (a virus accepted and dropped, with ``notice``'s
+notices to recipients and administrators).  The edge (``mppproxy/edge/``) picks the action from the
 ``Disposition`` of the verdict (``mppproxy/results.py``); each action
 carries it out and gives the reply the client hears.  The actions that end
 a transaction write its one log event (``txlog.py``; promise 5).
