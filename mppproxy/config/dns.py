@@ -41,3 +41,7 @@ class DnsConfig:
     # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the nameservers in /etc/resolv.conf.
     nameservers: tuple[str, ...] = ()
     timeout: float = field(default=5.0, metadata=_opt(_at_least(0.1)))
+    # Seconds between the DNS-list health guard's canary rounds (each list's
+    # 127.0.0.1 and test entry, policy/dnsguard.py); 0 turns the canaries
+    # off (lists that stop answering are still suspended).
+    list_check_interval: float = field(default=300.0, metadata=_opt(_at_least(0)))

@@ -85,6 +85,12 @@ class DnsblList:
     # For logs and reasons; empty means the zone.
     name: str = field(default="", metadata={"check": _check_name, "doc": "label in logs and reasons"})
     fetch_txt: bool = False
+    # The health guard's canaries (policy/dnsguard.py, RFC 5782 section 5):
+    # the entry the list must list (empty: 127.0.0.2 for an IP list, "test"
+    # for a domain list), and whether to ask for it at all (a private list
+    # may have no test entry; 127.0.0.1 / "invalid" are always asked).
+    test_entry: str = ""
+    check_test_entry: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -102,6 +108,25 @@ def validate_dnsbl_list(dnsbl: DnsblList) -> Optional[str]:
             problem = check(getattr(dnsbl, f.name))
             if problem:
                 return f"{f.name}: {problem}"
+    return _test_entry_problem(dnsbl)
+
+
+def _test_entry_problem(dnsbl: DnsblList) -> Optional[str]:
+    entry = dnsbl.test_entry
+    if not entry:
+        return None
+    if dnsbl.kind == "ip":
+        try:
+            addr = ipaddress.IPv4Address(entry)
+        except ValueError:
+            return f"test_entry: {entry!r} is not an IPv4 address (an IP list's test entry)"
+        if str(addr) == "127.0.0.1":
+            return "test_entry: 127.0.0.1 is the entry no list may list (RFC 5782 section 5)"
+        return None
+    try:
+        normalise_domain(entry)
+    except ValueError as e:
+        return f"test_entry: {entry!r} is not a domain name ({e})"
     return None
 
 

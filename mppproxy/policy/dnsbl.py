@@ -214,6 +214,21 @@ async def _check_subject(resolver: Resolver, dnsbl: DnsblList, subject: str
     return codes, _reason_text(txt.rdatas), None
 
 
+async def check_subject_raw(resolver: Resolver, dnsbl: DnsblList, subject: str
+                            ) -> tuple[tuple[str, ...], Optional[str]]:
+    """(counted codes, error) for one subject in one list, without TXT and
+    without a log line: the health guard's canaries (policy/dnsguard.py)."""
+    try:
+        answer = await resolver.lookup(query_name(dnsbl, subject), dns.rdatatype.A)
+    except DnsError as e:
+        return (), e.kind
+    except ValueError as e:
+        return (), f"bad query name: {e}"
+    if not answer.rdatas:
+        return (), None
+    return classify(dnsbl, answer.rdatas)
+
+
 async def _gather(work: list[Deferred[Any]]) -> list[Any]:
     """All results, or the first failure as itself (a CancelledError stays
     one) rather than wrapped in FirstError; cancelling cancels them all."""

@@ -20,6 +20,7 @@ from mppproxy.dns.nameservers import nameservers
 from mppproxy.dns.resolver import Resolver
 from mppproxy.logsetup import Logger
 from mppproxy.policy.counters import RateCounters
+from mppproxy.policy.dnsguard import DnsListGuard
 from mppproxy.policy.engine import PolicyEngine
 from mppproxy.policy.services import PolicyServices
 from mppproxy.policy.spf import DEFAULT_TIMEOUT, SpfEvaluator
@@ -44,6 +45,8 @@ class PolicyRuntime:
             self.services.greylist = database.greylist
             # Test doubles of the database may have no allow list.
             self.services.allowlist = getattr(database, "allowlist", None)
+        self.services.dns_guard = DnsListGuard(reactor, lambda: self.services.resolver,
+                                               config.dns.list_check_interval)
         self._attach_spf(config)
         self.engine = self._make_engine(config)
 
@@ -71,11 +74,13 @@ class PolicyRuntime:
             if old is not None:
                 old.close()
         self._attach_spf(config)
+        self.services.dns_guard.interval = config.dns.list_check_interval
         self.config = config
         self.engine = self._make_engine(config)
 
     def stop(self) -> defer.Deferred[list[None]]:
         self.engine.deadlines.stop()
+        self.services.dns_guard.stop()
         waits: list[defer.Deferred[None]] = []
         if self.services.resolver is not None:
             waits.append(self.services.resolver.close())

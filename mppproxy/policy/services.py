@@ -64,6 +64,9 @@ class PolicyServices:
     # Each DNS list's recent answers (the dnsbl check notes them), for the
     # dashboard's health table (policy/dnshealth.py).
     dns_health: DnsListHealth = field(default_factory=DnsListHealth)
+    # Suspends a DNS list that lists everything or stops answering
+    # (policy/dnsguard.py); None: every configured list is always asked.
+    dns_guard: Any = None
 
     def now(self) -> float:
         return float(self.reactor.seconds())

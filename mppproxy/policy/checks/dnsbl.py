@@ -30,12 +30,20 @@ class DnsblCheck(Check):
         if s.check_helo and facts.helo:
             domains.append(facts.helo)
         ip = parse_ip(facts.client_ip)
-        results = await lookup_all(resolver, s.lists, ip, domains)
+        # A list that lists everything or stopped answering is left out
+        # until its canaries pass again (policy/dnsguard.py).
+        guard = self.services.dns_guard
+        lists = guard.active(s.lists) if guard is not None else list(s.lists)
+        if not lists:
+            return MISS
+        results = await lookup_all(resolver, lists, ip, domains)
         score = 0.0
         reasons = []
         health = self.services.dns_health
         for r in results:
             health.note(r.name, r.error)
+            if guard is not None:
+                guard.note(r)
             if r.error is not None:
                 log.warn("DNS list {dnsbl} could not answer for {client}: {error}",
                          dnsbl=r.name, client=facts.client_ip, error=r.error,
