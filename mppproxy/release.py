@@ -213,7 +213,8 @@ class Releaser:
         outcome = await self._runtime.scan(request)
         action = outcome.action
         why = "; ".join(outcome.verdict.reasons) or f"score {outcome.verdict.score:g}"
-        if action is Disposition.REJECT:
+        if action is Disposition.REJECT or action is Disposition.DELETE:
+            # DELETE: a virus under virus_action "delete" -- never released.
             return Outcome.REFUSED, f"the re-scan refuses it now: {why}"
         if action is Disposition.TEMPFAIL:
             return Outcome.DEFERRED, f"the re-scan could not run: {why}"
