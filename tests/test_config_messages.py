@@ -307,7 +307,7 @@ def test_mail_then_quit_without_refusals_stays_aborted():
     """MAIL then QUIT, nothing refused: `aborted (QUIT)` as before."""
     _, [tx] = converse(b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nQUIT\r\n", {})
     assert (tx["action"], tx["decided_by"], tx["refused_recipients"]) == ("aborted", None, [])
-    assert formatEvent(tx).endswith(": aborted (QUIT)")
+    assert formatEvent(tx).endswith(": aborted <a@c.example> to (none), decided by - (QUIT)")
 
 
 def test_refused_event_carries_the_reply_the_client_got():
