@@ -28,6 +28,12 @@ start), forwards SIGHUP to the workers and stops them with the main
 process.  A worker watches a pipe from the main process on its stdin:
 EOF means the main process is gone, and an orphan must not keep serving
 on the port.
+
+A restart without downtime (``restart.py``) hands every one of these
+sockets to the new main process, which gives each to its own workers
+(``start(take_over=True)``: it accepts on them itself until they run); the
+old workers hear SIGUSR2 (``hand_over``), stop accepting and end after
+their sessions.
 """
 from __future__ import annotations
 

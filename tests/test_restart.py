@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-import pytest
 
 from helpers import free_port, wait_for
 
@@ -58,9 +57,11 @@ def _env() -> dict[str, str]:
         [str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
-def _config(tmp: Path, port: int, workers: int = 1, extra: str = "") -> Path:
+def _config(tmp: Path, port: int, workers: int = 1, extra: str = "",
+            unix: Optional[str] = None) -> Path:
     cfg = tmp / "mpp.toml"
-    cfg.write_text(f'listen = ["tcp:{port}:interface=127.0.0.1"]\nrelay_domains = ["example.com"]\n'
+    listen = f'"tcp:{port}:interface=127.0.0.1"' + (f', "unix:{unix}"' if unix else "")
+    cfg.write_text(f'listen = [{listen}]\nrelay_domains = ["example.com"]\n'
                    f'data_dir = "{tmp / "data"}"\nworkers = {workers}\n'
                    f'[smtp]\nhostname = "proxy.test"\n'
                    f'[web]\nenabled = false\n'
@@ -72,6 +73,16 @@ def _greets(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
             s.settimeout(5)
+            return s.recv(512).startswith(b"220")
+    except OSError:
+        return False
+
+
+def _greets_unix(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(path)
             return s.recv(512).startswith(b"220")
     except OSError:
         return False
@@ -262,13 +273,13 @@ def _kill_all(proc: subprocess.Popen, *pids: Optional[int]) -> None:
         proc.wait(10)
 
 
-def _restart_under_load(tmp: Path, workers: int, restart: Any, notify: Optional[Notify] = None
-                        ) -> dict[str, Any]:
+def _restart_under_load(tmp: Path, workers: int, restart: Any, notify: Optional[Notify] = None,
+                        unix: Optional[str] = None) -> dict[str, Any]:
     """Run the load, call ``restart(old_pid)`` once ANSWERED_BEFORE_RESTART
     messages were answered, wait for the old process to end, go on for two
     seconds, stop; returns what was counted."""
     port = free_port()
-    cfg = _config(tmp, port, workers)
+    cfg = _config(tmp, port, workers, unix=unix)
     env = _env()
     if notify is not None:
         env["NOTIFY_SOCKET"] = notify.path
@@ -298,6 +309,7 @@ def _restart_under_load(tmp: Path, workers: int, restart: Any, notify: Optional[
             "old_pid": old_pid, "new_pid": new_pid, "record": record,
             "old_workers": old_workers, "new_children": _children(new_pid),
             "new_alive": _alive(new_pid), "new_greets": _greets(port),
+            "unix_greets": bool(unix) and _greets_unix(unix),
             "old_exit": proc.returncode, "switch_seconds": switch,
             "answered": sum(load.answered.values()), "answered_tokens": set(load.answered),
             "answered_twice": [t for t, n in load.answered.items() if n > 1],
@@ -344,14 +356,16 @@ def _check(result: dict[str, Any], what: str) -> None:
 
 
 def test_sigusr2_restart_under_load_loses_nothing(tmp_path: Path) -> None:
-    """SIGUSR2 under 20 sending clients: no refused or hung connection, no 421, every message answered 250 delivered once and none without; the old pid exits 0, the new one serves, and systemd hears MAINPID=<new> with READY=1 from the old pid and STOPPING=1 later from the new one."""
+    """SIGUSR2 under 20 sending clients: no refused or hung connection, no 421, every message answered 250 delivered once and none without; the old pid exits 0, the new one serves (its Unix listener too: the old one did not unlink its path), and systemd hears MAINPID=<new> with READY=1 from the old pid and STOPPING=1 later from the new one."""
     notify = Notify()
     try:
         result = _restart_under_load(
-            tmp_path, 1, lambda pid, cfg: os.kill(pid, signal.SIGUSR2), notify)
+            tmp_path, 1, lambda pid, cfg: os.kill(pid, signal.SIGUSR2), notify,
+            unix=os.path.join(notify.dir, "smtp"))
     finally:
         notify.close()
     _check(result, "SIGUSR2 restart")
+    assert result["unix_greets"]
     old, new = result["old_pid"], result["new_pid"]
     got = result["notify"]
     assert any(pid == old and "READY=1" in text and "MAINPID" not in text for pid, text in got), got
