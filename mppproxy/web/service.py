@@ -65,8 +65,8 @@ class WebConsole(Service):
         self.site: Optional[Site] = None
         self.ctx: Optional[ConsoleContext] = None
         self._keys: Optional[KeyRing] = None
-        self._open = False
         self.digests: Optional[DigestScheduler] = None
+        self._open = False
         self._opening = False
         self._stopped = False
         self._waiters: list[defer.Deferred[bool]] = []
@@ -115,11 +115,11 @@ class WebConsole(Service):
             factory = TLSMemoryBIOFactory(tls, False, factory)
         for desc in web.listen:
             self._listen(desc, factory, tls is not None)
-        # The store opens (and the first account is made) now, not at the
         # User digests ([digest]): sent by the node that serves the console.
         self.digests = DigestScheduler(lambda: self.config, self.reactor, self.store, secret,
                                        self.ready)
         self.digests.start()
+        # The store opens (and the first account is made) now, not at the
         # first request, so the one-time password is in the log at start.
         as_deferred(self.ready()).addErrback(
             lambda f: log.failure("web console: opening the archive store", f))
@@ -152,9 +152,9 @@ class WebConsole(Service):
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self._stopped = True
         ds = [defer.maybeDeferred(port.stopListening) for port in self.ports]
-        if self.ctx is not None:
         if self.digests is not None:
             ds.append(self.digests.stop())
+        if self.ctx is not None:
             # Bulk jobs end after their batch in flight, before the store closes.
             ds.append(self.ctx.jobs.stop())
         if self.ctx is not None:
