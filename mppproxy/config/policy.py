@@ -125,6 +125,10 @@ class ThresholdsConfig:
     # Count per address (32 / 128) or per network (24 / 64, say).
     ipv4_prefix: int = field(default=32, metadata=_opt(_prefix(32)))
     ipv6_prefix: int = field(default=128, metadata=_opt(_prefix(128)))
+    # Sum the counts of every process and node on the state database
+    # (policy/sharedcounters.py; synced every 2 s) instead of this
+    # process's alone.
+    shared: bool = False
     # Listing a client over a limit (SQL) did not finish in
     # policy.check_timeout: passing would accept the flood it stops.
     on_timeout: str = _on_timeout("tempfail")

@@ -360,7 +360,7 @@ class EdgeSession:
             t = policy.thresholds
             key = client_key(session.peer_host, t.ipv4_prefix, t.ipv6_prefix)
             if key is not None and runtime.services.counters is not None:
-                runtime.services.counters.add_spam(key, name, t.period)
+                runtime.services.counters.add_spam(key, name, t.period, shared=t.shared)
         return verdict
 
     def _skip_reason(self, session: Session, txn: Transaction,

@@ -58,15 +58,17 @@ class RateCounters:
         if len(table) >= MAX_KEYS:
             table.clear()
 
-    def add_message(self, network: str, policy: str, period: float) -> int:
-        """Count one message; the number in the last ``period`` seconds."""
+    def add_message(self, network: str, policy: str, period: float, shared: bool = False) -> int:
+        """Count one message; the number in the last ``period`` seconds.
+        ``shared``: also the other processes' (``sharedcounters.py``;
+        counted here in this process only)."""
         return self._add(self._messages, (network, policy), period)
 
-    def add_spam(self, network: str, policy: str, period: float) -> int:
+    def add_spam(self, network: str, policy: str, period: float, shared: bool = False) -> int:
         """Count one spam verdict (post-DATA scanning calls this)."""
         return self._add(self._spam, (network, policy), period)
 
-    def spam_count(self, network: str, policy: str, period: float) -> int:
+    def spam_count(self, network: str, policy: str, period: float, shared: bool = False) -> int:
         window = self._spam.get((network, policy))
         if window is None:
             return 0

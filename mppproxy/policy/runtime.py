@@ -20,6 +20,7 @@ from mppproxy.dns.nameservers import nameservers
 from mppproxy.dns.resolver import Resolver
 from mppproxy.logsetup import Logger
 from mppproxy.policy.counters import RateCounters
+from mppproxy.policy.sharedcounters import SharedRateCounters
 from mppproxy.policy.dnsguard import DnsListGuard
 from mppproxy.policy.engine import PolicyEngine
 from mppproxy.policy.services import PolicyServices
@@ -39,7 +40,10 @@ class PolicyRuntime:
         self.services = PolicyServices(
             reactor, hostname=hostname,
             resolver=Resolver(reactor, self._dns_key[0], timeout=config.dns.timeout),
-            counters=RateCounters(reactor))
+            # The state database's processes and nodes sum the counts of
+            # the policies whose thresholds say shared (sharedcounters.py).
+            counters=(SharedRateCounters(reactor, lambda: self.database)
+                      if database is not None else RateCounters(reactor)))
         if database is not None:
             self.services.blacklist = database.blacklist
             self.services.greylist = database.greylist
@@ -82,6 +86,9 @@ class PolicyRuntime:
         self.engine.deadlines.stop()
         self.services.dns_guard.stop()
         waits: list[defer.Deferred[None]] = []
+        if isinstance(self.services.counters, SharedRateCounters):
+            # The last counts, before the database stops below.
+            waits.append(self.services.counters.stop())
         if self.services.resolver is not None:
             waits.append(self.services.resolver.close())
         if self.database is not None:

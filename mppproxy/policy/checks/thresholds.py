@@ -25,8 +25,9 @@ class ThresholdsCheck(Check):
         key = client_key(facts.client_ip, s.ipv4_prefix, s.ipv6_prefix)
         if key is None or counters is None:
             return MISS
-        messages = counters.add_message(key, facts.policy, s.period)
-        spam = counters.spam_count(key, facts.policy, s.period)
+        # shared: every process's and node's counts (policy/sharedcounters.py).
+        messages = counters.add_message(key, facts.policy, s.period, shared=s.shared)
+        spam = counters.spam_count(key, facts.policy, s.period, shared=s.shared)
         why = None
         if s.max_messages and messages > s.max_messages:
             why = f"threshold messages {messages} in {s.period:g}s"
