@@ -36,6 +36,8 @@ from mppproxy.config.schema import ProxyConfig, spool_directory
 from mppproxy.edge.context import EdgeContext, make_context, resolve_hostname
 from mppproxy.edge.handler import EdgeSession
 from mppproxy.edge.traffic import make_recorder, traffic_node
+from mppproxy.connshare import (ENV_COLUMN, ENV_PATH, ConnectionTable, SharedConnectionCounter,
+                                from_environment, slots_for)
 from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
@@ -70,7 +72,8 @@ class ProxyService(ReloadOnHup, TopService):
         self.reload_config = reload_config
         self.inherited_fds = inherited_fds
         self.worker_argv = worker_argv
-        self.counter = ConnectionCounter()
+        # Replaced at start (_connection_counter): shared by the workers.
+        self.counter: Any = ConnectionCounter()
         self.factory: Optional[SMTPServerFactory] = None
         self.ports: dict[str, Any] = {}
         self.adopted: list[Any] = []
@@ -276,6 +279,7 @@ class ProxyService(ReloadOnHup, TopService):
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]  # stopped with the other children (Twisted is unannotated)
         self._ctx, tls = self._build_factory_parts(self.config)
         ctx = self._ctx
+        self.counter = self._connection_counter()
         self.factory = SMTPServerFactory(self.config, lambda: EdgeSession(ctx), self.reactor,
                                          tls_context=tls, counter=self.counter,
                                          is_trusted=ctx.trusted, hostname=ctx.hostname)
@@ -285,6 +289,8 @@ class ProxyService(ReloadOnHup, TopService):
         elif self.config.workers > 1 and self.worker_argv is not None:
             self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
                                             self.config.workers)
+            if isinstance(self.counter, SharedConnectionCounter):
+                share_with_workers(self.workers, self.counter.table)
             for desc in self.config.listen:
                 self.workers.listen(desc, self.factory, self.config.listen_backlog, self._listen,
                                     self.prebound)
@@ -308,6 +314,27 @@ class ProxyService(ReloadOnHup, TopService):
                  target=(f"relaying to {self.config.backend.host}:{self.config.backend.port}"
                          if self.config.backend else
                          f"delivering to Maildirs under {os.path.abspath(self.config.data_dir)}"))
+
+    def _connection_counter(self) -> Any:
+        """The counter of max_connections and max_connections_per_ip: with
+        workers, one table shared by every process of the node (connshare.py:
+        the main process makes it, a worker attaches to it); else this
+        process's own."""
+        if self.inherited_fds:
+            try:
+                shared = from_environment()
+            except (OSError, ValueError) as e:
+                log.error("connection limits count this worker alone: the shared table "
+                          "cannot be opened ({error})", error=str(e))
+                shared = None
+            return shared if shared is not None else ConnectionCounter()
+        if self.config.workers > 1 and self.worker_argv is not None:
+            path = os.path.join(self.config.data_dir, "run", f"connections.{os.getpid()}")
+            table = ConnectionTable.create(path, slots_for(self.config.limits.max_connections),
+                                           self.config.workers)
+            self.reactor.addSystemEventTrigger("after", "shutdown", _remove_quietly, path)
+            return SharedConnectionCounter(table, 0)
+        return ConnectionCounter()
 
     def _listen(self, desc: str) -> None:
         listen_on(self.reactor, desc, self.factory, self.config.listen_backlog, self.ports, desc,
@@ -438,3 +465,18 @@ class ProxyService(ReloadOnHup, TopService):
             self.archive.close()
         for queue in self._old_queues:
             queue.close()
+
+
+def share_with_workers(workers: WorkerSupervisor, table: ConnectionTable) -> None:
+    """Worker ``i`` counts into column ``i + 1`` of ``table`` (the main
+    process is column 0); a worker that ends has its column cleared before
+    the next one starts, so what it held is not counted any more."""
+    workers.worker_env = lambda index: {ENV_PATH: table.path, ENV_COLUMN: str(index + 1)}
+    workers.on_worker_gone.append(lambda index: table.clear_column(index + 1))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -158,6 +158,11 @@ class WorkerSupervisor:
         self.argv = argv
         self.count = count
         self.what = what
+        # Environment added for worker ``index`` (the shared connection
+        # table, service.share_with_workers), and hooks told the index of a
+        # worker that ended, before the next one starts.
+        self.worker_env: Callable[[int], dict[str, str]] = lambda index: {}
+        self.on_worker_gone: list[Callable[[int], None]] = []
         self.processes: list[Any] = []
         self._failures: dict[int, int] = {}
         # Per TCP listener: each worker's own SO_REUSEPORT socket.
@@ -246,6 +251,8 @@ class WorkerSupervisor:
                 if supervisor.stopping:
                     supervisor._worker_stopped()
                     return
+                for gone in supervisor.on_worker_gone:
+                    gone(index)
                 if not supervisor.ports:
                     return
                 supervisor._take_over(index)
@@ -263,7 +270,8 @@ class WorkerSupervisor:
         argv, child_fds = self.command(index)
         worker = Worker()
         self.processes.append(worker)
-        self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ.copy(),
+        self.reactor.spawnProcess(worker, sys.executable, argv,
+                                  env={**os.environ, **self.worker_env(index)},
                                   childFDs=child_fds)
         if index in self._takeovers:
             self.reactor.callLater(TAKEOVER_GRACE_SECONDS, self._hand_back, index, worker)
