@@ -10,6 +10,7 @@ client's connections over both processes (SO_REUSEPORT), and
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,9 +103,41 @@ def test_per_ip_and_total_limits_hold_across_two_workers(tmp_path: Path) -> None
         assert [code for _, code in extra].count(b"220") == 5, [c for _, c in extra]
         for s, _ in extra:
             s.close()
+        wait_for(lambda: _open_close(port) == b"220", 10, what="slots free again")
+        # A worker SIGKILLed while it holds connections: what it held is
+        # taken off the node's count (its column cleared), so the
+        # connections left open are all that count.
+        socks, greetings = _open(port, 3)
+        assert [g[:3] for g in greetings] == [b"220"] * 3
+        worker = wait_for(lambda: _worker_pids(cfg), 15, what="the worker")[0]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "restarting in" in proxy.text(), 15, what="the supervisor to see it")
+        alive = [s for s in socks if _still_open(s)]
+        more, greetings = _open(port, 3)
+        assert [g[:3] for g in greetings].count(b"220") == 3 - len(alive), (len(alive), greetings)
+        for s in socks + more:
+            s.close()
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.text()
+
+
+def _worker_pids(cfg: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"mppproxy --config {cfg}"], capture_output=True,
+                         text=True).stdout.split()
+    return [int(p) for p in out
+            if b"--worker-fds" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _still_open(s: socket.socket) -> bool:
+    """False once the server side is gone (EOF or a reset)."""
+    s.settimeout(0.5)
+    try:
+        return s.recv(1) != b""
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
 
 
 def _open_close(port: int) -> bytes:
