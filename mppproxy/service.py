@@ -40,6 +40,7 @@ from mppproxy.connshare import (ENV_COLUMN, ENV_PATH, ConnectionTable, SharedCon
                                 from_environment, slots_for)
 from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
+from mppproxy.metrics.service import NodeMetrics, for_proxy
 from mppproxy.policy.runtime import PolicyRuntime, runtime_for
 from mppproxy.scan.runtime import ScanStage
 from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
@@ -103,6 +104,8 @@ class ProxyService(ReloadOnHup, TopService):
         # The dashboard's traffic counts and engine health of this process
         # (edge/traffic.py); None with database.traffic_flush = 0.
         self.traffic: Optional[TrafficRecorder] = None
+        # The Prometheus metrics of this process ([metrics], mppproxy/metrics/).
+        self.metrics: Optional[NodeMetrics] = None
         # A restart (restart.py): the listening sockets the previous main
         # process handed on; the ones beyond what this node needs, accepted
         # on here besides; the handover to a later process; and the ports
@@ -266,6 +269,10 @@ class ProxyService(ReloadOnHup, TopService):
                                      lambda: self.scan)
         if self.traffic is not None:
             self.traffic.start()
+        # Before the workers start: they inherit its environment.
+        self.metrics = for_proxy(self)
+        if self.metrics is not None:
+            self.metrics.start()
         self._update_policy(self.config)
         self._update_scan(self.config)
         self._update_archive(self.config)
@@ -289,6 +296,8 @@ class ProxyService(ReloadOnHup, TopService):
         elif self.config.workers > 1 and self.worker_argv is not None:
             self.workers = WorkerSupervisor(self.reactor, self.ports, self.worker_argv,
                                             self.config.workers)
+            if self.metrics is not None:
+                self.workers.on_exit.append(self.metrics.worker_ended)
             if isinstance(self.counter, SharedConnectionCounter):
                 share_with_workers(self.workers, self.counter.table)
             for desc in self.config.listen:
@@ -371,6 +380,8 @@ class ProxyService(ReloadOnHup, TopService):
             for port in self.web.ports:
                 port.stopListening()
             self.web.ports = []
+        if self.metrics is not None:
+            self.metrics.stop_listening()  # the new process serves them
         grace = self.config.timeouts.shutdown_grace
         wait = linger_seconds(grace)
         ds = [linger(self.reactor, self.factory, wait)]
@@ -386,6 +397,8 @@ class ProxyService(ReloadOnHup, TopService):
         self._update_scan(config)
         if self.traffic is not None:
             self.traffic.node = traffic_node(config)
+        if self.metrics is not None:
+            self.metrics.reloaded(config.metrics)
         if self.web is not None:
             self.web.apply(config)
         ctx, tls = self._build_factory_parts(config)
@@ -439,6 +452,8 @@ class ProxyService(ReloadOnHup, TopService):
         if self._ctx is not None and self._ctx.pool is not None:
             self._ctx.pool.close_all()
         ds = [defer.maybeDeferred(super().stopService)]
+        if self.metrics is not None:
+            ds.append(self.metrics.stop())
         if self.scan is not None:
             self.scan.stop()
         if self.policy is not None:

@@ -12,7 +12,7 @@ hourly counts; the metrics later), one dict increment each.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mppproxy.db import traffic
 from mppproxy.logsetup import Logger
@@ -22,6 +22,13 @@ from mppproxy.smtp.replies import Reply
 from mppproxy.smtp.session import Session, Transaction
 
 log = Logger(namespace="mppproxy.transaction")
+# Who hears of every transaction logged (not scan mode's verdicts), with
+# (transaction, action, reply, decided_by, timings): the metrics
+# (mppproxy/metrics/) count refusals per check and time transactions here.
+# Empty while nobody listens (metrics off): one test per transaction.
+Observer = Callable[[Transaction, Disposition, Optional[Reply], Optional[str], dict[str, Any]],
+                    None]
+observers: list[Observer] = []
 _NO_CHECKS: dict[str, Any] = {"checks": [], "checks_passed": []}
 # The text line by action.  A refused transaction (no recipient accepted,
 # some refused by policy or relay control) names its sender, the refused
@@ -103,6 +110,9 @@ def log_transaction(session: Session, txn: Transaction, action: Disposition,
     )
     if traffic.tallies and not scanned:
         _count(txn, action, reply, decided_by)
+    if observers and not scanned:
+        for observe in observers:
+            observe(txn, action, reply, decided_by, timings)
 
 
 _BY_SCORE = (traffic.Counted.TAGGED, traffic.Counted.QUARANTINED, traffic.Counted.DISCARDED)

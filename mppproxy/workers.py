@@ -173,6 +173,9 @@ class WorkerSupervisor:
         self.stopping = False
         self._stop_waiters: list[defer.Deferred[None]] = []
         self._kill_call: Any = None
+        # Told the pid of each worker that ended (the metrics forget its
+        # gauges: mppproxy/metrics/).
+        self.on_exit: list[Callable[[int], None]] = []
 
     def listen(self, desc: str, factory: Any, backlog: int,
                fallback: Callable[[str], Any],
@@ -246,8 +249,15 @@ class WorkerSupervisor:
         started = self.reactor.seconds()
 
         class Worker(ProcessProtocol):
+            pid = 0
+
+            def connectionMade(self) -> None:
+                self.pid = getattr(self.transport, "pid", 0) or 0
+
             def processEnded(self, reason: Any) -> None:
                 supervisor.processes.remove(self)
+                for hook in supervisor.on_exit:
+                    hook(self.pid)
                 if supervisor.stopping:
                     supervisor._worker_stopped()
                     return

@@ -16,6 +16,7 @@ from typing import Optional
 from mppproxy.config.archive import ArchiveConfig, ArchiveNodeConfig, ReleaseConfig, StoreConfig
 from mppproxy.config.database import DatabaseConfig
 from mppproxy.config.digest import DigestConfig
+from mppproxy.config.metrics import MetricsConfig
 from mppproxy.config.dns import DnsConfig
 from mppproxy.config.fields import (at_least as _at_least, choice as _choice, endpoints as _endpoints,
                                     networks as _networks, opt as _opt)
@@ -261,3 +262,5 @@ class ProxyConfig:
     web: WebConfig = WebConfig()
     # User digests with one-shot release links (config/digest.py).
     digest: DigestConfig = DigestConfig()
+    # The Prometheus exposition (config/metrics.py, mppproxy/metrics/).
+    metrics: MetricsConfig = MetricsConfig()

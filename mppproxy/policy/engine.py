@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from mppproxy import probes
 from mppproxy._async import as_deferred_started
 from mppproxy.logsetup import Logger
 from mppproxy.policy.base import Check, Facts, Scope
@@ -246,16 +247,23 @@ class PolicyEngine:
         asks for; another failure gives None (the caller applies
         policy.on_error) after a log line saying why."""
         self.deadlines.watch(d)
+        outcome = "error"
         try:
-            return await d
+            result = await d
+            outcome = "ok"
+            return result
         except defer.CancelledError:
             if not self.deadlines.expired(d):
                 self._failed(check, facts, record, started, sys.exc_info()[1])
                 return None
+            outcome = "timeout"
             return self._timed_out(check, facts)
         except Exception as e:  # a failing check must never take the session with it
             self._failed(check, facts, record, started, e)
             return None
+        finally:
+            if probes.check_timers:  # the metrics (probes.py); an empty list when off
+                probes.check_done(check.name, time.monotonic() - started, outcome)
 
     def _timed_out(self, check: Check, facts: Facts) -> CheckResult:
         """The outcome of a check past policy.check_timeout, logged with

@@ -61,6 +61,12 @@ class BackendPool:
         self.opened = 0
         self.reused = 0
         self.state = PoolState.OPEN
+        # For the metrics (issue 16): connections of this pool open now
+        # (idle or lent to a session), connection attempts that failed,
+        # and whether the last attempt worked (None before the first).
+        self.open = 0
+        self.connect_failures = 0
+        self.backend_up: Optional[bool] = None
 
     def _move_to(self, new: PoolState) -> None:
         if new not in _POOL_MOVES[self.state]:
@@ -76,11 +82,31 @@ class BackendPool:
             if proto.state is not _CONN_CLOSED:
                 self.reused += 1
                 return proto, True
-        proto = await connect_backend(self.reactor, self.config, self.helo_name,
-                                      self.tls_context_factory)
+        try:
+            proto = await connect_backend(self.reactor, self.config, self.helo_name,
+                                          self.tls_context_factory)
+        except BackendError:
+            self.connect_failures += 1
+            self.backend_up = False
+            raise
         self.opened += 1
+        self.open += 1
+        self.backend_up = True
+        if proto.state is _CONN_CLOSED:
+            self.open -= 1  # gone already (the greeting's EHLO raced a close)
+        else:
+            proto.on_lost = self._lost
         self.extensions = proto.extensions
         return proto, False
+
+    def _lost(self) -> None:
+        self.open -= 1
+
+    @property
+    def idle(self) -> int:
+        """Connections parked now (those the backend closed meanwhile not
+        counted: they leave the list when next taken or expired)."""
+        return sum(1 for proto, _ in self._idle if proto.state is not _CONN_CLOSED)
 
     def release(self, proto: BackendProtocol, dirty: bool) -> None:
         """Give a connection back.  ``dirty``: a transaction is open on it,

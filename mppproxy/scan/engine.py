@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from twisted.internet import defer
 
+from mppproxy import probes
 from mppproxy._async import as_deferred
 from mppproxy.logsetup import Logger
 from mppproxy.results import CheckResult, HardAction, Recorded, TransactionRecord
@@ -174,6 +175,8 @@ class ScanEngine:
             d.addTimeout(settings.timeout, self.reactor)
 
         def ok(result: CheckResult) -> _Outcome:
+            if probes.engine_timers:  # the metrics (probes.py); an empty list when off
+                probes.engine_done(scanner.name, time.monotonic() - started, "ok")
             return result, None
 
         def failed(f: Any) -> _Outcome:
@@ -185,6 +188,8 @@ class ScanEngine:
                 log.failure("scanner {scanner} crashed on {queue_id}", f, scanner=scanner.name,
                             queue_id=message.queue_id)
                 kind, why = ERROR, f"internal error: {f.getErrorMessage()}"
+            if probes.engine_timers:
+                probes.engine_done(scanner.name, time.monotonic() - started, kind)
             log.warn("scanner {scanner} could not scan {queue_id} ({ms} ms): {why}; {what}",
                      scanner=scanner.name, queue_id=message.queue_id, why=why,
                      ms=round((time.monotonic() - started) * 1000, 1),

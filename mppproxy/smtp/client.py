@@ -133,6 +133,9 @@ class BackendProtocol(Protocol):
         self.tls = False
         # The session this connection was handed to with XCLIENT, if any.
         self.xclient_for: Optional[str] = None
+        # Called once when the connection is gone (the pool counts its
+        # open connections for the metrics, relay/pool.py).
+        self.on_lost: Optional[Callable[[], None]] = None
 
     def _move_to(self, new: ClientState) -> None:
         if new not in _CLIENT_MOVES[self.state]:
@@ -185,6 +188,9 @@ class BackendProtocol(Protocol):
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._move_to(_CLOSED)
+        if self.on_lost is not None:
+            lost, self.on_lost = self.on_lost, None
+            lost()
         self._cancel_timer()
         if self._paused is not None:
             paused, self._paused = self._paused, None

@@ -194,6 +194,9 @@ class SMTPServerFactory(Factory):
         self.is_trusted = is_trusted
         # Open sessions, so a shutdown can say goodbye (RFC 5321 3.8).
         self.sessions: set["SMTPServerProtocol"] = set()
+        # Connections taken since the start, refused ones included (the
+        # metrics' mppproxy_sessions_total).
+        self.accepted = 0
         # Set by shut_down: new sessions are refused with 421.
         self.stopping = False
         self._drain_waiters: list[Deferred[None]] = []
@@ -317,6 +320,7 @@ class SMTPServerProtocol(Protocol):
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.sessions.add(self)
+            factory.accepted += 1
         peer, host = transport.getPeer(), transport.getHost()
         peer_host = getattr(peer, "host", "unknown")
         self.session = Session(peer_host, getattr(peer, "port", 0),
