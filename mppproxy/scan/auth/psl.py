@@ -93,7 +93,9 @@ def default_list() -> PublicSuffixList:
         return PublicSuffixList(f)
 
 
+@functools.lru_cache(maxsize=4096)
 def organisational_domain(domain: str, psl: Optional[PublicSuffixList] = None) -> str:
     """The organisational domain of ``domain`` by ``psl`` (default: the
-    shipped list)."""
+    shipped list); remembered (DMARC asks it twice or more per message,
+    mostly for the same few domains; a list is keyed by identity)."""
     return (psl or default_list()).organisational_domain(domain)

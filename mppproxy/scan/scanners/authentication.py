@@ -41,10 +41,11 @@ import authres  # no stubs: pyproject.toml [tool.mypy] overrides ignore its impo
 import authres.dmarc
 from twisted.internet import defer, threads
 
-from mppproxy._async import as_deferred
+from mppproxy._async import as_deferred_started
 from mppproxy.config.authentication import DkimConfig, DmarcConfig
 from mppproxy.logsetup import Logger
 from mppproxy.results import CheckResult, HardAction
+from mppproxy.scan.auth import canon
 from mppproxy.scan.auth import dkim as dkim_
 from mppproxy.scan.auth import dmarc as dmarc_
 from mppproxy.scan.auth.psl import PublicSuffixList
@@ -100,16 +101,28 @@ class AuthenticationScanner(Scanner):
     async def scan(self, message: ScanInput) -> CheckResult:
         dkim_cfg: DkimConfig = self.settings.dkim
         dmarc_cfg: DmarcConfig = self.settings.dmarc
-        header = _header_section(message)
-        fields = dkim_.header_fields(header)
+        # A message verified here is read once and split once: the same
+        # fields serve the signatures, DMARC's From: and the verification.
+        data: Optional[bytes] = None
+        split: Optional[canon.Message] = None
+        if message.size <= dkim_cfg.thread_above:
+            data = message.as_bytes()
+            split = canon.split(data)
+        if split is not None:
+            fields: Sequence[tuple[bytes, bytes]] = split.fields
+        else:
+            fields = dkim_.header_fields(_header_section(message) if data is None
+                                         else _header_of(data))
         sigs = dkim_.signatures(fields, dkim_cfg.max_signatures)
-        # Keys and the DMARC policy are asked at once.
-        keys_d = as_deferred(dkim_.fetch_keys(self.resolver, sigs))
+        # Keys and the DMARC policy are asked at once; each runs inline
+        # until it waits (from the resolver's cache, neither does).
+        keys_d = as_deferred_started(dkim_.fetch_keys(self.resolver, sigs), None)
         policy_d: Optional[defer.Deferred[dmarc_.Discovery]] = None
         if dmarc_cfg.enabled:
-            policy_d = as_deferred(dmarc_.discover_policy(self.resolver, fields, self.psl))
+            policy_d = as_deferred_started(
+                dmarc_.discover_policy(self.resolver, fields, self.psl), None)
         keys = await keys_d
-        results = await self._verify(message, sigs, keys, dkim_cfg)
+        results = await self._verify(message, data, split, sigs, keys, dkim_cfg)
         spf = dict(message.spf)
         dmarc: Optional[dmarc_.DmarcResult] = None
         if policy_d is not None:
@@ -117,14 +130,15 @@ class AuthenticationScanner(Scanner):
                                  spf.get("domain", ""), self.psl, self.sample)
         return self._result(message, results, dmarc, spf)
 
-    async def _verify(self, message: ScanInput, sigs: Sequence[dkim_.DkimSignature],
+    async def _verify(self, message: ScanInput, data: Optional[bytes],
+                      split: Optional[canon.Message], sigs: Sequence[dkim_.DkimSignature],
                       keys: dict[str, dkim_.KeyLookup],
                       cfg: DkimConfig) -> list[dkim_.DkimResult]:
         if not sigs:
             return []
         args = (sigs, keys, cfg.min_rsa_bits, cfg.partial_body, cfg.allow_sha1)
-        if message.size <= cfg.thread_above:
-            return dkim_.verify(message.as_bytes(), *args)
+        if data is not None:
+            return dkim_.verify(data, *args, split=split)
         pool = self.threadpool or self.reactor.getThreadPool()
 
         def work() -> list[dkim_.DkimResult]:
@@ -192,11 +206,35 @@ def _header_section(message: ScanInput, limit: int = MAX_HEADER) -> bytes:
     return data[:limit]
 
 
+def _header_of(data: bytes, limit: int = MAX_HEADER) -> bytes:
+    """``_header_section`` of a message already in memory."""
+    end = data.find(b"\r\n\r\n", 0, limit)
+    return data[:end + 2] if end >= 0 else data[:limit]
+
+
 def _value(text: str) -> str:
     """A property value authres writes as it is: a token of safe
     characters (a hostile d= or From: domain cannot break the field)."""
+    if _VALUE.match(text):
+        return text
     clean = "".join(c for c in text if c.isprintable() and not c.isspace())
     return clean if clean and _VALUE.match(clean) else "invalid"
+
+
+# authres's quoting (QuotableValue.quote_if_needed): a value with "@" or
+# an RFC 2045 token as it is, anything else a quoted-string.
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+\Z")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _quoted(value: str) -> str:
+    if "@" in value or _TOKEN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _reason(reason: str) -> str:
+    return f" reason={_quoted(_UNPRINTABLE.sub('?', reason))}" if reason else ""
 
 
 def authentication_results(authserv_id: str, dkim_results: Sequence[dkim_.DkimResult],
@@ -204,7 +242,46 @@ def authentication_results(authserv_id: str, dkim_results: Sequence[dkim_.DkimRe
     """The value of one Authentication-Results field (RFC 8601 2.2): SPF
     (RFC 7208 9.1 properties) when the SPF check ran, each DKIM signature
     (RFC 6376 7.x: header.d, header.i, header.a, header.s; "dkim=none" when
-    unsigned), and DMARC (RFC 7489 11.2: header.from)."""
+    unsigned), and DMARC (RFC 7489 11.2: header.from).
+
+    Written here, to the letter of what authres writes
+    (``authentication_results_authres``, which the tests compare it with):
+    building authres's objects cost ~50 us a message."""
+    parts = [authserv_id]
+    if spf.get("result"):
+        client = "".join(c for c in spf.get("client_ip", "") if c.isalnum() or c in ".:")
+        comment = f" (client {client})" if client else ""
+        if spf.get("identity") == "helo":
+            prop = f"smtp.helo={_quoted(_value(spf.get('helo', '')))}"
+        else:
+            prop = f"smtp.mailfrom={_quoted(_value(spf.get('sender', '')))}"
+        parts.append(f"spf={spf['result'].lower()}{comment} {prop}")
+    for r in dkim_results:
+        clause = f"dkim={r.result.lower()}{_reason(r.reason)}"
+        for name, text in (("d", r.domain), ("i", r.identity), ("a", r.algorithm),
+                           ("s", r.selector)):
+            if text:
+                clause += f" header.{name}={_quoted(_value(text))}"
+        parts.append(clause)
+    if not dkim_results:
+        parts.append("dkim=none")
+    if dmarc is not None:
+        clause = f"dmarc={dmarc.result.lower()}{_reason(dmarc.reason)}"
+        if dmarc.domain:
+            clause += f" header.from={_quoted(_value(dmarc.domain))}"
+        if dmarc.result == "fail" and dmarc.applied:
+            clause += f" policy.dmarc={_quoted(dmarc.applied)}"
+            if dmarc.record is not None:
+                clause += (f" (p={dmarc.record.policy} sp={dmarc.record.subdomain_policy} "
+                           f"pct={dmarc.record.pct})")
+        parts.append(clause)
+    return "; ".join(parts)
+
+
+def authentication_results_authres(authserv_id: str, dkim_results: Sequence[dkim_.DkimResult],
+                                   dmarc: Optional[dmarc_.DmarcResult],
+                                   spf: dict[str, str]) -> str:
+    """``authentication_results`` by the authres library (the reference)."""
     results: list[Any] = []
     if spf.get("result"):
         client = "".join(c for c in spf.get("client_ip", "") if c.isalnum() or c in ".:")
