@@ -80,7 +80,7 @@ class NodeMetrics:
         self.figures = NodeFigures(self.reactor, self.node, self.config.state_cache)
         root = Resource()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         root.putChild(b"metrics", _MetricsPage(self))  # type: ignore[arg-type]  # zope: Resource provides IResource
-        site = Site(root, reactor=self.reactor)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        site = _QuietSite(root, reactor=self.reactor)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         site.noisy = False
         pending = [self._listen(desc, site) for desc in self.config.listen]
         defer.DeferredList(pending).addBoth(
@@ -178,6 +178,13 @@ class NodeMetrics:
         collector.snapshot = snapshot
         registry.register(collector)
         return generate_latest(registry)
+
+
+class _QuietSite(Site):
+    """No access log line per scrape (one every 15 s from Prometheus)."""
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 class _MetricsPage(Resource):
