@@ -8,6 +8,8 @@ One run measures, for every cell of (message size x concurrent sessions):
 * ``mppproxy``        the proxy (``twistd -n mppproxy``) relaying in lockstep
                       to a second smtp-sink (the *backend*);
 * ``mppproxy-w2``     the same with ``--workers 2``, if the proxy has it;
+* ``mppproxy-metrics`` the plain proxy with ``[metrics]`` on (issue 16: its
+                      ratio to ``mppproxy`` is the cost of the metrics);
 * peers (``--peers``) Haraka 3.3 ``queue/smtp_proxy`` with 1 and 2 workers and
                       the minimal Twisted relay probe, started from the server
                       definitions of /work/shared/bench/anchors.py.
@@ -65,6 +67,7 @@ PORTS = {
     "mppproxy-w2": 2628,
     "mppproxy-policy": 2629,
     "mppproxy-copyall": 2630,
+    "mppproxy-metrics": 2631,
     "haraka-proxy-n1": 2633,
     "haraka-proxy-n2": 2634,
     "twisted-relay-nodelay": 2644,
@@ -329,6 +332,38 @@ def copyall_server(template, backend_port):
     return server
 
 
+# mppproxy-metrics: the plain proxy with [metrics] on (issue 16); the cost
+# of the metrics is its ratio to mppproxy in the same run.  Its exposition
+# is scraped once at the end of the run (a check that it counted).
+METRICS_PORT = 2632
+
+
+def metrics_server(template, backend_port):
+    """The proxy with Prometheus metrics on (issue 16: at most 3 % of the
+    relay rate): every transaction counted through the hooks into the
+    shared metric files, the gauges refreshed every 5 s."""
+    server = proxy_server("mppproxy-metrics", template, backend_port)
+    config = os.path.join(RUN_DIR, "mppproxy-metrics", "metrics.toml")
+    with open(config, "w") as f:
+        f.write(f'[metrics]\nenabled = true\n'
+                f'listen = ["tcp:{METRICS_PORT}:interface=127.0.0.1"]\n')
+    server.argv += ["--config", config]
+    return server
+
+
+def scrape_metrics():
+    """The relayed count the metrics server's exposition reports, or None."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{METRICS_PORT}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    m = re.search(r'^mppproxy_transactions_total\{disposition="relayed",reason=""\} (\S+)$',
+                  text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def policy_config(path):
     """The realistic policy of mppproxy-policy as a TOML file."""
     clients = [f'"198.{18 + i // 256}.{i % 256}.0/24"' for i in range(1000)]
@@ -507,6 +542,8 @@ def build_servers(names, a):
             servers[n] = policy_server(BACKEND_PORT)
         elif n == "mppproxy-copyall":
             servers[n] = copyall_server(template, BACKEND_PORT)
+        elif n == "mppproxy-metrics":
+            servers[n] = metrics_server(template, BACKEND_PORT)
         elif n == "mppproxy-w2":
             if a.proxy_cmd:
                 note("mppproxy-w2 skipped: --proxy-cmd given (cannot probe "
@@ -939,6 +976,10 @@ def main():
         rows = run_matrix(a, servers, backend, names, sizes, concs)
         for r in rows:
             r["server_processes"] = nproc[r["server"]]
+        if "mppproxy-metrics" in servers:
+            counted = scrape_metrics()
+            note(f"mppproxy-metrics counted {counted if counted is None else int(counted)} "
+                 "relayed transactions (its /metrics after the runs)")
     finally:
         t_stop = time.monotonic()
         for srv in reversed(started):
