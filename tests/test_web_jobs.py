@@ -177,12 +177,12 @@ class JobTests(StoreFacingJobTests, JobCase):
 
 
 class JobLimitTests(JobCase):
-    """The bounds, with web.bulk_max = 600."""
+    """The bounds, with web.bulk_job_max = 600."""
 
-    extra = {"bulk_max": 600}
+    extra = {"bulk_job_max": 600}
 
     async def test_limits(self) -> None:
-        """More rows than web.bulk_max are refused with the count; a third
+        """More rows than web.bulk_job_max are refused with the count; a third
         job of one admin while two run waits (429); a forward without an
         address is refused before any job starts; ticked rows and small
         selections still answer in the request."""

@@ -59,12 +59,14 @@ class WebConfig:
     login_lockout: float = field(default=30.0, metadata=_opt(_at_least(1)))
     # Rows per page of the quarantine list.
     page_size: int = field(default=50, metadata=_opt(_at_least(5)))
-    # Rows one bulk action over a filter ("every matching row") may touch;
-    # a larger selection is refused with the count, to be narrowed.  More
-    # than page_size rows run as a background job with a progress page
-    # (web/jobs.py), so the bound is about how long a job may run, not
-    # about one request.
-    bulk_max: int = field(default=100_000, metadata=_opt(_at_least(1)))
+    # Rows a bulk action touches in one request (ticked rows, the JSON
+    # API's bulk call); a larger selection is refused with the count.
+    bulk_max: int = field(default=1000, metadata=_opt(_at_least(1)))
+    # Rows a background job may touch: the console's bulk action over
+    # "every matching row" runs as a job with a progress page (web/jobs.py)
+    # when more than page_size rows match; more than this is refused with
+    # the count, to be narrowed.
+    bulk_job_max: int = field(default=100_000, metadata=_opt(_at_least(1)))
 
 
 def web_wanted(mode: str, web: WebConfig) -> bool:

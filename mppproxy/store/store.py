@@ -85,6 +85,9 @@ ADD_TRIES = 3
 # SQLite's limit on bound values per statement is 32766 (3.32+); IN
 # lists stay well below it.
 IN_CHUNK = 500
+# A SELECT the server stopped at its time bound: MariaDB's
+# ER_STATEMENT_TIMEOUT, MySQL's ER_QUERY_TIMEOUT.
+STATEMENT_TIMEOUT_ERRORS = (1969, 3024)
 # The audit actions of a release's claim and of its reset (reset_stuck_releases).
 CLAIM_ACTION = "release-claim"
 RESET_ACTION = "release-reset"
@@ -209,6 +212,27 @@ class Search:
     limit: int = 50
     before_id: Optional[int] = None
     domains: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The list's counts (``ArchiveStore.tally``): matching rows, and per
+    verdict and per reason (most first), over the newest ``total`` when
+    ``capped``."""
+
+    total: int
+    capped: bool
+    by_verdict: list[tuple[str, int]]
+    by_reason: list[tuple[str, int]]
+
+
+def _ranked(groups: Sequence[tuple[str, str, int]], key: int) -> list[tuple[str, int]]:
+    """(verdict, reason, n) groups summed by one of the two, most first."""
+    sums: dict[str, int] = {}
+    for group in groups:
+        name = str(group[key])
+        sums[name] = sums.get(name, 0) + group[2]
+    return sorted(sums.items(), key=lambda item: (-item[1], item[0]))
 
 
 def raw_key_for(node: str, queue_id: str) -> str:
@@ -579,6 +603,51 @@ class ArchiveStore:
                  .order_by(n.desc(), key).limit(max(1, limit)))
         with self._read() as conn:
             return [(str(value), int(count)) for value, count in conn.execute(query)]
+
+    def tally(self, s: Search, cap: int, seconds: Optional[float] = None) -> Optional["Tally"]:
+        """The list's counts in one query: the rows matching ``s`` (limit
+        and paging ignored), per verdict and per reason -- over the newest
+        ``cap`` of them only (``Tally.capped``: ``cap`` or more match).  A
+        count of every matching row reads each of them whenever the list
+        is shown: with a million rows, seconds (benchmarks/console_bench.py);
+        the newest ``cap`` come in the order of the index the list uses.
+
+        ``seconds`` bounds the query on MariaDB/MySQL (the server stops it:
+        max_statement_time, max_execution_time); None when it ran out -- a
+        filter the indexes do not narrow (a subject, a reason) may read
+        far more rows than it finds.  SQLite is not bounded."""
+        m = self.tables.messages
+        newest = (select(m.c.verdict, m.c.reason).where(*self._where(s))
+                  .order_by(m.c.received.desc(), m.c.id.desc()).limit(max(1, cap))
+                  .subquery())
+        query = (select(newest.c.verdict, newest.c.reason, func.count().label("n"))
+                 .group_by(newest.c.verdict, newest.c.reason))
+        bound = self._statement_bound(seconds)
+        with self._read() as conn:
+            if bound:
+                conn.exec_driver_sql(bound[0])
+            try:
+                groups = [(str(v), str(r or ""), int(n)) for v, r, n in conn.execute(query)]
+            except OperationalError as e:
+                if _mysql_errno(e) not in STATEMENT_TIMEOUT_ERRORS:
+                    raise
+                return None
+            finally:
+                if bound:
+                    conn.exec_driver_sql(bound[1])
+        total = sum(n for _, _, n in groups)
+        return Tally(total, total >= max(1, cap), _ranked(groups, 0), _ranked(groups, 1))
+
+    def _statement_bound(self, seconds: Optional[float]) -> Optional[tuple[str, str]]:
+        """The statements that set and reset a session's time bound on
+        SELECTs, or None (no bound asked, or SQLite)."""
+        if seconds is None or not self._mysql:
+            return None
+        if getattr(self.engine.dialect, "is_mariadb", False):
+            return (f"SET SESSION max_statement_time = {max(0.000001, seconds):.6f}",
+                    "SET SESSION max_statement_time = 0")
+        return (f"SET SESSION max_execution_time = {max(1, int(seconds * 1000))}",
+                "SET SESSION max_execution_time = 0")
 
     def get(self, row_id: int) -> Optional[StoredRow]:
         """The row ``row_id`` whatever its status (deleted too)."""

@@ -43,7 +43,8 @@ from mppproxy.config.schema import ProxyConfig
 from mppproxy.logsetup import Logger
 from mppproxy.store.accounts import AccountError, Accounts, WebAdmin
 from mppproxy.store.schema import STATUSES
-from mppproxy.store.store import ArchiveStore, RawMissing, Search, StoredRow, StoreError
+from mppproxy.store.store import (ArchiveStore, RawMissing, Search, StoredRow, StoreError,
+                                   Tally)
 from mppproxy.web.actions import ActionError, Actions
 from mppproxy.web.csrf import FIELD as CSRF_FIELD, PRE_LOGIN_COOKIE, Csrf
 from mppproxy.web.jobs import Jobs
@@ -68,6 +69,13 @@ CSP_RAW = b"sandbox; default-src 'none'"
 # Filters of the list and the bulk form, and the longest value of each.
 FILTERS = {"domain": 255, "since": 32, "until": 32, "sender": 512, "rcpt": 512,
            "subject": 512, "reason": 200, "ref": 64, "status": 16}
+# The list counts the newest COUNT_CAP matching rows, not all: a count of
+# a million rows is seconds on every page (benchmarks/console_bench.py).
+COUNT_CAP = 5_000
+# Seconds the counts may take (MariaDB stops the query): a filter the
+# indexes cannot narrow (a subject word) reads every candidate row; the
+# page then shows its rows and says the counts were skipped.
+COUNT_SECONDS = 0.1
 # The status choices of the list: "current" is every status but deleted.
 STATUS_CHOICES = ("current", *STATUSES, "all")
 
@@ -336,7 +344,7 @@ class Console(Resource):
         if origin is None:
             return True
         if origin == b"null":
-            return request.getHeader(b"sec-fetch-site") == b"same-origin"
+            return bool(request.getHeader(b"sec-fetch-site") == b"same-origin")
         host = request.getHeader(b"host") or b""
         scheme = b"https" if self.ctx.secure else b"http"
         return bool(host) and origin == scheme + b"://" + host
@@ -499,7 +507,7 @@ class Console(Resource):
         filters["status"] = filters["status"] or "current"
         error = ""
         rows: list[StoredRow] = []
-        total, by_verdict, by_reason, next_before = 0, [], [], None
+        total, capped, counted, by_verdict, by_reason, next_before = 0, False, True, [], [], None
         try:
             search = search_of(filters, call.scope, self.ctx.now())
             before = call.field("before", 20)
@@ -512,16 +520,20 @@ class Console(Resource):
             rows = found[:page]
             if len(found) > page:
                 next_before = rows[-1].id
-            whole = replace(search, before_id=None)
-            total = await self.ctx.in_thread(self.ctx.store.count, whole)
-            by_verdict = await self.ctx.in_thread(self.ctx.store.count_by, whole, "verdict", 10)
-            by_reason = await self.ctx.in_thread(self.ctx.store.count_by, whole, "reason", 10)
+            tally: Optional[Tally] = await self.ctx.in_thread(
+                self.ctx.store.tally, replace(search, before_id=None), COUNT_CAP, COUNT_SECONDS)
+            if tally is None:
+                counted = False
+            else:
+                total, capped = tally.total, tally.capped
+                by_verdict, by_reason = tally.by_verdict[:10], tally.by_reason[:10]
         except FilterError as e:
             error = str(e)
         shown = {k: v for k, v in filters.items() if v and not (k == "status" and v == "current")}
         body = self._render(
             "list.html", call, title="Quarantine", rows=rows, filters=filters, error=error,
-            total=total, by_verdict=by_verdict, by_reason=by_reason, next_before=next_before,
+            total=total, capped=capped, counted=counted, by_verdict=by_verdict,
+            by_reason=by_reason, next_before=next_before,
             statuses=STATUS_CHOICES, domains=admin.domains if not admin.superadmin else (),
             query=urllib.parse.urlencode(shown),
             query_without_reason=urllib.parse.urlencode(
@@ -594,11 +606,12 @@ class Console(Resource):
                 return self._page(400, "Bad search", str(e), call)
             back += "?" + urllib.parse.urlencode({k: v for k, v in filters.items() if v})
             matching = await self.ctx.in_thread(self.ctx.store.count, search)
-            if matching > limit:
+            job_max = self.ctx.config.web.bulk_job_max
+            if matching > job_max:
                 return self._page(400, "Too many rows", f"{matching} rows match; one action "
-                                  f"takes at most {limit} (web.bulk_max): narrow the search.",
-                                  call)
-            if matching > self.ctx.config.web.page_size:
+                                  f"takes at most {job_max} (web.bulk_job_max): narrow the "
+                                  f"search.", call)
+            if matching > min(limit, self.ctx.config.web.page_size):
                 # More than a page: a background job with a progress page.
                 from mppproxy.web import jobpages
                 return await jobpages.start(self, call, search, matching, filters, back)
