@@ -35,17 +35,6 @@ def _svgs(text: str) -> list[ET.Element]:
 
 class DashboardTests(ConsoleCase):
 
-    async def start(self, config: Any = None) -> Any:
-        console = await super().start(config)
-        # Until app.py's route table names the page itself (its other
-        # changes were uncommitted when this was written): added here, once.
-        from mppproxy.web.app import Response, Route
-        from mppproxy.web.dashboard import routes
-        resource = console.site.resource
-        if not any(r.pattern.pattern == "/dashboard" for r in resource.routes):
-            resource.routes.extend(routes(Route, Response))
-        return console
-
     def state_engine(self) -> Engine:
         engine = make_engine(database_url(self.config.database, str(self.data)),
                              self.config.database)

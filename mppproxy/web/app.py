@@ -47,6 +47,7 @@ from mppproxy.store.store import (ArchiveStore, RawMissing, Search, StoredRow, S
                                    Tally)
 from mppproxy.web.actions import ActionError, Actions
 from mppproxy.web.csrf import FIELD as CSRF_FIELD, PRE_LOGIN_COOKIE, Csrf
+from mppproxy.web.dashboard import routes as dashboard_routes
 from mppproxy.web.jobs import Jobs
 from mppproxy.web.mailview import view_message
 from mppproxy.web.pages import Pages
@@ -212,6 +213,7 @@ class Console(Resource):
             Route(b"GET", re.compile(r"/jobs"), jobpages.listing),
             Route(b"GET", re.compile(r"/jobs/([0-9a-f]{24})"), jobpages.page),
             Route(b"POST", re.compile(r"/jobs/([0-9a-f]{24})/cancel"), jobpages.cancel),
+            *dashboard_routes(Route, Response),
         ]
         # Whatever answers /api/ (api.py's Api.serve, set by service.py):
         # bearer tokens and JSON, before any cookie or CSRF handling.
