@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple, Optional, Sequence
 
-# One whole header section of plain fields (see the module docstring),
-# with its final CRLF; the field name is dkimpy's: up to the first colon.
-_PLAIN_HEADER = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
+# One plain field (see the module docstring) with its CRLFs; the name is
+# dkimpy's: up to the first colon.
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
 # RFC 6376 3.4.2 and 3.4.4.  dkimpy replaces every run of WSP, single
 # spaces too; only the runs that change (two or more, or a tab) are
@@ -63,12 +62,14 @@ def split(message: bytes) -> Optional[Message]:
             header, body = message, b""
         else:
             header, body = message[:end + 2], message[end + 4:]
-    if _PLAIN_HEADER.fullmatch(header) is None:
-        return None
     if body.count(b"\n") != body.count(b"\r\n"):
         # dkimpy reads a bare LF as a line end and hashes CRLF for it.
         return None
     fields = _FIELD.findall(header)
+    # The fields found tile the whole section (nothing skipped between
+    # them) exactly when it is plain: one pass instead of a match first.
+    if sum(len(name) + len(value) + 1 for name, value in fields) != len(header):
+        return None
     return Message(fields, [name.lower() for name, _ in fields], body)
 
 
