@@ -3,7 +3,7 @@
 # concurrency (1 KiB body, 20 sessions, 3 reps): benchmarks/auth_bench.py.
 #   benchmarks/auth.sh                 # 3000 messages per run
 #   benchmarks/auth.sh --reps 5 --count 5000
-# Loopback only (127.0.0.1:2626, 2627, 2631, 2632, DNS 2654); every process it
+# Loopback only (127.0.0.1:2626, 2627, 2637, 2638, DNS 2654); every process it
 # starts is stopped by process group.  Output: the table, and results/auth-<time>.md.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 import relay_bench as rb  # noqa: E402  (the harness: servers, sink, timing)
 
 DNS_PORT = 2654
-PORTS = {"mppproxy": 2627, "mppproxy-scan": 2631, "mppproxy-dkim": 2632}
+PORTS = {"mppproxy": 2627, "mppproxy-scan": 2637, "mppproxy-dkim": 2638}
 PROXY_CMD = (
     "{twistd} -n --pidfile= mppproxy --config {config} --listen tcp:{port}:interface=127.0.0.1"
     " --backend 127.0.0.1:{backend_port} --relay-domain example.net"
@@ -82,15 +82,17 @@ reactor.run()
 '''
 
 
-def signed_message(size):
-    """A 1 KiB-body message From bench.test, DKIM-signed; LF line ends (for
-    smtp-source -F, which sends each line with CRLF)."""
+def signed_message(size, key=None):
+    """A message of a ``size``-octet body From bench.test, DKIM-signed with
+    ``key`` (an RSA 2048 key made here by default), and the public key for
+    the DNS record; LF line ends (for smtp-source -F, which sends each line
+    with CRLF)."""
     import base64
     import dkim
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = rsa.generate_private_key(65537, 2048)
+    key = key or rsa.generate_private_key(65537, 2048)
     pem = key.private_bytes(serialization.Encoding.PEM,
                             serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption())
@@ -105,11 +107,33 @@ def signed_message(size):
     return (sig + msg).replace(b"\r\n", b"\n"), pub
 
 
+def config_text(name):
+    """The TOML of proxy ``name`` (relay_bench.py's mppproxy-scan and
+    mppproxy-dkim use it too)."""
+    return (f'[dns]\nnameservers = ["127.0.0.1:{DNS_PORT}"]\ntimeout = 2.0\n'
+            + CONFIGS[name])
+
+
+def start_dns(pub):
+    """The Twisted Names server for the key and records: (process, stop)."""
+    dns = subprocess.Popen([sys.executable, "-c", DNS_SCRIPT, str(DNS_PORT), pub],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+
+    def stop():
+        os.killpg(dns.pid, 15)
+        dns.wait(10)
+
+    if dns.stdout.readline().strip() != b"ready":
+        stop()
+        raise SystemExit("the DNS server did not start")
+    return stop
+
+
 def proxy(name, config_dir, backend_port):
     config = os.path.join(config_dir, f"{name}.toml")
     with open(config, "w") as f:
-        f.write(f'[dns]\nnameservers = ["127.0.0.1:{DNS_PORT}"]\ntimeout = 2.0\n'
-                + CONFIGS[name])
+        f.write(config_text(name))
     rb.PORTS[name] = PORTS[name]
     return rb.proxy_server(name, PROXY_CMD.replace("{config}", config), backend_port)
 
@@ -142,13 +166,9 @@ def main():
     path = os.path.join(work, "signed.eml")
     with open(path, "wb") as f:
         f.write(message)
-    dns = subprocess.Popen([sys.executable, "-c", DNS_SCRIPT, str(DNS_PORT), pub],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    stop_dns = start_dns(pub)
     servers = []
     try:
-        if dns.stdout.readline().strip() != b"ready":
-            raise SystemExit("the DNS server did not start")
         counter = os.path.join(rb.RUN_DIR, "auth-backend.count")
         backend = rb.Server("auth-backend", rb.BACKEND_PORT, rb.sink_argv(rb.BACKEND_PORT),
                             False, counter_path=counter)
@@ -193,8 +213,7 @@ def main():
     finally:
         for s in reversed(servers):
             s.stop()
-        os.killpg(dns.pid, 15)
-        dns.wait(10)
+        stop_dns()
 
 
 if __name__ == "__main__":

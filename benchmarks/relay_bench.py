@@ -10,6 +10,10 @@ One run measures, for every cell of (message size x concurrent sessions):
 * ``mppproxy-w2``     the same with ``--workers 2``, if the proxy has it;
 * ``mppproxy-metrics`` the plain proxy with ``[metrics]`` on (issue 16: its
                       ratio to ``mppproxy`` is the cost of the metrics);
+* ``mppproxy-scan``, ``mppproxy-dkim`` scanning on (127.0.0.1 untrusted), DKIM and
+                      DMARC off and on (issue 14: on / off >= 0.9); with
+                      mppproxy-dkim in the run every server gets one
+                      DKIM-signed message per size (``auth_bench.py``).
 * peers (``--peers``) Haraka 3.3 ``queue/smtp_proxy`` with 1 and 2 workers and
                       the minimal Twisted relay probe, started from the server
                       definitions of /work/shared/bench/anchors.py.
@@ -67,6 +71,9 @@ PORTS = {
     "mppproxy-w2": 2628,
     "mppproxy-policy": 2629,
     "mppproxy-copyall": 2630,
+    # issue 14: scanning on, DKIM/DMARC off and on (auth_bench.py's configs)
+    "mppproxy-scan": 2637,
+    "mppproxy-dkim": 2638,
     "mppproxy-metrics": 2631,
     "haraka-proxy-n1": 2633,
     "haraka-proxy-n2": 2634,
@@ -114,6 +121,11 @@ SMTP_SOURCE_ARGS = ["-f", "a@example.com", "-t", "b@example.net",
                     "-M", "loadgen.test"]
 
 NOTES = []  # printed above the table: what was skipped, and why
+# size -> a DKIM-signed message file (LF lines) that smtp-source -F and the
+# latency probe send instead of their generated one: set when mppproxy-dkim
+# is in the run, for every server of the run alike (issue 14).
+SIGNED_FILES = {}
+AUTH_SERVERS = ("mppproxy-scan", "mppproxy-dkim")
 
 
 def note(text):
@@ -364,6 +376,35 @@ def scrape_metrics():
     return float(m.group(1)) if m else None
 
 
+def auth_server(name, backend_port):
+    """mppproxy-scan (scan.enabled) or mppproxy-dkim (the same plus
+    scan.dkim and scan.dmarc), configured as auth_bench.py does: its DNS
+    server answers the key and the DMARC record, 127.0.0.1 is untrusted."""
+    import auth_bench
+    config = os.path.join(RUN_DIR, f"{name}.toml")
+    with open(config, "w") as f:
+        f.write(auth_bench.config_text(name))
+    return proxy_server(name, POLICY_PROXY_CMD.replace("{config}", config), backend_port)
+
+
+def start_auth(sizes):
+    """For mppproxy-dkim: one RSA 2048 key, a message signed with it for
+    each size (SIGNED_FILES), and auth_bench.py's DNS server; its stop."""
+    import auth_bench
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(65537, 2048)
+    pub = None
+    for size in sizes:
+        message, pub = auth_bench.signed_message(size, key)
+        path = os.path.join(RUN_DIR, f"signed-{size}.eml")
+        with open(path, "wb") as f:
+            f.write(message)
+        SIGNED_FILES[size] = path
+    note("mppproxy-dkim is in the run: every server gets the same DKIM-signed message "
+         "of the cell's size (smtp-source -F; From: and d= bench.test, RSA 2048)")
+    return auth_bench.start_dns(pub)
+
+
 def policy_config(path):
     """The realistic policy of mppproxy-policy as a TOML file."""
     clients = [f'"198.{18 + i // 256}.{i % 256}.0/24"' for i in range(1000)]
@@ -542,6 +583,8 @@ def build_servers(names, a):
             servers[n] = policy_server(BACKEND_PORT)
         elif n == "mppproxy-copyall":
             servers[n] = copyall_server(template, BACKEND_PORT)
+        elif n in AUTH_SERVERS:
+            servers[n] = auth_server(n, BACKEND_PORT)
         elif n == "mppproxy-metrics":
             servers[n] = metrics_server(template, BACKEND_PORT)
         elif n == "mppproxy-w2":
@@ -576,8 +619,9 @@ def run_smtp_source(port, size, sessions, count):
     The wall clock starts just before the fork, so it includes smtp-source's
     start-up (~1 ms), the same for every server.
     """
-    argv = ["smtp-source", "-s", str(sessions), "-m", str(count),
-            "-l", str(size)] + SMTP_SOURCE_ARGS + [f"{HOST}:{port}"]
+    payload = ["-F", SIGNED_FILES[size]] if size in SIGNED_FILES else ["-l", str(size)]
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(count)] + payload \
+        + SMTP_SOURCE_ARGS + [f"{HOST}:{port}"]
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
@@ -614,7 +658,15 @@ def run_smtp_source(port, size, sessions, count):
 
 def probe_message(size):
     """A message like smtp-source's: a few headers and `size` bytes of body in
-    short lines that never start with '.', so no dot-stuffing is needed."""
+    short lines that never start with '.', so no dot-stuffing is needed.
+    The signed message instead when there is one of this size."""
+    if size in SIGNED_FILES:
+        with open(SIGNED_FILES[size], "rb") as f:
+            lines = f.read().split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                        for line in lines) + b".\r\n"
     head = (b"From: <a@example.com>\r\nTo: <b@example.net>\r\n"
             b"Subject: latency probe\r\n\r\n")
     line = b"La de da de da 1. La de da de da 2. La de da de da 3.\r\n"
@@ -855,6 +907,24 @@ def print_table(rows, names, relays, sizes, concs):
                       f"{cpu} | {s['check']}{fails} |")
     print_peer_lines(rows, names, sizes, concs)
     print_policy_lines(rows, names, sizes, concs)
+    print_auth_lines(rows, names, sizes, concs)
+
+
+def print_auth_lines(rows, names, sizes, concs):
+    """Per cell, DKIM/DMARC on (mppproxy-dkim) as a share of off
+    (mppproxy-scan), both scanning: issue 14's target is at least 0.9."""
+    if not all(n in names for n in AUTH_SERVERS):
+        return
+    print()
+    for size in sizes:
+        for conc in concs:
+            on = summarize(rows, "mppproxy-dkim", size, conc)
+            off = summarize(rows, "mppproxy-scan", size, conc)
+            if not on or not off or "rate" not in on or "rate" not in off:
+                continue
+            print(f"- {fmt_size(size)} x {conc}: DKIM/DMARC on {on['rate']:.1f}/s, off "
+                  f"{off['rate']:.1f}/s -> on / off = {on['rate'] / off['rate']:.2f} "
+                  f"(target >= 0.9; CPU ms/msg {on['cpu']:.3f} vs {off['cpu']:.3f})")
 
 
 def print_policy_lines(rows, names, sizes, concs):
@@ -939,10 +1009,12 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     started = []
     t_start = time.monotonic()
-    stop_dns = None
+    stop_dns = stop_auth_dns = None
     try:
         if "mppproxy-policy" in names:
             stop_dns = start_dns()
+        if "mppproxy-dkim" in names:
+            stop_auth_dns = start_auth(sizes)
         backend = Server("backend", BACKEND_PORT, sink_argv(BACKEND_PORT),
                          False, counter_path=os.path.join(RUN_DIR,
                                                           "backend.count"))
@@ -986,6 +1058,8 @@ def main():
             srv.stop()
         if stop_dns is not None:
             stop_dns()
+        if stop_auth_dns is not None:
+            stop_auth_dns()
         print(f"stopped {len(started)} servers in "
               f"{time.monotonic() - t_stop:.1f}s", file=sys.stderr)
     if a.json:
