@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from realmta.conftest import (  # noqa: F401  (fixtures, used by name)
-    PostfixBackend, postfix, postfix_backend, proxy_process, service_unavailable)
+    postfix, postfix_backend, proxy_process, service_unavailable)
 
 CHROMIUM = os.environ.get("MPP_CHROMIUM", "/usr/bin/chromium")
 # As root (CI, this machine) Chromium runs only without its sandbox; no
