@@ -47,7 +47,7 @@ from mppproxy.reloading import ReloadOnHup, TopService, sync_listeners
 from mppproxy.restart import (Handover, leave_on_usr2, linger, linger_seconds, place_inherited,
                               stop_accepting)
 from mppproxy.smtp.server import ConnectionCounter, SMTPServerFactory
-from mppproxy.spool.committer import GroupCommitter
+from mppproxy.spool.committer import GroupCommitter, PoolCommitter
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.config.web import web_wanted
@@ -100,7 +100,7 @@ class ProxyService(ReloadOnHup, TopService):
         self._old_queues: list[DurableQueue] = []
         # The web console (all-in-one, embedded store; main process only).
         self.web: Optional[WebConsole] = None
-        self._old_committers: list[GroupCommitter] = []
+        self._old_committers: list[GroupCommitter | PoolCommitter] = []
         # The dashboard's traffic counts and engine health of this process
         # (edge/traffic.py); None with database.traffic_flush = 0.
         self.traffic: Optional[TrafficRecorder] = None

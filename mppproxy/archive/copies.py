@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 from mppproxy.archive.keys import KeyRing
 from mppproxy.archive.state import CopyState, StateRefused, decode_state, encode_state, state_from
@@ -29,7 +29,7 @@ from mppproxy.message import OutboundMessage
 from mppproxy.results import Disposition
 from mppproxy.smtp.address import RelayDomains
 from mppproxy.smtp.session import Session, Transaction
-from mppproxy.spool.committer import GroupCommitter
+from mppproxy.spool.committer import GroupCommitter, PoolCommitter
 from mppproxy.spool.queue import DurableQueue
 
 if TYPE_CHECKING:
@@ -104,11 +104,12 @@ class ArchiveCopies:
     (``committer``), so one thread writes each queue."""
 
     def __init__(self, reactor: Any, queue: DurableQueue, config: ArchiveConfig, node: str,
-                 committer: Optional[GroupCommitter] = None):
+                 committer: Optional[Union[GroupCommitter, PoolCommitter]] = None):
         self.reactor = reactor
         self.queue = queue
-        self.committer = (committer if committer is not None
-                          else GroupCommitter(reactor, queue, prepare=self.open))
+        self.committer: Union[GroupCommitter, PoolCommitter] = (
+            committer if committer is not None
+            else GroupCommitter(reactor, queue, prepare=self.open))
         self.config = config
         self.node = node
         self.wake: Callable[[], None] = lambda: None

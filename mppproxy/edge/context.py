@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from mppproxy.actions.deliver import LocalDelivery
 from mppproxy.actions.rewrite import Rewriter
 from mppproxy.archive.copies import ArchiveCopies, node_name, open_queue
+from mppproxy.spool.committer import PoolCommitter
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.match import SetCache, TrustedNetworks
 from mppproxy.policy.runtime import PolicyRuntime
@@ -76,8 +77,10 @@ def make_context(config: ProxyConfig, reactor: Any, threadpool: ThreadPool,
                            backend_tls_context)
     sets = SetCache()
     if archive is None:
-        archive = ArchiveCopies(reactor, open_queue(config.archive, config.data_dir),
-                                config.archive, node_name(config.archive, hostname))
+        queue = open_queue(config.archive, config.data_dir)
+        archive = ArchiveCopies(reactor, queue, config.archive, node_name(config.archive, hostname))
+        # Without a service: the queue written in the given thread pool.
+        archive.committer = PoolCommitter(reactor, threadpool, queue, prepare=archive.open)
     return EdgeContext(
         config, reactor, threadpool, hostname, RelayDomains(config.relay_domains),
         TrustedNetworks(config.trusted_networks), pool, policy,

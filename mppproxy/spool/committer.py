@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 
 from mppproxy.logsetup import Logger
 from mppproxy.spool.queue import DurableQueue, Message
@@ -119,6 +120,31 @@ class GroupCommitter:
                 results = [e] * len(batch)
             self.batches += 1
             self.reactor.callFromThread(_settle, [d for _, _, d in batch], results)
+
+
+class PoolCommitter:
+    """``GroupCommitter``'s interface on a thread pool: each item written
+    by ``enqueue`` in a pool thread of its own.  For a context built
+    without a service (tools, tests: ``edge/context.make_context``), whose
+    pool may run the work inline; the service's queues use the
+    ``GroupCommitter``."""
+
+    def __init__(self, reactor: Any, threadpool: Any, queue: DurableQueue,
+                 prepare: Callable[[], None] = lambda: None):
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.queue = queue
+        self.prepare = prepare
+
+    def submit(self, message: Message, metadata: Mapping[str, Any]) -> "defer.Deferred[str]":
+        return deferToThreadPool(self.reactor, self.threadpool, self._write, message, metadata)
+
+    def _write(self, message: Message, metadata: Mapping[str, Any]) -> str:
+        self.prepare()
+        return self.queue.enqueue(message, metadata)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        pass  # nothing of its own runs
 
 
 def _settle(waiting: list["defer.Deferred[str]"],
