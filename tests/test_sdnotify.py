@@ -262,9 +262,12 @@ def test_unit_file_as_shipped_names_only_the_missing_twistd(tmp_path):
     shutil.copy(UNIT, unit)
     proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
                           timeout=120)
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    # verify also loads the units of the machine; what it says about those
+    # (say, galera-4's garb.service) is not about ours.
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if line.strip() and (line.startswith(unit.name) or line.startswith(str(unit)))]
     if Path("/opt/mppproxy/bin/twistd").exists():
-        assert proc.returncode == 0, lines
+        assert not lines, lines
     else:
         assert lines == [f"{unit.name}: Command /opt/mppproxy/bin/twistd is not executable: "
                          "No such file or directory"], lines
