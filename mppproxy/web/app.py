@@ -48,7 +48,7 @@ from mppproxy.store.store import (ArchiveStore, RawMissing, Search, StoredRow, S
 from mppproxy.web.actions import ActionError, Actions
 from mppproxy.web.csrf import FIELD as CSRF_FIELD, PRE_LOGIN_COOKIE, Csrf
 from mppproxy.web.dashboard import routes as dashboard_routes
-from mppproxy.web.jobs import Jobs
+from mppproxy.web.jobs import Jobs, TooBusy, describe
 from mppproxy.web.mailview import view_message
 from mppproxy.web.pages import Pages
 from mppproxy.web.sessions import Session, SessionCodec
@@ -196,8 +196,6 @@ class Console(Resource):
     def __init__(self, ctx: ConsoleContext) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         self.ctx = ctx
-        # The feature pages import this module: imported here, not at the top.
-        from mppproxy.web import jobpages
         self.routes = [
             Route(b"GET", re.compile(r"/"), Console.home, login=False),
             Route(b"GET", re.compile(r"/login"), Console.login_form, login=False),
@@ -210,9 +208,6 @@ class Console(Resource):
             Route(b"GET", re.compile(r"/quarantine/(\d{1,18})"), Console.item),
             Route(b"GET", re.compile(r"/quarantine/(\d{1,18})/raw"), Console.raw),
             Route(b"POST", re.compile(r"/quarantine/(\d{1,18})/action"), Console.action),
-            Route(b"GET", re.compile(r"/jobs"), jobpages.listing),
-            Route(b"GET", re.compile(r"/jobs/([0-9a-f]{24})"), jobpages.page),
-            Route(b"POST", re.compile(r"/jobs/([0-9a-f]{24})/cancel"), jobpages.cancel),
             *dashboard_routes(Route, Response),
         ]
         # Whatever answers /api/ (api.py's Api.serve, set by service.py):
@@ -615,8 +610,7 @@ class Console(Resource):
                                   f"search.", call)
             if matching > min(limit, self.ctx.config.web.page_size):
                 # More than a page: a background job with a progress page.
-                from mppproxy.web import jobpages
-                return await jobpages.start(self, call, search, matching, filters, back)
+                return await self._start_job(call, search, matching, filters, back)
             rows = await self._all_rows(search, limit)
         else:
             ids = sorted({int(v) for v in call.form.get("id", []) if v.isdigit() and len(v) < 19})
@@ -632,6 +626,23 @@ class Console(Resource):
             return self._page(400, "Nothing selected", "Tick the rows to act on, or choose "
                               "every row matching the search.", call)
         return await self._act(call, rows, back)
+
+    async def _start_job(self, call: Call, search: Search, matching: int,
+                         filters: dict[str, str], back: str) -> Response:
+        """Start the bulk action of ``call``'s form on the ``matching`` rows
+        of ``search`` as a job (jobs.py) and send the browser to its page
+        (jobpages.py)."""
+        admin = call.admin
+        assert admin is not None
+        try:
+            job = self.ctx.jobs.start(self.ctx.actions, self.ctx.in_thread, admin.id, admin.name,
+                                      call.origin, call.field("action", 32), search, matching,
+                                      call.scope, call.field("to", 2000), describe(filters), back)
+        except ActionError as e:
+            return self._page(400, "Cannot do that", str(e), call)
+        except TooBusy as e:
+            return self._page(429, "Busy", str(e), call, {b"retry-after": b"10"})
+        return redirect(f"/jobs/{job.id}")
 
     async def _all_rows(self, search: Search, limit: int) -> list[StoredRow]:
         rows: list[StoredRow] = []

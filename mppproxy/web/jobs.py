@@ -100,6 +100,18 @@ class Job:
                     self.problems.append(result)
 
 
+# Filter names in a job's description, in the list's order.
+FILTER_WORDS = (("domain", "domain"), ("since", "from"), ("until", "to"), ("sender", "sender"),
+                ("rcpt", "recipient"), ("subject", "subject"), ("reason", "reason"),
+                ("ref", "reference"), ("status", "status"))
+
+
+def describe(filters: dict[str, str]) -> str:
+    """The search in words, e.g. "sender spam@x.test, status held"."""
+    parts = [f"{word} {filters[name]}" for name, word in FILTER_WORDS if filters.get(name)]
+    return ", ".join(parts) or "every row"
+
+
 class TooBusy(Exception):
     """Too many jobs running (the text says whose)."""
 

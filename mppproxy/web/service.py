@@ -37,6 +37,7 @@ from mppproxy.web.actions import Actions
 from mppproxy.web.app import Console, ConsoleContext, ConsoleRequest
 from mppproxy.web.csrf import Csrf
 from mppproxy.web import configpage, digestpage
+from mppproxy.web import jobpages
 from mppproxy.web.digestrun import DigestScheduler
 from mppproxy.web.pages import Pages
 from mppproxy.web.secret import SecretFileError, load_or_create_secret
@@ -101,6 +102,7 @@ class WebConsole(Service):
         # The digest links' and the configuration pages (registered here:
         # their modules import app.py, which so need not import them).
         console.routes += [*digestpage.routes(), *configpage.routes()]
+        console.routes += jobpages.routes()  # bulk jobs' pages (jobpages imports app.py)
         site = Site(console, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
         site.requestFactory = ConsoleRequest
         # The lists, state tables and API token pages, and the JSON API
