@@ -142,8 +142,10 @@ class StoreConfig:
     """``[store]``: the quarantine and archive store (mppproxy/store/)."""
 
     # SQLAlchemy URL; empty: SQLite at data_dir/archive.sqlite.  MariaDB:
-    # "mysql+pymysql://user:password@host/dbname".
-    url: str = ""
+    # "mysql+pymysql://user:password@host/dbname", or a list of such URLs
+    # (a Galera cluster's nodes, tried in order: config/database.py's
+    # ServerUrls, db/engine.py's failover).
+    url: str | tuple[str, ...] = ""
     # "database": the raw message compressed in a table; "files": one
     # compressed file per message under raw_dir, named by the row.
     raw: str = field(default="database", metadata=_opt(_choice("database", "files")))

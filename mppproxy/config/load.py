@@ -18,10 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from mppproxy.archive.keys import KeyFileError, load_keys
+from mppproxy.config.database import ServerUrls, url_problems
 from mppproxy.config.digest import digest_problems
 from mppproxy.config.dns import parse_nameserver
 from mppproxy.config.errors import ConfigError
@@ -77,6 +75,14 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> A
             errors.append(f"{source}: {key}: must be a string, not {value!r}")
             return None
         return value
+    if tp == ServerUrls:
+        # database.url, store.url: one URL, or a list of servers (a cluster).
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(f"{source}: {key}: must be a URL or a list of URLs, not {value!r}")
+            return None
+        return tuple(value)
     if typing.get_origin(tp) is dict:
         item_tp = typing.get_args(tp)[1]
         if not isinstance(value, Mapping):
@@ -357,15 +363,10 @@ def _policy_checks(config: ProxyConfig) -> list[str]:
     for i, ns in enumerate(config.dns.nameservers):
         if parse_nameserver(ns) is None:
             problems.append(f"dns.nameservers[{i}]: {ns!r} is not IP or IP:PORT ([IPv6]:PORT)")
-    if config.database.url:
-        try:
-            url = make_url(config.database.url)
-        except ArgumentError as e:
-            problems.append(f"database.url: not an SQLAlchemy URL: {e}")
-        else:
-            if url.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
-                problems.append(f"database.url: {url.get_backend_name()!r} is not supported "
-                                "(sqlite, or mysql+pymysql for MySQL/MariaDB)")
+    if config.database.url != "":
+        problems.extend(url_problems("database.url", config.database.url))
+    if config.store.url != "":
+        problems.extend(url_problems("store.url", config.store.url))
     return problems
 
 

@@ -11,6 +11,8 @@ MySQL/MariaDB through PyMySQL: ``pool_pre_ping`` and ``pool_recycle``
 survive server restarts and idle timeouts; READ COMMITTED so a row
 another node inserted a moment ago is visible to the next statement of an
 open transaction (InnoDB's REPEATABLE READ would hide it); utf8mb4.
+Several servers (``database.url`` as a list, a Galera cluster): one at a
+time, the next when it fails (``failover.py``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from sqlalchemy.engine import Connection, Engine, URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from mppproxy.config.database import DatabaseConfig
+from mppproxy.config.database import DatabaseConfig, server_urls
+from mppproxy.db import failover
 
 # Seconds a statement waits for another process's SQLite write lock.
 SQLITE_BUSY_TIMEOUT = 5.0
@@ -44,13 +47,19 @@ WRITE = {"mpp_write": True}
 
 
 def database_url(config: DatabaseConfig, data_dir: str, filename: str = "state.sqlite") -> URL:
-    """The configured URL; empty means SQLite at ``data_dir/<filename>``
-    (``state.sqlite``; the archive store's is ``archive.sqlite``).
-    ``mysql://`` and ``mariadb://`` without a driver use PyMySQL."""
-    if not config.url:
+    """The configured URL (the first server of a list); empty means SQLite
+    at ``data_dir/<filename>`` (``state.sqlite``; the archive store's is
+    ``archive.sqlite``).  ``mysql://`` and ``mariadb://`` without a driver
+    use PyMySQL."""
+    urls = server_urls(config.url)
+    if not urls:
         path = os.path.abspath(os.path.join(data_dir, filename))
         return URL.create("sqlite", database=path)
-    url = make_url(config.url)
+    return _server_url(urls[0])
+
+
+def _server_url(text: str) -> URL:
+    url = make_url(text)
     if url.drivername in ("mysql", "mariadb"):
         url = url.set(drivername=f"{url.drivername}+pymysql")
     if url.get_backend_name() in ("mysql", "mariadb") and "charset" not in url.query:
@@ -72,12 +81,19 @@ def make_engine(url: URL, config: DatabaseConfig, durable: bool = False) -> Engi
     if backend == "sqlite":
         return _sqlite_engine(url, config, durable)
     if backend in ("mysql", "mariadb"):
-        return create_engine(
+        engine = create_engine(
             url, pool_pre_ping=True, pool_recycle=MYSQL_POOL_RECYCLE,
             pool_size=config.pool_max, max_overflow=POOL_OVERFLOW, pool_timeout=POOL_TIMEOUT,
             isolation_level="READ COMMITTED",
             connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT,
                           "read_timeout": MYSQL_IO_TIMEOUT, "write_timeout": MYSQL_IO_TIMEOUT})
+        # Several servers (a Galera cluster): one at a time, the next when
+        # it fails (db/failover.py).
+        servers = [_server_url(u) for u in server_urls(config.url)]
+        if len(servers) > 1 and url in servers:
+            failover.install(engine, servers[servers.index(url):] + servers[:servers.index(url)],
+                             url.render_as_string(hide_password=True))
+        return engine
     raise ValueError(f"database {backend!r} is not supported (sqlite, or mysql+pymysql)")
 
 
@@ -218,6 +234,10 @@ def cursor_in_transaction(engine: Engine, write: bool = True) -> Iterator[Any]:
         if no_wait and _is_lock_error(e):
             # Rolled back above; the caller runs it where it may wait.
             raise WriteLockBusy() from e
+        if not sqlite and failover.server_failed(engine, raw, e) and raw.is_valid:
+            # Gone or not usable: not handed out again (SQLAlchemy does
+            # this for its own statements, not for DBAPI cursors).
+            raw.invalidate(e)
         raise DBAPIError.instance(None, None, e, dbapi_error) from e
     finally:
         raw.close()
