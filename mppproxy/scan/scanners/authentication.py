@@ -8,15 +8,18 @@ and ``.dmarc``, ``config/authentication.py``); the scan engine runs it
 beside the other scanners, applies its timeout and failure action and adds
 its score.  The order of work:
 
-1. The header section is read (bounded) and its DKIM-Signature and From:
-   fields parsed; no DNS yet.
+1. The message (up to ``dkim.thread_above`` octets; above it only the
+   header section, bounded) is read and split into fields once; its
+   DKIM-Signature and From: fields are parsed from that split; no DNS yet.
 2. At once, through our resolver (``dns/resolver.py``, its cache and
    timeout): the key record of every signature, and the DMARC policy of the
-   From: domain (then of its organisational domain).
-3. dkimpy verifies each signature against the prefetched key, on the
-   reactor thread for a message up to ``dkim.thread_above`` octets, in the
-   thread pool above it (hashing a big body is CPU work that would stall
-   every other session).
+   From: domain (then of its organisational domain).  Answered from the
+   cache, neither waits: both run inline, no Deferred is waited on.
+3. Each signature is verified against the prefetched key
+   (``scan/auth/dkim.py``: our lean check, dkimpy for unusual messages), on
+   the reactor thread for a message up to ``dkim.thread_above`` octets, in
+   the thread pool above it (hashing a big body is CPU work that would
+   stall every other session).
 4. DMARC aligns the passing DKIM domains and the pre-DATA SPF check's
    result (``ScanInput.spf``; none when it did not run) with From:.
 
@@ -26,7 +29,9 @@ each add their ``score_*``.  A DMARC fail under p=reject or p=quarantine
 does what ``dmarc.reject_action`` / ``dmarc.quarantine_action`` say:
 score only (the default), hold the message (``HardAction.QUARANTINE``) or
 refuse it with 550 5.7.1 (template ``dmarc``; RFC 7489 10.3: refuse during
-the SMTP transaction rather than bounce).  DNS failures are temperror
+the SMTP transaction rather than bounce).  The Authentication-Results value
+is written here to the letter of authres's output (authres builds it in
+the tests, as the reference).  DNS failures are temperror
 results (scored, never a crash); a malformed signature, key or From: is a
 permerror with its reason, in the header comment and the log.
 """
