@@ -168,3 +168,22 @@ def test_two_edges_one_mariadb_share_greylist_blacklist_thresholds(
     finally:
         for edge in edges:
             edge.stop()
+
+
+def test_deployment_doc_configs_load():
+    """The worked example's files in docs/deployment.md load: node.toml + common.toml
+    as ``cat`` joins them (an edge), the archive node's, and the Galera server list."""
+    import re
+    import tomllib
+
+    from mppproxy.config.load import from_mapping
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    section = doc[doc.index("## Several edges"):doc.index("## Postfix policy server")]
+    node, common, archive, galera = re.findall(r"```toml\n(.*?)```", section, re.S)
+    edge = from_mapping(tomllib.loads(node + common))
+    assert (edge.mode, edge.archive.node_name, edge.smtp.hostname) == ("edge", "mx1",
+                                                                      "mx1.example.com")
+    assert edge.archive.node == "archive.example.com:10025"
+    assert from_mapping(tomllib.loads(archive)).mode == "archive"
+    assert len(from_mapping(tomllib.loads(galera)).database.url) == 2
