@@ -115,6 +115,8 @@ class SharedRateCounters(RateCounters):
         """Write ours, read the others' (never two at once; never fails)."""
         if self._syncing is not None:
             return self._syncing
+        if not self._pending and not self._seen:
+            return defer.succeed(None)  # no shared policy counted anything here
         db = self.database()
         if db is None or not getattr(db, "running", True):
             return defer.succeed(None)  # not started yet, or stopped: next time
