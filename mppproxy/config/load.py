@@ -199,9 +199,9 @@ def _cross_checks(config: ProxyConfig) -> list[str]:
     problems.extend(_archive_node_checks(config))
     problems.extend(_archive_checks(config))
     problems.extend(web_problems(config.mode, config.web))
+    problems.extend(digest_problems(config.digest))
     return problems
 
-    problems.extend(digest_problems(config.digest))
 
 # The modes whose edge reads [archive] (the hold action, archive copies,
 # the forwarder).
