@@ -51,6 +51,7 @@ from mppproxy.spool.committer import GroupCommitter, PoolCommitter
 from mppproxy.spool.queue import DurableQueue
 from mppproxy.tlsconfig import backend_context, server_context
 from mppproxy.config.web import web_wanted
+from mppproxy.db.nodeconfig import ConfigRecorder
 from mppproxy.db.traffic import TrafficRecorder
 from mppproxy.web.service import WebConsole
 from mppproxy.workers import (WORKER_STOP_MARGIN, StopOnce, WorkerSupervisor, adopt_listeners,
@@ -106,6 +107,9 @@ class ProxyService(ReloadOnHup, TopService):
         self.traffic: Optional[TrafficRecorder] = None
         # The Prometheus metrics of this process ([metrics], mppproxy/metrics/).
         self.metrics: Optional[NodeMetrics] = None
+        # This node's configuration row for the console (db/nodeconfig.py);
+        # the main process's only (the workers run the same configuration).
+        self.node_config: Optional[ConfigRecorder] = None
         # A restart (restart.py): the listening sockets the previous main
         # process handed on; the ones beyond what this node needs, accepted
         # on here besides; the handover to a later process; and the ports
@@ -274,6 +278,13 @@ class ProxyService(ReloadOnHup, TopService):
         if self.metrics is not None:
             self.metrics.start()
         self._update_policy(self.config)
+        if not self.inherited_fds:
+            # Through the policy runtime's state database, when there is one.
+            self.node_config = ConfigRecorder(
+                self.reactor, self.config,
+                lambda: self.policy.database if self.policy is not None else None)
+            self.node_config.record(self.config, traffic_node(self.config))
+            self.node_config.start()
         self._update_scan(self.config)
         self._update_archive(self.config)
         if (not self.inherited_fds and not self.config.archive.node
@@ -422,6 +433,8 @@ class ProxyService(ReloadOnHup, TopService):
             # Idle backend connections follow the old settings; running
             # sessions still hold their own and give them back later.
             old_ctx.pool.close_all()
+        if self.node_config is not None:
+            self.node_config.record(config, traffic_node(config))
         log.info("configuration reloaded")
 
     def stopService(self) -> defer.Deferred[list[tuple[bool, Any]]]:
@@ -444,6 +457,9 @@ class ProxyService(ReloadOnHup, TopService):
             # Alongside the sessions' drain: copies in flight finish or are
             # handed back within the same grace.
             ds.append(self.forwarder.stop(grace))
+        if self.node_config is not None:
+            # Before the state database stops (_stop_the_rest).
+            ds.append(self.node_config.stop())
         d = defer.DeferredList(ds)
         d.addBoth(lambda _: self._stop_the_rest())
         return d

@@ -36,6 +36,7 @@ from mppproxy.archive.writer import CopyWriter
 from mppproxy.archivenode.keeper import StoreKeeper
 from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import ProxyConfig, spool_directory
+from mppproxy.db.nodeconfig import ConfigRecorder
 from mppproxy.listeners import listen_on
 from mppproxy.logsetup import Logger
 from mppproxy.match import TrustedNetworks
@@ -114,6 +115,9 @@ class ArchiveService(ReloadOnHup, TopService):
         self._opened: tuple[str, Any, str] = ("", None, "")
         # The web console ([web]), a child service.
         self.web: Optional[WebConsole] = None
+        # This node's configuration row for the console (db/nodeconfig.py),
+        # written on [database] with an engine of its own.
+        self.node_config: Optional[ConfigRecorder] = None
 
     # -- lifetime
 
@@ -138,6 +142,9 @@ class ArchiveService(ReloadOnHup, TopService):
         self.store, self.writer = self.keeper.store, self.keeper.writer
         self._opened = (queue_directory(config), config.store, config.data_dir)
         self.keeper.start()
+        self.node_config = ConfigRecorder(self.reactor, config)
+        self.node_config.record(config)
+        self.node_config.start()
         if web_wanted(config.mode, config.web):
             self.web = WebConsole(config, self.reactor)
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]  # stopped with the other children (Twisted is unannotated)
@@ -194,6 +201,8 @@ class ArchiveService(ReloadOnHup, TopService):
             self.web.apply(config)
         self.config = config
         sync_listeners(self.ports, config.archive_node.listen, self._listen)
+        if self.node_config is not None:
+            self.node_config.record(config)
         log.info("configuration reloaded")
 
     def stopService(self) -> defer.Deferred[Any]:
@@ -209,6 +218,8 @@ class ArchiveService(ReloadOnHup, TopService):
             if loop.running:
                 loop.stop()
         self._loops = []
+        if self.node_config is not None:
+            ds.append(self.node_config.stop())
         d: defer.Deferred[Any] = defer.DeferredList(ds)
         d.addBoth(lambda _: as_deferred(self._stop_the_rest()))
         return d
