@@ -31,9 +31,8 @@ from typing import Any, Optional, TextIO
 
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from mppproxy.config.errors import ConfigError
 from mppproxy.quarantine_cli import (EXIT_NOTHING, EXIT_OK, EXIT_STORE, EXIT_USAGE, _db_reason,
-                                     load_config, login_name, origin)
+                                     config_or_report, login_name, origin)
 from mppproxy.store.accounts import AccountError, Accounts, WebAdmin
 from mppproxy.store.migrate import MigrationLockTimeout
 from mppproxy.store.store import ArchiveStore, StoreError
@@ -106,12 +105,8 @@ def run(args: argparse.Namespace) -> int:
     name = f"mppproxy admin {args.admin_command}"
     if args.admin_command == "token":
         name += f" {args.token_command}"
-    try:
-        config = load_config(args.config, args.config_command)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=err)
-        print(f"{len(e.errors)} error(s); the configuration is not valid", file=err)
+    config = config_or_report(args.config, args.config_command, err)
+    if config is None:
         return EXIT_USAGE
     try:
         # The store is made if missing (auto_upgrade): the accounts may be

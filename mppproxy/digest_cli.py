@@ -31,11 +31,10 @@ from typing import Any, Optional, TextIO
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from mppproxy.config.digest import digest_enabled
-from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.config.web import secret_path
 from mppproxy.quarantine_cli import (EXIT_NOTHING, EXIT_OK, EXIT_STORE, EXIT_USAGE, _db_reason,
-                                     load_config)
+                                     config_or_report)
 from mppproxy.store.migrate import MigrationLockTimeout
 from mppproxy.store.store import ArchiveStore, StoreError
 from mppproxy.web.digestmail import Digest, RunReport
@@ -63,12 +62,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    try:
-        config = load_config(args.config, args.config_command)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=err)
-        print(f"{len(e.errors)} error(s); the configuration is not valid", file=err)
+    config = config_or_report(args.config, args.config_command, err)
+    if config is None:
         return EXIT_USAGE
     name = "mppproxy digest send"
     if not digest_enabled(config.digest):

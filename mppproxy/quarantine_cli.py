@@ -361,12 +361,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
             # traceback half-way through a list.
             stream.reconfigure(errors="replace")
     name = f"mppproxy quarantine {args.quarantine_command}"
-    try:
-        config = load_config(args.config, args.config_command)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=err)
-        print(f"{len(e.errors)} error(s); the configuration is not valid", file=err)
+    config = config_or_report(args.config, args.config_command, err)
+    if config is None:
         return EXIT_USAGE
     try:
         search_from(args)  # bad filters are found before the store is opened
@@ -419,6 +415,20 @@ def load_config(path: Optional[str], command: Optional[str]) -> ProxyConfig:
     if home and config.data_dir == DEFAULT_DATA_DIR:
         config = replace(config, data_dir=home)
     return config
+
+
+def config_or_report(path: Optional[str], command: Optional[str],
+                     err: TextIO) -> Optional[ProxyConfig]:
+    """``load_config``, or None once each problem (the key named) and
+    their count are on ``err``: what every command does with a bad
+    configuration before it exits 2 (check-config says the same)."""
+    try:
+        return load_config(path, command)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=err)
+        print(f"{len(e.errors)} error(s); the configuration is not valid", file=err)
+        return None
 
 
 def missing_sqlite(store: ArchiveStore) -> Optional[str]:

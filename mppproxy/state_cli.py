@@ -50,11 +50,10 @@ from typing import Any, Callable, Sequence
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mppproxy.config.errors import ConfigError
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.db.stateadmin import (BlacklistRow, StateAdmin, TripletRow, WhitelistRow, covering,
                                     key_for, missing_sqlite_file, open_state_admin, state_url)
-from mppproxy.quarantine_cli import load_config, login_name
+from mppproxy.quarantine_cli import config_or_report, login_name
 
 EXIT_OK, EXIT_NONE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 EXIT_HELP = """exit status: 0 done, 1 nothing matched, 2 usage or configuration error,
@@ -206,12 +205,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     if args.config and args.config_command:
         print(f"{name}: give --config or --config-command, not both", file=err)
         return EXIT_USAGE
-    try:
-        config = load_config(args.config, args.config_command)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=err)
-        print(f"{len(e.errors)} error(s); the configuration is not valid", file=err)
+    config = config_or_report(args.config, args.config_command, err)
+    if config is None:
         return EXIT_USAGE
     url = state_url(config.database, config.data_dir)
     shown = url.render_as_string(hide_password=True)

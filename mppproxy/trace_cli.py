@@ -41,7 +41,6 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Optional
 
-from mppproxy.config.errors import ConfigError
 
 EXIT_FOUND, EXIT_NOTHING, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 # Transactions printed at most (the newest), unless --limit says otherwise.
@@ -299,7 +298,7 @@ def render(t: Traced) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mppproxy.quarantine_cli import load_config
+    from mppproxy.quarantine_cli import config_or_report
 
     if not (args.ref or args.sender or args.rcpt or args.since):
         print("mppproxy trace: give a reference id, --sender, --rcpt or --since", file=sys.stderr)
@@ -313,11 +312,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = None
     if args.config_file or args.config_command or not args.log:
-        try:
-            config = load_config(args.config_file, args.config_command)
-        except ConfigError as e:
-            for line in e.errors:
-                print(line, file=sys.stderr)
+        config = config_or_report(args.config_file, args.config_command, sys.stderr)
+        if config is None:
             return EXIT_USAGE
     paths = list(args.log)
     if not paths:

@@ -22,14 +22,14 @@ writes it missed are kept for the next sync (bounded).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Optional
 
 from sqlalchemy import BigInteger, Column, Integer, String, Table, and_, delete, func, select
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Engine
 
 from mppproxy.db.engine import WRITE
 from mppproxy.db.models import NETWORK_LENGTH, StateTables, create_missing
+from mppproxy.db.upsert import add_counts
 
 # Seconds between two syncs with the database.
 SYNC_INTERVAL = 2.0
@@ -76,18 +76,8 @@ def write_counts(engine: Engine, table: Table, source: str,
         return
     rows = [{"bucket": b, "kind": k, "policy": p, "network": net, "source": source, "n": n}
             for (b, k, p, net), n in sorted(counts.items())]
-    if engine.dialect.name == "sqlite":
-        lite = sqlite.insert(table)
-        statement: Any = lite.on_conflict_do_update(
-            index_elements=[table.c.bucket, table.c.kind, table.c.network, table.c.policy,
-                            table.c.source],
-            set_={"n": table.c.n + lite.excluded.n})
-    else:
-        my = mysql.insert(table)
-        statement = my.on_duplicate_key_update(n=table.c.n + my.inserted.n)
-    with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-        for i in range(0, len(rows), QUERY_CHUNK):
-            conn.execute(statement, rows[i:i + QUERY_CHUNK])
+    add_counts(engine, table, ("bucket", "kind", "network", "policy", "source"), rows,
+               QUERY_CHUNK)
 
 
 def read_others(engine: Engine, table: Table, source: str, since_bucket: int,

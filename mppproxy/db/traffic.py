@@ -40,7 +40,6 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Engine
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -49,6 +48,7 @@ from mppproxy.db.base import Database
 from mppproxy.db.engine import WRITE
 from mppproxy.db.models import REASON_KEY_LENGTH, StateTables, clip
 from mppproxy.db.nodehealth import HealthReport, write_health
+from mppproxy.db.upsert import add_counts
 from mppproxy.logsetup import Logger
 from mppproxy.results import Disposition
 
@@ -182,20 +182,10 @@ def upsert_counts(engine: Engine, tables: StateTables, node: str,
     Returns the rows written."""
     if not counts:
         return 0
-    t = tables.traffic
     rows = [{"hour": hour, "node": node, "disposition": what, "reason": reason, "n": n}
             for (hour, what, reason), n in sorted(counts.items())]
-    if engine.dialect.name == "sqlite":
-        lite = sqlite.insert(t)
-        statement: Any = lite.on_conflict_do_update(
-            index_elements=[t.c.hour, t.c.node, t.c.disposition, t.c.reason],
-            set_={"n": t.c.n + lite.excluded.n})
-    else:
-        my = mysql.insert(t)
-        statement = my.on_duplicate_key_update(n=t.c.n + my.inserted.n)
-    with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-        for i in range(0, len(rows), UPSERT_CHUNK):
-            conn.execute(statement, rows[i:i + UPSERT_CHUNK])
+    add_counts(engine, tables.traffic, ("hour", "node", "disposition", "reason"), rows,
+               UPSERT_CHUNK)
     return len(rows)
 
 
