@@ -10,10 +10,13 @@ COMMON"`` as the document does, on one MariaDB (``start-mariadb.sh``'s):
   ``database.cache_seconds`` (B's blacklist mirror reloads twice per period);
 - the thresholds counted at A blacklist the client, refused at B.
 
+- each edge's metrics ([metrics] on, a port per edge): its scrape counts
+  exactly the sessions the test opened to that edge.
+
 Each run uses a scratch database (made through the server's root socket when
 the test runs as root beside it), else the shared one with fresh client
-addresses.  Metrics from both edges are the metrics work's test.  MariaDB
-missing: skipped, or failed with ``MPP_REQUIRE_SERVICES=1``.
+addresses.  MariaDB missing: skipped, or failed with
+``MPP_REQUIRE_SERVICES=1``.
 """
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ blacklist_seconds = 600
 """
 
 
-def node_config(tmp: Path, name: str, port: int) -> str:
+def node_config(tmp: Path, name: str, port: int, metrics_port: int = 0) -> str:
     """What differs per edge (docs/deployment.md, node.toml): top-level and dotted
     keys only, no table headers, so the common file's top-level keys stay top-level."""
     return f"""
@@ -116,10 +119,27 @@ listen = ["tcp:{port}:interface=127.0.0.1"]
 data_dir = "{tmp / name / 'data'}"
 smtp.hostname = "{name}.example.com"
 archive.node_name = "{name}"
-"""
+""" + (f"""metrics.enabled = true
+metrics.listen = ["tcp:{metrics_port}:interface=127.0.0.1"]
+""" if metrics_port else "")
+
+
+# Sessions the test opened, by edge port (each edge's metrics must say the same).
+SESSIONS: dict[int, int] = {}
+
+
+def sessions_scraped(metrics_port: int) -> float:
+    """mppproxy_sessions_total of one edge's /metrics."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("mppproxy_sessions_total "):
+                return float(line.split()[1])
+    raise AssertionError("no mppproxy_sessions_total in the scrape")
 
 
 def rcpt_code(port: int, source: str, rcpt: str, sender: str) -> int:
+    SESSIONS[port] = SESSIONS.get(port, 0) + 1
     with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as s:
         s.ehlo("client.test")
         s.mail(sender)
@@ -131,14 +151,16 @@ def test_two_edges_one_mariadb_share_greylist_blacklist_thresholds(
         shared_database, proxy_process, tmp_path):
     """Two edges (own ports, own data_dirs, config = node file + common file) on one
     MariaDB: a triplet passed at A passes at B, a spam-trap blacklisting at A refuses at
-    B within cache_seconds, and thresholds counted at A refuse the client at B."""
+    B within cache_seconds, and thresholds counted at A refuse the client at B; each
+    edge's metrics count exactly the sessions it served."""
     common = tmp_path / "common.toml"
     common.write_text(common_config(shared_database))
     ports = {"edge1": free_port(), "edge2": free_port()}
+    metrics = {"edge1": free_port(), "edge2": free_port()}
     edges = []
     for name, port in ports.items():
         node = tmp_path / f"{name}.toml"
-        node.write_text(node_config(tmp_path, name, port))
+        node.write_text(node_config(tmp_path, name, port, metrics[name]))
         edges.append(proxy_process(["--config-command", f"cat {node} {common}"], port, name=name))
     a, b = ports["edge1"], ports["edge2"]
     try:
@@ -165,6 +187,10 @@ def test_two_edges_one_mariadb_share_greylist_blacklist_thresholds(
         while rcpt_code(b, busy, "a@limited.example.com", sender) != 554:
             assert time.monotonic() - started < CACHE_SECONDS + 1.0, "B never refused"
             time.sleep(0.2)
+        # Metrics from both edges: each counts its own sessions (the
+        # proxy_process fixture's banner probe opened one more each).
+        for name, port in ports.items():
+            assert sessions_scraped(metrics[name]) == SESSIONS[port] + 1, name
     finally:
         for edge in edges:
             edge.stop()
