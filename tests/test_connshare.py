@@ -9,6 +9,7 @@ client's connections over both processes (SO_REUSEPORT), and
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -64,11 +65,11 @@ def test_many_addresses_over_time_stay_correct_and_small(tmp_path: Path) -> None
     assert all(counter.per_host.get(h, 0) == 1 for h in live)
 
 
-def _open(port: int, n: int) -> tuple[list[socket.socket], list[bytes]]:
-    """``n`` connections kept open, and each one's first reply."""
+def _open(port: int, n: int, source: str = "127.0.0.1") -> tuple[list[socket.socket], list[bytes]]:
+    """``n`` connections from ``source`` kept open, and each one's first reply."""
     socks, greetings = [], []
     for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         s.settimeout(10)
         socks.append(s)
         greetings.append(s.recv(512))
@@ -83,40 +84,45 @@ def test_per_ip_and_total_limits_hold_across_two_workers(tmp_path: Path) -> None
                                                 "max_connections = 5\n")
     proxy = Proxy(tmp_path, ["--config", str(cfg)], port)
     try:
-        wait_for(lambda: "worker" in proxy.text() or True, 5)
-        socks, greetings = _open(port, 8)
+        # The node's own count, read from the table it shares: each step
+        # starts once every earlier hang-up (the start-up probe's too) is
+        # counted off, whichever process took it.
+        [path] = wait_for(lambda: glob.glob(str(data / "run" / "connections.*")), 15,
+                          what="the shared connection table")
+        table = ConnectionTable.attach(path)
+        idle = lambda: table.total() == 0  # noqa: E731
+        wait_for(idle, 15, what="no connection counted")
+        socks, greetings = _open(port, 8, "127.0.0.4")
         codes = [g[:3] for g in greetings]
         assert codes.count(b"220") == 3, greetings
         assert all(c == b"421" for c in codes if c != b"220"), greetings
         for s in socks:
             s.close()
-        # The hang-ups are counted off; then the total limit: 3 per address
-        # is not reached from 127.0.0.2/.3, the node's 5 is.
-        wait_for(lambda: _open_close(port) == b"220", 10, what="slots free again")
+        wait_for(idle, 15, what="the hang-ups counted off")
+        # The node's total of 5: not reached per address from .2 and .3.
         extra = []
         for source in ("127.0.0.2", "127.0.0.3"):
-            for _ in range(3):
-                s = socket.create_connection(("127.0.0.1", port), timeout=10,
-                                             source_address=(source, 0))
-                s.settimeout(10)
-                extra.append((s, s.recv(512)[:3]))
-        assert [code for _, code in extra].count(b"220") == 5, [c for _, c in extra]
-        for s, _ in extra:
+            more, greetings = _open(port, 3, source)
+            extra += more
+            codes += [g[:3] for g in greetings]
+        assert codes[8:].count(b"220") == 5, codes[8:]
+        for s in extra:
             s.close()
-        wait_for(lambda: _open_close(port) == b"220", 10, what="slots free again")
+        wait_for(idle, 15, what="the hang-ups counted off")
         # A worker SIGKILLed while it holds connections: what it held is
         # taken off the node's count (its column cleared), so the
         # connections left open are all that count.
-        socks, greetings = _open(port, 3)
+        socks, greetings = _open(port, 3, "127.0.0.5")
         assert [g[:3] for g in greetings] == [b"220"] * 3
         worker = wait_for(lambda: _worker_pids(cfg), 15, what="the worker")[0]
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: "restarting in" in proxy.text(), 15, what="the supervisor to see it")
         alive = [s for s in socks if _still_open(s)]
-        more, greetings = _open(port, 3)
+        more, greetings = _open(port, 3, "127.0.0.5")
         assert [g[:3] for g in greetings].count(b"220") == 3 - len(alive), (len(alive), greetings)
         for s in socks + more:
             s.close()
+        table.close()
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.text()
@@ -140,7 +146,3 @@ def _still_open(s: socket.socket) -> bool:
         return False
 
 
-def _open_close(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(10)
-        return s.recv(512)[:3]
