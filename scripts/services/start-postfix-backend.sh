@@ -52,7 +52,12 @@ HERE=$(dirname "$(readlink -f "$0")")
 
 PIDF=$PFX_ROOT/spool/pid/master.pid
 master_pid() { [ -s "$PIDF" ] && tr -d ' \n' < "$PIDF"; }
-master_alive() { local m; m=$(master_pid) && [ -n "$m" ] && kill -0 "$m" 2>/dev/null; }
+# A pid file left by an instance that is gone may name a pid some other process has
+# since been given: alive only if that process is a Postfix master.
+master_alive() {
+    local m; m=$(master_pid) && [ -n "$m" ] && kill -0 "$m" 2>/dev/null \
+        && [ "$(cat "/proc/$m/comm" 2>/dev/null)" = master ]
+}
 
 # GOTCHA: without a tty the postfix command reports fatal errors ONLY to syslog
 # (/dev/log, absent in containers) and exits 1 silently; `script` gives it a tty

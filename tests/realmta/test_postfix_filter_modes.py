@@ -14,6 +14,7 @@ Received: header names the real client.
 from __future__ import annotations
 
 import re
+import shutil
 import smtplib
 import time
 import uuid
@@ -53,7 +54,10 @@ def filtered(request: pytest.FixtureRequest, proxy_process: StartProxy, tmp_path
                            "--backend", f"127.0.0.1:{return_port}", "--relay-domain", "example.com",
                            "--trusted-network", "127.0.0.1/32", "--data-dir", str(tmp_path / "data"),
                            "--config", str(cfg)], proxy_port, name=f"proxy-{mode}")
-    front = PostfixBackend("127.0.0.1", front_port, Path(f"/tmp/pfx-{mode}"),
+    # A root of its own per run (under /tmp: the postfix user must reach it), removed
+    # after: nothing of an earlier instance (a pid file, a queue) is taken for this one.
+    root = Path(f"/tmp/pfx-{mode}-{uuid.uuid4().hex[:8]}")
+    front = PostfixBackend("127.0.0.1", front_port, root,
                            domains=("example.com",),
                            env_extra={"PFX_FILTER": mode, "PFX_NAME": f"pfx-{mode}",
                                       "PFX_FILTER_ADDR": f"127.0.0.1:{proxy_port}",
@@ -68,6 +72,7 @@ def filtered(request: pytest.FixtureRequest, proxy_process: StartProxy, tmp_path
     finally:
         front.stop(abort=True)
         proxy.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _send(front: PostfixBackend, rcpts: list[str], token: str) -> dict[str, tuple[int, bytes]]:
