@@ -252,7 +252,7 @@ def add_filters(parser: argparse.ArgumentParser, limit: Optional[int]) -> None:
     group.add_argument("--ref", help="reference id (queue id) of a message")
     group.add_argument("--status", metavar="S[,S]",
                        help=f"{', '.join(STATUSES)} or all (default: all but deleted)")
-    group.add_argument("--limit", type=_positive, default=limit, metavar="N",
+    group.add_argument("--limit", type=positive_int, default=limit, metavar="N",
                        help=f"at most N rows (default: {limit or 'all'})")
 
 
@@ -264,7 +264,8 @@ def add_bulk_options(parser: argparse.ArgumentParser) -> None:
                         help="list what would change, change nothing")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of the commands' counts and limits (a whole number >= 1)."""
     try:
         value = int(text)
     except ValueError:

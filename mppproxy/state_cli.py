@@ -53,7 +53,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from mppproxy.config.schema import ProxyConfig
 from mppproxy.db.stateadmin import (BlacklistRow, StateAdmin, TripletRow, WhitelistRow, covering,
                                     key_for, missing_sqlite_file, open_state_admin, state_url)
-from mppproxy.quarantine_cli import config_or_report, login_name
+from mppproxy.quarantine_cli import config_or_report, login_name, positive_int
 
 EXIT_OK, EXIT_NONE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 EXIT_HELP = """exit status: 0 done, 1 nothing matched, 2 usage or configuration error,
@@ -165,7 +165,7 @@ def _sub(sub: Any, name: str, help: str, handler: Handler) -> argparse.ArgumentP
 
 
 def _limit(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N rows (default: all)")
 
 
@@ -183,16 +183,6 @@ def _triplet_filters(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sender", help="envelope sender: an address, @domain, or <>")
     group.add_argument("--recipient", "--rcpt", dest="recipient",
                        help="envelope recipient: an address or @domain")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 # -- running a subcommand ---------------------------------------------------------
