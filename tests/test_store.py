@@ -181,6 +181,43 @@ def test_upgrade_from_two_processes_at_once(stores: Stores) -> None:
     assert stores.make().schema_revision() == "0004"
 
 
+def test_upgrades_in_two_threads_at_once_each_get_every_table(tmp_path: Path) -> None:
+    """Two stores of one process (an all-in-one node's keeper and console
+    at first start) upgrading at the same moment, each its own database:
+    each ends with all its tables.  Alembic's ``op`` is a module-level proxy
+    to the migration running now, so unserialised runs created one's tables
+    on the other's connection and stamped a store without them."""
+    rounds, deadline = 8, time.monotonic() + 60
+    for n in range(rounds):
+        stores = [ArchiveStore(StoreConfig(), str(tmp_path / f"{n}-{i}")) for i in range(2)]
+        barrier = threading.Barrier(2, timeout=10)
+        errors: list[BaseException] = []
+
+        def open_store(store: ArchiveStore) -> None:
+            try:
+                barrier.wait()
+                store.open()
+            except BaseException as e:  # reported below, with the round
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_store, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        try:
+            assert errors == [], (n, errors)
+            for store in stores:
+                with store.engine.connect() as conn:
+                    names = set(store.engine.dialect.get_table_names(conn))
+                assert set(store.tables.metadata.tables) <= names, (n, names)
+                assert store.schema_revision() == migrate.head()
+        finally:
+            for store in stores:
+                store.close()
+        assert time.monotonic() < deadline, f"{n + 1} of {rounds} rounds in 60 s"
+
+
 def test_sqlite_store_fsyncs_every_commit(tmp_path: Path) -> None:
     """The SQLite store holds mail: its engine uses synchronous=FULL (2) and
     WAL, unlike the state database's NORMAL."""

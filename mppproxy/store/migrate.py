@@ -10,10 +10,18 @@ Several archive nodes may start at once against one MariaDB: the upgrade
 runs under a named lock (``GET_LOCK``) so only one of them creates the
 tables and the others find them current.  On SQLite the upgrade runs in
 one ``BEGIN IMMEDIATE`` transaction, which does the same.
+
+Within one process the upgrades also take turns (``_UPGRADING``):
+Alembic's ``op`` and ``context`` are module-level proxies to the migration
+running *now*, so two upgrades in two threads at once (an all-in-one
+node's keeper and console opening their stores at first start) had one's
+``op.create_table`` run on the other's connection, and a store was stamped
+at the newest revision without some of its tables.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 from alembic import command
@@ -29,6 +37,8 @@ from mppproxy.store.schema import ArchiveTables
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 # Seconds a node waits for another node's upgrade (MariaDB's GET_LOCK).
 LOCK_TIMEOUT = 60
+# One Alembic run at a time in this process (see the module's text).
+_UPGRADING = threading.Lock()
 
 
 class MigrationLockTimeout(Exception):
@@ -68,7 +78,7 @@ def is_current(engine: Engine, table_prefix: str = "") -> bool:
 def upgrade(engine: Engine, table_prefix: str = "") -> None:
     """``alembic upgrade head``; nothing to do when the database is
     current.  Raises the database's errors (``DBAPIError``)."""
-    with engine.connect() as connection:
+    with _UPGRADING, engine.connect() as connection:
         mysql = connection.dialect.name in ("mysql", "mariadb")
         lock = f"mppproxy_archive_migrate_{table_prefix}"[:64]
         if mysql:
