@@ -207,7 +207,10 @@ def format_header(name: str, value: str) -> bytes:
     line where it can (RFC 5322 2.1.1, 2.2.3).  CR, LF and other controls in
     the value (which may quote client text) become spaces, so a value can
     never start a new header."""
-    clean = "".join(c if c.isprintable() else " " for c in value)
+    # Checked whole first (the usual case, in C): a character loop over
+    # every value cost ~7 us a header.
+    clean = value if value.isprintable() else "".join(
+        c if c.isprintable() else " " for c in value)
     words = clean.split(" ")
     lines: list[str] = []
     line = f"{name}:"
