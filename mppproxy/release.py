@@ -54,7 +54,7 @@ from mppproxy.results import Disposition
 from mppproxy.scanservice.core import ScanRequest, ScanRuntime
 from mppproxy.smtp.client import BackendError, BackendProtocol, connect_backend
 from mppproxy.smtp.replies import Reply
-from mppproxy.store.store import ArchiveStore, StoredRow
+from mppproxy.store.store import ArchiveStore, ClaimedRow, NotReleasing, StoredRow
 from mppproxy.tlsconfig import backend_context
 
 log = Logger()
@@ -166,7 +166,7 @@ class Releaser:
             return self._result(row, Outcome.BUSY, "not held mail: an archive copy of a "
                                                    f"message whose disposition was "
                                                    f"{row.disposition} (use forward)")
-        claimed: Optional[StoredRow] = await self._in_thread(
+        claimed: Optional[ClaimedRow] = await self._in_thread(
             self.store.claim_release, row.id, self.actor, self.origin)
         if claimed is None:
             current = await self._in_thread(self.store.get, row.id)
@@ -177,8 +177,20 @@ class Releaser:
             outcome, detail = await self._release_claimed(claimed)
             ok = outcome is Outcome.RELEASED
         finally:
-            await self._in_thread(self.store.finish_release, claimed.id, self.actor,
-                                  self.origin, ok, f"{outcome}: {detail}")
+            try:
+                await self._in_thread(self.store.finish_release, claimed.id, self.actor,
+                                      self.origin, ok, f"{outcome}: {detail}",
+                                      claimed.claim_id)
+            except NotReleasing as e:
+                # A stuck-release reset took the claim back while this ran
+                # (reset_stuck_releases): the row's state is the newer
+                # claim's now, and this outcome must not overwrite it.
+                log.error("release of {ref} ({domain}) by {actor} ended ({outcome}: {detail}) "
+                          "after its claim was reset: {error}; the row was left as the "
+                          "newer claim has it", ref=row.queue_id, domain=row.rcpt_domain,
+                          actor=self.actor, outcome=str(outcome), detail=detail,
+                          error=str(e), queue_id=row.queue_id)
+                detail = f"{detail} (its claim was reset meanwhile: not recorded)"
         log.info("release of {ref} ({domain}) by {actor}: {outcome}: {detail}",
                  ref=row.queue_id, domain=row.rcpt_domain, actor=self.actor,
                  outcome=str(outcome), detail=detail, queue_id=row.queue_id)

@@ -568,6 +568,29 @@ def test_stuck_release_older_than_the_threshold_is_reset(store: ArchiveStore) ->
                                                      now=later)] == [young.id]
 
 
+def test_finish_of_a_reset_claim_leaves_the_newer_claim_alone(store: ArchiveStore) -> None:
+    """A release that outlived its claim (reset as stuck, then claimed by
+    another admin) cannot finish the newer claim: neither mark the row
+    released nor put it back to held under the release still running;
+    the newer claim finishes normally; without a claim id the old check
+    (status releasing) is all."""
+    store.add_copies([copy(1)])
+    [row] = store.search(Search())
+    slow = store.claim_release(row.id, "ann", "cli:ann@laptop")
+    assert slow is not None and slow.claim_id > 0 and slow.id == row.id
+    age_claims(store, row.id, 40 * 60)
+    assert [r.id for r in store.reset_stuck_releases(Search(), 30 * 60, "carol", "cli")] == [row.id]
+    newer = store.claim_release(row.id, "bob", "cli:bob@host")
+    assert newer is not None and newer.claim_id > slow.claim_id
+    for ok in (False, True):
+        with pytest.raises(NotReleasing, match="claimed again"):
+            store.finish_release(row.id, "ann", "cli:ann@laptop", ok, "late", slow.claim_id)
+        assert store.get(row.id).status == "releasing"  # type: ignore[union-attr]
+    store.finish_release(row.id, "bob", "cli:bob@host", True, "250 ok", newer.claim_id)
+    assert store.get(row.id).status == "released"  # type: ignore[union-attr]
+    assert [a["action"] for a in store.audit_rows(limit=2)] == ["release", "release-claim"]
+
+
 def test_fresh_claim_is_never_reset(store: ArchiveStore) -> None:
     """A release that is still running (claimed a second ago) is not reset,
     nor listed as stuck, whatever the filters; a row in releasing with no

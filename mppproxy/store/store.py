@@ -43,7 +43,7 @@ import secrets
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Iterator, Optional, Sequence
 
@@ -164,6 +164,15 @@ class StoredRow:
         out["received_iso"] = _iso(self.received)
         out["released_at_iso"] = _iso(self.released_at) if self.released_at is not None else None
         return out
+
+
+@dataclass(frozen=True)
+class ClaimedRow(StoredRow):
+    """A row ``claim_release`` moved to releasing, with its claim: the id of
+    the claim's audit row.  ``finish_release`` given it finishes only that
+    claim: not one made after a stuck-release reset took this one back."""
+
+    claim_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -688,9 +697,10 @@ class ArchiveStore:
 
     # -- release -------------------------------------------------------------
 
-    def claim_release(self, row_id: int, actor: str, origin: str) -> Optional[StoredRow]:
-        """held -> releasing, atomically; the row, or None when it is not
-        held (another admin claimed it first, released, deleted)."""
+    def claim_release(self, row_id: int, actor: str, origin: str) -> Optional[ClaimedRow]:
+        """held -> releasing, atomically; the row with its claim, or None
+        when it is not held (another admin claimed it first, released,
+        deleted)."""
         m = self.tables.messages
         with self._write() as conn:
             # One conditional UPDATE decides: the second of two racing
@@ -702,19 +712,37 @@ class ArchiveStore:
                 return None
             row = _stored(conn.execute(select(*self._row_columns())
                                        .where(m.c.id == row_id)).one())
-            self._audit(conn, actor, origin, CLAIM_ACTION, row, "")
-        return row
+            claim_id = self._audit(conn, actor, origin, CLAIM_ACTION, row, "")
+        return ClaimedRow(**{f.name: getattr(row, f.name) for f in fields(StoredRow)},
+                          claim_id=claim_id)
 
-    def finish_release(self, row_id: int, actor: str, origin: str, ok: bool, detail: str) -> None:
-        """releasing -> released (``ok``) or back to held; audited."""
-        m = self.tables.messages
+    def finish_release(self, row_id: int, actor: str, origin: str, ok: bool, detail: str,
+                       claim_id: Optional[int] = None) -> None:
+        """releasing -> released (``ok``) or back to held; audited.
+
+        ``claim_id`` (``ClaimedRow.claim_id``): only while that claim is the
+        row's newest.  A release that ran so long that a stuck-release reset
+        took its claim back, and another admin claimed the row since, must
+        neither mark that release done nor put the row back to held under
+        it (the row could then be released a third time): NotReleasing."""
+        m, a = self.tables.messages, self.tables.audit
         values: dict[str, Any] = ({"status": RELEASED, "released_at": _utc(time.time())}
                                   if ok else {"status": HELD})
+        conditions: list[ColumnElement[bool]] = [m.c.id == row_id, m.c.status == RELEASING]
         with self._write() as conn:
-            changed = conn.execute(update(m).where(m.c.id == row_id, m.c.status == RELEASING)
-                                   .values(**values)).rowcount
+            if claim_id is not None:
+                # Audit ids only grow: a later claim of the row has a larger
+                # one.  Found through the audit's queue_id index (there is
+                # none on row_id).
+                queue_id = conn.execute(select(m.c.queue_id).where(m.c.id == row_id)).scalar()
+                conditions.append(~select(a.c.id).where(
+                    a.c.queue_id == queue_id, a.c.row_id == row_id,
+                    a.c.action == CLAIM_ACTION, a.c.id > claim_id).exists())
+            changed = conn.execute(update(m).where(*conditions).values(**values)).rowcount
             if changed != 1:
-                raise NotReleasing(f"row {row_id} is not being released")
+                raise NotReleasing(f"row {row_id} is not being released"
+                                   + (" under this claim (it was reset and claimed again)"
+                                      if claim_id is not None else ""))
             row = _stored(conn.execute(select(*self._row_columns())
                                        .where(m.c.id == row_id)).one())
             self._audit(conn, actor, origin, "release" if ok else "release-failed", row, detail)
@@ -914,12 +942,16 @@ class ArchiveStore:
             self._audit(conn, actor, origin, action, row, detail)
 
     def _audit(self, conn: Connection, actor: str, origin: str, action: str,
-               row: Optional[StoredRow], detail: str) -> None:
-        conn.execute(insert(self.tables.audit).values(
+               row: Optional[StoredRow], detail: str) -> int:
+        """Add one audit row; its id."""
+        result = conn.execute(insert(self.tables.audit).values(
             at=_utc(time.time()), actor=actor[:ACTOR_LENGTH], origin=origin[:ACTOR_LENGTH],
             action=action[:32], row_id=row.id if row else None,
             node=row.node if row else None, queue_id=row.queue_id if row else None,
             rcpt_domain=row.rcpt_domain if row else None, detail=detail))
+        key = result.inserted_primary_key
+        assert key is not None  # an INSERT of one row always has its key
+        return int(key[0])
 
     def audit_rows(self, limit: int = 100, queue_id: Optional[str] = None,
                    action: Optional[str] = None, domains: Optional[tuple[str, ...]] = None,
