@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from fakes_policy import MemoryDatabase
@@ -528,3 +528,67 @@ def test_garbage_stream_never_crashes():
     got = answers(s.transport)
     assert got[-1] == "550 5.7.1 access denied"
     assert all(a in ("DUNNO", "550 5.7.1 access denied") for a in got)
+
+
+# -- the stop: answered first, then closed --------------------------------------------
+
+class DrainTests(SynchronousTestCase):
+    """``PolicyServerFactory.drain``: what a stop (or a restart's old
+    process) does to the connections Postfix holds open."""
+
+    def lost(self, server: Server, proto: PolicyProtocol) -> None:
+        """What the reactor does after a loseConnection/abortConnection."""
+        proto.connectionLost(None)
+
+    def test_idle_connection_closes_at_once(self) -> None:
+        """An idle connection is closed at once; the drain fires when it is gone."""
+        s = Server(engine=ScriptedEngine())
+        drained = s.factory.drain(30)
+        self.assertTrue(s.transport.disconnecting)
+        self.assertNoResult(drained)
+        self.lost(s, s.proto)
+        self.successResultOf(drained)
+
+    def test_request_in_flight_is_answered_before_the_close(self) -> None:
+        """A request still being decided when the stop comes is answered,
+        then the connection closes; not before."""
+        engine = ScriptedEngine()
+        s = Server(engine=engine)
+        s.proto.dataReceived(request(recipient="slow@example.com"))
+        drained = s.factory.drain(30)
+        self.assertFalse(s.transport.disconnecting)
+        s.clock.advance(10)
+        self.assertFalse(s.transport.disconnecting)
+        engine.release("slow@example.com",
+                       Reply(451, "4.7.1", "Greylisted: please try again in 300 seconds"))
+        self.assertEqual(answers(s.transport),
+                         ["DEFER_IF_PERMIT Greylisted: please try again in 300 seconds"])
+        self.assertTrue(s.transport.disconnecting)
+        self.assertFalse(s.transport.disconnected)  # closed, not cut
+        self.lost(s, s.proto)
+        self.successResultOf(drained)
+
+    def test_what_is_still_deciding_after_the_grace_is_cut(self) -> None:
+        """A decision that outlasts the grace is cut (abortConnection), with
+        a warning naming the key; the idle connection beside it had closed at once."""
+        engine = ScriptedEngine()
+        s = Server(engine=engine)
+        idle, idle_transport = s.connect()
+        s.proto.dataReceived(request(recipient="stuck@example.com"))
+        with capturedLogs() as events:
+            drained = s.factory.drain(5)
+            self.assertTrue(idle_transport.disconnecting)
+            self.lost(s, idle)
+            s.clock.advance(4.9)
+            self.assertFalse(s.transport.disconnecting)
+            s.clock.advance(0.2)
+        self.assertTrue(s.transport.disconnected)  # aborted
+        self.assertTrue(any("timeouts.shutdown_grace" in formatEvent(e) for e in events))
+        self.lost(s, s.proto)
+        self.successResultOf(drained)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_drain_without_connections_fires_at_once(self) -> None:
+        s = Server(engine=ScriptedEngine())
+        self.lost(s, s.proto)
+        self.successResultOf(s.factory.drain(30))

@@ -94,6 +94,69 @@ class PolicyServiceLoopbackTests(unittest.TestCase):
                          b"action=550 5.7.1 access denied\n\n")
 
 
+    async def test_stop_answers_the_request_in_flight_then_closes(self) -> None:
+        """A stop while a request waits on the database: the listener closes
+        at once, the request is still answered on its connection, then the
+        connection closes, and only then does the stop complete."""
+        database = MemoryDatabase(reactor)
+        gate: defer.Deferred[None] = defer.Deferred()
+        real_check = database.greylist.check
+
+        async def slow_check(*args: Any) -> Any:
+            await gate
+            return await real_check(*args)
+
+        database.greylist.check = slow_check  # type: ignore[method-assign]
+        config = from_mapping(merge(BASE, {
+            "data_dir": self.mktemp(), "policyd": {"listen": ["tcp:0:interface=127.0.0.1"]},
+            "policies": {"default": {"greylisting": {"enabled": True, "delay": 300}}}}))
+        service = PolicyServerService(config, reactor, database=database)
+        service.startService()
+        port = self.port(service)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(request())
+
+        def read_all() -> bytes:
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data
+
+        answer = deferToThread(read_all)
+        await wait_until(lambda: service.factory is not None and any(
+            c._pending for c in service.factory.connections))
+        stopped = defer.ensureDeferred(defer.maybeDeferred(service.stopService))
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        for _ in range(100):  # the listener closes on the next reactor turn
+            if await deferToThread(refused):
+                break
+        else:
+            self.fail("the listener still accepts during the stop")
+        self.assertFalse(stopped.called)
+        reactor.callLater(0.2, gate.callback, None)
+        self.assertEqual(await answer,
+                         b"action=DEFER_IF_PERMIT Greylisted: please try again in 300 seconds\n\n")
+        await stopped
+
+
+async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
+    """Poll ``predicate`` on the reactor, bounded."""
+    from twisted.internet import task
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 def _start_twistd_policy(tmp_path: Path, conf: Path, port: int) -> tuple[subprocess.Popen, Path]:
     """``twistd -n mppproxy --mode policy`` as a user starts it, in its own
     process group (workers included); its log file."""

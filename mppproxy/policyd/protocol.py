@@ -199,6 +199,8 @@ class PolicyServerFactory(Factory["PolicyProtocol"]):
         self.trusted = trusted
         self.skip_trusted = skip_trusted
         self.connections: set["PolicyProtocol"] = set()
+        # Fires when the last connection has gone, while stopping (drain).
+        self._drained: Optional[defer.Deferred[None]] = None
         self._transactions: collections.OrderedDict[tuple[str, str], PolicyTransaction] = \
             collections.OrderedDict()
 
@@ -206,6 +208,39 @@ class PolicyServerFactory(Factory["PolicyProtocol"]):
         p = PolicyProtocol()
         p.factory = self
         return p
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """The stop: every connection closes once it has answered what it
+        was asked (an idle one at once; a request in flight is decided and
+        answered first, so a restart costs Postfix no 451 4.3.5 "problem
+        talking to server"); what is still open after ``grace`` seconds is
+        cut.  Fires when every connection has gone."""
+        done: defer.Deferred[None] = defer.Deferred()
+        if not self.connections:
+            done.callback(None)
+            return done
+        self._drained = done
+        for conn in list(self.connections):
+            conn.drain()
+
+        def cut() -> None:
+            if self.connections:
+                log.warn("policy server stop: {count} connection(s) still deciding after "
+                         "{grace:g} s (timeouts.shutdown_grace); cut",
+                         count=len(self.connections), grace=grace)
+                for conn in list(self.connections):
+                    conn.transport.abortConnection()
+
+        timer = self.reactor.callLater(grace, cut)
+        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return done
+
+    def gone(self, conn: "PolicyProtocol") -> None:
+        """``conn`` has closed."""
+        self.connections.discard(conn)
+        if not self.connections and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def transaction(self, peer: str, instance: str) -> PolicyTransaction:
         """The record of one message, least recently used evicted first."""
@@ -262,6 +297,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._closed = False
         self._counted = False
+        # Stopping: close once nothing is left to answer (drain).
+        self._draining = False
         self.peer = "?"
 
     # -- connection lifetime
@@ -286,7 +323,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._closed = True
         self.setTimeout(None)
         if self._counted:
-            self.factory.connections.discard(self)
+            self.factory.gone(self)
         if self._attrs or self._buffer:
             log.debug("policy client {peer} closed the connection within a request", peer=self.peer)
 
@@ -298,6 +335,19 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         log.info("policy connection from {peer} idle for {seconds}s; closing", peer=self.peer,
                  seconds=self.factory.config.idle_timeout)
         self.transport.loseConnection()
+
+    def drain(self) -> None:
+        """Close once every request read so far is answered (at once when
+        there is none): the server is stopping."""
+        self._draining = True
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        # A request partly read is not waited for: the client hears the
+        # connection close, as at any stop, and asks again on a new one.
+        if self._draining and not self._pending and not self._closed:
+            self._closed = True
+            self.transport.loseConnection()
 
     # -- framing
 
@@ -420,6 +470,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             self.transport.resumeProducing()
             # Lines read ahead before the pause.
             self.factory.reactor.callLater(0, self._resume)
+        self._close_if_drained()
 
     def _resume(self) -> None:
         if not self._paused and not self._closed and self._buffer:

@@ -150,8 +150,15 @@ class PolicyServerService(ReloadOnHup, TopService):
             ds.append(self.workers.stop(self.config.timeouts.shutdown_grace))
         self.ports.clear()
         if self.factory is not None:
-            for conn in list(self.factory.connections):
-                conn.transport.loseConnection()
+            # Requests in flight are answered first (within the grace);
+            # the runtime they use stops after them.
+            ds.append(self.factory.drain(self.config.timeouts.shutdown_grace))
+        d = defer.DeferredList(ds)
+        d.addBoth(lambda _: self._stop_the_rest())
+        return d
+
+    def _stop_the_rest(self) -> defer.Deferred[Any]:
+        ds = []
         if self.runtime is not None:
             ds.append(self.runtime.stop())
         ds.append(defer.maybeDeferred(super().stopService))
