@@ -11,10 +11,12 @@ the test closes (connections cut, port refused) and opens again.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Optional, Union
@@ -217,6 +219,70 @@ class WriterTests:
         writer.start()
         await wait_until(lambda: self.depth() == 0, "the rest stored after a restart")
         self.assertEqual(len({r.queue_id for r in await self.rows(store)}), 60)
+
+    async def test_the_next_batch_is_claimed_while_one_is_stored(self) -> None:
+        """Under load the next full batch is claimed and read while the
+        database stores the one before (the writer's pipelining); every
+        copy is stored once and leaves the queue."""
+        store = self.make_store()
+        for i in range(12):
+            self.enqueue(f"P{i:02d}", recipients=("bob@example.com",))
+        claimed_dir = os.path.join(self.queue.directory, "claimed")
+        overlapped = threading.Event()
+        real_add = store.add_copies
+        calls = []
+
+        def add_copies(copies: Any) -> int:
+            calls.append(len(copies))
+            if len(calls) == 1:
+                # Held until the next batch is claimed too (bounded).
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if len(os.listdir(claimed_dir)) >= 8:
+                        overlapped.set()
+                        break
+                    time.sleep(0.01)
+            return real_add(copies)
+
+        self.patch(store, "add_copies", add_copies)
+        writer = self.start_writer(store, batch=4, linger=0.0)
+        await wait_until(lambda: self.depth() == 0, "queue emptied")
+        self.assertTrue(overlapped.is_set(), "the next batch was not claimed during the store")
+        self.assertEqual(sorted(r.queue_id for r in await self.rows(store)),
+                         [f"P{i:02d}" for i in range(12)])
+        self.assertEqual((calls, writer.stored), ([4, 4, 4], 12))
+
+    async def test_a_store_outage_hands_back_the_batch_claimed_ahead_too(self) -> None:
+        """The store fails while a batch is stored and the next was claimed
+        ahead: both go back to new/ uncounted, and once the store works
+        every copy is stored once."""
+        store = self.make_store()
+        for i in range(8):
+            self.enqueue(f"O{i:02d}", recipients=("bob@example.com",))
+        claimed_dir = os.path.join(self.queue.directory, "claimed")
+        real_add = store.add_copies
+        failed: list[list[str]] = []
+
+        def add_copies(copies: Any) -> int:
+            if not failed:
+                deadline = time.monotonic() + 10
+                while len(os.listdir(claimed_dir)) < 8 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                failed.append(sorted(os.listdir(claimed_dir)))
+                raise OSError(errno.EIO, "the store's disk failed")  # the store's side
+            return real_add(copies)
+
+        self.patch(store, "add_copies", add_copies)
+        writer = self.start_writer(store, batch=4, linger=0.0, retry_delay=0.3)
+        await wait_until(lambda: bool(said(self.events, "archive store unavailable")),
+                         "store reported unavailable")
+        self.assertEqual(len(failed[0]), 8)  # both batches were claimed
+        await wait_until(lambda: self.depth() == 0, "queue emptied after the outage")
+        self.assertEqual(sorted(r.queue_id for r in await self.rows(store)),
+                         [f"O{i:02d}" for i in range(8)])
+        self.assertEqual(writer.stored, 8)
+        (line,) = said(self.events, "archive store available again")
+        self.assertEqual(line["waited"], 8)
 
     async def test_wake_stores_a_new_copy_before_the_next_poll(self) -> None:
         """A copy queued while the writer idles is stored at once after wake(), not at the next poll."""

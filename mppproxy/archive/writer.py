@@ -9,7 +9,13 @@ item's metadata (``copies.metadata_for``, the same on both) and the store's
 
 The loop: claim up to ``batch`` items (and at most ``max_batch_bytes`` of
 messages), decode each one's state, store them all with one
-``add_copies`` (one database transaction), then finish every item.
+``add_copies`` (one database transaction), then finish every item.  Under
+load the work overlaps: while the database stores a full batch, the next
+one is claimed and read from the queue, and a stored batch's items are
+finished while the next is stored (the queue's files and the database's
+round trips each wait on their own I/O; done one after the other the
+writer ran at 0.23-0.42 of the raw INSERT rate on MariaDB).  So up to two
+batches are in memory at once.
 
 * Nothing lost: an item leaves the queue only after the transaction that
   holds its rows has committed.  A store that is away -- a database down
@@ -156,6 +162,10 @@ class CopyWriter:
         self._woken = False
         # When the store was found unavailable; None while it works.
         self._down_since: Optional[float] = None
+        # The next batch, claimed while the last one was being stored.
+        self._prefetched: Optional[list[tuple[QueueItem, NewCopy]]] = None
+        # The finishing of the last stored batch, running in the pool.
+        self._finishing: Optional[Deferred[None]] = None
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -191,6 +201,15 @@ class CopyWriter:
     # -- the loop ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            # Claimed ahead but not stored: back to the queue, uncounted;
+            # and the last finish ends before the stop does.
+            await self._give_back_prefetched()
+            await self._finished()
+
+    async def _loop(self) -> None:
         while not self._stopping:
             try:
                 busy = await self._step()
@@ -227,7 +246,9 @@ class CopyWriter:
             # Stopped while the store was opening: claim nothing more.
             return False
         self._woken = False
-        batch = await self._in_thread(self._claim_batch)
+        batch, self._prefetched = self._prefetched, None
+        if batch is None:
+            batch = await self._in_thread(self._claim_batch)
         self._last_full = len(batch) >= self.batch
         if not batch:
             if self._down_since is not None and self.store_ready:
@@ -236,6 +257,26 @@ class CopyWriter:
             return False
         await self._store(batch)
         return True
+
+    async def _claim_ahead(self) -> None:
+        """Claim the next batch (called while one is being stored)."""
+        self._prefetched = await self._in_thread(self._claim_batch)
+
+    async def _give_back_prefetched(self) -> None:
+        batch, self._prefetched = self._prefetched, None
+        if batch:
+            await self._in_thread(self._hand_back, [item for item, _ in batch])
+
+    async def _finished(self) -> None:
+        """Wait for the last batch's finish (its failure is logged: the
+        items stay claimed, come back at the next start and are found
+        stored)."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            try:
+                await finishing
+            except Exception:
+                log.failure("archive writer: finishing stored copies in the queue")
 
     def _claim_batch(self) -> list[tuple[QueueItem, NewCopy]]:
         """Claim and decode up to ``batch`` items (in the thread pool; one
@@ -258,9 +299,22 @@ class CopyWriter:
 
     async def _store(self, batch: list[tuple[QueueItem, NewCopy]]) -> None:
         items = [item for item, _ in batch]
+        storing = self._in_thread(self.store.add_copies, [copy for _, copy in batch])
+        ahead: Optional[Deferred[None]] = None
+        if len(batch) >= self.batch and not self._stopping and self._down_since is None:
+            # More are likely waiting: read them while the database works.
+            ahead = as_deferred(self._claim_ahead())
         try:
-            await self._in_thread(self.store.add_copies, [copy for _, copy in batch])
+            await storing
         except Exception as e:
+            if ahead is not None:
+                try:
+                    await ahead
+                except Exception:
+                    log.failure("archive writer: claiming the next batch")
+            # A batch the store refused is handled alone: the one claimed
+            # ahead goes back and is claimed again afterwards.
+            await self._give_back_prefetched()
             if await self._in_thread(self._is_outage, e):
                 await self._wait_for_store(items, e)
             elif len(batch) == 1:
@@ -270,9 +324,15 @@ class CopyWriter:
                          "one by one", n=len(batch), error=_describe(e))
                 await self._one_by_one(batch)
             return
-        await self._in_thread(self._finish, items)
+        # The previous batch's finish has had the whole store to run.
+        await self._finished()
+        self._finishing = self._in_thread(self._finish, items)
         self.stored += len(items)
+        if ahead is not None:
+            await ahead
         if self._down_since is not None:
+            # The line counts what still waits in the queue: not these.
+            await self._finished()
             await self._available(len(items))
 
     async def _one_by_one(self, batch: list[tuple[QueueItem, NewCopy]]) -> None:
