@@ -38,7 +38,8 @@ from mppproxy.store import (ArchiveStore, NewCopy, NotReleasing, RawMissing, Sch
                             Search, StoredRow, StoreError)
 from mppproxy.store import migrate
 from mppproxy.store.schema import SUBJECT_LENGTH
-from mppproxy.store.store import ORPHAN_AGE, ZLIB_LEVEL, raw_key_for
+from mppproxy.store.compress import ZLIB_LEVEL
+from mppproxy.store.store import ORPHAN_AGE, raw_key_for
 from mppproxy.store.subject import subject_of
 
 ROOT = Path(__file__).resolve().parents[1]

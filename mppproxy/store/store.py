@@ -58,20 +58,13 @@ from mppproxy.config.database import DatabaseConfig
 from mppproxy.db.engine import WRITE, database_url, make_engine
 from mppproxy.spool.durable import fsync_dir
 from mppproxy.store import migrate
+from mppproxy.store.compress import compress_message
 from mppproxy.store.schema import (ACTOR_LENGTH, CLIENT_IP_LENGTH, DELETED, DOMAIN_LENGTH,
                                    HELD, HELO_LENGTH, NODE_LENGTH, QUEUE_ID_LENGTH,
                                    REASON_LENGTH, RELEASED, RELEASING, SENDER_LENGTH,
                                    VERDICT_LENGTH, ArchiveTables)
 from mppproxy.store.subject import subject_of
 
-# zlib level for stored messages: 1.  Measured on this project's machine:
-# text mail (tests/data/email_corpus thirty times, 1.8 MB) kept 26.4 % of its size at
-# level 1 and 22.8 % at 6, at 153 against 72 MB/s; a base64 attachment
-# (most of a large message's bytes) 77.3 % against 76.0 %, at 44 against
-# 35 MB/s; 4 KiB messages the same at both.  The space level 6 saves is a
-# few per cent of a large message, its time is on the writer's thread for
-# every copy (the benchmark's copies per second).
-ZLIB_LEVEL = 1
 # Rows changed per transaction by delete and set_hold (a bulk form over a
 # whole domain must not hold SQLite's write lock for seconds).
 CHANGE_BATCH = 1000
@@ -402,7 +395,7 @@ class ArchiveStore:
         data: dict[str, bytes] = {}
         for key in dict.fromkeys(r["raw_key"] for r in rows):
             message = messages[key]
-            compressed = zlib.compress(message, ZLIB_LEVEL)
+            compressed = compress_message(message)
             raws.append({"raw_key": key, "data": None if self.files else compressed,
                          "size": len(message)})
             data[key] = compressed
