@@ -126,6 +126,17 @@ class NewCopy:
 
 
 @dataclass(frozen=True)
+class PreparedCopies:
+    """Copies ready for their transaction (``ArchiveStore.prepare_copies``):
+    the rows not stored yet, their raw rows, and the compressed messages
+    by raw key."""
+
+    rows: list[dict[str, Any]]
+    raws: list[dict[str, Any]]
+    data: dict[str, bytes]
+
+
+@dataclass(frozen=True)
 class StoredRow:
     """One stored (message, recipient domain) row, as lists show it."""
 
@@ -380,17 +391,22 @@ class ArchiveStore:
         """Store ``copies`` in one transaction, one row per (copy,
         recipient domain), the raw message once per copy; rows stored
         before are skipped.  Returns the rows inserted."""
+        return self.store_prepared(self.prepare_copies(copies))
+
+    def prepare_copies(self, copies: Sequence[NewCopy]) -> PreparedCopies:
+        """The first half of ``add_copies``, which writes nothing: the
+        rows, and the raw messages compressed (blocking: asks the database
+        which rows it has).  The writer prepares the next batch while the
+        database stores the last (``archive/writer.py``)."""
         if not copies:
-            return 0
+            return PreparedCopies([], [], {})
         rows, messages = self._rows_of(copies)
         # Work a retried batch need not do again (compressing, writing
         # files) is skipped for the rows found here; the unique key still
         # decides, in the transaction, for a copy another writer stores
-        # meanwhile.
+        # meanwhile (or since this was prepared).
         existing = self._existing({(r["queue_id"], r["node"]) for r in rows})
         rows = [r for r in rows if (r["queue_id"], r["node"], r["rcpt_domain"]) not in existing]
-        if not rows:
-            return 0
         raws: list[dict[str, Any]] = []
         data: dict[str, bytes] = {}
         for key in dict.fromkeys(r["raw_key"] for r in rows):
@@ -399,10 +415,18 @@ class ArchiveStore:
             raws.append({"raw_key": key, "data": None if self.files else compressed,
                          "size": len(message)})
             data[key] = compressed
+        return PreparedCopies(rows, raws, data)
+
+    def store_prepared(self, prepared: PreparedCopies) -> int:
+        """The second half of ``add_copies``: the raw files (``raw =
+        "files"``) and the one transaction.  Returns the rows inserted."""
+        if not prepared.rows:
+            return 0
+        data = prepared.data
         if self.files:
             self._write_files(data)
         try:
-            inserted, unused = self._insert_with_retry(rows, raws)
+            inserted, unused = self._insert_with_retry(prepared.rows, prepared.raws)
         except BaseException:
             if self.files:
                 self._remove_files(list(data))  # no row names them
