@@ -384,6 +384,67 @@ class StorageFailureTests(QueueTestCase):
         self.assertEqual(self.claim(q).message(), b"small")
 
 
+class ListingTests(QueueTestCase):
+    """claim_many's listing of new/, kept for LISTING_TTL: a consumer
+    claiming one item at a time (the forwarder's senders) does not list
+    and sort the whole backlog for every item."""
+
+    def count_listings(self, q: DurableQueue) -> list[str]:
+        listed: list[str] = []
+        real = os.listdir
+
+        def listdir(path: str) -> list[str]:
+            if path == os.path.join(q.directory, "new"):
+                listed.append(path)
+            return real(path)
+
+        self.patch(queue_module.os, "listdir", listdir)
+        return listed
+
+    def test_draining_a_backlog_one_by_one_lists_once(self) -> None:
+        """200 items claimed one at a time, each once, with one listing."""
+        clock = [1_700_000_000.0]
+        q = self.make_queue(clock=lambda: clock[0])
+        ids = q.enqueue_many([(b"m%d" % i, {}) for i in range(200)])
+        listed = self.count_listings(q)
+        got = []
+        for _ in range(200):
+            clock[0] += 0.001
+            got.append(self.claim(q).id)
+        self.assertEqual(sorted(got), sorted(ids))  # one due time: any order among them
+        self.assertEqual(len(listed), 1)
+        self.assertIsNone(q.claim())  # used up: listed again, and empty
+        self.assertEqual(len(listed), 2)
+
+    def test_new_item_is_found_when_the_listing_holds_nothing_due(self) -> None:
+        """An item enqueued after the listing, due before the listed ones
+        (these were retried to later), is claimed at once: a listing whose
+        first name is not due is made again."""
+        clock = [1_700_000_000.0]
+        q = self.make_queue(clock=lambda: clock[0], base_delay=60)
+        q.enqueue(b"old", {})
+        q.retry(self.claim(q), "node away")  # due in 60 s
+        self.assertIsNone(q.claim())
+        fresh = q.enqueue(b"fresh", {})
+        self.assertEqual(self.claim(q).id, fresh)
+        clock[0] += 61
+        self.assertEqual(self.claim(q).message(), b"old")
+
+    def test_listing_expires(self) -> None:
+        """Items another queue object (another process) adds are found once
+        the listing is older than LISTING_TTL, even while it still holds due names."""
+        clock = [1_700_000_000.0]
+        q = self.make_queue(clock=lambda: clock[0])
+        other = self.make_queue(q.directory, clock=lambda: clock[0] - 10)
+        q.enqueue_many([(b"a", {}), (b"b", {})])
+        self.assertEqual(self.claim(q).message(), b"a")
+        early = other.enqueue(b"early", {})  # due 10 s before the others
+        self.assertEqual(self.claim(q).message(), b"b")  # the listing still serves
+        q.enqueue(b"c", {})
+        clock[0] += queue_module.LISTING_TTL + 0.1
+        self.assertEqual(self.claim(q).id, early)
+
+
 class EnqueueManyTests(QueueTestCase):
     #: The threads writing the batch's files (None: one after the other).
     writers: Optional[DaemonWriters] = None

@@ -55,6 +55,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -77,6 +78,11 @@ DEFAULT_MAX_AGE = 5 * 86400.0
 # Claimed by a process that died this many times: the item itself is likely
 # what kills it (Mailman's MAX_BAK_COUNT), so it goes to bad/.
 DEFAULT_MAX_RECOVERIES = 3
+# Seconds one sorted listing of new/ serves further claims (claim_many).
+# Listing and sorting a queue that grew while its consumer was away costs
+# ~0.5 us a name (100,000 names: ~50 ms); done for every claim of one item
+# (the forwarder's senders), draining such a backlog cost O(n) a copy.
+LISTING_TTL = 2.0
 
 _SUBDIRS = ("tmp", "new", "claimed", "bad", "owners")
 _ID = r"\d{16}-\d+-\d+-[0-9a-f]+"
@@ -178,6 +184,11 @@ class DurableQueue:
         self.max_recoveries = max_recoveries
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._owner_file: Optional[BinaryIO] = None
+        # new/'s names, sorted, not yet tried by claim_many, and when they
+        # were listed; one claim at a time takes from them.
+        self._listing: deque[str] = deque()
+        self._listed_at = float("-inf")
+        self._listing_lock = threading.Lock()
 
     def _dir(self, sub: str) -> str:
         return os.path.join(self.directory, sub)
@@ -409,33 +420,65 @@ class DurableQueue:
         ~100 items a second.  ``max_size``: stop once the claimed messages
         reach this many octets (the first item is always taken)."""
         self._check_open()
-        now_us = _micros(self._clock())
+        now = self._clock()
+        now_us = _micros(now)
         out: list[QueueItem] = []
         total = 0
-        for name in sorted(os.listdir(self._dir("new"))):
-            if len(out) >= limit or (max_size is not None and out and total >= max_size):
-                break
-            m = _NEW_NAME.fullmatch(name)
-            if m is None:
-                continue
-            if int(m.group(1)) > now_us:
-                break  # sorted by due time: nothing later is due either
-            item_id, attempts, recoveries = m.group(2), int(m.group(3)), int(m.group(4))
-            path = os.path.join(self._dir("claimed"),
-                                f"{item_id}_{attempts}_{recoveries}_{self.owner}")
-            try:
-                os.rename(os.path.join(self._dir("new"), name), path)
-            except FileNotFoundError:
-                continue  # claimed by another process
-            try:
-                metadata, offset, size = _read_header(path)
-            except (OSError, ValueError) as e:
-                self._to_bad(path, item_id, attempts, recoveries, f"unreadable item: {e}")
-                continue
-            out.append(QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
-                                 path, offset, size))
-            total += size
+        with self._listing_lock:
+            names = self._due_names(now, now_us)
+            # The bounds are checked before the next name is taken: a name
+            # taken from the listing and not tried would wait for the next.
+            while len(out) < limit and not (max_size is not None and out and total >= max_size):
+                name = next(names, None)
+                if name is None:
+                    break
+                item = self._claim_name(name)
+                if item is not None:
+                    out.append(item)
+                    total += item.size
         return out
+
+    def _due_names(self, now: float, now_us: int) -> Iterator[str]:
+        """new/'s names whose due time has passed, earliest first, each
+        taken from the listing as it is yielded (under _listing_lock).  The
+        listing is made again when it is used up, older than LISTING_TTL,
+        or when its first name is not due yet (an item enqueued since may
+        be due before it); at most once per call.  A name another process
+        (or a release, a retry) has since moved is skipped by the rename."""
+        listing = self._listing
+        relisted = False
+        while True:
+            stale = now - self._listed_at > LISTING_TTL
+            if not listing or stale or not _due(listing[0], now_us):
+                if relisted:
+                    return
+                listing.clear()
+                listing.extend(sorted(os.listdir(self._dir("new"))))
+                self._listed_at = now
+                relisted = True
+                continue
+            yield listing.popleft()
+
+    def _claim_name(self, name: str) -> Optional[QueueItem]:
+        """Claim the item ``name`` of new/ (a rename), or None when it is
+        gone or not an item (an unreadable one goes to bad/)."""
+        m = _NEW_NAME.fullmatch(name)
+        if m is None:
+            return None
+        item_id, attempts, recoveries = m.group(2), int(m.group(3)), int(m.group(4))
+        path = os.path.join(self._dir("claimed"),
+                            f"{item_id}_{attempts}_{recoveries}_{self.owner}")
+        try:
+            os.rename(os.path.join(self._dir("new"), name), path)
+        except FileNotFoundError:
+            return None  # claimed by another process
+        try:
+            metadata, offset, size = _read_header(path)
+        except (OSError, ValueError) as e:
+            self._to_bad(path, item_id, attempts, recoveries, f"unreadable item: {e}")
+            return None
+        return QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
+                         path, offset, size)
 
     def finish(self, item: QueueItem) -> None:
         """The item was sent: remove it, durably (blocking)."""
@@ -565,6 +608,13 @@ class DurableQueue:
 
 
 # -- names and files ---------------------------------------------------------------------
+
+def _due(name: str, now_us: int) -> bool:
+    """Whether the new/ entry ``name`` is due (a name that is not an item
+    counts as due: claiming skips it)."""
+    m = _NEW_NAME.fullmatch(name)
+    return m is None or int(m.group(1)) <= now_us
+
 
 def _micros(when: float) -> int:
     return max(0, int(when * 1_000_000))
