@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from helpers import mount_tmpfs
-from mppproxy.spool.committer import DaemonWriters, GroupCommitter
+from mppproxy.spool.committer import GroupCommitter
 from mppproxy.spool.queue import DurableQueue
 
 
@@ -97,25 +97,3 @@ class CommitterTests(TestCase):
                              for t in threading.enumerate()))
         await self.assertFailure(committer.submit(b"after", {}), RuntimeError)
         self.assertEqual(len(os.listdir(os.path.join(committer.queue.directory, "new"))), 1)
-
-
-class DaemonWritersTests(TestCase):
-
-    def test_results_errors_and_daemon_threads(self) -> None:
-        """What is submitted runs in daemon threads (a write hung on a dead
-        disk cannot keep the process from exiting); a result or an exception
-        comes back through its future; after shutdown nothing is taken."""
-        writers = DaemonWriters(2, "test")
-        self.addCleanup(writers.shutdown)
-        names = {t.name: t.daemon for t in threading.enumerate() if t.name.startswith("test ")}
-        self.assertEqual(names, {"test 0": True, "test 1": True})
-        self.assertEqual(writers.submit(lambda a, b: a + b, 2, b=3).result(timeout=10), 5)
-        read_end, write_end = os.pipe()  # fsync(2) of a pipe: EINVAL
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        failed = writers.submit(os.fsync, read_end)
-        with self.assertRaises(OSError) as caught:
-            failed.result(timeout=10)
-        self.assertEqual(caught.exception.errno, errno.EINVAL)
-        writers.shutdown()
-        self.assertRaises(RuntimeError, writers.submit, print)

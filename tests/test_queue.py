@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +29,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from helpers import mount_tmpfs
 from mppproxy.smtp import replies
 from mppproxy.spool import queue as queue_module
-from mppproxy.spool.committer import DaemonWriters
 from mppproxy.spool.queue import DurableQueue, ItemState, QueueItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,11 +444,6 @@ class ListingTests(QueueTestCase):
 
 
 class EnqueueManyTests(QueueTestCase):
-    #: The threads writing the batch's files (None: one after the other).
-    writers: Optional[DaemonWriters] = None
-
-    def enqueue_many(self, q: DurableQueue, items: Any) -> list[Any]:
-        return q.enqueue_many(items, writers=self.writers)
 
     def test_batch_is_written_with_one_directory_fsync(self) -> None:
         """enqueue_many writes every item whole, in order, with one fsync of new/ for the batch."""
@@ -463,7 +456,7 @@ class EnqueueManyTests(QueueTestCase):
             real(path)
 
         self.patch(queue_module, "fsync_dir", counting_fsync_dir)
-        results = self.enqueue_many(q, [(b"one", {"n": 1}), ([b"tw", b"o"], {"n": 2}), (b"three", {"n": 3})])
+        results = q.enqueue_many([(b"one", {"n": 1}), ([b"tw", b"o"], {"n": 2}), (b"three", {"n": 3})])
         self.assertEqual(synced, [os.path.join(q.directory, "new")])
         self.assertTrue(all(isinstance(r, str) for r in results))
         items = [self.claim(q) for _ in range(3)]
@@ -481,7 +474,7 @@ class EnqueueManyTests(QueueTestCase):
             real(fd, data)
 
         self.patch(queue_module, "_write_all", failing_write)
-        results = self.enqueue_many(q, [(b"good1", {}), (b"bad", {}), (b"good2", {})])
+        results = q.enqueue_many([(b"good1", {}), (b"bad", {}), (b"good2", {})])
         self.assertIsInstance(results[1], OSError)
         error = results[1]
         assert isinstance(error, OSError)
@@ -500,53 +493,17 @@ class EnqueueManyTests(QueueTestCase):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
         self.patch(queue_module, "fsync_dir", failing_fsync_dir)
-        results = self.enqueue_many(q, [(b"a", {}), (b"b", {})])
+        results = q.enqueue_many([(b"a", {}), (b"b", {})])
         self.assertEqual([getattr(r, "errno", None) for r in results], [errno.EIO, errno.EIO])
         self.assertEqual((files(q.directory, "tmp"), files(q.directory, "new")), ([], []))
 
     def test_unserialisable_metadata_fails_only_that_item(self) -> None:
         """Metadata that is not JSON fails its own item with the TypeError and creates no file for it."""
         q = self.make_queue()
-        results = self.enqueue_many(q, [(b"a", {"x": object()}), (b"b", {})])
+        results = q.enqueue_many([(b"a", {"x": object()}), (b"b", {})])
         self.assertIsInstance(results[0], TypeError)
         self.assertIsInstance(results[1], str)
         self.assertEqual(self.claim(q).message(), b"b")
-
-
-class ParallelEnqueueManyTests(EnqueueManyTests):
-    """The same, the files written and fsync'ed by several threads at once
-    (as the group committer does)."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.writers = DaemonWriters(3, "test-writers")
-        self.addCleanup(self.writers.shutdown)
-
-    def test_every_file_is_fsynced_before_any_rename(self) -> None:
-        """With the writes in threads, each item's file is fsync'ed (once)
-        before the first rename makes any item visible."""
-        q = self.make_queue()
-        events: list[str] = []
-        lock = threading.Lock()
-        real_fsync, real_rename = os.fsync, os.rename
-
-        def fsync(fd: int) -> None:
-            real_fsync(fd)
-            with lock:
-                events.append("fsync")
-
-        def rename(src: str, dst: str) -> None:
-            with lock:
-                events.append("rename")
-            real_rename(src, dst)
-
-        self.patch(queue_module.os, "fsync", fsync)
-        self.patch(queue_module.os, "rename", rename)
-        results = self.enqueue_many(q, [(b"m%d" % i, {}) for i in range(6)])
-        self.assertTrue(all(isinstance(r, str) for r in results))
-        # Six file fsyncs, then six renames (the directory's fsync goes
-        # through fsync_dir, after them).
-        self.assertEqual(events[:12], ["fsync"] * 6 + ["rename"] * 6)
 
 
 # -- processes ---------------------------------------------------------------------------

@@ -14,9 +14,7 @@ Here the reactor thread only appends the item to a list and notifies the
 thread; the thread takes everything that is waiting, writes it with
 ``DurableQueue.enqueue_many`` (each file written and fsync'ed, then renamed,
 then one fsync of ``new/`` for the batch) and hands all the results back
-with one ``callFromThread``.  The files of a batch are written and
-fsync'ed by a few threads at once (``WRITERS``), so the file system
-commits their fsyncs together instead of one journal commit each.  Under load the batches grow by themselves (the
+with one ``callFromThread``.  Under load the batches grow by themselves (the
 items that arrive while a batch is being written are the next batch); a
 lone message is written at once, as before.  The promise does not change:
 a caller's Deferred fires only once its item is durable, or fails with the
@@ -30,8 +28,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-import queue as queue_
-from concurrent.futures import Executor, Future
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from twisted.internet import defer
@@ -45,11 +41,6 @@ log = Logger()
 # Items written in one batch at most: bounds the open descriptors of a batch
 # and the wait of the last item in it (each item costs one write and one fsync).
 MAX_BATCH = 64
-# Threads writing and fsync'ing the files of one batch at once: enough for
-# the file system to commit a batch's fsyncs in one go (on ext4, 16 threads
-# brought a batch of 32 from 7 ms to under 2), few enough to bound what a
-# hung disk holds.
-WRITERS = 16
 # Seconds ``stop`` waits for the thread's batch in hand to be written.
 STOP_TIMEOUT = 10.0
 
@@ -72,7 +63,6 @@ class GroupCommitter:
         self._pending: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
-        self._writers: Optional[DaemonWriters] = None
         self._stopping = False
         # Batches written, for the tests and the logs.
         self.batches = 0
@@ -88,7 +78,6 @@ class GroupCommitter:
             self._pending.append((message, metadata, d))
             self._cond.notify()
             if self._thread is None:
-                self._writers = DaemonWriters(WRITERS, f"queue-write {self.queue.directory}")
                 self._thread = threading.Thread(
                     target=self._run, name=f"queue-commit {self.queue.directory}", daemon=True)
                 self._thread.start()
@@ -109,9 +98,6 @@ class GroupCommitter:
                 log.error("the queue {queue} is still writing after {timeout:g} s at the stop "
                           "(a hung disk?): the clients waiting on it were not answered 250",
                           queue=self.queue.directory, timeout=timeout)
-        if self._writers is not None:
-            # Not waited on: after a timeout above they may hang on the disk.
-            self._writers.shutdown(wait=False)
 
     # -- the committer's thread ---------------------------------------------------------
 
@@ -127,8 +113,7 @@ class GroupCommitter:
             results: Sequence[Union[str, BaseException]]
             try:
                 self.prepare()
-                results = self.queue.enqueue_many([(m, meta) for m, meta, _ in batch],
-                                                  writers=self._writers)
+                results = self.queue.enqueue_many([(m, meta) for m, meta, _ in batch])
             except Exception as e:
                 # enqueue_many answers per item; this is the queue not
                 # opening (its directory unwritable...): every item fails.
@@ -170,47 +155,3 @@ def _settle(waiting: list["defer.Deferred[str]"],
             d.errback(result)
         else:
             d.callback(result)
-
-
-class DaemonWriters(Executor):
-    """``count`` daemon threads running what is submitted, in order of
-    submission.  Not ``ThreadPoolExecutor``: its threads are joined when
-    the interpreter exits, so a write hung on a dead disk would keep the
-    process from ever ending; these, like the committer's own thread, are
-    left behind (the stop has logged it)."""
-
-    def __init__(self, count: int, name: str):
-        self._work: queue_.SimpleQueue[Any] = queue_.SimpleQueue()
-        self._shutdown = False
-        self._threads = [threading.Thread(target=self._run, name=f"{name} {n}", daemon=True)
-                         for n in range(count)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if self._shutdown:
-            raise RuntimeError("the queue's writers have stopped")
-        future: Future[Any] = Future()
-        self._work.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
-        for _ in self._threads:
-            self._work.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-    def _run(self) -> None:
-        while True:
-            task = self._work.get()
-            if task is None:
-                return
-            future, fn, args, kwargs = task
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:
-                future.set_exception(e)

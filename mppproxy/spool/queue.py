@@ -56,7 +56,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -327,8 +326,7 @@ class DurableQueue:
         return result
 
     def enqueue_many(self, items: Sequence[tuple[Message, Mapping[str, Any]]],
-                     due: Optional[float] = None,
-                     writers: Optional[Executor] = None) -> list[Union[str, Exception]]:
+                     due: Optional[float] = None) -> list[Union[str, Exception]]:
         """Store several items with one fsync of new/ for all (blocking): for
         each, in order, its id once it is durable and visible, or the
         exception that failed it, with nothing of that item left visible
@@ -339,35 +337,22 @@ class DurableQueue:
         Each file is written and fsync'ed before any is renamed, so every
         rename makes visible a whole, durable file; the one directory fsync
         after the renames makes them survive a crash.  Only once it has
-        returned may a caller answer 250.
-
-        ``writers``: threads that write and fsync the files of the batch at
-        once (``spool/committer.py``).  One fsync after another cost a
-        journal commit each (~230 us on the test machines' ext4, so a batch
-        of 32 waited 7 ms); issued together, the file system commits them
-        in one go (jbd2's group commit: ~55 us an item).  Each file is still
-        fsync'ed on its own before its rename, on any file system."""
+        returned may a caller answer 250."""
         self._check_open()
         now = self._clock()
         results: list[Union[str, Exception]] = []
-        planned = []
-        for message, metadata in items:
-            item_id = _new_id(now)
-            planned.append((item_id, os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.tmp"),
-                            os.path.join(self._dir("new"), _new_name(
-                                now if due is None else due, item_id, 0, 0)),
-                            message, metadata))
-        # (index, id, tmp path, new path) of the files that may exist: any of
-        # them until the writes have all answered, then those written.
-        written: list[tuple[int, str, str, str]] = [
-            (i, p[0], p[1], p[2]) for i, p in enumerate(planned)]
+        # (index, id, tmp path, new path) of the items written so far.
+        written: list[tuple[int, str, str, str]] = []
         try:
-            outcomes = _write_items([(tmp, m, meta) for _, tmp, _, m, meta in planned], writers)
-            written = []
-            for index, ((item_id, tmp_path, new_path, _, _), failed) in enumerate(
-                    zip(planned, outcomes)):
-                if failed is not None:
-                    results.append(_with_path(failed, tmp_path))
+            for index, (message, metadata) in enumerate(items):
+                item_id = _new_id(now)
+                tmp_path = os.path.join(self._dir("tmp"), f"{self.owner}_{item_id}.tmp")
+                new_path = os.path.join(self._dir("new"), _new_name(
+                    now if due is None else due, item_id, 0, 0))
+                try:
+                    _write_item(tmp_path, message, metadata)
+                except Exception as e:
+                    results.append(_with_path(e, tmp_path))
                     continue
                 results.append(item_id)
                 written.append((index, item_id, tmp_path, new_path))
@@ -674,28 +659,6 @@ def _write_item(path: str, message: Message, metadata: Mapping[str, Any]) -> Non
     except BaseException:
         _unlink_quietly(path)
         raise
-
-
-def _write_items(files: Sequence[tuple[str, Message, Mapping[str, Any]]],
-                 writers: Optional[Executor]) -> list[Optional[Exception]]:
-    """``_write_item`` for each of ``files`` (path, message, metadata): in
-    ``writers``' threads at once when there are several, else one after the
-    other; each one's exception or None, in order.  Returns only once every
-    write has ended (a failed one has removed its file)."""
-    def write(path: str, message: Message, metadata: Mapping[str, Any]) -> Optional[Exception]:
-        try:
-            _write_item(path, message, metadata)
-        except Exception as e:
-            return e
-        return None
-
-    if writers is None or len(files) < 2:
-        return [write(*f) for f in files]
-    futures = [writers.submit(write, *f) for f in files]
-    # result() re-raises only what write() did not catch (BaseException):
-    # every future is waited on first, so no write is left running.
-    wait(futures)
-    return [f.result() for f in futures]
 
 
 def _with_path(error: Exception, path: str) -> Exception:
