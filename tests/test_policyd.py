@@ -589,6 +589,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(s.clock.getDelayedCalls(), [])
 
     def test_drain_without_connections_fires_at_once(self) -> None:
+        """With no connection left the drain has nothing to wait for."""
         s = Server(engine=ScriptedEngine())
         self.lost(s, s.proto)
         self.successResultOf(s.factory.drain(30))
