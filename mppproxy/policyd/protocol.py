@@ -232,7 +232,13 @@ class PolicyServerFactory(Factory["PolicyProtocol"]):
                     conn.transport.abortConnection()
 
         timer = self.reactor.callLater(grace, cut)
-        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(stop_timer)
         return done
 
     def gone(self, conn: "PolicyProtocol") -> None:

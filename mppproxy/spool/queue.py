@@ -414,27 +414,31 @@ class DurableQueue:
             # The bounds are checked before the next name is taken: a name
             # taken from the listing and not tried would wait for the next.
             while len(out) < limit and not (max_size is not None and out and total >= max_size):
-                name = next(names, None)
-                if name is None:
+                parsed = next(names, None)
+                if parsed is None:
                     break
-                item = self._claim_name(name)
+                item = self._claim_name(parsed)
                 if item is not None:
                     out.append(item)
                     total += item.size
         return out
 
-    def _due_names(self, now: float, now_us: int) -> Iterator[str]:
-        """new/'s names whose due time has passed, earliest first, each
-        taken from the listing as it is yielded (under _listing_lock).  The
-        listing is made again when it is used up, older than LISTING_TTL,
-        or when its first name is not due yet (an item enqueued since may
-        be due before it); at most once per call.  A name another process
-        (or a release, a retry) has since moved is skipped by the rename."""
+    def _due_names(self, now: float, now_us: int) -> Iterator[re.Match[str]]:
+        """new/'s items whose due time has passed, earliest first, each
+        taken from the listing as it is yielded (under _listing_lock), its
+        name parsed once.  The listing is made again when it is used up,
+        older than LISTING_TTL, or when its first item is not due yet (an
+        item enqueued since may be due before it); at most once per call.
+        A name another process (or a release, a retry) has since moved is
+        skipped by the rename; one that is not an item is dropped."""
         listing = self._listing
         relisted = False
         while True:
-            stale = now - self._listed_at > LISTING_TTL
-            if not listing or stale or not _due(listing[0], now_us):
+            head = _NEW_NAME.fullmatch(listing[0]) if listing else None
+            if listing and head is None:
+                listing.popleft()
+                continue
+            if head is None or now - self._listed_at > LISTING_TTL or int(head.group(1)) > now_us:
                 if relisted:
                     return
                 listing.clear()
@@ -442,19 +446,17 @@ class DurableQueue:
                 self._listed_at = now
                 relisted = True
                 continue
-            yield listing.popleft()
+            listing.popleft()
+            yield head
 
-    def _claim_name(self, name: str) -> Optional[QueueItem]:
-        """Claim the item ``name`` of new/ (a rename), or None when it is
-        gone or not an item (an unreadable one goes to bad/)."""
-        m = _NEW_NAME.fullmatch(name)
-        if m is None:
-            return None
+    def _claim_name(self, m: re.Match[str]) -> Optional[QueueItem]:
+        """Claim the item of new/ whose parsed name is ``m`` (a rename), or
+        None when it is gone (an unreadable one goes to bad/)."""
         item_id, attempts, recoveries = m.group(2), int(m.group(3)), int(m.group(4))
         path = os.path.join(self._dir("claimed"),
                             f"{item_id}_{attempts}_{recoveries}_{self.owner}")
         try:
-            os.rename(os.path.join(self._dir("new"), name), path)
+            os.rename(os.path.join(self._dir("new"), m.string), path)
         except FileNotFoundError:
             return None  # claimed by another process
         try:
@@ -593,13 +595,6 @@ class DurableQueue:
 
 
 # -- names and files ---------------------------------------------------------------------
-
-def _due(name: str, now_us: int) -> bool:
-    """Whether the new/ entry ``name`` is due (a name that is not an item
-    counts as due: claiming skips it)."""
-    m = _NEW_NAME.fullmatch(name)
-    return m is None or int(m.group(1)) <= now_us
-
 
 def _micros(when: float) -> int:
     return max(0, int(when * 1_000_000))

@@ -43,7 +43,7 @@ import secrets
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator, Optional, Sequence
 
@@ -730,8 +730,7 @@ class ArchiveStore:
             row = _stored(conn.execute(select(*self._row_columns())
                                        .where(m.c.id == row_id)).one())
             claim_id = self._audit(conn, actor, origin, CLAIM_ACTION, row, "")
-        return ClaimedRow(**{f.name: getattr(row, f.name) for f in fields(StoredRow)},
-                          claim_id=claim_id)
+        return ClaimedRow(**vars(row), claim_id=claim_id)
 
     def finish_release(self, row_id: int, actor: str, origin: str, ok: bool, detail: str,
                        claim_id: Optional[int] = None) -> None:
