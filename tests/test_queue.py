@@ -97,6 +97,28 @@ class EnqueueClaimTests(QueueTestCase):
         self.assertTrue(all(len(c) <= 65536 for c in chunks))
         self.assertEqual(b"".join(chunks), body)
 
+    def test_small_item_is_read_whole_at_claim(self) -> None:
+        """An item file up to WHOLE_ITEM octets is read once, when claimed:
+        its message is in memory (removing the file afterwards changes
+        nothing), in bounded chunks too; a larger one is read from its file
+        when asked for."""
+        clock = Clock()
+        q = self.make_queue(clock=clock)
+        small = os.urandom(4000)
+        large = os.urandom(queue_module.WHOLE_ITEM + 1)
+        q.enqueue([small], {"n": 1})
+        clock.now += 1
+        q.enqueue([large], {"n": 2})
+        first, second = q.claim_many(2)
+        self.assertEqual((first.metadata, first.size), ({"n": 1}, len(small)))
+        os.unlink(first.path)
+        self.assertEqual(first.message(), small)
+        self.assertEqual(b"".join(first.chunks(1000)), small)
+        self.assertTrue(all(len(c) <= 1000 for c in first.chunks(1000)))
+        self.assertIsNone(second.data)
+        self.assertEqual((second.metadata, second.size), ({"n": 2}, len(large)))
+        self.assertEqual(second.message(), large)
+
     def test_claims_oldest_due_first(self) -> None:
         """Items are claimed in the order they fell due, and not before."""
         clock = Clock()

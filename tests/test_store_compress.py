@@ -11,7 +11,8 @@ import zlib
 from hypothesis import given, settings, strategies as st
 
 from mppproxy.store import compress
-from mppproxy.store.compress import SAMPLE_FROM, ZLIB_LEVEL, compress_message, huffman_is_enough
+from mppproxy.store.compress import (SAMPLE_FROM, SMALL, SMALL_WBITS, ZLIB_LEVEL, compress_message,
+                                     huffman_is_enough)
 
 HEAD = (b"From: a@example.org\r\nTo: b@example.com\r\nSubject: report\r\nMIME-Version: 1.0\r\n"
         b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n"
@@ -51,11 +52,32 @@ def test_large_text_keeps_level_1() -> None:
     assert zlib.decompress(out) == data
 
 
-def test_small_messages_are_not_sampled() -> None:
-    """Under SAMPLE_FROM a message gets level 1 at once, attachment or not."""
+def test_messages_under_sample_from_are_not_sampled() -> None:
+    """From SMALL to SAMPLE_FROM a message gets level 1 at once with
+    zlib's defaults, attachment or not."""
     data = attachment_message(SAMPLE_FROM // 2)
-    assert len(data) < SAMPLE_FROM
+    assert SMALL <= len(data) < SAMPLE_FROM
     assert compress_message(data) == zlib.compress(data, ZLIB_LEVEL)
+
+
+def _window_bits(stream: bytes) -> int:
+    # RFC 1950 2.2: CINFO, the high nibble of CMF, is log2(window) - 8.
+    return (stream[0] >> 4) + 8
+
+
+def test_small_messages_get_the_small_compressor() -> None:
+    """A message under SMALL is level 1 with the 8 KiB window (its
+    stream's header says so), as small as with zlib's defaults give or
+    within 1 %, and reads back with a plain zlib.decompress; from SMALL
+    on the window is zlib's default again."""
+    for data in (text_message(4096), attachment_message(4096), text_message(SMALL)[:SMALL - 1]):
+        assert len(data) < SMALL
+        out = compress_message(data)
+        assert _window_bits(out) == SMALL_WBITS
+        assert zlib.decompress(out) == data
+        assert len(out) <= 1.01 * len(zlib.compress(data, ZLIB_LEVEL))
+    big = text_message(SMALL + 1000)
+    assert _window_bits(compress_message(big)) == zlib.MAX_WBITS
 
 
 @settings(max_examples=60, deadline=None)

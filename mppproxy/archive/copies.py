@@ -23,7 +23,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 from mppproxy.archive.keys import KeyRing
-from mppproxy.archive.state import CopyState, StateRefused, decode_state, encode_state, state_from
+from mppproxy.archive.state import CopyState, StateRefused, decode_state_text, encode_state, state_from
 from mppproxy.config.archive import ArchiveConfig
 from mppproxy.message import OutboundMessage
 from mppproxy.results import Disposition
@@ -79,6 +79,11 @@ def metadata_for(state: CopyState) -> dict[str, Any]:
 def state_of(metadata: Mapping[str, Any]) -> CopyState:
     """The state of a queue item's metadata; ``ValueError`` naming what is
     wrong (another version, no state, a state that does not parse)."""
+    return state_and_text(metadata)[0]
+
+
+def state_and_text(metadata: Mapping[str, Any]) -> tuple[CopyState, str]:
+    """``state_of``, and the state's JSON text (what the store keeps)."""
     if metadata.get("v") != METADATA_VERSION:
         raise ValueError(f"queue item metadata version {metadata.get('v')!r}, "
                          f"not {METADATA_VERSION}")
@@ -86,7 +91,7 @@ def state_of(metadata: Mapping[str, Any]) -> CopyState:
     if not isinstance(blob, str):
         raise ValueError("queue item metadata without a state")
     try:
-        return decode_state(blob)
+        return decode_state_text(blob)
     except StateRefused as e:
         raise ValueError(e.reason) from None
 

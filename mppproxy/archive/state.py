@@ -433,10 +433,16 @@ class _Bad(ValueError):
 def decode_state(blob: str) -> CopyState:
     """The state of a verified ``X-MPP-State`` value; ``StateRefused``
     (``BAD_STATE``) naming what does not parse."""
+    return decode_state_text(blob)[0]
+
+
+def decode_state_text(blob: str) -> tuple[CopyState, str]:
+    """``decode_state``, and the JSON text the value carries (what the
+    store keeps), decoded once."""
     try:
         text = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)).decode("ascii")
         obj = json.loads(text, parse_constant=_no_constant)
-        return _state(obj)
+        return _state(obj), text
     except (binascii.Error, ValueError, RecursionError) as e:
         raise StateRefused(BAD_STATE, f"{STATE} does not parse: {e}") from None
 

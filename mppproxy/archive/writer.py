@@ -43,7 +43,6 @@ loop itself runs on the reactor thread.
 """
 from __future__ import annotations
 
-import base64
 import sqlite3
 import time
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
@@ -54,7 +53,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 from mppproxy._async import as_deferred
-from mppproxy.archive.copies import state_of
+from mppproxy.archive.copies import state_and_text
 from mppproxy.archive.state import CopyState
 from mppproxy.logsetup import Logger
 from mppproxy.spool.queue import DurableQueue, QueueItem
@@ -112,13 +111,9 @@ def state_json(metadata: Mapping[str, Any]) -> tuple[CopyState, str]:
     hold action and the node's receiver write the same) and its JSON text
     for the store; UndecodableItem naming what is wrong."""
     try:
-        state = state_of(metadata)
+        return state_and_text(metadata)
     except ValueError as e:
         raise UndecodableItem(str(e)) from None
-    # state_of has read it: base64url of ASCII JSON.
-    blob = metadata["state"]
-    text = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)).decode("ascii")
-    return state, text
 
 
 def copy_of(item: QueueItem) -> NewCopy:

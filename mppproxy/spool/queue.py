@@ -49,6 +49,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -56,7 +57,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from mppproxy.logsetup import Logger
@@ -69,6 +70,10 @@ READ_CHUNK = 65536
 # The metadata is a small dict (envelope, state headers); a header claiming
 # more is a damaged file, not one to read into memory.
 MAX_METADATA = 1024 * 1024
+# An item file up to this size is read whole when it is claimed: one open
+# and one read instead of the header's and then the message's (the archive
+# writer reads every message it claims; most mail is small).
+WHOLE_ITEM = 64 * 1024
 # Retry delays (seconds) and the age after which an item goes to bad/
 # rather than back to new/.  The forwarder's config (issue 12) sets them.
 DEFAULT_BASE_DELAY = 60.0
@@ -133,10 +138,17 @@ class QueueItem:
     # Where the message octets begin in the file, and how many there are.
     offset: int
     size: int
+    # The message, when the item was small enough to be read whole
+    # (WHOLE_ITEM); else it is read from ``path`` when asked for.
+    data: Optional[bytes] = field(default=None, repr=False, compare=False)
 
     def chunks(self, size: int = READ_CHUNK) -> Iterator[bytes]:
         """The message in chunks of at most ``size`` octets (memory stays
         bounded whatever the message's size)."""
+        if self.data is not None:
+            for start in range(0, len(self.data), size):
+                yield self.data[start:start + size]
+            return
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
             while True:
@@ -146,6 +158,8 @@ class QueueItem:
                 yield block
 
     def message(self) -> bytes:
+        if self.data is not None:
+            return self.data
         return b"".join(self.chunks())
 
 
@@ -460,12 +474,12 @@ class DurableQueue:
         except FileNotFoundError:
             return None  # claimed by another process
         try:
-            metadata, offset, size = _read_header(path)
+            metadata, offset, size, data = _read_item(path)
         except (OSError, ValueError) as e:
             self._to_bad(path, item_id, attempts, recoveries, f"unreadable item: {e}")
             return None
         return QueueItem(item_id, metadata, attempts, recoveries, _enqueued(item_id),
-                         path, offset, size)
+                         path, offset, size, data)
 
     def finish(self, item: QueueItem) -> None:
         """The item was sent: remove it, durably (blocking)."""
@@ -616,26 +630,37 @@ def _new_name(due: float, item_id: str, attempts: int, recoveries: int) -> str:
     return f"{_micros(due):016d}_{item_id}_{attempts}_{recoveries}"
 
 
-def _read_header(path: str) -> tuple[dict[str, Any], int, int]:
-    """(metadata, offset of the message, message size) of an item file;
+def _read_item(path: str) -> tuple[dict[str, Any], int, int, Optional[bytes]]:
+    """(metadata, offset of the message, message size, the message when
+    the file is at most WHOLE_ITEM octets, else None) of an item file;
     ValueError for a file that is no item."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        first = f.readline(32)
-        magic, _, length = first.rstrip(b"\n").partition(b" ")
-        if magic != MAGIC or not first.endswith(b"\n") or not length.isdigit():
-            raise ValueError("no queue item header")
-        n = int(length)
-        if n > MAX_METADATA:
-            raise ValueError(f"metadata of {n} octets")
-        raw = f.read(n + 1)
-        if len(raw) != n + 1 or not raw.endswith(b"\n"):
-            raise ValueError("truncated metadata")
-        metadata = json.loads(raw[:-1])
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata is not an object")
-        offset = len(first) + n + 1
-        return metadata, offset, size - offset
+        if size > WHOLE_ITEM:
+            metadata, offset = _read_header(f)
+            return metadata, offset, size - offset, None
+        whole = f.read()
+    metadata, offset = _read_header(io.BytesIO(whole))
+    return metadata, offset, len(whole) - offset, whole[offset:]
+
+
+def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """(metadata, offset of the message) of the item file open as ``f``,
+    read from its start; ValueError for a file that is no item."""
+    first = f.readline(32)
+    magic, _, length = first.rstrip(b"\n").partition(b" ")
+    if magic != MAGIC or not first.endswith(b"\n") or not length.isdigit():
+        raise ValueError("no queue item header")
+    n = int(length)
+    if n > MAX_METADATA:
+        raise ValueError(f"metadata of {n} octets")
+    raw = f.read(n + 1)
+    if len(raw) != n + 1 or not raw.endswith(b"\n"):
+        raise ValueError("truncated metadata")
+    metadata = json.loads(raw[:-1])
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not an object")
+    return metadata, len(first) + n + 1
 
 
 def _write_item(path: str, message: Message, metadata: Mapping[str, Any]) -> None:
