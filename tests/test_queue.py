@@ -519,6 +519,64 @@ class EnqueueManyTests(QueueTestCase):
         self.assertEqual([getattr(r, "errno", None) for r in results], [errno.EIO, errno.EIO])
         self.assertEqual((files(q.directory, "tmp"), files(q.directory, "new")), ([], []))
 
+    def test_writeback_of_the_whole_batch_starts_before_the_first_fsync(self) -> None:
+        """Every file of a batch is written and its writeback started
+        (posix_fadvise DONTNEED) before any is fsync'ed; each is still
+        fsync'ed before any rename makes it visible."""
+        q = self.make_queue()
+        calls: list[str] = []
+        real_fsync, real_rename, real_write = os.fsync, os.rename, queue_module._write_all
+
+        def write(fd: int, data: bytes) -> None:
+            calls.append("write")
+            real_write(fd, data)
+
+        def advise(fd: int, offset: int, length: int, advice: int) -> None:
+            self.assertEqual((offset, length, advice), (0, 0, os.POSIX_FADV_DONTNEED))
+            calls.append("writeback")
+
+        def fsync(fd: int) -> None:
+            calls.append("fsync")
+            real_fsync(fd)
+
+        def rename(src: str, dst: str) -> None:
+            calls.append("rename")
+            real_rename(src, dst)
+
+        self.patch(queue_module, "_write_all", write)
+        self.patch(queue_module.os, "posix_fadvise", advise)
+        self.patch(queue_module.os, "fsync", fsync)
+        self.patch(queue_module.os, "rename", rename)
+        results = q.enqueue_many([(b"a", {}), (b"b", {}), (b"c", {})])
+        self.assertTrue(all(isinstance(r, str) for r in results))
+        # Two writes an item (header, message); the directory fsync last.
+        self.assertEqual(calls, ["write"] * 6 + ["writeback"] * 3 + ["fsync"] * 3
+                         + ["rename"] * 3 + ["fsync"])
+        self.assertEqual(sorted(self.claim(q).message() for _ in range(3)), [b"a", b"b", b"c"])
+
+    def test_failed_fsync_fails_only_its_item(self) -> None:
+        """An fsync that fails (EIO) fails its own item, with the file named
+        and removed; the items before and after it in the batch are stored."""
+        q = self.make_queue()
+        real_fsync = os.fsync
+        count = [0]
+
+        def failing_second_fsync(fd: int) -> None:
+            count[0] += 1
+            if count[0] == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_fsync(fd)
+
+        self.patch(queue_module.os, "fsync", failing_second_fsync)
+        results = q.enqueue_many([(b"one", {}), (b"two", {}), (b"three", {})])
+        error = results[1]
+        assert isinstance(error, OSError)
+        self.assertEqual(error.errno, errno.EIO)
+        self.assertTrue(str(error.filename).startswith(os.path.join(q.directory, "tmp")))
+        self.assertEqual(files(q.directory, "tmp"), [])
+        self.assertEqual(sorted(self.claim(q).message() for _ in range(2)), [b"one", b"three"])
+        self.assertIsNone(q.claim())
+
     def test_unserialisable_metadata_fails_only_that_item(self) -> None:
         """Metadata that is not JSON fails its own item with the TypeError and creates no file for it."""
         q = self.make_queue()
