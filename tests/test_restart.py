@@ -435,8 +435,12 @@ def test_a_failed_new_process_leaves_the_old_one_serving(tmp_path: Path) -> None
         assert proc.poll() is None and _greets(port)
         text = (tmp_path / "twistd.out").read_text()
         assert "RESTART FAILED" in text and "workers" in text
-        # The next restart (its own command line) goes through.
-        assert _cli("--pid", str(proc.pid), "--config", str(cfg), "--wait", "40").returncode == 0
+        # The next restart (its own command line) goes through.  (Once in
+        # CI its new process ended with status 1 before twistd's first log
+        # line, not reproduced since: the log's tail says more.)
+        again = _cli("--pid", str(proc.pid), "--config", str(cfg), "--wait", "40")
+        assert again.returncode == 0, (again.stdout + again.stderr + "\n--- twistd.out:\n"
+                                       + (tmp_path / "twistd.out").read_text()[-4000:])
         proc.wait(GRACE * 2 + 10)
         new_pid = json.loads((tmp_path / "data" / "restart.json").read_text())["new_pid"]
         assert _greets(port) and _alive(new_pid)
