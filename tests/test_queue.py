@@ -306,6 +306,38 @@ class RecoverTests(QueueTestCase):
 
 class ProcessTests(QueueTestCase):
 
+    def test_open_survives_another_recover_taking_its_staging_file(self) -> None:
+        """Another process's recover meets our owner file in the instant
+        before we lock it: it holds its probe's lock (ours fails), or it
+        removes the file as a dead owner's (our rename fails).  open tries
+        again under a new name and registers once, leaving no dot file (CI
+        met the second case with two processes opening one queue)."""
+        directory = self.mktemp()
+        self.make_queue(directory).close()  # the layout exists
+        real_flock = queue_module.fcntl.flock
+        calls = [0]
+
+        def racing_flock(fd: int, operation: int) -> None:
+            calls[0] += 1
+            staging = os.path.join(directory, "owners", f".{q.owner}.{calls[0] - 1}.new")
+            if calls[0] == 1:
+                # The other recover's probe holds the lock.
+                probe = os.open(staging, os.O_RDONLY)
+                self.addCleanup(os.close, probe)
+                real_flock(probe, queue_module.fcntl.LOCK_EX | queue_module.fcntl.LOCK_NB)
+            elif calls[0] == 2:
+                # The other recover took the file for a dead owner's.
+                os.unlink(staging)
+            real_flock(fd, operation)
+
+        q = DurableQueue(directory)
+        self.patch(queue_module.fcntl, "flock", racing_flock)
+        q.open()
+        self.addCleanup(q.close)
+        self.assertEqual(calls[0], 3)
+        self.assertEqual(files(directory, "owners"), [q.owner])
+        self.assertFalse(q._owner_alive("no-such-owner"))
+
     def test_two_processes_never_claim_the_same_item(self) -> None:
         """Two processes claiming from one queue at once share the items without overlap or loss."""
         directory = self.mktemp()

@@ -74,6 +74,9 @@ MAX_METADATA = 1024 * 1024
 # and one read instead of the header's and then the message's (the archive
 # writer reads every message it claims; most mail is small).
 WHOLE_ITEM = 64 * 1024
+# Tries to register as an owner when another process's recover keeps
+# taking the staging file (see ``open``).
+OPEN_TRIES = 20
 # Retry delays (seconds) and the age after which an item goes to bad/
 # rather than back to new/.  The forwarder's config (issue 12) sets them.
 DEFAULT_BASE_DELAY = 60.0
@@ -217,16 +220,31 @@ class DurableQueue:
         # The lock file is locked before it appears in owners/, so a
         # recover running meanwhile never sees it free and takes our claims.
         # (A crash before the rename leaves the dot file, unlocked: the next
-        # recover removes it like any dead owner's file.)
-        staging = os.path.join(self._dir("owners"), f".{self.owner}.new")
-        f = open(staging, "wb")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(staging, os.path.join(self._dir("owners"), self.owner))
-        except BaseException:
-            f.close()
-            _unlink_quietly(staging)
-            raise
+        # recover removes it like any dead owner's file.)  Another process's
+        # recover may also meet the dot file in the instant between its
+        # creation and our lock: its probe then holds the lock (ours fails)
+        # or it removes the file as a dead owner's (our rename fails).  Two
+        # processes opening one queue at once (workers starting together)
+        # met it.  Then a new dot file is made, under a new name that the
+        # other recover has not seen, and the next try succeeds.
+        for attempt in range(OPEN_TRIES):
+            staging = os.path.join(self._dir("owners"), f".{self.owner}.{attempt}.new")
+            f = open(staging, "wb")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(staging, os.path.join(self._dir("owners"), self.owner))
+            except (BlockingIOError, FileNotFoundError):
+                f.close()
+                _unlink_quietly(staging)
+                if attempt + 1 == OPEN_TRIES:
+                    raise
+                time.sleep(0.01)
+                continue
+            except BaseException:
+                f.close()
+                _unlink_quietly(staging)
+                raise
+            break
         self._owner_file = f
         self.recover()
 
