@@ -377,9 +377,9 @@ class DurableQueue:
         self._check_open()
         now = self._clock()
         results: list[Union[str, Exception]] = []
-        # (index, tmp path, new path, descriptor) of the files written and
-        # not yet fsync'ed (their descriptors open: at most a batch's).
-        unsynced: list[tuple[int, str, str, int]] = []
+        # (index, id, tmp path, new path, descriptor) of the files written
+        # and not yet fsync'ed (their descriptors open: at most a batch's).
+        unsynced: deque[tuple[int, str, str, str, int]] = deque()
         # (index, id, tmp path, new path) of the items written and fsync'ed.
         written: list[tuple[int, str, str, str]] = []
         try:
@@ -394,17 +394,17 @@ class DurableQueue:
                     results.append(_with_path(e, tmp_path))
                     continue
                 results.append(item_id)
-                unsynced.append((index, tmp_path, new_path, fd))
-            for _, _, _, fd in unsynced:
+                unsynced.append((index, item_id, tmp_path, new_path, fd))
+            for *_, fd in unsynced:
                 _start_writeback(fd)
             while unsynced:
-                index, tmp_path, new_path, fd = unsynced.pop(0)
+                index, item_id, tmp_path, new_path, fd = unsynced.popleft()
                 try:
                     _sync_and_close(fd, tmp_path)
                 except Exception as e:
                     results[index] = _with_path(e, tmp_path)
                     continue
-                written.append((index, str(results[index]), tmp_path, new_path))
+                written.append((index, item_id, tmp_path, new_path))
             renamed: list[tuple[int, str]] = []
             for index, item_id, tmp_path, new_path in written:
                 try:
@@ -429,7 +429,7 @@ class DurableQueue:
         except BaseException:
             # Interrupted (KeyboardInterrupt, MemoryError): nothing of this
             # call may stay behind half-known.
-            for _, tmp_path, _, fd in unsynced:
+            for _, _, tmp_path, _, fd in unsynced:
                 _close_quietly(fd)
                 _unlink_quietly(tmp_path)
             for _, _, tmp_path, _ in written:
